@@ -1,0 +1,201 @@
+"""MLAttention: DeepSeek-V2/V3 multi-head latent attention as a flax NNX module.
+
+Two modes share one set of parameters (names follow transformers' DeepseekV2Attention):
+- "standard": decompress c_kv into per-head k_nope = c_kv·wk_bᵀ and v = c_kv·wv_b, cache
+  K [B,S,H,K+R] and V [B,S,H,V] (llama.cpp without MLA, transformers 4.x).
+- "absorbed": cache only c_kv [B,S,C] and k_rope [B,S,R]; fold wk_b into the query,
+  q_latent = q_nope·wk_b, attend in the latent space and apply wv_b after the softmax
+  (DeepSeek-V2 paper §2.1.2 "absorb W^UK into W^Q and W^UV into W^O").
+
+Calling convention: `y, cache = attn(x, positions, cache)` with x [B,T,D] and positions [B,T]
+int32; T>1 is a (possibly chunked) prefill, T==1 a decode step. Padding tokens have position -1
+and must come after a row's real tokens: they are not cached and their outputs are 0. This is
+how a batch whose rows have different lengths is fed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax import ops, rope
+from mla_jax.cache import KVCache, LatentCache
+from mla_jax.config import MLAConfig
+from mla_jax.ops import xla
+
+MODES = ("standard", "absorbed")
+BACKENDS = ("auto", "xla", "pallas", "cpu")
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm in float32, scaled by `weight` (transformers' DeepseekV2RMSNorm)."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.weight.value.astype(x.dtype) * xf.astype(x.dtype)
+
+
+class KVUpProjection(nnx.Module):
+  """kv_b_proj split per head: wk_b [H,K,C] (key up-projection) and wv_b [H,C,V] (value).
+
+  transformers stores one weight [H*(K+V), C]; the split layout is what both batched GEMVs of
+  the absorbed path contract over (K for wk_b, C for wv_b) and what quantized formats block.
+  """
+
+  def __init__(self, cfg: MLAConfig, *, param_dtype, rngs: nnx.Rngs):
+    H, K, C, V = cfg.num_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+    init = nnx.initializers.normal(stddev=C ** -0.5)
+    self.wk_b = nnx.Param(init(rngs.params(), (H, K, C), param_dtype))
+    self.wv_b = nnx.Param(init(rngs.params(), (H, C, V), param_dtype))
+
+
+class MLAttention(nnx.Module):
+  """Multi-head latent attention; see the module docstring."""
+
+  def __init__(self, cfg: MLAConfig, mode: str = "absorbed", backend: str = "auto", *,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if mode not in MODES:
+      raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+    if backend not in BACKENDS:
+      raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+    self.cfg, self.mode, self.backend, self.dtype = cfg, mode, backend, dtype
+    D, H = cfg.hidden_size, cfg.num_heads
+    linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
+    if cfg.q_lora_rank is None:
+      self.q_proj = linear(D, H * cfg.qk_head_dim)
+    else:
+      self.q_a_proj = linear(D, cfg.q_lora_rank)
+      self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, param_dtype=param_dtype)
+      self.q_b_proj = linear(cfg.q_lora_rank, H * cfg.qk_head_dim)
+    self.kv_a_proj_with_mqa = linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.kv_b_proj = KVUpProjection(cfg, param_dtype=param_dtype, rngs=rngs)
+    self.o_proj = linear(H * cfg.v_head_dim, D)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16):
+    """An empty cache for this mode. dtype=int8 (absorbed only) stores c_kv as quant.Int8Rows."""
+    if batch_size <= 0 or max_len <= 0:
+      raise ValueError(f"{batch_size=}, {max_len=}: both must be positive")
+    cfg = self.cfg
+    if self.mode == "absorbed":
+      return LatentCache.zeros(batch_size, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
+    return KVCache.zeros(batch_size, max_len, cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim,
+                         dtype)
+
+  def __call__(self, x, positions, cache):
+    """x [B,T,D], positions [B,T] int (-1 = padding), cache -> (y [B,T,D], updated cache)."""
+    self._check_inputs(x, positions, cache)
+    cfg = self.cfg
+    B, T, _ = x.shape
+    x = x.astype(self.dtype)
+    valid = positions >= 0
+    num_new = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    q_slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+
+    q = self._query(x).reshape(B, T, cfg.num_heads, cfg.qk_head_dim)
+    q_nope, q_rope = jnp.split(q, [cfg.qk_nope_head_dim], axis=-1)
+    c_kv, k_rope = jnp.split(self.kv_a_proj_with_mqa(x), [cfg.kv_lora_rank], axis=-1)
+    c_kv = self.kv_a_layernorm(c_kv)
+    cos, sin = rope.rope_tables(cfg, positions)
+    q_rope = rope.apply_rope(q_rope, cos[:, :, None], sin[:, :, None])
+    k_rope = rope.apply_rope(k_rope, cos, sin)
+
+    attend = self._absorbed if self.mode == "absorbed" else self._standard
+    heads, cache = attend(q_nope, q_rope, c_kv, k_rope, q_slots, num_new, cache)
+    y = self.o_proj(heads.reshape(B, T, cfg.num_heads * cfg.v_head_dim).astype(self.dtype))
+    _raise_if_overflow(cache)
+    return jnp.where(valid[..., None], y, 0).astype(self.dtype), cache
+
+  def _query(self, x):
+    if self.cfg.q_lora_rank is None:
+      return self.q_proj(x)
+    return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+  def _standard(self, q_nope, q_rope, c_kv, k_rope, q_slots, num_new, cache):
+    wk_b, wv_b = self.kv_b_proj.wk_b.value, self.kv_b_proj.wv_b.value
+    k_nope = jnp.einsum("btc,hkc->bthk", c_kv, wk_b.astype(c_kv.dtype))
+    v = jnp.einsum("btc,hcv->bthv", c_kv, wv_b.astype(c_kv.dtype))
+    k_rope = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))
+    cache = cache.write(jnp.concatenate([k_nope, k_rope], axis=-1), v, num_new)
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    heads = xla.standard_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), q_slots,
+                                   cache.lengths, sm_scale=self.cfg.softmax_scale)
+    return heads, cache
+
+  def _absorbed(self, q_nope, q_rope, c_kv, k_rope, q_slots, num_new, cache):
+    wk_b, wv_b = self.kv_b_proj.wk_b.value, self.kv_b_proj.wv_b.value
+    cache = cache.write(c_kv, k_rope, num_new)
+    B, T, H, _ = q_nope.shape
+    if T == 1:  # decode: the two batched GEMVs and the split-KV kernel of `backend`
+      q_latent = ops.batched_gemv(q_nope[:, 0], wk_b, impl=self._gemv_impl)
+      o_latent, _ = ops.mla_decode(q_latent, q_rope[:, 0].astype(q_latent.dtype), cache.c_kv,
+                                   cache.k_rope, cache.lengths, sm_scale=self.cfg.softmax_scale,
+                                   impl=self._decode_impl, **self._kernel_options(self._decode_impl))
+      heads = ops.batched_gemv(o_latent.astype(q_latent.dtype), wv_b, impl=self._gemv_impl,
+                               **self._kernel_options(self._gemv_impl))
+      return heads[:, None], cache
+    q_latent = jnp.einsum("bthk,hkc->bthc", q_nope, wk_b.astype(q_nope.dtype))
+    c_cache = cache.c_kv if hasattr(cache.c_kv, "dequantize") else cache.c_kv.astype(q_nope.dtype)
+    o_latent = xla.latent_attention(q_latent, q_rope, c_cache, cache.k_rope.astype(q_nope.dtype),
+                                    q_slots, cache.lengths, sm_scale=self.cfg.softmax_scale)
+    return jnp.einsum("bthc,hcv->bthv", o_latent, wv_b.astype(o_latent.dtype)), cache
+
+  @property
+  def _decode_impl(self) -> str:
+    return self.backend
+
+  @property
+  def _gemv_impl(self) -> str:
+    return "xla" if self.backend == "cpu" else self.backend
+
+  @staticmethod
+  def _kernel_options(impl: str) -> dict:
+    """Pallas kernels run in interpret mode where there is no GPU (CPU tests)."""
+    if impl == "pallas" and jax.default_backend() != "gpu":
+      return {"interpret": True}
+    return {}
+
+  def _check_inputs(self, x, positions, cache):
+    D = self.cfg.hidden_size
+    if x.ndim != 3 or x.shape[-1] != D:
+      raise ValueError(f"x.shape={tuple(x.shape)}; expected [B,T,D] with D={D}")
+    if positions.shape != x.shape[:2] or not jnp.issubdtype(positions.dtype, jnp.integer):
+      raise ValueError(f"positions.shape={tuple(positions.shape)} dtype={positions.dtype}; "
+                       f"expected [B,T]={tuple(x.shape[:2])} integer")
+    expected = LatentCache if self.mode == "absorbed" else KVCache
+    if not isinstance(cache, expected):
+      raise ValueError(f"cache is a {type(cache).__name__}; mode={self.mode!r} needs a "
+                       f"{expected.__name__} from init_cache")
+    if cache.batch_size != x.shape[0]:
+      raise ValueError(f"cache batch {cache.batch_size} != x.shape[0]={x.shape[0]}")
+
+
+def _raise_if_overflow(cache):
+  """Outside jit the overflow flag is concrete: fail loudly at once."""
+  if not isinstance(cache.overflow, jax.core.Tracer):
+    cache.check()
+
+
+def jit_step(module: MLAttention):
+  """Returns step(x, positions, cache) -> (y, cache), jitted with the cache donated.
+
+  Donation lets XLA write new tokens into the cache buffers in place: a decode step costs
+  O(new tokens) writes, not a copy of the cache. The module's parameters are captured as they
+  are now. The cache passed in must not be used again (its buffers now belong to the result).
+  """
+  graphdef, state = nnx.split(module)
+
+  @functools.partial(jax.jit, donate_argnums=(3,))
+  def step(state, x, positions, cache):
+    return nnx.merge(graphdef, state)(x, positions, cache)
+
+  return lambda x, positions, cache: step(state, x, positions, cache)

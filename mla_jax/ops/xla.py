@@ -1,0 +1,76 @@
+"""XLA implementations (plain jnp einsums): the baselines that kernels are timed against, and
+the module's prefill path. Inputs keep their dtype; products accumulate in float32.
+
+Masking follows ops/reference.py: slot j is visible to a query at slot s_q iff
+j < kv_lengths[b] and j <= s_q.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mla_jax import quant
+
+f32 = jnp.float32
+
+
+def _softmax(scores, visible):
+  """Masked softmax in float32: (p unnormalised, 1/l, m + log l); empty rows give p = 0."""
+  scores = jnp.where(visible, scores, -jnp.inf)
+  m = jnp.max(scores, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(scores - m)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  return p, inv_l, lse
+
+
+def _dense(x, dtype):
+  return quant.dequantize(x, dtype) if isinstance(x, quant.Int8Rows) else x
+
+
+def _visibility(q_slots, kv_lengths, num_slots):
+  j = jnp.arange(num_slots)[None, None, :]
+  return (j < kv_lengths[:, None, None]) & (j <= q_slots[:, :, None])
+
+
+def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale):
+  """Absorbed decode as three einsums over the whole cache; out [B,H,C] in q_latent.dtype."""
+  dtype = q_latent.dtype
+  c_kv = _dense(c_kv, dtype)
+  scores = (jnp.einsum("bhc,bsc->bhs", q_latent, c_kv, preferred_element_type=f32)
+            + jnp.einsum("bhr,bsr->bhs", q_rope, k_rope, preferred_element_type=f32)) * sm_scale
+  visible = jnp.arange(c_kv.shape[1])[None, None, :] < lengths[:, None, None]
+  p, inv_l, lse = _softmax(scores, visible)
+  out = jnp.einsum("bhs,bsc->bhc", p.astype(c_kv.dtype), c_kv, preferred_element_type=f32)
+  return (out * inv_l).astype(dtype), lse[..., 0]
+
+
+def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_scale):
+  """Absorbed attention for T queries (prefill): q_latent [B,T,H,C] -> [B,T,H,C]."""
+  dtype = q_latent.dtype
+  c_kv = _dense(c_kv, dtype)
+  scores = (jnp.einsum("bthc,bsc->bths", q_latent, c_kv, preferred_element_type=f32)
+            + jnp.einsum("bthr,bsr->bths", q_rope, k_rope, preferred_element_type=f32)) * sm_scale
+  visible = _visibility(q_slots, kv_lengths, c_kv.shape[1])[:, :, None, :]
+  p, inv_l, _ = _softmax(scores, visible)
+  out = jnp.einsum("bths,bsc->bthc", p.astype(c_kv.dtype), c_kv, preferred_element_type=f32)
+  return (out * inv_l).astype(dtype)
+
+
+def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
+  """Per-head attention over a decompressed cache: q [B,T,H,K+R] -> [B,T,H,V]."""
+  dtype = q.dtype
+  scores = jnp.einsum("bthd,bshd->bths", q, k, preferred_element_type=f32) * sm_scale
+  visible = _visibility(q_slots, kv_lengths, k.shape[1])[:, :, None, :]
+  p, inv_l, _ = _softmax(scores, visible)
+  out = jnp.einsum("bths,bshv->bthv", p.astype(v.dtype), v, preferred_element_type=f32)
+  return (out * inv_l).astype(dtype)
+
+
+def batched_gemv(x, w):
+  """x [B,H,K] · w [H,K,N] -> [B,H,N] in x.dtype; a quantized w is dequantized first."""
+  w = quant.dequantize(w, x.dtype)
+  return jnp.einsum("bhk,hkn->bhn", x, w, preferred_element_type=f32).astype(x.dtype)

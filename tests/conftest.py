@@ -1,0 +1,43 @@
+"""Shared test fixtures: tolerances, random inputs and the golden checkpoint."""
+
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+GOLDEN_DIR = pathlib.Path(__file__).parent / "data" / "deepseek_v2_tiny"
+
+# ‖out − ref‖ / ‖ref‖ bounds per compute dtype (METHOD.md's ranges for each precision).
+RTOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+
+
+def rel_err(x, ref) -> float:
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  assert np.all(np.isfinite(x)), "output has NaN/inf"
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def pytest_collection_modifyitems(config, items):
+  has_gpu = jax.default_backend() == "gpu"
+  run_slow = os.environ.get("MLA_JAX_SLOW") == "1"
+  for item in items:
+    if "gpu" in item.keywords and not has_gpu:
+      item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+    if "slow" in item.keywords and not run_slow:
+      item.add_marker(pytest.mark.skip(reason="slow; set MLA_JAX_SLOW=1"))
+
+
+@pytest.fixture
+def rng(request):
+  """A fresh numpy Generator per test, seeded from OS entropy; the seed is printed on failure."""
+  seed = np.random.SeedSequence().entropy % (2**32)
+  print(f"rng seed {seed}")
+  return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def golden():
+  return np.load(GOLDEN_DIR / "cases.npz")
