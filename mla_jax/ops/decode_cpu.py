@@ -1,0 +1,180 @@
+"""Absorbed MLA decode for XLA CPU: split-KV over cache shards, each shard's work as GEMMs.
+
+FlashDecoding (Dao et al. 2023) split along the cache instead of along the heads: every query
+head reads the same latent cache (DeepSeek-V2 §2.1 absorption makes decode multi-query), so one
+shard of S_p cache rows serves all H heads with two GEMMs,
+
+  scores [H,S_p] = q_latent [H,C]·c_kvᵀ [C,S_p] + q_rope [H,R]·k_ropeᵀ [R,S_p]
+  o_p    [H,C]   = softmax(scores) [H,S_p]·c_kv [S_p,C],
+
+and returns (o_p, lse_p); `ops.merge_partials` combines the shards. A loop visits the cache in
+steps of `threads` shards, `jax.vmap`-ed, so each step's batched GEMMs give one shard to each core
+and a step's rows stay in L2 between the score and the value product; the loop stops at the
+longest row's length, so an empty tail of the cache is never read.
+
+Shard size: the largest power of two whose working set (cache rows plus the [H,S_p] scores and
+probabilities) fits in a fixed share of one core's L2 (`default_shard_size`). Rows of an
+quant.Int8Rows cache are cast to bfloat16 inside the shard (exact: |q| <= 127) and the per-token
+scale multiplies the scores and the probabilities, so no dequantized copy of the cache is made.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mla_jax import quant
+from mla_jax.ops import check_decode_args
+from mla_jax.ops.merge import merge_partials
+
+f32 = jnp.float32
+MASK_VALUE = -jnp.inf
+
+_L2_FALLBACK_BYTES = 1 << 20
+L2_FILL = 0.5  # share of one core's L2 a shard's working set may take
+MIN_SHARD, MAX_SHARD = 64, 4096
+
+
+def _l2_bytes() -> int:
+  """One core's L2 size from sysfs (Linux), else 1 MiB."""
+  try:
+    with open("/sys/devices/system/cpu/cpu0/cache/index2/size", encoding="ascii") as f:
+      text = f.read().strip()
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+    return int(text.rstrip("KM")) * scale
+  except (OSError, ValueError):
+    return _L2_FALLBACK_BYTES
+
+
+L2_BYTES = _l2_bytes()
+THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def default_shard_size(num_heads: int, kv_lora_rank: int, rope_dim: int, cache_dtype,
+                       rope_dtype) -> int:
+  """Largest power of two S_p with S_p·(bytes of one row's working set) <= L2_FILL·L2_BYTES.
+
+  A row's working set: its c_kv and k_rope bytes (int8 rows also hold their bfloat16 cast and
+  float32 scale) plus the H float32 scores, H float32 and H low-precision probabilities.
+  """
+  cache_dtype = jnp.dtype(cache_dtype)
+  row = kv_lora_rank * cache_dtype.itemsize + rope_dim * jnp.dtype(rope_dtype).itemsize
+  if cache_dtype == jnp.int8:
+    row += kv_lora_rank * 2 + 4
+  row += num_heads * (4 + 4 + 2)
+  size = 1 << max(0, int(L2_FILL * L2_BYTES / row).bit_length() - 1)
+  return max(MIN_SHARD, min(MAX_SHARD, size))
+
+
+def _dot(a, b, contract_a, contract_b):
+  return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                         preferred_element_type=f32)
+
+
+def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_scale):
+  """One shard's partial softmax: rows j with lo <= j < hi are visible.
+
+  Returns o_p [H,C] float32 (normalised within the shard) and lse_p [H] float32; a shard with no
+  visible row gives o_p = 0 and lse_p = -inf.
+  """
+  scores = _dot(q_latent_HC, c_kv_SC, 1, 1)  # [H,S_p]
+  if scale_S is not None:
+    scores = scores * scale_S[None, :]
+  scores = (scores + _dot(q_rope_HR, k_rope_SR, 1, 1)) * sm_scale
+  j = jnp.arange(c_kv_SC.shape[0])
+  visible = (j >= lo) & (j < hi)
+  scores = jnp.where(visible[None, :], scores, MASK_VALUE)
+  m = jnp.max(scores, axis=1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(scores - m)  # masked rows: exp(-inf) = 0
+  l = jnp.sum(p, axis=1, keepdims=True)
+  if scale_S is not None:
+    p = p * scale_S[None, :]
+  o = _dot(p.astype(c_kv_SC.dtype), c_kv_SC, 1, 0)  # [H,C]
+  nonempty = l > 0
+  l_safe = jnp.where(nonempty, l, 1.0)
+  return o / l_safe, jnp.where(nonempty, m + jnp.log(l_safe), MASK_VALUE)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "shard_size", "threads"))
+def _decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, shard_size, threads):
+  B, H, C = q_latent.shape
+  S = k_rope.shape[1]
+  if isinstance(c_kv, quant.Int8Rows):
+    values, scales = c_kv.values, c_kv.scales
+    compute_dtype = jnp.bfloat16
+  else:
+    values, scales = c_kv, None
+    compute_dtype = c_kv.dtype
+  q = q_latent.astype(compute_dtype)
+  q_r = q_rope.astype(k_rope.dtype)
+  lengths = jnp.minimum(lengths.astype(jnp.int32), S)
+
+  S_p = min(shard_size, S)
+  g = max(1, min(threads, S // S_p))  # shards per step
+  W = g * S_p  # rows per step
+  num_steps = -(-S // W)
+  shard = functools.partial(_shard, sm_scale=sm_scale)
+  in_scale = None if scales is None else 0
+  over_shards = jax.vmap(shard, (0, 0, 0, in_scale, 0, 0, 0))
+  over_batch = jax.vmap(over_shards, (0, 0, 0, in_scale, 0, None, 0))
+  # The queries are copied per shard: with an unbatched q, XLA folds the shards into one wide
+  # score GEMM and transposes the whole step's c_kv for it.
+  q = jnp.broadcast_to(q[:, None], (B, g, H, C))
+  q_r = jnp.broadcast_to(q_r[:, None], (B, g) + q_r.shape[1:])
+
+  def step(i):
+    """Shards i·g .. i·g+g-1; the last step slides back to stay inside the cache and masks the
+    rows the previous step already covered."""
+    start = jnp.minimum(i * W, S - W)
+    rows = lambda x: lax.dynamic_slice_in_dim(x, start, W, axis=1).reshape(
+        (B, g, S_p) + x.shape[2:])
+    values_i = rows(values).astype(compute_dtype)
+    scales_i = None if scales is None else rows(scales)
+    first = start + jnp.arange(g) * S_p  # cache row of each shard's row 0
+    lo = i * W - first
+    hi = lengths[:, None] - first[None, :]
+    return over_batch(q, q_r, values_i, scales_i, rows(k_rope), lo, hi)  # [B,g,H,C], [B,g,H]
+
+  if num_steps == 1:
+    o, lse = step(0)
+    o, lse = o[None], lse[None]
+  else:
+    # Steps past the longest row would only produce empty shards: stop there.
+    live_steps = (jnp.max(lengths) + W - 1) // W
+
+    def body(i, carry):
+      o_buf, lse_buf = carry
+      o_i, lse_i = step(i)
+      return (lax.dynamic_update_index_in_dim(o_buf, o_i, i, 0),
+              lax.dynamic_update_index_in_dim(lse_buf, lse_i, i, 0))
+
+    init = (jnp.zeros((num_steps, B, g, H, C), f32),
+            jnp.full((num_steps, B, g, H), MASK_VALUE, f32))
+    o, lse = lax.fori_loop(0, live_steps, body, init)
+  o = jnp.moveaxis(o, 2, 1).reshape(num_steps * g, B, H, C)
+  lse = jnp.moveaxis(lse, 2, 1).reshape(num_steps * g, B, H)
+  out, lse = merge_partials(o, lse)
+  return out.astype(q_latent.dtype), lse
+
+
+def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
+               shard_size: int | None = None, threads: int | None = None):
+  """Absorbed MLA decode over cache shards: out [B,H,C] in q_latent.dtype, lse [B,H] float32.
+
+  q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (bfloat16, float16, float32 or quant.Int8Rows),
+  k_rope [B,S,R], lengths [B]. shard_size overrides `default_shard_size`; threads (shards per
+  loop step) defaults to the cores this process may run on.
+  """
+  B, H, S, C, R = check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths)
+  cache_dtype = c_kv.values.dtype if isinstance(c_kv, quant.Int8Rows) else c_kv.dtype
+  if shard_size is None:
+    shard_size = default_shard_size(H, C, R, cache_dtype, k_rope.dtype)
+  if shard_size < 1:
+    raise ValueError(f"shard_size={shard_size}; expected a positive integer")
+  return _decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=float(sm_scale),
+                 shard_size=int(shard_size), threads=int(threads or THREADS))

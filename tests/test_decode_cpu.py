@@ -1,0 +1,94 @@
+"""The XLA CPU shard path (ops/decode_cpu.py) against the float32 reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import RTOL, rel_err
+from mla_jax import ops, quant
+from mla_jax.ops import decode_cpu
+
+FORMATS = ("bfloat16", "float16", "float32", "int8")
+
+
+def _inputs(rng, fmt, B, H, S, C, R, lengths, garbage=1e3):
+  """Random decode inputs; cache rows past each row's length hold large stale values."""
+  dtype = jnp.bfloat16 if fmt == "int8" else jnp.dtype(fmt)
+  q_latent = jnp.asarray(rng.standard_normal((B, H, C)), dtype)
+  q_rope = jnp.asarray(rng.standard_normal((B, H, R)), dtype)
+  c_kv = rng.standard_normal((B, S, C)).astype(np.float32)
+  k_rope = rng.standard_normal((B, S, R)).astype(np.float32)
+  stale = np.arange(S)[None, :] >= np.asarray(lengths)[:, None]
+  c_kv[stale] = garbage * rng.standard_normal((int(stale.sum()), C))
+  k_rope[stale] = garbage
+  c_kv = quant.quantize_rows(jnp.asarray(c_kv)) if fmt == "int8" else jnp.asarray(c_kv, dtype)
+  return q_latent, q_rope, c_kv, jnp.asarray(k_rope, dtype), jnp.asarray(lengths, jnp.int32)
+
+
+def _check(args, out, lse, fmt, sm_scale):
+  ref_out, ref_lse = ops.reference.mla_decode(*args, sm_scale=sm_scale)
+  lengths = np.asarray(args[-1])
+  assert out.dtype == args[0].dtype and out.shape == ref_out.shape
+  assert lse.dtype == jnp.float32 and lse.shape == ref_lse.shape
+  out, lse = np.asarray(out, np.float64), np.asarray(lse)
+  assert not np.isnan(out).any() and not np.isnan(lse).any()
+  empty = lengths == 0
+  assert np.all(out[empty] == 0) and np.all(np.isneginf(lse[empty]))
+  tol = RTOL[jnp.bfloat16 if fmt == "int8" else jnp.dtype(fmt).type]
+  assert rel_err(out[~empty], np.asarray(ref_out)[~empty]) < tol
+  np.testing.assert_allclose(lse[~empty], np.asarray(ref_lse)[~empty], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("S,shard_size", [(200, 32), (256, 64), (50, 64), (37, 8)])
+def test_matches_reference_ragged(rng, fmt, S, shard_size):
+  B, H, C, R = 4, 4, 64, 16
+  lengths = [S, 0, int(rng.integers(1, S)), shard_size + 1 if shard_size < S else 1]
+  args = _inputs(rng, fmt, B, H, S, C, R, lengths)
+  sm_scale = float(rng.uniform(0.05, 0.2))
+  out, lse = ops.mla_decode(*args, sm_scale=sm_scale, impl="cpu", shard_size=shard_size)
+  _check(args, out, lse, fmt, sm_scale)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_default_shard_size_several_steps(rng, fmt):
+  """The heuristic's shard size with an S that is no multiple of it, under jit with traced
+  lengths; the loop stops at the longest row, so most of the cache is never visited."""
+  B, H, C, R = 2, 8, 128, 32
+  shard = decode_cpu.default_shard_size(H, C, R, jnp.int8 if fmt == "int8" else fmt,
+                                        jnp.bfloat16 if fmt == "int8" else fmt)
+  S = 5 * shard + shard // 2 + 3
+  lengths = [S - 1, int(rng.integers(shard, 2 * shard))]
+  args = _inputs(rng, fmt, B, H, S, C, R, lengths)
+  out, lse = jax.jit(lambda *a: ops.mla_decode(*a, sm_scale=0.1, impl="cpu"))(*args)
+  _check(args, out, lse, fmt, 0.1)
+  short = _inputs(rng, fmt, B, H, S, C, R, [3, 0])
+  out, lse = jax.jit(lambda *a: ops.mla_decode(*a, sm_scale=0.1, impl="cpu"))(*short)
+  _check(short, out, lse, fmt, 0.1)
+
+
+def test_threads_do_not_change_the_result(rng):
+  S = 300
+  args = _inputs(rng, "float32", 2, 4, S, 64, 16, [S, 123])
+  outs = [decode_cpu.mla_decode(*args, sm_scale=0.1, shard_size=32, threads=t) for t in (1, 3)]
+  for out, lse in outs:
+    _check(args, out, lse, "float32", 0.1)
+
+
+def test_shard_size_heuristic_is_cache_aware():
+  sizes = {d: decode_cpu.default_shard_size(16, 512, 64, d, jnp.bfloat16)
+           for d in (jnp.float32, jnp.bfloat16)}
+  assert sizes[jnp.float32] < sizes[jnp.bfloat16]
+  for d, size in sizes.items():
+    row = 512 * jnp.dtype(d).itemsize + 64 * 2 + 16 * 10
+    assert size & (size - 1) == 0
+    assert size * row <= decode_cpu.L2_FILL * decode_cpu.L2_BYTES < 2 * size * row
+
+
+def test_bad_arguments_raise(rng):
+  args = _inputs(rng, "float32", 2, 4, 40, 64, 16, [40, 3])
+  with pytest.raises(ValueError, match="shard_size"):
+    decode_cpu.mla_decode(*args, sm_scale=0.1, shard_size=0)
+  with pytest.raises(ValueError, match="k_rope"):
+    decode_cpu.mla_decode(*args[:3], args[3][:, :-1], args[4], sm_scale=0.1)
