@@ -21,22 +21,34 @@ import numpy as np
 from mla_jax import quant
 
 
-def _scatter_rows(buffer, new, start, num_new):
-  """buffer[b, start[b] + t] = new[b, t] for t < num_new[b]; other slots untouched."""
+def _scatter_rows(buffer, new, start, num_new, seq_axis=1):
+  """buffer[b, start[b] + t] = new[b, t] for t < num_new[b] along seq_axis (1 or 2).
+
+  new is [B,T,...] in both cases; other slots are untouched.
+  """
   B, T = new.shape[:2]
-  S = buffer.shape[1]
+  S = buffer.shape[seq_axis]
   t = jnp.arange(T)[None, :]
   slots = jnp.where(t < num_new[:, None], start[:, None] + t, S)  # S is out of range: dropped
   rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-  return buffer.at[rows, slots].set(new.astype(buffer.dtype), mode="drop")
+  index = (rows, slots) if seq_axis == 1 else (rows, slice(None), slots)
+  return buffer.at[index].set(new.astype(buffer.dtype), mode="drop")
 
 
-def _write(buffer, new, start, num_new):
+def _write(buffer, new, start, num_new, seq_axis=1):
+  """Scatters new rows into buffer (array or quant.Int8Rows).
+
+  The optimization barrier makes XLA materialise the updated buffer once, in place, before the
+  attention reads it. Without it XLA CPU duplicates the update into each consumer's fusion, and
+  every duplicate needs its own copy of the whole cache (seen in the compiled HLO at B=1).
+  """
   if isinstance(buffer, quant.Int8Rows):
     q = quant.quantize_rows(new)
-    return quant.Int8Rows(_scatter_rows(buffer.values, q.values, start, num_new),
-                          _scatter_rows(buffer.scales, q.scales, start, num_new))
-  return _scatter_rows(buffer, new, start, num_new)
+    buffer = quant.Int8Rows(_scatter_rows(buffer.values, q.values, start, num_new),
+                            _scatter_rows(buffer.scales, q.scales, start, num_new))
+  else:
+    buffer = _scatter_rows(buffer, new, start, num_new, seq_axis)
+  return jax.lax.optimization_barrier(buffer)
 
 
 def _advance(lengths, overflow, num_new, max_len):
@@ -95,7 +107,11 @@ class LatentCache(_CacheMixin):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache(_CacheMixin):
-  """Standard-attention cache of decompressed heads: k [B,S,H,K+R], v [B,S,H,V]."""
+  """Standard-attention cache of decompressed heads, head-major: k [B,H,S,K+R], v [B,H,S,V].
+
+  Head-major is transformers' layout. It is also what XLA's batched dot wants: with [B,S,H,D]
+  every decode step transposed the whole cache into a temporary (seen in the compiled HLO).
+  """
 
   k: jax.Array
   v: jax.Array
@@ -104,18 +120,18 @@ class KVCache(_CacheMixin):
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[1]
+    return self.k.shape[2]
 
   @classmethod
   def zeros(cls, batch_size, max_len, num_heads, qk_dim, v_dim, dtype) -> KVCache:
     if jnp.dtype(dtype) == jnp.int8:
       raise ValueError("dtype=int8 is only supported by the absorbed (latent) cache")
-    return cls(jnp.zeros((batch_size, max_len, num_heads, qk_dim), dtype),
-               jnp.zeros((batch_size, max_len, num_heads, v_dim), dtype),
+    return cls(jnp.zeros((batch_size, num_heads, max_len, qk_dim), dtype),
+               jnp.zeros((batch_size, num_heads, max_len, v_dim), dtype),
                jnp.zeros((batch_size,), jnp.int32), jnp.zeros((batch_size,), bool))
 
   def write(self, k_new, v_new, num_new) -> KVCache:
     """Appends k_new [B,T,H,K+R], v_new [B,T,H,V]; row b keeps its first num_new[b] tokens."""
     lengths, overflow = _advance(self.lengths, self.overflow, num_new, self.max_len)
-    return KVCache(_write(self.k, k_new, self.lengths, num_new),
-                   _write(self.v, v_new, self.lengths, num_new), lengths, overflow)
+    return KVCache(_write(self.k, k_new, self.lengths, num_new, seq_axis=2),
+                   _write(self.v, v_new, self.lengths, num_new, seq_axis=2), lengths, overflow)

@@ -56,11 +56,11 @@ def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_
 
 
 def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
-  """Per-head attention: q [B,T,H,K+R], k [B,S,H,K+R], v [B,S,H,V] -> [B,T,H,V] float32."""
+  """Per-head attention: q [B,T,H,K+R], k [B,H,S,K+R], v [B,H,S,V] -> [B,T,H,V] float32."""
   v = _as_f32(v)
-  scores = jnp.einsum("bthd,bshd->bths", _as_f32(q), _as_f32(k)) * sm_scale
-  visible = causal_visibility(q_slots, kv_lengths, k.shape[1])[:, :, None, :]
-  out, _ = masked_softmax_apply(scores, visible, lambda p: jnp.einsum("bths,bshv->bthv", p, v))
+  scores = jnp.einsum("bthd,bhsd->bths", _as_f32(q), _as_f32(k)) * sm_scale
+  visible = causal_visibility(q_slots, kv_lengths, k.shape[2])[:, :, None, :]
+  out, _ = masked_softmax_apply(scores, visible, lambda p: jnp.einsum("bths,bhsv->bthv", p, v))
   return out
 
 

@@ -61,12 +61,18 @@ def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_
 
 
 def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
-  """Per-head attention over a decompressed cache: q [B,T,H,K+R] -> [B,T,H,V]."""
+  """Per-head attention over a head-major cache k [B,H,S,K+R], v [B,H,S,V]: q [B,T,H,K+R] ->
+  [B,T,H,V]."""
   dtype = q.dtype
-  scores = jnp.einsum("bthd,bshd->bths", q, k, preferred_element_type=f32) * sm_scale
-  visible = _visibility(q_slots, kv_lengths, k.shape[1])[:, :, None, :]
+  scores = jnp.einsum("bthd,bhsd->bths", q, k, preferred_element_type=f32) * sm_scale
+  visible = _visibility(q_slots, kv_lengths, k.shape[2])[:, :, None, :]
   p, inv_l, _ = _softmax(scores, visible)
-  out = jnp.einsum("bths,bshv->bthv", p.astype(v.dtype), v, preferred_element_type=f32)
+  p = p.astype(v.dtype)
+  if q.shape[1] == 1:
+    # Decode as a batched GEMV: written as a [1,S]x[S,V] GEMM, XLA CPU transposes all of V.
+    out = jnp.einsum("bhs,bhsv->bhv", p[:, 0], v, preferred_element_type=f32)[:, None]
+  else:
+    out = jnp.einsum("bths,bhsv->bthv", p, v, preferred_element_type=f32)
   return (out * inv_l).astype(dtype)
 
 

@@ -1,0 +1,265 @@
+"""MLAttention on fresh random inputs: modes agree, caching is exact, batches may be ragged,
+the module jits, differentiates and bridges to Linen, and decode updates the cache in place."""
+
+import dataclasses
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from flax.nnx import bridge
+
+import mla_jax
+from mla_jax import rope
+from mla_jax.ops import reference
+from conftest import rel_err
+
+# A small MLA shape with every feature of V2-Lite (YaRN, K != V) and one with q_lora (V3 style).
+TINY = dataclasses.replace(mla_jax.MLAConfig.deepseek_v2_lite(), hidden_size=64, num_heads=4,
+                           kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                           num_layers=1)
+TINY_QLORA = dataclasses.replace(TINY, q_lora_rank=24)
+F32_TOL = 2e-5
+
+
+def make(cfg=TINY, mode="absorbed", seed=0, **kw):
+  return mla_jax.MLAttention(cfg, mode, backend="xla", rngs=nnx.Rngs(seed), **kw)
+
+
+def inputs(rng, cfg, B, T, start=None):
+  x = jnp.asarray(rng.standard_normal((B, T, cfg.hidden_size)), jnp.float32)
+  start = rng.integers(0, 9000, B) if start is None else np.asarray(start)
+  return x, jnp.asarray(start[:, None] + np.arange(T)[None], jnp.int32)
+
+
+def reference_layer(attn, x, positions):
+  """Independent float32 forward of one layer: one causal pass, decompressed per-head K/V."""
+  cfg, p = attn.cfg, nnx.state(attn, nnx.Param)
+  dense = lambda layer, h: h @ layer["kernel"].value
+
+  def rms(h, w):
+    return w * h / jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.rms_norm_eps)
+
+  B, T, _ = x.shape
+  if cfg.q_lora_rank is None:
+    q = dense(p["q_proj"], x)
+  else:
+    q = dense(p["q_b_proj"], rms(dense(p["q_a_proj"], x), p["q_a_layernorm"]["weight"].value))
+  q = q.reshape(B, T, cfg.num_heads, cfg.qk_head_dim)
+  kv = dense(p["kv_a_proj_with_mqa"], x)
+  c_kv = rms(kv[..., :cfg.kv_lora_rank], p["kv_a_layernorm"]["weight"].value)
+  cos, sin = rope.rope_tables(cfg, positions)
+  q_rope = rope.apply_rope(q[..., cfg.qk_nope_head_dim:], cos[:, :, None], sin[:, :, None])
+  k_rope = rope.apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin)
+  k_nope = jnp.einsum("btc,hkc->bthk", c_kv, p["kv_b_proj"]["wk_b"].value)
+  v = jnp.einsum("btc,hcv->bthv", c_kv, p["kv_b_proj"]["wv_b"].value)
+  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3],
+                                                                     cfg.qk_rope_head_dim))], -1)
+  slots = jnp.broadcast_to(jnp.arange(T), (B, T))
+  heads = reference.standard_attention(jnp.concatenate([q[..., :cfg.qk_nope_head_dim], q_rope], -1),
+                                       k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), slots,
+                                       jnp.full((B,), T), sm_scale=cfg.softmax_scale)
+  return dense(p["o_proj"], heads.reshape(B, T, -1))
+
+
+def run_incremental(attn, x, positions, chunks, max_len):
+  """Feeds x in consecutive chunks of the given sizes; returns the concatenated outputs."""
+  cache = attn.init_cache(x.shape[0], max_len, jnp.float32)
+  ys, t = [], 0
+  for n in chunks:
+    y, cache = attn(x[:, t:t + n], positions[:, t:t + n], cache)
+    ys.append(y)
+    t += n
+  return jnp.concatenate(ys, axis=1), cache
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_QLORA], ids=["v2lite", "qlora"])
+@pytest.mark.parametrize("mode", ["standard", "absorbed"])
+def test_full_pass_matches_reference_layer(cfg, mode, rng):
+  attn = make(cfg, mode)
+  x, pos = inputs(rng, cfg, 3, 10)
+  y, _ = attn(x, pos, attn.init_cache(3, 16, jnp.float32))
+  assert rel_err(y, reference_layer(attn, x, pos)) < F32_TOL
+
+
+def test_standard_equals_absorbed(rng):
+  standard, absorbed = make(mode="standard"), make(mode="absorbed")
+  x, pos = inputs(rng, TINY, 2, 12)
+  y_std, _ = run_incremental(standard, x, pos, [7, 1, 1, 3], 20)
+  y_abs, _ = run_incremental(absorbed, x, pos, [7, 1, 1, 3], 20)
+  assert rel_err(y_abs, y_std) < F32_TOL
+
+
+@pytest.mark.parametrize("mode", ["standard", "absorbed"])
+def test_incremental_and_chunked_prefill_equal_full(mode, rng):
+  attn = make(mode=mode)
+  x, pos = inputs(rng, TINY, 2, 13)
+  full, _ = run_incremental(attn, x, pos, [13], 16)
+  decode, _ = run_incremental(attn, x, pos, [5] + [1] * 8, 16)
+  chunked, _ = run_incremental(attn, x, pos, [4, 6, 1, 2], 16)
+  assert rel_err(decode, full) < F32_TOL
+  assert rel_err(chunked, full) < F32_TOL
+
+
+@pytest.mark.parametrize("mode", ["standard", "absorbed"])
+def test_ragged_batch_equals_each_row_alone(mode, rng):
+  """Rows with different prompt lengths (right-padded with position -1) then decode together."""
+  attn = make(mode=mode)
+  lengths = np.array([3, 9, 6])
+  x, pos = inputs(rng, TINY, 3, 9)
+  padded_pos = jnp.where(jnp.arange(9)[None] < lengths[:, None], pos, -1)
+  cache = attn.init_cache(3, 16, jnp.float32)
+  y_prefill, cache = attn(x, padded_pos, cache)
+  np.testing.assert_array_equal(cache.lengths, lengths)
+  x_dec, _ = inputs(rng, TINY, 3, 1)
+  y_dec, cache = attn(x_dec, pos[:, :1] + lengths[:, None], cache)
+  np.testing.assert_array_equal(y_prefill[0, 3:], 0.0)
+  for b, n in enumerate(lengths):
+    row_cache = attn.init_cache(1, 16, jnp.float32)
+    y_row, row_cache = attn(x[b:b + 1, :n], pos[b:b + 1, :n], row_cache)
+    y_row_dec, _ = attn(x_dec[b:b + 1], pos[b:b + 1, :1] + n, row_cache)
+    assert rel_err(y_prefill[b, :n], y_row[0]) < F32_TOL
+    assert rel_err(y_dec[b], y_row_dec[0]) < F32_TOL
+
+
+def test_jit_matches_eager(rng):
+  attn = make()
+  x, pos = inputs(rng, TINY, 2, 6)
+  eager, _ = attn(x, pos, attn.init_cache(2, 8, jnp.float32))
+  jitted, _ = nnx.jit(lambda m, x, p, c: m(x, p, c))(attn, x, pos, attn.init_cache(2, 8, jnp.float32))
+  assert rel_err(jitted, eager) < F32_TOL
+
+
+@pytest.mark.parametrize("mode", ["standard", "absorbed"])
+def test_prefill_gradients_match_reference(mode, rng):
+  attn = make(mode=mode)
+  x, pos = inputs(rng, TINY, 2, 7)
+  cotangent = jnp.asarray(rng.standard_normal((2, 7, TINY.hidden_size)), jnp.float32)
+
+  def module_loss(m, x):
+    y, _ = m(x, pos, m.init_cache(2, 8, jnp.float32))
+    return jnp.sum(y * cotangent)
+
+  def reference_loss(m, x):
+    return jnp.sum(reference_layer(m, x, pos) * cotangent)
+
+  got = nnx.grad(module_loss, argnums=(0, 1))(attn, x)
+  want = nnx.grad(reference_loss, argnums=(0, 1))(attn, x)
+  assert rel_err(got[1], want[1]) < 1e-4
+  for (path, g), (_, w) in zip(nnx.to_flat_state(got[0]), nnx.to_flat_state(want[0])):
+    assert rel_err(g.value, w.value) < 1e-4, path
+
+
+def test_drops_into_linen_through_bridge(rng):
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, positions, cache):
+      y, cache = bridge.to_linen(mla_jax.MLAttention, TINY, "absorbed", "xla")(x, positions, cache)
+      return x + y, cache
+
+  x, pos = inputs(rng, TINY, 2, 5)
+  cache = make().init_cache(2, 8, jnp.float32)
+  block = Block()
+  variables = block.init(jax.random.key(1), x, pos, cache)
+  out, _ = block.apply(variables, x, pos, cache)
+  # The same parameters in a plain NNX module must give the same layer output.
+  attn = make()
+  for path, value in traverse_util.flatten_dict(variables["params"]["ToLinen_0"]).items():
+    param = attn
+    for name in path:
+      param = getattr(param, name)
+    param.value = value
+  assert rel_err(out - x, reference_layer(attn, x, pos)) < F32_TOL
+
+
+@pytest.mark.parametrize("mode", ["standard", "absorbed"])
+def test_decode_updates_cache_in_place(mode, rng):
+  attn = make(mode=mode)
+  step = mla_jax.jit_step(attn)
+  x, pos = inputs(rng, TINY, 2, 1)
+  cache = attn.init_cache(2, 64, jnp.float32)
+  _, cache = step(x, pos, cache)  # compile
+  buffers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(cache)]
+  for t in range(1, 6):
+    _, cache = step(x, pos + t, cache)
+  assert [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(cache)] == buffers
+  np.testing.assert_array_equal(cache.lengths, [6, 6])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("mode", ["standard", "absorbed"])
+def test_decode_step_copies_no_cache(mode, batch, rng):
+  """The compiled step aliases the cache to its output and needs no cache-sized temporary.
+
+  A wide latent (C=256) makes the cache 20x the [B,H,S] score temporaries, so any copy of it
+  shows up in temp_size_in_bytes.
+  """
+  cfg = dataclasses.replace(TINY, kv_lora_rank=256)
+  attn = make(cfg, mode)
+  graphdef, state = nnx.split(attn)
+  x, pos = inputs(rng, cfg, batch, 1)
+  cache = attn.init_cache(batch, 4096, jnp.float32)
+  step = jax.jit(lambda s, x, p, c: nnx.merge(graphdef, s)(x, p, c), donate_argnums=(3,))
+  memory = step.lower(state, x, pos, cache).compile().memory_analysis()
+  cache_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
+  assert memory.alias_size_in_bytes >= cache_bytes
+  assert memory.temp_size_in_bytes < cache_bytes // 4
+
+
+def test_int8_cache_close_to_float(rng):
+  attn = make()
+  x, pos = inputs(rng, TINY, 2, 9)
+  y_f32, _ = run_incremental(attn, x, pos, [6, 1, 1, 1], 12)
+  cache = attn.init_cache(2, 12, jnp.int8)
+  ys = []
+  for t0, n in [(0, 6), (6, 1), (7, 1), (8, 1)]:
+    y, cache = attn(x[:, t0:t0 + n], pos[:, t0:t0 + n], cache)
+    ys.append(y)
+  assert isinstance(cache.c_kv, mla_jax.quant.Int8Rows)
+  assert rel_err(jnp.concatenate(ys, 1), y_f32) < 2e-2
+
+
+def test_cache_overflow_is_detected(rng):
+  attn = make()
+  x, pos = inputs(rng, TINY, 2, 5)
+  with pytest.raises(ValueError, match="overflow"):
+    attn(x, pos, attn.init_cache(2, 4, jnp.float32))
+  # Under jit the flag is returned; valid entries are never overwritten.
+  step = nnx.jit(lambda m, x, p, c: m(x, p, c))
+  _, cache = step(attn, x[:, :3], pos[:, :3], attn.init_cache(2, 4, jnp.float32))
+  kept = np.asarray(cache.c_kv[:, :3])
+  _, cache = step(attn, x[:, 3:], pos[:, 3:], cache)
+  np.testing.assert_array_equal(cache.overflow, [True, True])
+  np.testing.assert_array_equal(cache.lengths, [4, 4])
+  np.testing.assert_array_equal(cache.c_kv[:, :3], kept)
+  with pytest.raises(ValueError, match="overflow"):
+    cache.check()
+
+
+@pytest.mark.parametrize("bad", ["x_width", "positions_shape", "positions_dtype", "cache_kind",
+                                 "cache_batch"])
+def test_bad_inputs_raise_value_error(bad, rng):
+  attn = make()
+  x, pos = inputs(rng, TINY, 2, 3)
+  cache = attn.init_cache(2, 8, jnp.float32)
+  args = {
+      "x_width": (x[..., :-1], pos, cache),
+      "positions_shape": (x, pos[:, :2], cache),
+      "positions_dtype": (x, pos.astype(jnp.float32), cache),
+      "cache_kind": (x, pos, make(mode="standard").init_cache(2, 8, jnp.float32)),
+      "cache_batch": (x, pos, attn.init_cache(3, 8, jnp.float32)),
+  }[bad]
+  with pytest.raises(ValueError):
+    attn(*args)
+
+
+def test_bad_construction_raises_value_error():
+  with pytest.raises(ValueError, match="mode"):
+    mla_jax.MLAttention(TINY, "latent", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="backend"):
+    mla_jax.MLAttention(TINY, "absorbed", "tpu", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="int8"):
+    make(mode="standard").init_cache(1, 8, jnp.int8)
