@@ -11,6 +11,13 @@ Calling convention: `y, cache = attn(x, positions, cache)` with x [B,T,D] and po
 int32; T>1 is a (possibly chunked) prefill, T==1 a decode step. Padding tokens have position -1
 and must come after a row's real tokens: they are not cached and their outputs are 0. This is
 how a batch whose rows have different lengths is fed.
+
+Weight formats (`weight_format`): only kv_b_proj's wk_b and wv_b, the weights of the two batched
+GEMVs of absorbed decoding, change format. None (the default) keeps them in param_dtype like every
+other parameter; "bf16" stores them as bfloat16; "q8_0" / "iq4_nl" store them as GGML blocks
+(quant.QuantizedTensor, blocks of 32 along the contraction axis). Absorbed decode with
+backend="pallas" decodes quantized blocks inside the fused GEMV kernel (ops/gemv_gpu.py); every
+other path (xla/cpu decode, prefill, standard mode) dequantizes them first.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import ops, rope
+from mla_jax import ops, quant, rope
 from mla_jax.cache import KVCache, LatentCache
 from mla_jax.config import MLAConfig
 from mla_jax.ops import xla
 
 MODES = ("standard", "absorbed")
 BACKENDS = ("auto", "xla", "pallas", "cpu")
+WEIGHT_FORMATS = (None, "bf16", *quant.FORMATS)
 
 
 class RMSNorm(nnx.Module):
@@ -56,12 +64,26 @@ class KVUpProjection(nnx.Module):
     self.wk_b = nnx.Param(init(rngs.params(), (H, K, C), param_dtype))
     self.wv_b = nnx.Param(init(rngs.params(), (H, C, V), param_dtype))
 
+  def set_weight_format(self, weight_format: str | None):
+    """Converts wk_b and wv_b in place to `weight_format` (see the module docstring).
+
+    Quantized formats start from the dequantized weights, so converting twice only re-rounds.
+    """
+    if weight_format not in WEIGHT_FORMATS:
+      raise ValueError(f"weight_format={weight_format!r}; expected one of {WEIGHT_FORMATS}")
+    for param in (self.wk_b, self.wv_b):
+      if weight_format == "bf16":
+        param.value = quant.dequantize(param.value, jnp.bfloat16)
+      elif weight_format is not None:
+        param.value = quant.quantize(quant.dequantize(param.value), weight_format)
+
 
 class MLAttention(nnx.Module):
   """Multi-head latent attention; see the module docstring."""
 
   def __init__(self, cfg: MLAConfig, mode: str = "absorbed", backend: str = "auto", *,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, param_dtype=jnp.float32, weight_format: str | None = None,
+               rngs: nnx.Rngs):
     if mode not in MODES:
       raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     if backend not in BACKENDS:
@@ -79,6 +101,7 @@ class MLAttention(nnx.Module):
     self.kv_a_proj_with_mqa = linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, param_dtype=param_dtype)
     self.kv_b_proj = KVUpProjection(cfg, param_dtype=param_dtype, rngs=rngs)
+    self.kv_b_proj.set_weight_format(weight_format)
     self.o_proj = linear(H * cfg.v_head_dim, D)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16):
@@ -122,8 +145,8 @@ class MLAttention(nnx.Module):
 
   def _standard(self, q_nope, q_rope, c_kv, k_rope, q_slots, num_new, cache):
     wk_b, wv_b = self.kv_b_proj.wk_b.value, self.kv_b_proj.wv_b.value
-    k_nope = jnp.einsum("btc,hkc->bthk", c_kv, wk_b.astype(c_kv.dtype))
-    v = jnp.einsum("btc,hcv->bthv", c_kv, wv_b.astype(c_kv.dtype))
+    k_nope = jnp.einsum("btc,hkc->bthk", c_kv, quant.dequantize(wk_b, c_kv.dtype))
+    v = jnp.einsum("btc,hcv->bthv", c_kv, quant.dequantize(wv_b, c_kv.dtype))
     k_rope = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))
     cache = cache.write(jnp.concatenate([k_nope, k_rope], axis=-1), v, num_new)
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
@@ -136,18 +159,19 @@ class MLAttention(nnx.Module):
     cache = cache.write(c_kv, k_rope, num_new)
     B, T, H, _ = q_nope.shape
     if T == 1:  # decode: the two batched GEMVs and the split-KV kernel of `backend`
-      q_latent = ops.batched_gemv(q_nope[:, 0], wk_b, impl=self._gemv_impl)
+      q_latent = ops.batched_gemv(q_nope[:, 0], wk_b, impl=self._gemv_impl,
+                                  **self._kernel_options(self._gemv_impl))
       o_latent, _ = ops.mla_decode(q_latent, q_rope[:, 0].astype(q_latent.dtype), cache.c_kv,
                                    cache.k_rope, cache.lengths, sm_scale=self.cfg.softmax_scale,
                                    impl=self._decode_impl, **self._kernel_options(self._decode_impl))
       heads = ops.batched_gemv(o_latent.astype(q_latent.dtype), wv_b, impl=self._gemv_impl,
                                **self._kernel_options(self._gemv_impl))
       return heads[:, None], cache
-    q_latent = jnp.einsum("bthk,hkc->bthc", q_nope, wk_b.astype(q_nope.dtype))
+    q_latent = jnp.einsum("bthk,hkc->bthc", q_nope, quant.dequantize(wk_b, q_nope.dtype))
     c_cache = cache.c_kv if hasattr(cache.c_kv, "dequantize") else cache.c_kv.astype(q_nope.dtype)
     o_latent = xla.latent_attention(q_latent, q_rope, c_cache, cache.k_rope.astype(q_nope.dtype),
                                     q_slots, cache.lengths, sm_scale=self.cfg.softmax_scale)
-    return jnp.einsum("bthc,hcv->bthv", o_latent, wv_b.astype(o_latent.dtype)), cache
+    return jnp.einsum("bthc,hcv->bthv", o_latent, quant.dequantize(wv_b, o_latent.dtype)), cache
 
   @property
   def _decode_impl(self) -> str:

@@ -28,6 +28,7 @@ stay float32 because activations are quantized on the fly and never stored).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +199,7 @@ def _quantize_iq4_nl(xb):
   return _iq4_nl_index(inv[..., None] * xb).astype(jnp.uint8), d.astype(jnp.float16)
 
 
+@functools.partial(jax.jit, static_argnames="fmt")
 def quantize(w: jax.Array, fmt: str) -> QuantizedTensor:
   """GGML block quantization of w [..., K, N] along K (fmt "q8_0" or "iq4_nl")."""
   if fmt not in FORMATS:

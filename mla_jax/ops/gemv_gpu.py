@@ -1,0 +1,184 @@
+"""Fused batched GEMV over all heads (Pallas, Triton lowering): y[b,h] = x[b,h,:K] · w[h].
+
+The absorbed decode step (DeepSeek-V2 §2.1) does two small products per head, q_latent =
+q_nope·wk_b [H,K,C] and out = o_latent·wv_b [H,C,V]. Run as H separate GEMVs, each with its own
+copy of the strided q_nope row and its own activation quantization, that is 3H launches, which
+cost more than the work (the CUDA result this follows made MLA generation 31% faster by fusing
+them). Here one launch covers every head and batch row:
+
+- grid (H, N / block_n, ceil(B / block_b)); a program owns [block_b, block_n] outputs of one head
+  and walks K in GGML blocks of 32 rows;
+- x is read in place from any [B, H, K'] array with K' >= K (the whole query q [B,H,K+R] for
+  q_nope): only the first K columns are loaded, rows past B are masked;
+- quantized weights (quant.QuantizedTensor: q8_0, iq4_nl) are decoded in registers, one block at a
+  time: the partial product of a block is scaled by its float16 d after the dot, so the weights
+  never reach HBM as floats. IQ4_NL's table lookup is a degree-4 polynomial of the 4-bit index,
+  rounded, exact on all 16 entries (the table is smooth; a register gather is not expressible);
+- `int8=True` quantizes each x block to Q8_1 (quant.quantize_q8_1's arithmetic) in registers and
+  dots int8·int8 -> int32 on the tensor cores, so activation quantization costs no launch either;
+- `dot=False` replaces the tensor-core dot by a broadcast multiply-reduce for tiny batches, where
+  a dot would pad B up to Triton's minimum of 16 rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from mla_jax import quant
+
+BLOCK = quant.BLOCK
+HALF = BLOCK // 2
+MIN_DOT = 16  # Triton's minimum dot extent per dimension
+MAX_BLOCK_B = 64
+
+# IQ4_NL_VALUES[i] == round(poly(i - 7.5)) for i in 0..15 (least-squares fit, max error 0.48).
+_IQ4_POLY = tuple(float(c) for c in np.polyfit(
+    np.arange(16) - 7.5, np.asarray(quant.IQ4_NL_VALUES, np.float64), 4))
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+  """Tuning knobs; `default_config` picks them per shape from the H200 sweep in
+  docs/batched_gemv.md."""
+
+  block_n: int = 128  # output columns per program
+  block_b: int | None = None  # batch rows per program; None: next power of two >= B, capped
+  dot: bool = True  # tensor-core dot (pads block_b to 16) or broadcast multiply-reduce
+  int8: bool = False  # Q8_1 activations, int8 dot (quantized weights with dot=True only)
+  num_warps: int = 4
+  num_stages: int = 3
+  unroll: bool = False  # unroll the loop over the K/32 blocks
+
+
+def default_config(B: int, K: int, N: int, fmt: str | None) -> GemvConfig:
+  """The configuration used when none is given (see docs/batched_gemv.md for the sweep)."""
+  del K, fmt
+  return GemvConfig(block_n=min(64, N), dot=B >= 4)
+
+
+def _iq4_nl_values(idx):
+  """Table lookup IQ4_NL_VALUES[idx] for 4-bit indices, as float32 (exact)."""
+  t = idx.astype(jnp.float32) - 7.5
+  acc = jnp.full(t.shape, _IQ4_POLY[0], jnp.float32)
+  for c in _IQ4_POLY[1:]:
+    acc = acc * t + c
+  return jnp.floor(acc + 0.5)
+
+
+def _q8_1(x):
+  """Q8_1 quantization of x [block_b, 32] blocks in registers: (int8 q, float32 d [block_b, 1])."""
+  d, inv = quant.q8_block_scale(jnp.max(jnp.abs(x), axis=1, keepdims=True))
+  return quant.round_half_away(x * inv).astype(jnp.int8), d
+
+
+def _product(x, w, *, dot, acc_dtype=jnp.float32):
+  """x [block_b, k] · w [k, block_n] accumulated in acc_dtype."""
+  if dot:
+    return jax.lax.dot(x, w, preferred_element_type=acc_dtype)
+  return jnp.sum(x.astype(acc_dtype)[:, :, None] * w.astype(acc_dtype)[None, :, :], axis=1)
+
+
+def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, dot, int8, unroll, compute_dtype):
+  # x_ref: [B, H, K'] (K' >= K; columns [0, K) are read in place)
+  # dense:  w_ref [H, K, N]
+  # q8_0:   qs_ref int8 [H, K, N], d_ref float16 [H, K/32, N]
+  # iq4_nl: qs_ref uint8 [H, K/2, N], d_ref float16 [H, K/32, N]
+  # o_ref:  [B, H, N]
+  *w_refs, o_ref = refs
+  w_ref = w_refs[0]
+  h, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  rows = pl.ds(i * block_b, block_b)
+  cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
+  row_ok = (i * block_b + jnp.arange(block_b)) < B  # [block_b]
+
+  def load_x(k0, width):  # [block_b, width]
+    mask = jnp.broadcast_to(row_ok[:, None], (block_b, width))
+    return pltriton.load(x_ref.at[rows, h, pl.ds(k0, width)], mask=mask, other=0.0)
+
+  def body(kb, acc):  # acc: [block_b, block_n] float32
+    k0 = pl.multiple_of(kb * BLOCK, BLOCK)
+    if fmt is None:
+      w = w_ref[h, pl.ds(k0, BLOCK), cols].astype(compute_dtype)  # [32, block_n]
+      return acc + _product(load_x(k0, BLOCK).astype(compute_dtype), w, dot=dot)
+    qs_ref, d_ref = w_refs
+    d = d_ref[h, kb, cols].astype(jnp.float32)[None, :]  # [1, block_n]
+    if fmt == "q8_0":
+      x_parts = [load_x(k0, BLOCK)]
+      q_parts = [qs_ref[h, pl.ds(k0, BLOCK), cols]]  # int8 [32, block_n]
+    else:
+      packed = qs_ref[h, pl.ds(pl.multiple_of(kb * HALF, HALF), HALF), cols]  # uint8 [16, block_n]
+      x_parts = [load_x(k0, HALF), load_x(k0 + HALF, HALF)]  # elements 0-15, 16-31 of the block
+      q_parts = [_iq4_nl_values(packed & 0xF), _iq4_nl_values(packed >> 4)]
+    if int8:
+      amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(xp.astype(jnp.float32)), axis=1,
+                                                    keepdims=True) for xp in x_parts])
+      d_x, inv = quant.q8_block_scale(amax)  # [block_b, 1]
+      part = sum(jax.lax.dot(quant.round_half_away(xp.astype(jnp.float32) * inv).astype(jnp.int8),
+                             qp.astype(jnp.int8), preferred_element_type=jnp.int32)
+                 for xp, qp in zip(x_parts, q_parts))
+      return acc + part.astype(jnp.float32) * d_x * d
+    part = sum(_product(xp.astype(compute_dtype), qp.astype(compute_dtype), dot=dot)
+               for xp, qp in zip(x_parts, q_parts))
+    return acc + part * d
+
+  acc = jax.lax.fori_loop(0, K // BLOCK, body, jnp.zeros((block_b, block_n), jnp.float32),
+                          unroll=unroll)
+  mask = jnp.broadcast_to(row_ok[:, None], (block_b, block_n))
+  pltriton.store(o_ref.at[rows, h, cols], acc.astype(o_ref.dtype), mask=mask)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "config"))
+def batched_gemv(x, w, *, interpret: bool = False, config: GemvConfig | None = None):
+  """y [B,H,N] = x[..., :K] · w per head, in one kernel launch; y has x's dtype.
+
+  x: [B,H,K'] with K' >= K, e.g. the whole query [B,H,K+R] (only x[..., :K] is read, in place).
+  w: [H,K,N] float array (bf16/f16/f32) or quant.QuantizedTensor ("q8_0"/"iq4_nl").
+  K and N must be multiples of 32 and N a power of two (Triton's tile rule).
+  """
+  if x.ndim != 3:
+    raise ValueError(f"x.shape={tuple(x.shape)}; expected [B,H,K'] (K' >= K of w)")
+  B, H, Kx = x.shape
+  if len(w.shape) != 3 or w.shape[0] != H or w.shape[1] > Kx:
+    raise ValueError(f"w.shape={tuple(w.shape)}; expected [H,K,N] with H={H} and K <= {Kx}")
+  _, K, N = w.shape
+  if K % BLOCK or N % BLOCK or N & (N - 1):
+    raise ValueError(f"w.shape={tuple(w.shape)}; expected K, N multiples of {BLOCK}, N a power of 2")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x.dtype={x.dtype}; expected a float dtype")
+  quantized = isinstance(w, quant.QuantizedTensor)
+  if not quantized and not jnp.issubdtype(w.dtype, jnp.floating):
+    raise ValueError(f"w.dtype={w.dtype}; expected a float array or quant.QuantizedTensor")
+  fmt = w.fmt if quantized else None
+  cfg = config or default_config(B, K, N, fmt)
+  if cfg.int8 and not (quantized and cfg.dot):
+    raise ValueError(f"{cfg=}: int8=True needs a QuantizedTensor w and dot=True")
+  block_n = min(cfg.block_n, N)
+  block_b = min(cfg.block_b or _next_pow2(B), MAX_BLOCK_B)
+  if cfg.dot:
+    block_b = max(block_b, MIN_DOT)
+    block_n = max(block_n, MIN_DOT)
+  compute_dtype = x.dtype if quantized else jnp.promote_types(x.dtype, w.dtype)
+  kernel = functools.partial(
+      _gemv_kernel, fmt=fmt, B=B, K=K, block_b=block_b, block_n=block_n, dot=cfg.dot,
+      int8=cfg.int8, unroll=cfg.unroll, compute_dtype=compute_dtype)
+  w_args = (w.qs, w.d) if quantized else (w,)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((B, H, N), x.dtype),
+      grid=(H, N // block_n, pl.cdiv(B, block_b)),
+      compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                              num_stages=cfg.num_stages),
+      interpret=interpret,
+      name="mla_batched_gemv",
+  )(x, *w_args)

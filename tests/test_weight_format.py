@@ -1,0 +1,99 @@
+"""MLAttention(weight_format=...): quantized wk_b/wv_b give the output of the module run on the
+dequantized weights, and absorbed decode with backend="pallas" hands the quantized blocks to the
+fused GEMV kernel."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mla_jax
+from conftest import RTOL, rel_err
+from mla_jax import quant
+from mla_jax.ops import gemv_gpu
+
+# Contraction axes K (wk_b) and C (wv_b) hold whole GGML blocks of 32; N = C, V powers of two.
+SMALL = dataclasses.replace(mla_jax.MLAConfig.deepseek_v2_lite(), hidden_size=64, num_heads=4,
+                            kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                            v_head_dim=32, num_layers=1)
+PREFILL, DECODE = 5, 3
+
+
+def _run(attn, x, positions):
+  """Prefill PREFILL tokens, then decode the rest one at a time; returns all outputs."""
+  cache = attn.init_cache(x.shape[0], x.shape[1], jnp.float32)
+  y, cache = attn(x[:, :PREFILL], positions[:, :PREFILL], cache)
+  ys = [y]
+  for t in range(PREFILL, x.shape[1]):
+    y, cache = attn(x[:, t:t + 1], positions[:, t:t + 1], cache)
+    ys.append(y)
+  return jnp.concatenate(ys, axis=1)
+
+
+def _dequantized_twin(attn):
+  """The same module with wk_b/wv_b replaced by the float32 arrays they stand for."""
+  graphdef, state = nnx.split(attn)
+  twin = nnx.merge(graphdef, state)
+  for param in (twin.kv_b_proj.wk_b, twin.kv_b_proj.wv_b):
+    param.value = quant.dequantize(param.value, jnp.float32)
+  return twin
+
+
+@pytest.mark.parametrize("mode,backend", [("absorbed", "pallas"), ("absorbed", "xla"),
+                                          ("standard", "xla")])
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "iq4_nl"])
+def test_quantized_module_matches_dequantized_weights(fmt, mode, backend, rng):
+  attn = mla_jax.MLAttention(SMALL, mode, backend, weight_format=fmt,
+                             rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  x = jnp.asarray(rng.standard_normal((2, PREFILL + DECODE, SMALL.hidden_size)), jnp.float32)
+  positions = jnp.asarray(rng.integers(0, 500, (2, 1)) + np.arange(PREFILL + DECODE), jnp.int32)
+  y = _run(attn, x, positions)
+  y_ref = _run(_dequantized_twin(attn), x, positions)
+  assert rel_err(y, y_ref) <= RTOL[jnp.float32] * 10
+
+
+def test_pallas_decode_gets_the_quantized_weights(monkeypatch, rng):
+  seen = []
+  kernel = gemv_gpu.batched_gemv
+
+  def spy(x, w, **kw):
+    seen.append(type(w))
+    return kernel(x, w, **kw)
+
+  monkeypatch.setattr(gemv_gpu, "batched_gemv", spy)
+  attn = mla_jax.MLAttention(SMALL, "absorbed", "pallas", weight_format="iq4_nl",
+                             rngs=nnx.Rngs(0))
+  x = jnp.asarray(rng.standard_normal((1, 1, SMALL.hidden_size)), jnp.float32)
+  attn(x, jnp.zeros((1, 1), jnp.int32), attn.init_cache(1, 4, jnp.float32))
+  assert seen == [quant.QuantizedTensor, quant.QuantizedTensor]
+
+
+def test_weight_formats_store_what_they_say():
+  default = mla_jax.MLAttention(SMALL, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+  assert default.kv_b_proj.wk_b.value.dtype == jnp.float32
+  for fmt, ratio in [("bf16", 2), ("q8_0", 4 * 32 / 34), ("iq4_nl", 4 * 32 / 18)]:
+    attn = mla_jax.MLAttention(SMALL, weight_format=fmt, rngs=nnx.Rngs(0))
+    for name in ("wk_b", "wv_b"):
+      w, w0 = getattr(attn.kv_b_proj, name).value, getattr(default.kv_b_proj, name).value
+      assert w.shape == w0.shape
+      assert w0.nbytes / w.nbytes == pytest.approx(ratio)
+      assert rel_err(quant.dequantize(w), w0) <= 0.09
+
+
+def test_bad_weight_format_raises():
+  with pytest.raises(ValueError, match="weight_format"):
+    mla_jax.MLAttention(SMALL, weight_format="q4_0", rngs=nnx.Rngs(0))
+
+
+def test_quantized_module_jits(rng):
+  attn = mla_jax.MLAttention(SMALL, "absorbed", "xla", weight_format="q8_0", rngs=nnx.Rngs(0))
+  step = mla_jax.jit_step(attn)
+  x = jnp.asarray(rng.standard_normal((2, 1, SMALL.hidden_size)), jnp.float32)
+  pos = jnp.asarray([[3], [7]], jnp.int32)
+  y, _ = step(x, pos, attn.init_cache(2, 8, jnp.float32))
+  y_eager, _ = attn(x, pos, attn.init_cache(2, 8, jnp.float32))
+  assert rel_err(y, y_eager) <= RTOL[jnp.float32]
+  assert jax.tree_util.tree_leaves(nnx.state(attn))  # quantized params are plain pytree leaves
