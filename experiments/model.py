@@ -1,0 +1,148 @@
+"""The model a sweep times: a stack of L MLAttention layers with the residual kept, x += attn(x).
+
+An implementation is named by a spec string "layer/backend[:key=value...]":
+- layer: a registered layer constructor; "standard" and "absorbed" are MLAttention's two modes;
+- backend: MLAttention's backend ("xla", "pallas", "cpu", "auto");
+- options: `cache=<dtype>` picks the cache dtype (e.g. int8 for the absorbed latent cache); every
+  other key=value goes to the layer constructor (e.g. `weight_format=q8_0`), which rejects what it
+  does not know.
+Examples: "standard/xla", "absorbed/pallas", "absorbed/pallas:cache=int8".
+
+Every implementation builds its layers from the same per-layer seeds, so all implementations of
+a sweep hold the same random weights. Steps are jitted with the caches donated (as
+`mla_jax.jit_step` does for one layer), so each decode step writes its token in place.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax import MLAConfig, MLAttention
+
+# layer name -> constructor(cfg, backend, *, dtype, param_dtype, rngs, **options) -> module with
+# MLAttention's calling convention and init_cache.
+LAYERS: dict[str, Callable[..., nnx.Module]] = {
+    "standard": functools.partial(MLAttention, mode="standard"),
+    "absorbed": functools.partial(MLAttention, mode="absorbed"),
+}
+
+PRESETS = {
+    "deepseek_v2_lite": MLAConfig.deepseek_v2_lite,
+    "deepseek_v3": MLAConfig.deepseek_v3,
+}
+
+
+def register_layer(name: str, constructor: Callable[..., nnx.Module]):
+  """Makes "name/<backend>" specs build layers with `constructor` (research variants, tests)."""
+  if "/" in name or ":" in name:
+    raise ValueError(f"layer name {name!r} may not contain '/' or ':'")
+  LAYERS[name] = constructor
+
+
+def mla_config(preset: str, num_layers: int, overrides: str = "") -> MLAConfig:
+  """A preset's MLAConfig with num_layers and "field=value,..." overrides applied."""
+  if preset not in PRESETS:
+    raise ValueError(f"preset={preset!r}; expected one of {sorted(PRESETS)}")
+  return dataclasses.replace(PRESETS[preset](), num_layers=num_layers, **parse_options(overrides))
+
+
+def parse_options(text: str, sep: str = ",") -> dict:
+  """"a=1,b=x" -> {"a": 1, "b": "x"}; values are Python literals where they parse as one."""
+  options = {}
+  for item in filter(None, (s.strip() for s in text.split(sep))):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"option {item!r} in {text!r} is not key=value")
+    try:
+      options[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      options[key.strip()] = value.strip()
+  return options
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """One parsed spec; `name` is the spec string as written in the config."""
+
+  name: str
+  layer: str
+  backend: str
+  cache_dtype: str
+  options: tuple[tuple[str, object], ...]
+
+  @classmethod
+  def parse(cls, spec: str, default_cache_dtype: str) -> Implementation:
+    head, _, tail = spec.strip().partition(":")
+    layer, slash, backend = head.partition("/")
+    if not slash or not layer or not backend:
+      raise ValueError(f"implementation {spec!r}: expected 'layer/backend[:key=value...]'")
+    options = parse_options(tail, sep=":")
+    cache_dtype = str(options.pop("cache", default_cache_dtype))
+    jnp.dtype(cache_dtype)  # raises TypeError for an unknown dtype name
+    return cls(spec.strip(), layer, backend, cache_dtype, tuple(sorted(options.items())))
+
+  @property
+  def prefill_key(self) -> tuple:
+    """Implementations with equal keys fill identical caches: MLAttention's prefill (T>1) does
+    not depend on the decode backend, so they share one timed prefill."""
+    return (self.layer, self.cache_dtype, self.options)
+
+
+class AttentionStack:
+  """L layers of one implementation: parameters, caches and the jitted prefill/decode steps.
+
+  Construction raises what the layer raises for an unsupported option (TypeError/ValueError);
+  compiling a step raises ImportError/NotImplementedError for a kernel that does not exist yet.
+  """
+
+  def __init__(self, impl: Implementation, cfg: MLAConfig, *, dtype, param_dtype, seed: int):
+    if impl.layer not in LAYERS:
+      raise ValueError(f"layer {impl.layer!r} of {impl.name!r}; expected one of {sorted(LAYERS)}")
+    self.impl, self.cfg = impl, cfg
+    make = functools.partial(LAYERS[impl.layer], cfg, backend=impl.backend, dtype=dtype,
+                             param_dtype=param_dtype, **dict(impl.options))
+    layers = [make(rngs=nnx.Rngs(seed + i)) for i in range(cfg.num_layers)]
+    self._layer0 = layers[0]
+    self.graphdef = nnx.graphdef(layers[0])
+    self.states = [nnx.state(layer) for layer in layers]
+
+  def init_caches(self, batch_size: int, max_len: int) -> list:
+    dtype = jnp.dtype(self.impl.cache_dtype)
+    return [self._layer0.init_cache(batch_size, max_len, dtype=dtype)
+            for _ in range(self.cfg.num_layers)]
+
+  def _forward(self, states, x, positions, caches):
+    """Returns (x_out [B,T,D], per-layer attention outputs [L,B,T,D], new caches)."""
+    attn_outs, new_caches = [], []
+    for state, cache in zip(states, caches):
+      attn, cache = nnx.merge(self.graphdef, state)(x, positions, cache)
+      x = x + attn
+      attn_outs.append(attn)
+      new_caches.append(cache)
+    return x, jnp.stack(attn_outs), new_caches
+
+  def compile_prefill(self, x, positions, caches):
+    """AOT-compiles prefill(states, x [B,T,D], positions [B,T], caches) -> (x_out[:, -1], caches)."""
+    def prefill(states, x, positions, caches):
+      x_out, _, caches = self._forward(states, x, positions, caches)
+      return x_out[:, -1], caches
+    jitted = jax.jit(prefill, donate_argnums=(3,))
+    return jitted.lower(self.states, x, positions, caches).compile()
+
+  def compile_decode(self, x, positions, caches):
+    """AOT-compiles decode(states, x [B,1,D], positions [B,1], caches) ->
+    (x_out [B,1,D], attn_outs [L,B,1,D], caches); the caches are donated."""
+    jitted = jax.jit(self._forward, donate_argnums=(3,))
+    return jitted.lower(self.states, x, positions, caches).compile()
+
+
+def with_lengths(caches: list, length: int) -> list:
+  """The same cache buffers with every row's length set to `length` (restarts generation)."""
+  return [dataclasses.replace(c, lengths=jnp.full_like(c.lengths, length)) for c in caches]

@@ -1,0 +1,346 @@
+"""Token-generation sweep (tg@pp), the test of llama.cpp's published tables, over implementations.
+
+For each prompt length N: fill the caches with an N-token random prompt through the stack
+(chunked; timed as pp t/s), then time `n_gen` single-token decode steps compiled once, `reps`
+times, each rep restarting generation at length N (tg t/s = B·n_gen / seconds).
+
+Correctness gate: at the first prompt length, before any timing, each implementation's decode
+step is compared with the gate reference (standard/xla) on the same weights and prompt: the
+relative error of the per-layer attention outputs must stay under the tolerance of its least
+precise dtype. The residual stream is left out of that comparison because it would hide the
+attention output under the rounding of x. An implementation that fails gets failed rows.
+
+Results are written to the workdir after every row, so an interrupted sweep keeps its rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import model, report
+from experiments.timing import Progress, format_seconds, mean_std
+
+# Least to most lossy: the gate tolerance is that of the least precise dtype an implementation uses.
+_PRECISION_ORDER = ("float32", "float16", "bfloat16", "int8")
+
+
+@dataclasses.dataclass
+class Status:
+  """Why an implementation has no numbers: state in {"ok", "not available", "unsupported",
+  "failed", "error"}; once not ok it is skipped at every later prompt length."""
+  state: str = "ok"
+  reason: str = ""
+  gate_rel_err: float | None = None
+  gate_rtol: float | None = None
+
+
+def _gate_rtol(config, impl: model.Implementation) -> tuple[str, float]:
+  names = [jnp.dtype(config.dtype).name, jnp.dtype(impl.cache_dtype).name]
+  key = max(names, key=lambda n: _PRECISION_ORDER.index(n) if n in _PRECISION_ORDER else 0)
+  return key, float(config.gate_rtol[key])
+
+
+def _rel_err(x, ref) -> float:
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  if not np.all(np.isfinite(x)):
+    return float("nan")
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _is_oom(err: Exception) -> bool:
+  text = str(err)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def _prefill_chunk(config, cfg, max_len: int, prompt_len: int) -> int:
+  """Largest chunk ≤ config.prefill_chunk whose [B,T,H,S] float32 scores fit the byte budget."""
+  chunk = min(config.prefill_chunk, prompt_len)
+  per_token = config.batch_size * cfg.num_heads * max_len * 4
+  while chunk > 1 and chunk * per_token > config.prefill_scores_bytes:
+    chunk //= 2
+  return chunk
+
+
+def _prompt(config, cfg, prompt_len: int, chunk: int, dtype):
+  """Random prompt embeddings as chunks [B,chunk,D]; the last chunk is padded (position -1)."""
+  B, D = config.batch_size, cfg.hidden_size
+  n_chunks = -(-prompt_len // chunk)
+  key = jax.random.fold_in(jax.random.key(config.seed), prompt_len)
+  x = jax.random.normal(key, (B, n_chunks * chunk, D), dtype)
+  pos = np.arange(n_chunks * chunk, dtype=np.int32)
+  pos = np.where(pos < prompt_len, pos, -1)
+  positions = jnp.asarray(np.broadcast_to(pos, (B, pos.size)))
+  return [(x[:, i * chunk:(i + 1) * chunk], positions[:, i * chunk:(i + 1) * chunk])
+          for i in range(n_chunks)]
+
+
+def _decode_inputs(config, cfg, prompt_len: int, dtype):
+  """n_gen random token embeddings [B,1,D] and their positions N, N+1, ... as separate arrays,
+  so the timed loop dispatches nothing but the steps."""
+  B, D = config.batch_size, cfg.hidden_size
+  key = jax.random.fold_in(jax.random.key(config.seed + 1), prompt_len)
+  xs = jax.random.normal(key, (config.n_gen, B, 1, D), dtype)
+  xs = [xs[t] for t in range(config.n_gen)]
+  positions = [jnp.full((B, 1), prompt_len + t, jnp.int32) for t in range(config.n_gen)]
+  return jax.block_until_ready((xs, positions))
+
+
+class Sweep:
+  """State of one tg sweep; `run()` fills `self.results` (see report.py for its schema)."""
+
+  def __init__(self, config, workdir: str, config_name: str):
+    self.config, self.workdir = config, workdir
+    self.dtype = jnp.dtype(config.dtype)
+    self.param_dtype = jnp.dtype(config.param_dtype)
+    self.cfg = model.mla_config(config.preset, config.num_layers, config.mla_overrides)
+    parse = lambda spec: model.Implementation.parse(spec, config.cache_dtype)
+    self.impls = [parse(s) for s in config.impls.split(",") if s.strip()]
+    self.reference = parse(config.gate_reference)
+    self.pairs = report.parse_pairs(config.compare, [i.name for i in self.impls])
+    self.status: dict[str, Status] = {}
+    self.stacks: dict[str, model.AttentionStack] = {}
+    self.gate_outputs = None
+    self.results = report.new_results(config, config_name, self.cfg, [i.name for i in self.impls],
+                                      self.pairs)
+
+  def run(self) -> dict:
+    prompt_lengths = [int(n) for n in self.config.prompt_lengths]
+    progress = Progress(prompt_lengths, self.config.n_gen)
+    try:
+      self._build()
+      for i, prompt_len in enumerate(prompt_lengths):
+        budget = self.config.time_budget_s
+        predicted = progress.predict(prompt_len)
+        if budget and predicted is not None and progress.elapsed() + predicted > budget:
+          self._skip(prompt_lengths[i:], f"time budget {budget}s: pp{prompt_len} would take "
+                                         f"~{format_seconds(predicted)}")
+          break
+        progress.begin(prompt_len)
+        compile_s, prefill_s = self._prompt_length(prompt_len, gate=(i == 0), progress=progress)
+        progress.finish(prompt_len, compile_s, prefill_s)
+        self._write(partial=True)
+      self.results["status"] = "complete"
+    except KeyboardInterrupt:
+      self.results["status"] = "interrupted"
+      print("\ninterrupted: keeping the rows finished so far", flush=True)
+    self.results["elapsed_s"] = progress.elapsed()
+    self._write(partial=False)
+    return self.results
+
+  def _build(self):
+    for impl in self._all_impls():
+      try:
+        self.stacks[impl.name] = model.AttentionStack(impl, self.cfg, dtype=self.dtype,
+                                                      param_dtype=self.param_dtype,
+                                                      seed=self.config.seed)
+        self.status[impl.name] = Status()
+      except (TypeError, ValueError) as err:
+        self.status[impl.name] = Status("unsupported", f"{type(err).__name__}: {err}")
+      except (ImportError, NotImplementedError) as err:
+        self.status[impl.name] = Status("not available", f"{type(err).__name__}: {err}")
+      if self.status[impl.name].state != "ok":
+        print(f"{impl.name}: {self.status[impl.name].state} ({self.status[impl.name].reason})",
+              flush=True)
+
+  def _all_impls(self):
+    """The timed implementations, with the gate reference first (added if not timed)."""
+    others = [i for i in self.impls if i.name != self.reference.name]
+    return [self.reference] + others
+
+  def _prompt_length(self, prompt_len: int, *, gate: bool, progress: Progress) -> float:
+    """Runs every implementation at one prompt length: (seconds compiling, seconds prefilling)."""
+    config, cfg = self.config, self.cfg
+    max_len = prompt_len + config.n_gen
+    chunk = _prefill_chunk(config, cfg, max_len, prompt_len)
+    prompt = _prompt(config, cfg, prompt_len, chunk, self.dtype)
+    decode_inputs = _decode_inputs(config, cfg, prompt_len, self.dtype)
+    timed_names = {i.name for i in self.impls}
+    groups: dict[tuple, list[model.Implementation]] = {}
+    for impl in self._all_impls():
+      if impl.name in timed_names or gate:
+        groups.setdefault(impl.prefill_key, []).append(impl)
+    compile_total = prefill_total = 0.0
+    for group in groups.values():
+      live = [i for i in group if self.status[i.name].state == "ok"]
+      for impl in group:
+        if impl not in live and impl.name in timed_names:
+          self._row(prompt_len, impl, self.status[impl.name].state, progress)
+      if not live:
+        continue
+      leader = self.stacks[live[0].name]
+      try:
+        caches, pp_s, compile_s = self._prefill(leader, prompt, max_len)
+      except Exception as err:  # pylint: disable=broad-except
+        state = "oom" if _is_oom(err) else "error"
+        if state == "error":
+          traceback.print_exc()
+        for impl in live:
+          if impl.name in timed_names:
+            self._row(prompt_len, impl, state, progress, note=f"prefill: {_short(err)}")
+        continue
+      compile_total += compile_s
+      prefill_total += pp_s
+      for impl in live:
+        caches, spent = self._decode(impl, caches, prompt_len, decode_inputs, pp_s, chunk,
+                                     gate=gate, timed=impl.name in timed_names,
+                                     progress=progress)
+        compile_total += spent
+      del caches
+    return compile_total, prefill_total
+
+  def _prefill(self, stack, prompt, max_len):
+    """Fills fresh caches with the prompt: (caches, seconds, compile seconds)."""
+    caches = stack.init_caches(self.config.batch_size, max_len)
+    x0, p0 = prompt[0]
+    compiled, compile_s = _compile(stack.compile_prefill, x0, p0, caches)
+    start = time.perf_counter()
+    for x, positions in prompt:
+      _, caches = compiled(stack.states, x, positions, caches)
+    jax.block_until_ready(caches)
+    return caches, time.perf_counter() - start, compile_s
+
+  def _decode(self, impl, caches, prompt_len, decode_inputs, pp_s, chunk, *, gate, timed,
+              progress):
+    """Gates (at the first length) and times one implementation; returns (caches, compile s)."""
+    config, stack = self.config, self.stacks[impl.name]
+    xs, positions = decode_inputs
+    caches = model.with_lengths(caches, prompt_len)
+    try:
+      step, compile_s = _compile(stack.compile_decode, xs[0], positions[0], caches)
+    except (ImportError, NotImplementedError) as err:
+      self._mark(impl, "not available", f"{type(err).__name__}: {err}")
+      if timed:
+        self._row(prompt_len, impl, "not available", progress)
+      return caches, 0.0
+    except Exception as err:  # pylint: disable=broad-except
+      if not _is_oom(err):
+        traceback.print_exc()
+        self._mark(impl, "error", f"compile: {_short(err)}")
+      if timed:
+        self._row(prompt_len, impl, "oom" if _is_oom(err) else "error", progress,
+                  note=_short(err))
+      return caches, 0.0
+    try:
+      if gate:
+        _, attn_outs, caches = step(stack.states, xs[0], positions[0], caches)
+        caches = model.with_lengths(caches, prompt_len)
+        if not self._gate(impl, attn_outs):
+          if timed:
+            self._row(prompt_len, impl, "failed", progress)
+          return caches, compile_s
+      if not timed:
+        return caches, compile_s
+      for _ in range(config.warmup_reps):
+        caches = self._generate(step, stack, caches, prompt_len, decode_inputs)[0]
+      times = []
+      for _ in range(config.reps):
+        caches, seconds, x_out = self._generate(step, stack, caches, prompt_len, decode_inputs)
+        if not np.all(np.isfinite(np.asarray(x_out, np.float32))):
+          self._row(prompt_len, impl, "error", progress, note="non-finite decode output")
+          return caches, compile_s
+        times.append(seconds)
+      caches[0].check()
+    except Exception as err:  # pylint: disable=broad-except
+      if not _is_oom(err):
+        traceback.print_exc()
+      self._row(prompt_len, impl, "oom" if _is_oom(err) else "error", progress, note=_short(err))
+      return caches, compile_s
+    B = config.batch_size
+    self._row(prompt_len, impl, "ok", progress, pp_s=pp_s, pp_tps=B * prompt_len / pp_s,
+              tg_s=times, tg_tps=[B * config.n_gen / t for t in times],
+              compile_decode_s=compile_s, prefill_chunk=chunk)
+    return caches, compile_s
+
+  def _generate(self, step, stack, caches, prompt_len, decode_inputs):
+    """n_gen decode steps from length prompt_len: (caches, seconds, last x_out)."""
+    xs, positions = decode_inputs
+    caches = jax.block_until_ready(model.with_lengths(caches, prompt_len))
+    start = time.perf_counter()
+    for x, pos in zip(xs, positions):
+      x_out, _, caches = step(stack.states, x, pos, caches)
+    jax.block_until_ready((x_out, caches))
+    return caches, time.perf_counter() - start, x_out
+
+  def _gate(self, impl, attn_outs) -> bool:
+    """Records the reference's outputs, or compares against them; False marks impl failed."""
+    if impl.name == self.reference.name:
+      self.gate_outputs = np.asarray(attn_outs, np.float64)
+      if not np.all(np.isfinite(self.gate_outputs)):
+        self._mark(impl, "failed", "gate: the reference's decode output is not finite")
+        return False
+      return True
+    if self.gate_outputs is None:
+      self._mark(impl, "failed", f"no gate reference: {self.reference.name} did not run")
+      return False
+    err = _rel_err(attn_outs, self.gate_outputs)
+    key, rtol = _gate_rtol(self.config, impl)
+    status = self.status[impl.name]
+    status.gate_rel_err, status.gate_rtol = err, rtol
+    ok = bool(err <= rtol)  # NaN fails
+    verdict = "ok" if ok else "FAILED"
+    print(f"gate {impl.name}: rel err {err:.2e} vs {self.reference.name} "
+          f"(tolerance {rtol:.0e} for {key}) {verdict}", flush=True)
+    if not ok:
+      self._mark(impl, "failed", f"gate: rel err {err:.3g} > {rtol:.0e} ({key}) "
+                                 f"vs {self.reference.name}")
+    return ok
+
+  def _mark(self, impl, state, reason):
+    status = self.status[impl.name]
+    status.state, status.reason = state, reason
+    print(f"{impl.name}: {state} ({reason})", flush=True)
+
+  def _row(self, prompt_len, impl, state, progress, note="", **numbers):
+    row = {"prompt_len": prompt_len, "n_gen": self.config.n_gen, "impl": impl.name,
+           "status": state, "note": note or self.status[impl.name].reason, **numbers}
+    if numbers.get("tg_tps"):
+      row["tg_tps_mean"], row["tg_tps_std"] = mean_std(numbers["tg_tps"])
+    self.results["rows"].append(row)
+    self._write(partial=True)
+    label = f"tg{self.config.n_gen}@pp{prompt_len} {impl.name}"
+    if state == "ok":
+      text = (f"tg {row['tg_tps_mean']:.2f} ± {row['tg_tps_std']:.2f} t/s, "
+              f"pp {row['pp_tps']:.1f} t/s")
+    else:
+      text = f"{state}{': ' + row['note'] if row['note'] else ''}"
+    print(f"[{len(self.results['rows'])}] {label}: {text} | {progress.line()}", flush=True)
+
+  def _skip(self, prompt_lengths, reason):
+    print(f"skipping pp{','.join(map(str, prompt_lengths))}: {reason}", flush=True)
+    for prompt_len in prompt_lengths:
+      for impl in self.impls:
+        self.results["rows"].append({"prompt_len": prompt_len, "n_gen": self.config.n_gen,
+                                     "impl": impl.name, "status": "skipped", "note": reason})
+
+  def _write(self, partial: bool):
+    self.results["implementations"] = {
+        name: dataclasses.asdict(s) for name, s in self.status.items()}
+    report.write(self.workdir, self.results, plot_too=self.config.plot and not partial)
+
+
+def _compile(compile_fn, *args):
+  """(compiled step, seconds spent compiling)."""
+  start = time.perf_counter()
+  compiled = compile_fn(*args)
+  return compiled, time.perf_counter() - start
+
+
+def _short(err: Exception, limit: int = 200) -> str:
+  text = f"{type(err).__name__}: {err}".splitlines()[0]
+  return text if len(text) <= limit else text[:limit] + "…"
+
+
+def run(config, workdir: str, config_name: str = "tg_sweep") -> dict:
+  """Runs the sweep, writes table.md, results.json and plot.png to workdir; returns the results."""
+  sweep = Sweep(config, workdir, config_name)
+  results = sweep.run()
+  print()
+  print(report.markdown(results))
+  print(f"\nwritten to {workdir}", flush=True)
+  return results
