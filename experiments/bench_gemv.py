@@ -1,0 +1,326 @@
+"""Batched-GEMV benchmark (issue 4): the fused Pallas kernel against XLA, then one decode step.
+
+For every H, B, product (K -> N) and weight format: correctness against the float32 oracle first,
+then the kernels each path launches (counted in the compiled HLO) and its time. x of the first
+product is the strided view q[..., :K] of a [B,H,K+R] query, as in the module. Baselines: XLA
+einsum on bf16 weights, XLA dequantize-then-einsum on quantized ones.
+
+Timing (GPU.md, METHOD.md): one jitted chain of n calls over n distinct weight/input copies
+(n·bytes >= rotate_bytes so that weights come from HBM, not L2), each call ordered after the
+last by an optimization barrier; `iters` chains are enqueued and blocked once; the median over
+`repeats` such runs, divided by n, is the time of one call. Also times the decode step of one
+V2-Lite layer (B=1, S=4096): wk_b product, ops.mla_decode, wv_b product, fused vs XLA.
+
+`python -m experiments.bench_gemv --out DIR` (no ml_collections needed); experiments/main.py
+calls run(config, workdir) with configs/batched_gemv.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import statistics
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mla_jax import MLAConfig, ops, quant
+from mla_jax.ops import gemv_gpu, reference, xla
+
+R = 64  # rope columns after q_nope in the query
+DEFAULTS = dict(
+    heads=(16, 128), batch_sizes=(1, 8, 64), products=((128, 512), (512, 128)),
+    weight_formats=("bf16", "q8_0", "iq4_nl"), dtype="bfloat16", warmup=2, iters=10, repeats=5,
+    seed=0, rotate_bytes=192 << 20, max_chain=48, sweep=False, decode_step=True, decode_len=4096,
+    time_budget_s=420.0)
+TOL = {"bf16": 2e-2, "q8_0": 2e-2, "iq4_nl": 2e-2, "int8": 2e-2}  # bf16 outputs vs the oracle
+# Opcodes that launch no kernel of their own in XLA:GPU's compiled HLO.
+_NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "opt-barrier",
+              "after-all", "partition-id", "replica-id", "call", "while", "conditional"}
+SWEEP = {
+    "fma32": gemv_gpu.GemvConfig(block_n=32, dot=False),
+    "fma64": gemv_gpu.GemvConfig(block_n=64, dot=False),
+    "fma128": gemv_gpu.GemvConfig(block_n=128, dot=False),
+    "dot32": gemv_gpu.GemvConfig(block_n=32),
+    "dot64": gemv_gpu.GemvConfig(block_n=64),
+    "dot128": gemv_gpu.GemvConfig(block_n=128),
+    "dot128w8": gemv_gpu.GemvConfig(block_n=128, num_warps=8),
+    "int8_64": gemv_gpu.GemvConfig(block_n=64, int8=True),
+    "int8_128": gemv_gpu.GemvConfig(block_n=128, int8=True),
+}
+
+
+def _settings(config) -> types.SimpleNamespace:
+  get = config.get if hasattr(config, "get") else lambda k, d: getattr(config, k, d)
+  return types.SimpleNamespace(**{k: get(k, v) for k, v in DEFAULTS.items()})
+
+
+def count_kernels(hlo_text: str) -> int:
+  """Kernel-launching instructions reachable from ENTRY through call ops (command buffers)."""
+  comps, name, body = {}, None, []
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(ENTRY\s+)?%?([\w\.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      name, body = ("ENTRY" if head.group(1) else head.group(2)), []
+      comps[name] = body
+    elif name is not None and line.strip() and line.strip() != "}":
+      body.append(line)
+
+  def count(comp, depth=0):
+    n = 0
+    for line in comps.get(comp, []):
+      m = re.search(r"=\s*(?:\(.*?\)|\S+)\s+([a-z][\w\-\.]*)\(", line)
+      if not m:
+        continue
+      op = m.group(1)
+      if op == "call" and depth < 4:
+        called = re.search(r"(?:to_apply|calls)=%?([\w\.\-]+)", line)
+        n += count(called.group(1), depth + 1) if called else 0
+      elif op not in _NO_KERNEL:
+        n += 1
+    return n
+
+  return count("ENTRY")
+
+
+def _copies(tree, n):
+  """n distinct device copies of a pytree (distinct buffers so that no call hits L2)."""
+  return [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree) for _ in range(n)]
+
+
+def time_chain(fn, args_list, s) -> float:
+  """Median seconds of one fn call over a barrier-ordered chain of len(args_list) calls."""
+
+  def chain(all_args):
+    prev, outs = None, []
+    for args in all_args:
+      if prev is not None:
+        args, _ = jax.lax.optimization_barrier((args, prev))
+      prev = fn(*args)
+      outs.append(prev)
+    return outs
+
+  run = jax.jit(chain)
+  for _ in range(s.warmup):
+    jax.block_until_ready(run(args_list))
+  samples = []
+  for _ in range(s.repeats):
+    t0 = time.perf_counter()
+    outs = [run(args_list) for _ in range(s.iters)]
+    jax.block_until_ready(outs)
+    samples.append((time.perf_counter() - t0) / (s.iters * len(args_list)))
+  return statistics.median(samples)
+
+
+def _chain_len(nbytes, s):
+  return int(min(s.max_chain, max(4, math.ceil(s.rotate_bytes / max(nbytes, 1)))))
+
+
+def _kernels(fn, *args) -> int:
+  return count_kernels(jax.jit(fn).lower(*args).compile().as_text())
+
+
+def _bench_shape(H, K, N, B, fmt, s, rng, interpret, variants, hlo_log=None):
+  """Rows for one (H, K, N, B, fmt): xla, pallas (default config) and the sweep variants."""
+  dtype = jnp.dtype(s.dtype)
+  w32 = jnp.asarray(rng.standard_normal((H, K, N)) * K ** -0.5, jnp.float32)
+  w = w32.astype(jnp.bfloat16) if fmt == "bf16" else quant.quantize(w32, fmt)
+  width = K + R if K == 128 else K  # product 1 reads q_nope inside the whole query
+  x = jnp.asarray(rng.standard_normal((B, H, width)), dtype)
+  ref = reference.batched_gemv(x[..., :K], w)
+  wbytes = w.nbytes if fmt != "bf16" else w.size * 2
+  n = _chain_len(wbytes, s)
+  args_list = list(zip(_copies(x, n), _copies(w, n)))
+  paths = {"xla": (lambda x, w: xla.batched_gemv(x[..., :K], w), None)}
+  for name, cfg in variants.items():
+    if (cfg.int8 and fmt == "bf16") or (not cfg.dot and B > 8):
+      continue
+    paths[name] = ((lambda c: lambda x, w: gemv_gpu.batched_gemv(x, w, config=c,
+                                                                  interpret=interpret))(cfg), cfg)
+  rows = []
+  for name, (fn, cfg) in paths.items():
+    row = dict(H=H, K=K, N=N, B=B, fmt=fmt, path=name, chain=n, weight_bytes=int(wbytes))
+    if cfg is not None:
+      row["config"] = dataclasses.asdict(cfg)
+    try:
+      t0 = time.perf_counter()
+      compiled = jax.jit(fn).lower(x, w).compile()
+      row["compile_s"] = time.perf_counter() - t0
+      y = compiled(x, w)
+      ref_x = ref
+      if cfg is not None and cfg.int8:
+        ref_x = reference.batched_gemv(quant.quantize_q8_1(x[..., :K]).dequantize(), w)
+      row["rel_err"] = float(np.linalg.norm(np.asarray(y, np.float64) - np.asarray(ref_x))
+                             / np.linalg.norm(np.asarray(ref_x)))
+      row["ok"] = bool(np.all(np.isfinite(np.asarray(y, np.float32)))
+                       and row["rel_err"] <= TOL.get(fmt, 2e-2))
+      hlo = compiled.as_text()
+      row["kernels"] = count_kernels(hlo)
+      if hlo_log is not None and H == 128 and B == 8 and name in ("xla", "pallas"):
+        hlo_log.write(f"==== H={H} K={K} N={N} B={B} {fmt} {name}: {row['kernels']} kernels\n"
+                      f"{hlo}\n")
+      t = time_chain(fn, args_list, s)
+      row["us"] = t * 1e6
+      row["GBps"] = wbytes / t / 1e9
+    except Exception as err:  # a variant that does not lower is a result, not a crash
+      row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    rows.append(row)
+  return rows
+
+
+def _decode_step(s, rng, interpret):
+  """One V2-Lite layer's absorbed decode at B=1, S=decode_len: products + decode kernel."""
+  cfg = MLAConfig.deepseek_v2_lite()
+  H, K, C, V, S = cfg.num_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim, \
+      s.decode_len
+  bf16 = jnp.bfloat16
+  has_decode_kernel = importlib.util.find_spec("mla_jax.ops.decode_gpu") is not None
+  decode_impl = "pallas" if has_decode_kernel else "xla"
+  kernel_opts = {"interpret": True} if interpret and decode_impl == "pallas" else {}
+  q = jnp.asarray(rng.standard_normal((1, H, K + cfg.qk_rope_head_dim)), bf16)
+  c_kv = jnp.asarray(rng.standard_normal((1, S, C)), bf16)
+  k_rope = jnp.asarray(rng.standard_normal((1, S, cfg.qk_rope_head_dim)), bf16)
+  lengths = jnp.asarray([S], jnp.int32)
+  scale = cfg.softmax_scale
+  wk32 = jnp.asarray(rng.standard_normal((H, K, C)) * K ** -0.5, jnp.float32)
+  wv32 = jnp.asarray(rng.standard_normal((H, C, V)) * C ** -0.5, jnp.float32)
+
+  def step(gemv, impl, opts):
+    def fn(q, c_kv, k_rope, wk, wv):
+      q_latent = gemv(q, wk, K)
+      o, _ = ops.mla_decode(q_latent, q[..., K:], c_kv, k_rope, lengths, sm_scale=scale,
+                            impl=impl, **opts)
+      return gemv(o.astype(bf16), wv, C)
+    return fn
+
+  fused = lambda x, w, k: gemv_gpu.batched_gemv(x, w, interpret=interpret)
+  plain = lambda x, w, k: xla.batched_gemv(x[..., :k], w)
+  paths = {"xla": step(plain, "xla", {}),
+           f"xla_gemv+{decode_impl}_decode": step(plain, decode_impl, kernel_opts),
+           f"fused_gemv+{decode_impl}_decode": step(fused, decode_impl, kernel_opts)}
+  rows = []
+  for fmt in s.weight_formats:
+    conv = (lambda a: a.astype(bf16)) if fmt == "bf16" else (lambda a: quant.quantize(a, fmt))
+    wk, wv = conv(wk32), conv(wv32)
+    nbytes = (c_kv.size + k_rope.size) * 2 + sum(
+        a.nbytes if fmt != "bf16" else a.size * 2 for a in (wk, wv))
+    n = _chain_len(nbytes, s)
+    args_list = list(zip(*(_copies(a, n) for a in (q, c_kv, k_rope, wk, wv))))
+    ref_o, _ = reference.mla_decode(reference.batched_gemv(q[..., :K], wk), q[..., K:], c_kv,
+                                    k_rope, lengths, sm_scale=scale)
+    ref = reference.batched_gemv(ref_o.astype(bf16), wv)
+    for name, fn in paths.items():
+      row = dict(fmt=fmt, path=name, B=1, S=S, H=H, chain=n, bytes=int(nbytes))
+      try:
+        y = jax.jit(fn)(q, c_kv, k_rope, wk, wv)
+        row["rel_err"] = float(np.linalg.norm(np.asarray(y, np.float64) - np.asarray(ref))
+                               / np.linalg.norm(np.asarray(ref)))
+        row["kernels"] = _kernels(fn, q, c_kv, k_rope, wk, wv)
+        row["us"] = time_chain(fn, args_list, s) * 1e6
+      except Exception as err:
+        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+      rows.append(row)
+  return rows, decode_impl
+
+
+def _goals(rows, decode_rows):
+  """The issue's goals 1-3 evaluated on the default-config rows."""
+  by = {(r["H"], r["K"], r["B"], r["fmt"], r["path"]): r for r in rows if "us" in r}
+  one_launch = all(r.get("kernels") == 1 for r in rows if r["path"] == "pallas" and "kernels" in r)
+  speedups, bf16_ratio = {}, {}
+  for (H, K, B, fmt, path), r in by.items():
+    if path != "pallas" or (H, K, B, fmt, "xla") not in by:
+      continue
+    ratio = r["us"] / by[(H, K, B, fmt, "xla")]["us"]
+    if fmt == "bf16":
+      bf16_ratio[f"H{H}_K{K}_B{B}"] = ratio
+    elif H == 128 and B in (1, 8):
+      speedups[f"{fmt}_K{K}_B{B}"] = 1 / ratio
+  return {
+      "1_one_launch": one_launch,
+      "2_quantized_speedup_vs_xla_H128_B1_B8": speedups,
+      "2_holds": bool(speedups) and min(speedups.values()) >= 2.0,
+      "3_bf16_time_ratio_vs_xla": bf16_ratio,
+      "3_holds": bool(bf16_ratio) and max(bf16_ratio.values()) <= 1.05,
+  }
+
+
+def _table(rows):
+  lines = [f"{'H':>4} {'K->N':>8} {'B':>3} {'fmt':>6} {'path':>9} {'us':>8} {'GB/s':>7} "
+           f"{'kern':>4} {'err':>8}"]
+  for r in rows:
+    us = f"{r['us']:8.2f}" if "us" in r else "   error"
+    gbs = f"{r['GBps']:7.0f}" if "GBps" in r else "      -"
+    lines.append(f"{r['H']:>4} {r['K']:>3}->{r['N']:<4} {r['B']:>3} {r['fmt']:>6} "
+                 f"{r['path']:>9} {us} {gbs} {r.get('kernels', '-'):>4} "
+                 f"{r.get('rel_err', float('nan')):8.1e}")
+  return "\n".join(lines)
+
+
+def _write(result, workdir):
+  with open(os.path.join(workdir, "batched_gemv.json"), "w") as f:
+    json.dump(result, f, indent=1)
+
+
+def run(config, workdir) -> dict:
+  """Runs the benchmark; writes workdir/batched_gemv.json and returns its content."""
+  s = _settings(config)
+  interpret = jax.default_backend() != "gpu"
+  rng = np.random.default_rng(s.seed)
+  start = time.perf_counter()
+  result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
+                jax=jax.__version__, interpret=interpret, settings=vars(s),
+                rows=[])
+  sweep = dict(SWEEP) if s.sweep else {}
+  os.makedirs(workdir, exist_ok=True)
+  hlo_log = open(os.path.join(workdir, "hlo_samples.txt"), "w")  # the HLO kernels are counted in
+  for H in s.heads:
+    for K, N in s.products:
+      for B in s.batch_sizes:
+        for fmt in s.weight_formats:
+          cfg = gemv_gpu.default_config(B, K, N, None if fmt == "bf16" else fmt)
+          shape_variants = {"pallas": cfg,
+                            "pallas_int8": dataclasses.replace(cfg, int8=True, dot=True)}
+          if time.perf_counter() - start < s.time_budget_s:
+            shape_variants.update(sweep)
+          rows = _bench_shape(H, K, N, B, fmt, s, rng, interpret, shape_variants, hlo_log)
+          result["rows"].extend(rows)
+          _write(result, workdir)
+          print(_table(rows).split("\n", 1)[1], f"  [{time.perf_counter() - start:.0f}s]",
+                flush=True)
+  hlo_log.close()
+  if s.decode_step:
+    result["decode_step"], result["decode_impl"] = _decode_step(s, rng, interpret)
+    for r in result["decode_step"]:
+      print(r, flush=True)
+  result["goals"] = _goals(result["rows"], result.get("decode_step", []))
+  result["elapsed_s"] = time.perf_counter() - start
+  _write(result, workdir)
+  print(json.dumps(result["goals"], indent=1))
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True, help="output folder for batched_gemv.json")
+  parser.add_argument("--sweep", action="store_true", help="also time the GemvConfig variants")
+  parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+  parser.add_argument("--budget", type=float, default=DEFAULTS["time_budget_s"])
+  args = parser.parse_args()
+  config = dict(DEFAULTS, sweep=args.sweep, time_budget_s=args.budget)
+  if args.quick:
+    config.update(heads=(2,), batch_sizes=(1, 3), products=((128, 64), (64, 32)), warmup=1,
+                  iters=1, repeats=1, rotate_bytes=1, max_chain=2, decode_len=64)
+  run(config, args.out)
+
+
+if __name__ == "__main__":
+  main()
