@@ -263,3 +263,21 @@ def test_bad_construction_raises_value_error():
     mla_jax.MLAttention(TINY, "absorbed", "tpu", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="int8"):
     make(mode="standard").init_cache(1, 8, jnp.int8)
+
+
+def test_bfloat16_modes_agree_with_float32(rng):
+  """bf16 params, compute and cache (the benchmark setting) stay within bf16 error of f32."""
+  x, pos = inputs(rng, TINY, 2, 7)
+  reference_module = make()
+  want, _ = run_incremental(reference_module, x, pos, [5, 1, 1], 8)
+  params = nnx.state(reference_module, nnx.Param)
+  for mode in ["standard", "absorbed"]:
+    attn = make(mode=mode, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    nnx.update(attn, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))
+    cache = attn.init_cache(2, 8)
+    step = mla_jax.jit_step(attn)
+    ys = []
+    for t0, n in [(0, 5), (5, 1), (6, 1)]:
+      y, cache = step(x[:, t0:t0 + n], pos[:, t0:t0 + n], cache)
+      ys.append(y)
+    assert rel_err(jnp.concatenate(ys, 1), want) < 3e-2, mode

@@ -62,21 +62,31 @@ def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_
 
 def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
   """Per-head attention over a head-major cache k [B,H,S,K+R], v [B,H,S,V]: q [B,T,H,K+R] ->
-  [B,T,H,V]."""
+  [B,T,H,V].
+
+  Both products keep heads major like the cache, and decode (T=1) is written as batched GEMVs:
+  otherwise XLA CPU (jax 0.11.2) transposes the whole cache every step, or fails on bf16
+  inputs with an f32 result (DotThunk: BF16 x BF16 = F32).
+  """
   dtype = q.dtype
-  scores = jnp.einsum("bthd,bhsd->bths", q, k, preferred_element_type=f32) * sm_scale
-  visible = _visibility(q_slots, kv_lengths, k.shape[2])[:, :, None, :]
-  p, inv_l, _ = _softmax(scores, visible)
+  visible = _visibility(q_slots, kv_lengths, k.shape[2])[:, None]  # [B,1,T,S]
+  if q.shape[1] == 1:
+    scores = jnp.einsum("bhd,bhsd->bhs", q[:, 0], k, preferred_element_type=f32)[:, :, None]
+  else:
+    scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=f32)
+  p, inv_l, _ = _softmax(scores * sm_scale, visible)
   p = p.astype(v.dtype)
   if q.shape[1] == 1:
-    # Decode as a batched GEMV: written as a [1,S]x[S,V] GEMM, XLA CPU transposes all of V.
-    out = jnp.einsum("bhs,bhsv->bhv", p[:, 0], v, preferred_element_type=f32)[:, None]
+    out = jnp.einsum("bhs,bhsv->bhv", p[:, :, 0], v, preferred_element_type=f32)[:, :, None]
   else:
-    out = jnp.einsum("bths,bhsv->bthv", p, v, preferred_element_type=f32)
-  return (out * inv_l).astype(dtype)
+    out = jnp.einsum("bhts,bhsv->bhtv", p, v, preferred_element_type=f32)
+  return (out * inv_l).astype(dtype).transpose(0, 2, 1, 3)
 
 
 def batched_gemv(x, w):
   """x [B,H,K] · w [H,K,N] -> [B,H,N] in x.dtype; a quantized w is dequantized first."""
   w = quant.dequantize(w, x.dtype)
-  return jnp.einsum("bhk,hkn->bhn", x, w, preferred_element_type=f32).astype(x.dtype)
+  # Heads-major operands: XLA CPU (jax 0.11.2) rejects "bhk,hkn->bhn" for bf16 inputs with an
+  # f32 result at run time (DotThunk: BF16 x BF16 = F32). x and y are small; w is not moved.
+  y = jnp.einsum("hbk,hkn->hbn", x.transpose(1, 0, 2), w, preferred_element_type=f32)
+  return y.transpose(1, 0, 2).astype(x.dtype)

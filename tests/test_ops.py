@@ -1,0 +1,126 @@
+"""Reference ops against float64 numpy, the XLA impls against the reference, and the merge."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mla_jax import ops, quant
+from mla_jax.ops import reference
+from conftest import RTOL, rel_err
+
+B, H, S, C, R = 3, 5, 70, 64, 16
+SCALE = 0.11
+
+
+def decode_inputs(rng, dtype=jnp.float32, lengths=(0, 1, 70), logit_scale=1.0):
+  draw = lambda *shape: jnp.asarray(rng.standard_normal(shape) * logit_scale, dtype)
+  return (draw(B, H, C), draw(B, H, R), draw(B, S, C), draw(B, S, R),
+          jnp.asarray(lengths, jnp.int32))
+
+
+def numpy_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale):
+  """float64 loop over rows: softmax over the first lengths[b] slots."""
+  q_latent, q_rope, c_kv, k_rope = (np.asarray(a, np.float64) for a in (q_latent, q_rope, c_kv,
+                                                                         k_rope))
+  out, lse = np.zeros(q_latent.shape), np.full(q_latent.shape[:2], -np.inf)
+  for b, n in enumerate(np.asarray(lengths)):
+    if n == 0:
+      continue
+    s = (q_latent[b] @ c_kv[b, :n].T + q_rope[b] @ k_rope[b, :n].T) * sm_scale
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - m)
+    out[b] = p @ c_kv[b, :n] / p.sum(-1, keepdims=True)
+    lse[b] = m[:, 0] + np.log(p.sum(-1))
+  return out, lse
+
+
+def test_reference_decode_matches_float64(rng):
+  args = decode_inputs(rng)
+  out, lse = reference.mla_decode(*args, sm_scale=SCALE)
+  want_out, want_lse = numpy_decode(*args, SCALE)
+  assert rel_err(out, want_out) < 1e-6
+  np.testing.assert_array_equal(lse[0], -np.inf)
+  np.testing.assert_allclose(lse[1:], want_lse[1:], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("logit_scale", [1.0, 4.0])
+def test_xla_decode_matches_reference(dtype, logit_scale, rng):
+  lengths = rng.integers(1, S + 1, B)
+  lengths[0] = 0
+  args = decode_inputs(rng, dtype, lengths, logit_scale)
+  out, lse = ops.mla_decode(*args, sm_scale=SCALE, impl="xla")
+  want_out, want_lse = ops.mla_decode(*args, sm_scale=SCALE, impl="reference")
+  assert out.dtype == dtype and lse.dtype == jnp.float32
+  assert rel_err(out, want_out) < RTOL[dtype]
+  np.testing.assert_array_equal(out[0], 0.0)
+  np.testing.assert_array_equal(lse[0], -np.inf)
+  np.testing.assert_allclose(lse[1:], want_lse[1:], rtol=RTOL[dtype])
+
+
+def test_xla_decode_reads_int8_cache(rng):
+  q_latent, q_rope, c_kv, k_rope, lengths = decode_inputs(rng, lengths=(5, 33, 70))
+  c_int8 = quant.quantize_rows(c_kv)
+  out, _ = ops.mla_decode(q_latent, q_rope, c_int8, k_rope, lengths, sm_scale=SCALE, impl="xla")
+  want, _ = reference.mla_decode(q_latent, q_rope, quant.dequantize(c_int8), k_rope, lengths,
+                                 sm_scale=SCALE)
+  assert rel_err(out, want) < 1e-5
+  exact, _ = reference.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=SCALE)
+  assert rel_err(out, exact) < 2e-2
+
+
+@pytest.mark.parametrize("pieces", [[70], [10, 60], [7, 0, 30, 33], [1] * 70])
+def test_merge_of_pieces_equals_whole(pieces, rng):
+  q_latent, q_rope, c_kv, k_rope, lengths = decode_inputs(rng, lengths=(0, 9, 70))
+  outs, lses, start = [], [], 0
+  for n in pieces:
+    piece_lengths = jnp.clip(lengths - start, 0, n)
+    o, l = reference.mla_decode(q_latent, q_rope, c_kv[:, start:start + n],
+                                k_rope[:, start:start + n], piece_lengths, sm_scale=SCALE)
+    outs.append(o)
+    lses.append(l)
+    start += n
+  out, lse = ops.merge_partials(jnp.stack(outs), jnp.stack(lses))
+  want_out, want_lse = reference.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths,
+                                            sm_scale=SCALE)
+  assert rel_err(out, want_out) < 1e-5
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-6)
+  ref_out, ref_lse = reference.merge_partials(jnp.stack(outs), jnp.stack(lses))
+  assert rel_err(out, ref_out) < 1e-6
+  np.testing.assert_allclose(lse, ref_lse, rtol=1e-6)
+
+
+def test_merge_of_empty_pieces_is_zero_not_nan(rng):
+  outs = jnp.asarray(rng.standard_normal((4, 2, 3, 8)), jnp.float32)
+  lses = jnp.full((4, 2, 3), -jnp.inf)
+  out, lse = ops.merge_partials(outs, lses)
+  np.testing.assert_array_equal(out, 0.0)
+  np.testing.assert_array_equal(lse, -np.inf)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_batched_gemv_matches_reference(dtype, rng):
+  x = jnp.asarray(rng.standard_normal((3, 4, 32)), dtype)
+  w = jnp.asarray(rng.standard_normal((4, 32, 48)), dtype)
+  y = ops.batched_gemv(x, w, impl="xla")
+  want = np.einsum("bhk,hkn->bhn", np.asarray(x, np.float64), np.asarray(w, np.float64))
+  assert y.dtype == dtype
+  assert rel_err(y, want) < RTOL[dtype]
+  assert rel_err(ops.batched_gemv(x, w, impl="reference"), want) < 1e-6
+
+
+@pytest.mark.parametrize("arg,shape", [(0, (B, H)), (1, (B, H + 1, R)), (2, (B, S, C + 1)),
+                                       (3, (B, S + 1, R)), (4, (B + 1,))])
+def test_decode_shape_errors_name_the_argument(arg, shape, rng):
+  args = list(decode_inputs(rng))
+  names = ["q_latent", "q_rope", "c_kv", "k_rope", "lengths"]
+  args[arg] = jnp.zeros(shape, args[arg].dtype)
+  with pytest.raises(ValueError, match=names[arg]):
+    ops.mla_decode(*args, sm_scale=SCALE, impl="xla")
+
+
+def test_unknown_impl_raises(rng):
+  with pytest.raises(ValueError, match="impl"):
+    ops.mla_decode(*decode_inputs(rng), sm_scale=SCALE, impl="cuda")
+  with pytest.raises(ValueError, match="w.shape"):
+    ops.batched_gemv(jnp.ones((2, 3, 4)), jnp.ones((3, 5, 6)))
