@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/python -m mla_jax.demo
+	$(VENV)/bin/python -m experiments.main --config=configs/tg_sweep.py
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

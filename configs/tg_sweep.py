@@ -18,8 +18,8 @@ def get_config():
   config.mla_overrides = ""  # other MLAConfig fields, "name=value,..." (e.g. "num_heads=8")
   config.batch_size = 1  # B sequences decoded together; t/s counts all B
   config.prompt_lengths = (512, 2048, 8192)  # pp: prompt lengths N, one table row each
-  config.n_gen = 16  # tg: decode steps timed per rep (test name tg<n_gen>@pp<N>)
-  config.reps = 3  # timed reps of n_gen steps; tg t/s is their mean ± std
+  config.n_gen = 32  # tg: decode steps timed per rep (test name tg<n_gen>@pp<N>)
+  config.reps = 5  # timed reps of n_gen steps; tg t/s is their mean ± std
   config.warmup_reps = 1  # untimed reps after compiling, before timing
   config.dtype = "float32"  # compute dtype of activations
   config.param_dtype = "float32"  # dtype of the random weights

@@ -170,11 +170,13 @@ def test_implementation_specs_and_pairs_parse():
 
 
 def test_progress_predicts_prefill_quadratic_and_decode_linear():
-  progress = Progress([100, 200], n_gen=0)
+  progress = Progress([100, 200, 400], n_gen=0)
   progress.begin(100)
-  progress.last = (100, 1.0, 2.0, 3.0)  # compile, prefill, decode seconds at N=100
+  progress.history.append((100, 1.0, 2.0, 3.0))  # compile, prefill, decode seconds at N=100
   assert progress.predict(200) == pytest.approx(1.0 + 2.0 * 4 + 3.0 * 2)
-  assert progress.eta() == pytest.approx(progress.predict(200))
+  assert progress.eta() == pytest.approx(progress.predict(200) + progress.predict(400))
+  progress.history.append((200, 1.0, 5.0, 4.0))  # prefill 1 + 1e-4·N², decode 2 + N/100
+  assert progress.predict(400) == pytest.approx(1.0 + 17.0 + 6.0)
 
 
 @pytest.mark.parametrize("dtype,cache,key", [("float32", "float32", "float32"),
