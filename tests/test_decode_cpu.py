@@ -56,8 +56,7 @@ def test_default_shard_size_several_steps(rng, fmt):
   """The heuristic's shard size with an S that is no multiple of it, under jit with traced
   lengths; the loop stops at the longest row, so most of the cache is never visited."""
   B, H, C, R = 2, 8, 128, 32
-  shard = decode_cpu.default_shard_size(H, C, R, jnp.int8 if fmt == "int8" else fmt,
-                                        jnp.bfloat16 if fmt == "int8" else fmt)
+  shard = decode_cpu.default_shard_size(H, C, R, jnp.dtype(fmt))
   S = 5 * shard + shard // 2 + 3
   lengths = [S - 1, int(rng.integers(shard, 2 * shard))]
   args = _inputs(rng, fmt, B, H, S, C, R, lengths)
@@ -77,11 +76,12 @@ def test_threads_do_not_change_the_result(rng):
 
 
 def test_shard_size_heuristic_is_cache_aware():
-  sizes = {d: decode_cpu.default_shard_size(16, 512, 64, d, jnp.bfloat16)
-           for d in (jnp.float32, jnp.bfloat16)}
-  assert sizes[jnp.float32] < sizes[jnp.bfloat16]
+  sizes = {d: decode_cpu.default_shard_size(16, 512, 64, jnp.dtype(d))
+           for d in ("float32", "float16", "bfloat16", "int8")}
+  assert sizes["float32"] < sizes["bfloat16"] and sizes["int8"] == sizes["bfloat16"]
   for d, size in sizes.items():
-    row = 512 * jnp.dtype(d).itemsize + 64 * 2 + 16 * 10
+    itemsize = decode_cpu.compute_dtype(d).itemsize
+    row = (512 + 64) * itemsize + 16 * (8 + itemsize)
     assert size & (size - 1) == 0
     assert size * row <= decode_cpu.L2_FILL * decode_cpu.L2_BYTES < 2 * size * row
 

@@ -1,21 +1,26 @@
 """Absorbed MLA decode for XLA CPU: split-KV over cache shards, each shard's work as GEMMs.
 
-FlashDecoding (Dao et al. 2023) split along the cache instead of along the heads: every query
+FlashDecoding (Dao et al. 2023) splits along the cache instead of along the heads: every query
 head reads the same latent cache (DeepSeek-V2 §2.1 absorption makes decode multi-query), so one
-shard of S_p cache rows serves all H heads with two GEMMs,
+shard of S_p cache rows serves all H heads with GEMMs,
 
   scores [H,S_p] = q_latent [H,C]·c_kvᵀ [C,S_p] + q_rope [H,R]·k_ropeᵀ [R,S_p]
   o_p    [H,C]   = softmax(scores) [H,S_p]·c_kv [S_p,C],
 
 and returns (o_p, lse_p); `ops.merge_partials` combines the shards. A loop visits the cache in
-steps of `threads` shards, `jax.vmap`-ed, so each step's batched GEMMs give one shard to each core
-and a step's rows stay in L2 between the score and the value product; the loop stops at the
-longest row's length, so an empty tail of the cache is never read.
+steps of `threads` shards, `jax.vmap`-ed over the shards, so each step's batched GEMMs give one
+shard to each core. A step first copies its rows into one small buffer (XLA's dynamic-slice; the
+int8→bfloat16 and float16→float32 casts fuse into that copy), so both products read it from L2.
+Steps past the longest row are skipped (`lax.cond`): an empty tail of the cache is never read.
 
-Shard size: the largest power of two whose working set (cache rows plus the [H,S_p] scores and
-probabilities) fits in a fixed share of one core's L2 (`default_shard_size`). Rows of an
-quant.Int8Rows cache are cast to bfloat16 inside the shard (exact: |q| <= 127) and the per-token
-scale multiplies the scores and the probabilities, so no dequantized copy of the cache is made.
+What XLA CPU makes of it (jax 0.11): every dot becomes a YNNPACK fusion; the whole-cache einsum
+(impl="xla") runs its value product [H,S]·[S,C] on one thread at about a third of the GEMM rate
+the same product reaches per shard. See docs/cpu_decode.md for the measurements.
+
+Shard size: the largest power of two whose working set (the shard's rows in the compute dtype
+plus the [H,S_p] scores and probabilities) fits in L2_FILL of one core's L2 (`default_shard_size`).
+An quant.Int8Rows cache is cast to bfloat16 per shard (exact: |q| <= 127) and its per-token scale
+multiplies the scores and the probabilities, so no dequantized copy of the cache is ever made.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ f32 = jnp.float32
 MASK_VALUE = -jnp.inf
 
 _L2_FALLBACK_BYTES = 1 << 20
-L2_FILL = 0.5  # share of one core's L2 a shard's working set may take
+L2_FILL = 0.75  # share of one core's L2 that a shard's working set may take
 MIN_SHARD, MAX_SHARD = 64, 4096
 
 
@@ -54,18 +59,27 @@ L2_BYTES = _l2_bytes()
 THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def default_shard_size(num_heads: int, kv_lora_rank: int, rope_dim: int, cache_dtype,
-                       rope_dtype) -> int:
+def compute_dtype(cache_dtype):
+  """The dtype a shard's rows are cast to: YNNPACK has bfloat16 and float32 GEMMs, not int8 ×
+  bfloat16 or float16 ones."""
+  cache_dtype = jnp.dtype(cache_dtype)
+  if cache_dtype == jnp.int8:
+    return jnp.dtype(jnp.bfloat16)
+  if cache_dtype == jnp.float16:
+    return jnp.dtype(f32)
+  return cache_dtype
+
+
+@functools.lru_cache(maxsize=None)
+def default_shard_size(num_heads: int, kv_lora_rank: int, rope_dim: int, cache_dtype) -> int:
   """Largest power of two S_p with S_p·(bytes of one row's working set) <= L2_FILL·L2_BYTES.
 
-  A row's working set: its c_kv and k_rope bytes (int8 rows also hold their bfloat16 cast and
-  float32 scale) plus the H float32 scores, H float32 and H low-precision probabilities.
+  A row's working set: its c_kv and k_rope in the compute dtype plus H float32 scores, H float32
+  and H compute-dtype probabilities. bfloat16 and int8 caches give 512 rows on a 1 MiB L2,
+  float32 and float16 ones 256.
   """
-  cache_dtype = jnp.dtype(cache_dtype)
-  row = kv_lora_rank * cache_dtype.itemsize + rope_dim * jnp.dtype(rope_dtype).itemsize
-  if cache_dtype == jnp.int8:
-    row += kv_lora_rank * 2 + 4
-  row += num_heads * (4 + 4 + 2)
+  itemsize = compute_dtype(cache_dtype).itemsize
+  row = (kv_lora_rank + rope_dim) * itemsize + num_heads * (4 + 4 + itemsize)
   size = 1 << max(0, int(L2_FILL * L2_BYTES / row).bit_length() - 1)
   return max(MIN_SHARD, min(MAX_SHARD, size))
 
@@ -78,8 +92,8 @@ def _dot(a, b, contract_a, contract_b):
 def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_scale):
   """One shard's partial softmax: rows j with lo <= j < hi are visible.
 
-  Returns o_p [H,C] float32 (normalised within the shard) and lse_p [H] float32; a shard with no
-  visible row gives o_p = 0 and lse_p = -inf.
+  scale_S is the int8 cache's per-row scale or None. Returns o_p [H,C] float32 (normalised within
+  the shard) and lse_p [H] float32; a shard with no visible row gives o_p = 0, lse_p = -inf.
   """
   scores = _dot(q_latent_HC, c_kv_SC, 1, 1)  # [H,S_p]
   if scale_S is not None:
@@ -102,16 +116,12 @@ def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_sc
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "shard_size", "threads"))
 def _decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, shard_size, threads):
-  B, H, C = q_latent.shape
-  S = k_rope.shape[1]
+  B, H, S, C, R = check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths)  # at trace time
   if isinstance(c_kv, quant.Int8Rows):
     values, scales = c_kv.values, c_kv.scales
-    compute_dtype = jnp.bfloat16
   else:
     values, scales = c_kv, None
-    compute_dtype = c_kv.dtype
-  q = q_latent.astype(compute_dtype)
-  q_r = q_rope.astype(k_rope.dtype)
+  dtype = compute_dtype(values.dtype)
   lengths = jnp.minimum(lengths.astype(jnp.int32), S)
 
   S_p = min(shard_size, S)
@@ -124,38 +134,33 @@ def _decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, shard_size, th
   over_batch = jax.vmap(over_shards, (0, 0, 0, in_scale, 0, None, 0))
   # The queries are copied per shard: with an unbatched q, XLA folds the shards into one wide
   # score GEMM and transposes the whole step's c_kv for it.
-  q = jnp.broadcast_to(q[:, None], (B, g, H, C))
-  q_r = jnp.broadcast_to(q_r[:, None], (B, g) + q_r.shape[1:])
+  q = jnp.broadcast_to(q_latent.astype(dtype)[:, None], (B, g, H, C))
+  q_r = jnp.broadcast_to(q_rope.astype(dtype)[:, None], (B, g, H, R))
 
   def step(i):
     """Shards i·g .. i·g+g-1; the last step slides back to stay inside the cache and masks the
-    rows the previous step already covered."""
+    rows that the step before it covered."""
     start = jnp.minimum(i * W, S - W)
-    rows = lambda x: lax.dynamic_slice_in_dim(x, start, W, axis=1).reshape(
-        (B, g, S_p) + x.shape[2:])
-    values_i = rows(values).astype(compute_dtype)
+
+    def rows(x):
+      if W < S:
+        x = lax.dynamic_slice_in_dim(x, start, W, axis=1)
+      return x.reshape((B, g, S_p) + x.shape[2:])
+
     scales_i = None if scales is None else rows(scales)
     first = start + jnp.arange(g) * S_p  # cache row of each shard's row 0
     lo = i * W - first
     hi = lengths[:, None] - first[None, :]
-    return over_batch(q, q_r, values_i, scales_i, rows(k_rope), lo, hi)  # [B,g,H,C], [B,g,H]
+    return over_batch(q, q_r, rows(values).astype(dtype), scales_i, rows(k_rope).astype(dtype),
+                      lo, hi)  # [B,g,H,C], [B,g,H]
 
-  if num_steps == 1:
+  if num_steps == 1 and g == 1:  # one shard: its partial result is the result
     o, lse = step(0)
-    o, lse = o[None], lse[None]
-  else:
-    # Steps past the longest row would only produce empty shards: stop there.
-    live_steps = (jnp.max(lengths) + W - 1) // W
-
-    def body(i, carry):
-      o_buf, lse_buf = carry
-      o_i, lse_i = step(i)
-      return (lax.dynamic_update_index_in_dim(o_buf, o_i, i, 0),
-              lax.dynamic_update_index_in_dim(lse_buf, lse_i, i, 0))
-
-    init = (jnp.zeros((num_steps, B, g, H, C), f32),
-            jnp.full((num_steps, B, g, H), MASK_VALUE, f32))
-    o, lse = lax.fori_loop(0, live_steps, body, init)
+    return o[:, 0].astype(q_latent.dtype), lse[:, 0]
+  live_steps = (jnp.max(lengths) + W - 1) // W
+  empty = (jnp.zeros((B, g, H, C), f32), jnp.full((B, g, H), MASK_VALUE, f32))
+  o, lse = lax.map(lambda i: lax.cond(i < live_steps, step, lambda _: empty, i),
+                   jnp.arange(num_steps))  # [steps,B,g,H,C], [steps,B,g,H]
   o = jnp.moveaxis(o, 2, 1).reshape(num_steps * g, B, H, C)
   lse = jnp.moveaxis(lse, 2, 1).reshape(num_steps * g, B, H)
   out, lse = merge_partials(o, lse)
@@ -170,10 +175,10 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
   k_rope [B,S,R], lengths [B]. shard_size overrides `default_shard_size`; threads (shards per
   loop step) defaults to the cores this process may run on.
   """
-  B, H, S, C, R = check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths)
-  cache_dtype = c_kv.values.dtype if isinstance(c_kv, quant.Int8Rows) else c_kv.dtype
   if shard_size is None:
-    shard_size = default_shard_size(H, C, R, cache_dtype, k_rope.dtype)
+    cache = c_kv.values if isinstance(c_kv, quant.Int8Rows) else c_kv
+    shard_size = default_shard_size(q_latent.shape[1], q_latent.shape[2], q_rope.shape[-1],
+                                    cache.dtype)
   if shard_size < 1:
     raise ValueError(f"shard_size={shard_size}; expected a positive integer")
   return _decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=float(sm_scale),
