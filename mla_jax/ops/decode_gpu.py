@@ -1,0 +1,398 @@
+"""Split-KV absorbed MLA decode on GPU: Pallas with the Triton lowering.
+
+Absorbed MLA decoding (DeepSeek-V2 §2.1) is multi-query attention over one latent cache shared by
+all heads: scores = q_latent·c_kvᵀ + q_rope·k_ropeᵀ and o_latent = softmax(scores·scale)·c_kv, so
+the c_kv tile is both key and value. FlashDecoding (Dao et al. 2023) splits the S axis into P
+pieces so that one long sequence fills every SM; each program runs the FlashAttention-2 online
+softmax (m_i, l_i, acc) over its piece in tiles of block_s rows and writes a partial (o_p, lse_p)
+to [P,B,H,C] / [P,B,H]; a second small kernel merges the pieces by log-sum-exp (ops/merge.py has
+the math; merge="xla" uses ops.merge_partials instead).
+
+Grid (head blocks, pieces, batch), head blocks fastest: the programs that read one piece of c_kv
+for different heads run side by side and share it through L2. Scores are two power-of-two dots
+(C=512 and R=64 stay separate operands: the Triton lowering needs power-of-two arrays). Pieces
+past a row's length run no tile: they write o_p = 0, lse_p = -inf. docs/decode_gpu.md gives the
+tiling and split heuristic and the measured results.
+
+int8 caches (quant.Int8Rows: c ≈ d_s·q_s per token s) are never dequantized in memory: scores get
+d_s per column (q·(d_s q_s) = d_s (q·q_s)) and the probabilities are scaled by d_s before p·V,
+so the int8 tile only needs an exact conversion to float16. On the GPU that conversion is the
+magic-number trick (FasterTransformer's int8→half): byte x+128 placed under the float16 exponent
+of 1024 reads as 1024+x+128, one PRMT and one packed subtraction per two values. The query is
+divided by its per-head max |q| so that it fits float16; the scores are multiplied back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from mla_jax import quant
+from mla_jax.ops.merge import merge_partials
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_MIN_DOT = 16                 # Triton dots need every dimension >= 16
+_DEFAULT_NUM_SMS = 132        # H100/H200 SXM; used where no GPU is attached (interpret mode)
+_SMEM_BYTES = 227 * 1024      # shared memory per SM on Hopper
+_MAX_PROGRAMS_PER_SM = 4
+_MIN_TILES_PER_PIECE = 4      # a shorter piece spends its time on setup and the partial write
+_MERGE_BLOCK_C = 128          # latent columns per merge program
+_MERGE_CHUNK = 16             # pieces per step of the merge loop
+
+# int8 x -> float16 x, two values per output register: xor 0x80 makes the byte x+128; PRMT puts
+# it under the exponent byte 0x64 (float16 1024 + byte); subtracting 0x6480 (1152) leaves x.
+_I8_TO_F16_ASM = """{
+.reg .b32 t, k;
+xor.b32 t, $2, 0x80808080;
+mov.b32 k, 0x64806480;
+prmt.b32 $0, t, 0x64646464, 0x4140;
+prmt.b32 $1, t, 0x64646464, 0x4342;
+sub.f16x2 $0, $0, k;
+sub.f16x2 $1, $1, k;
+}"""
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _is_pow2(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTuning:
+  """Tile sizes and launch shape of one decode call (docs/decode_gpu.md explains the choice)."""
+
+  block_h: int      # heads per program (power of two, >= 16; H is padded up to a multiple)
+  block_s: int      # cache rows per tile of the inner loop (power of two, >= 16)
+  num_splits: int   # P: pieces of the S axis
+  num_warps: int
+  num_stages: int   # Triton software-pipelining depth of the tile loop
+  merge: str = "pallas"  # "pallas": the merge kernel below; "xla": ops.merge_partials
+  prefetch: bool = False  # load tile t+1 into registers during tile t
+
+  def piece_tiles(self, S: int) -> int:
+    """Tiles of block_s rows in each piece of an S-row cache."""
+    return pl.cdiv(pl.cdiv(S, self.block_s), self.num_splits)
+
+
+def programs_per_sm(block_s: int, num_stages: int, row_bytes: int) -> int:
+  """How many programs share one SM: the pipeline's shared memory decides."""
+  smem = num_stages * block_s * row_bytes
+  return max(1, min(_MAX_PROGRAMS_PER_SM, _SMEM_BYTES // smem))
+
+
+def choose_tuning(B: int, H: int, S: int, *, num_sms: int = _DEFAULT_NUM_SMS,
+                  cache_itemsize: int = 2, C: int = 512, R: int = 64) -> DecodeTuning:
+  """The split heuristic (FlashDecoding): one wave of programs that fills every SM.
+
+  block_h: heads in as few blocks as the registers allow (acc [block_h, C] float32 lives in
+  registers): next power of two >= max(H, 16), at most 64. block_s = 32 rows and 3 pipeline
+  stages (bf16: 3·32·(512+64)·2 B = 108 KiB) give 2 programs per SM, so a wave is 2·num_sms
+  programs. P is chosen so that B·head_blocks·P is about one wave (a second, partial wave would
+  leave most SMs idle while it runs), rounded so that pieces are whole tiles and at least
+  _MIN_TILES_PER_PIECE long; with B·head_blocks >= a wave, P = 1.
+  """
+  block_h = min(max(_next_pow2(H), _MIN_DOT), 64)
+  block_s = 16 if cache_itemsize >= 4 else 32
+  num_stages = 2 if block_h * C * cache_itemsize > 64 * 1024 else 3
+  row_bytes = C * cache_itemsize + R * max(cache_itemsize, 2)
+  wave = num_sms * programs_per_sm(block_s, num_stages, row_bytes)
+  head_blocks = pl.cdiv(H, block_h)
+  tiles = pl.cdiv(S, block_s)
+  num_splits = max(1, min(round(wave / (B * head_blocks)), tiles // _MIN_TILES_PER_PIECE))
+  num_splits = pl.cdiv(tiles, pl.cdiv(tiles, num_splits))  # no empty trailing piece
+  return DecodeTuning(block_h=block_h, block_s=block_s, num_splits=num_splits,
+                      num_warps=4 if block_h <= 16 else 8, num_stages=num_stages)
+
+
+def _int8_to_f16(x, interpret: bool):
+  if interpret:
+    return x.astype(jnp.float16)
+  [y] = pltriton.elementwise_inline_asm(
+      _I8_TO_F16_ASM, args=[x], constraints="=r,=r,r", pack=4,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float16)])
+  return y
+
+
+def _decode_kernel(lengths_ref,      # [B] int32
+                   q_latent_ref,     # [block_h, C]
+                   q_rope_ref,       # [block_h, R]
+                   c_kv_ref,         # [S, C]
+                   k_rope_ref,       # [S, R]
+                   *refs,            # (scales_ref [S] float32 if int8), o_ref, lse_ref
+                   sm_scale: float, block_s: int, piece_tiles: int, latent_dtype, rope_dtype,
+                   quantized: bool, prefetch: bool, interpret: bool):
+  if quantized:
+    scales_ref, o_ref, lse_ref = refs  # [S]; [block_h, C] float32; [block_h] float32
+  else:
+    scales_ref = None
+    o_ref, lse_ref = refs
+  block_h, C = q_latent_ref.shape
+  piece, b = pl.program_id(1), pl.program_id(2)
+  length = jnp.clip(lengths_ref[b], 0, c_kv_ref.shape[0])
+  piece_start = piece * (piece_tiles * block_s)
+  piece_end = jnp.minimum(length, piece_start + piece_tiles * block_s)
+  num_tiles = jnp.maximum(pl.cdiv(piece_end - piece_start, block_s), 0)
+
+  def dot(a, b, contract_b):
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+  scale_log2 = sm_scale * _LOG2E  # softmax in base 2: exp(x·scale) = 2^(x·scale·log2 e)
+  q_latent = q_latent_ref[...]
+  if quantized and latent_dtype == jnp.float16:
+    q_abs_max = jnp.max(jnp.abs(q_latent.astype(jnp.float32)), axis=1)
+    q_scale = jnp.where(q_abs_max > 0, q_abs_max, 1.0)                       # [block_h]
+    q_latent = (q_latent.astype(jnp.float32) / q_scale[:, None]).astype(jnp.float16)
+    row_scale = (q_scale * scale_log2)[:, None]
+  else:
+    q_latent = q_latent.astype(latent_dtype)
+    row_scale = scale_log2
+  q_rope = q_rope_ref[...].astype(rope_dtype)
+
+  def load_tile(t, mask):
+    """Rows [start, start + block_s) of the piece: raw c_kv, k_rope (and int8 scales)."""
+    start = piece_start + t * block_s
+    rows = pl.ds(start, block_s)
+    other = None if mask is None else 0
+    c_kv = pltriton.load(c_kv_ref.at[rows, :], mask=mask, other=other)       # [block_s, C]
+    k_rope = pltriton.load(k_rope_ref.at[rows, :], mask=mask, other=other)   # [block_s, R]
+    if not quantized:
+      return c_kv, k_rope
+    d = pltriton.load(scales_ref.at[rows], mask=None if mask is None else mask[:, 0],
+                      other=None if mask is None else 0.0)                    # [block_s]
+    return c_kv, k_rope, d
+
+  def update(carry, tile, valid):
+    """One FlashAttention-2 step over a tile; valid [block_s] masks rows past the length."""
+    acc, m_i, l_i = carry
+    c_kv, k_rope = tile[0], tile[1].astype(rope_dtype)
+    c_kv = (_int8_to_f16(c_kv, interpret) if c_kv.dtype == jnp.int8 and latent_dtype ==
+            jnp.float16 else c_kv.astype(latent_dtype))
+    s_latent = dot(q_latent, c_kv, 1)                                         # [block_h, block_s]
+    if quantized:
+      s_latent = s_latent * tile[2][None, :]
+    s = s_latent * row_scale + dot(q_rope, k_rope, 1) * scale_log2
+    if valid is not None:
+      s = jnp.where(valid[None, :], s, -jnp.inf)
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))  # finite: every tile run has a valid row
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + jnp.sum(p, axis=1)
+    pv = p * tile[2][None, :] if quantized else p
+    acc = acc * alpha[:, None] + dot(pv.astype(latent_dtype), c_kv, 0)
+    return acc, m_new, l_i
+
+  carry = (jnp.zeros((block_h, C), jnp.float32), jnp.full((block_h,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_h,), jnp.float32))
+  # Whole tiles run unmasked; the piece's ragged last tile (if any) runs once with masks.
+  full_tiles = jnp.maximum(piece_end - piece_start, 0) // block_s
+  if prefetch:  # registers hold tile t+1 while tile t is computed (software pipelining)
+    def ahead(t):
+      return load_tile(t, jnp.full((block_s, 1), t < full_tiles))
+
+    def step(t, state):
+      carry, tile = state
+      return update(carry, tile, None), ahead(t + 1)
+
+    carry, _ = jax.lax.fori_loop(0, full_tiles, step, (carry, ahead(0)))
+  else:
+    carry = jax.lax.fori_loop(0, full_tiles,
+                              lambda t, c: update(c, load_tile(t, None), None), carry)
+
+  def ragged(t, c):
+    valid = piece_start + t * block_s + jnp.arange(block_s) < length
+    return update(c, load_tile(t, valid[:, None]), valid)
+
+  acc, m_i, l_i = jax.lax.fori_loop(full_tiles, num_tiles, ragged, carry)
+  nonempty = l_i > 0
+  safe_l = jnp.where(nonempty, l_i, 1.0)
+  o_ref[...] = acc / safe_l[:, None]
+  lse_ref[...] = jnp.where(nonempty, (m_i + jnp.log2(safe_l)) * _LN2, -jnp.inf)
+
+
+def _merge_kernel(lse_parts_ref,  # [P]
+                  o_parts_ref,    # [P, block_c]
+                  out_ref,        # [block_c]
+                  lse_ref,        # []
+                  *, num_pieces: int):
+  """lse = logsumexp_p(lse_p), out = Σ_p exp(lse_p − lse)·o_p; all pieces empty: 0 and -inf."""
+  P_pad = _next_pow2(num_pieces)
+  lse_p = pltriton.load(lse_parts_ref.at[pl.ds(0, P_pad)], mask=jnp.arange(P_pad) < num_pieces,
+                        other=-jnp.inf)
+  m = jnp.max(lse_p)
+  m = jnp.where(m > -jnp.inf, m, 0.0)
+  l = jnp.sum(jnp.exp(lse_p - m))
+  chunk = min(_MERGE_CHUNK, P_pad)
+
+  def body(i, acc):
+    rows = i * chunk + jnp.arange(chunk)
+    valid = rows < num_pieces
+    w = jnp.exp(pltriton.load(lse_parts_ref.at[pl.ds(i * chunk, chunk)], mask=valid,
+                              other=-jnp.inf) - m)                            # [chunk]
+    o = pltriton.load(o_parts_ref.at[pl.ds(i * chunk, chunk), :], mask=valid[:, None],
+                      other=0.0)                                              # [chunk, block_c]
+    return acc + jnp.sum(w[:, None] * o, axis=0)
+
+  block_c = out_ref.shape[0]
+  acc = jax.lax.fori_loop(0, pl.cdiv(num_pieces, chunk), body, jnp.zeros((block_c,), jnp.float32))
+  out_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(out_ref.dtype)
+  lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+
+def _validate(q_latent, q_rope, c_kv, k_rope, lengths):
+  if q_latent.ndim != 3:
+    raise ValueError(f"q_latent.shape={tuple(q_latent.shape)}; expected [B,H,C]")
+  B, H, C = q_latent.shape
+  if q_rope.ndim != 3 or q_rope.shape[:2] != (B, H):
+    raise ValueError(f"q_rope.shape={tuple(q_rope.shape)}; expected [B,H,R] with B={B}, H={H}")
+  R = q_rope.shape[2]
+  if len(c_kv.shape) != 3 or c_kv.shape[0] != B or c_kv.shape[2] != C:
+    raise ValueError(f"c_kv.shape={tuple(c_kv.shape)}; expected [B,S,C] with B={B}, C={C}")
+  S = c_kv.shape[1]
+  if tuple(k_rope.shape) != (B, S, R):
+    raise ValueError(f"k_rope.shape={tuple(k_rope.shape)}; expected [B,S,R]=({B}, {S}, {R})")
+  if tuple(lengths.shape) != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths.shape={tuple(lengths.shape)} dtype={lengths.dtype}; "
+                     f"expected [B]=({B},) integer")
+  if not (_is_pow2(C) and _is_pow2(R)):
+    raise ValueError(f"C={C}, R={R}: the Triton lowering needs powers of two")
+  if C < _MIN_DOT:
+    raise ValueError(f"q_latent.shape={tuple(q_latent.shape)}: C={C} must be >= {_MIN_DOT}")
+  if isinstance(c_kv, quant.Int8Rows):
+    if tuple(c_kv.scales.shape) != (B, S):
+      raise ValueError(f"c_kv.scales.shape={tuple(c_kv.scales.shape)}; expected [B,S]=({B}, {S})")
+  elif c_kv.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    raise ValueError(f"c_kv.dtype={c_kv.dtype}; expected bfloat16, float16, float32 or "
+                     "a quant.Int8Rows")
+  return B, H, S, C, R
+
+
+def num_sms() -> int:
+  """Streaming multiprocessors of the default device (a default where there is no GPU)."""
+  device = jax.devices()[0]
+  return getattr(device, "core_count", None) or _DEFAULT_NUM_SMS
+
+
+def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
+               interpret: bool = False, num_splits: int | None = None,
+               block_s: int | None = None, block_h: int | None = None,
+               num_warps: int | None = None, num_stages: int | None = None,
+               merge: str | None = None, prefetch: bool | None = None):
+  """Absorbed MLA decode: out [B,H,C] in q_latent.dtype, lse [B,H] float32 (natural log).
+
+  q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (bf16/f16/f32 or quant.Int8Rows), k_rope
+  [B,S,R], lengths [B] (valid rows of b are [0, min(lengths[b], S))). Tuning arguments override
+  choose_tuning's heuristic.
+  """
+  B, H, S, C, R = _validate(q_latent, q_rope, c_kv, k_rope, lengths)
+  itemsize = 1 if isinstance(c_kv, quant.Int8Rows) else jnp.dtype(c_kv.dtype).itemsize
+  tuning = choose_tuning(B, H, S, num_sms=num_sms(), cache_itemsize=itemsize, C=C, R=R)
+  overrides = dict(num_splits=num_splits, block_s=block_s, block_h=block_h,
+                   num_warps=num_warps, num_stages=num_stages, merge=merge, prefetch=prefetch)
+  tuning = dataclasses.replace(tuning, **{k: v for k, v in overrides.items() if v is not None})
+  if not (_is_pow2(tuning.block_h) and tuning.block_h >= _MIN_DOT):
+    raise ValueError(f"block_h={tuning.block_h}: expected a power of two >= {_MIN_DOT}")
+  if not (_is_pow2(tuning.block_s) and tuning.block_s >= _MIN_DOT):
+    raise ValueError(f"block_s={tuning.block_s}: expected a power of two >= {_MIN_DOT}")
+  if tuning.num_splits < 1:
+    raise ValueError(f"num_splits={tuning.num_splits}: expected >= 1")
+  if tuning.merge not in ("pallas", "xla"):
+    raise ValueError(f"merge={tuning.merge!r}: expected 'pallas' or 'xla'")
+  return _mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=float(sm_scale),
+                     tuning=tuning, interpret=interpret)
+
+
+def _latent_dtype(q_dtype, cache_dtype):
+  """Dot operand dtype for q_latent·c_kvᵀ and p·c_kv: int8 caches use float16 (exact for int8)
+  unless the query is float32; float caches use the wider of query and cache."""
+  if cache_dtype == jnp.int8:
+    return jnp.dtype(jnp.float32 if q_dtype == jnp.float32 else jnp.float16)
+  return jnp.promote_types(q_dtype, cache_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "tuning", "interpret"))
+def _mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, tuning, interpret):
+  B, H, C = q_latent.shape
+  S, R = k_rope.shape[1:]
+  quantized = isinstance(c_kv, quant.Int8Rows)
+  values = c_kv.values if quantized else c_kv
+  block_h = tuning.block_h
+  head_blocks = pl.cdiv(H, block_h)
+  H_pad = head_blocks * block_h
+  R_pad = max(R, _MIN_DOT)  # rope dims below the dot minimum: zero columns add nothing
+  if H_pad != H:
+    q_latent = jnp.pad(q_latent, ((0, 0), (0, H_pad - H), (0, 0)))
+  if (H_pad, R_pad) != (H, R):
+    q_rope = jnp.pad(q_rope, ((0, 0), (0, H_pad - H), (0, R_pad - R)))
+  if R_pad != R:
+    k_rope = jnp.pad(k_rope, ((0, 0), (0, 0), (0, R_pad - R)))
+  P = tuning.num_splits
+
+  in_specs = [
+      pl.BlockSpec((B,), lambda h, p, b: (0,)),
+      pl.BlockSpec((None, block_h, C), lambda h, p, b: (b, h, 0)),
+      pl.BlockSpec((None, block_h, R_pad), lambda h, p, b: (b, h, 0)),
+      pl.BlockSpec((None, S, C), lambda h, p, b: (b, 0, 0)),
+      pl.BlockSpec((None, S, R_pad), lambda h, p, b: (b, 0, 0)),
+  ]
+  operands = [lengths.astype(jnp.int32), q_latent, q_rope, values, k_rope]
+  if quantized:
+    in_specs.append(pl.BlockSpec((None, S), lambda h, p, b: (b, 0)))
+    operands.append(c_kv.scales.astype(jnp.float32))
+  kernel = functools.partial(
+      _decode_kernel, sm_scale=sm_scale, block_s=tuning.block_s, piece_tiles=tuning.piece_tiles(S),
+      latent_dtype=_latent_dtype(q_latent.dtype, values.dtype),
+      rope_dtype=jnp.promote_types(q_rope.dtype, k_rope.dtype), quantized=quantized,
+      prefetch=tuning.prefetch, interpret=interpret)
+  o_parts, lse_parts = pl.pallas_call(
+      kernel,
+      grid=(head_blocks, P, B),
+      in_specs=in_specs,
+      out_specs=[
+          pl.BlockSpec((None, None, block_h, C), lambda h, p, b: (p, b, h, 0)),
+          pl.BlockSpec((None, None, block_h), lambda h, p, b: (p, b, h)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((P, B, H_pad, C), jnp.float32),  # o_p
+          jax.ShapeDtypeStruct((P, B, H_pad), jnp.float32),     # lse_p
+      ],
+      compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
+                                              num_stages=tuning.num_stages),
+      interpret=interpret,
+      name="mla_decode_split_kv",
+  )(*operands)
+
+  if tuning.merge == "xla":
+    out, lse = merge_partials(o_parts[:, :, :H], lse_parts[:, :, :H])
+    return out.astype(q_latent.dtype), lse
+  block_c = min(_MERGE_BLOCK_C, C)
+  return pl.pallas_call(
+      functools.partial(_merge_kernel, num_pieces=P),
+      grid=(C // block_c, H, B),
+      in_specs=[
+          pl.BlockSpec((P, None, None), lambda c, h, b: (0, b, h)),
+          pl.BlockSpec((P, None, None, block_c), lambda c, h, b: (0, b, h, c)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, block_c), lambda c, h, b: (b, h, c)),
+          pl.BlockSpec((None, None), lambda c, h, b: (b, h)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((B, H, C), q_latent.dtype),
+          jax.ShapeDtypeStruct((B, H), jnp.float32),
+      ],
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="mla_decode_merge",
+  )(lse_parts, o_parts)
