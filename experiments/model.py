@@ -116,17 +116,19 @@ class AttentionStack:
     layers = [make(rngs=nnx.Rngs(seed + i)) for i in range(cfg.num_layers)]
     self._layer0 = layers[0]
     self.graphdef = nnx.graphdef(layers[0])
-    self.states = [nnx.state(layer) for layer in layers]
+    # The steps take the layers' states as one flat list of arrays: flattening nnx.State pytrees
+    # runs in Python, and took ~0.3 ms of host time per call for 27 layers.
+    self.params, self._states_treedef = jax.tree.flatten([nnx.state(layer) for layer in layers])
 
   def init_caches(self, batch_size: int, max_len: int) -> list:
     dtype = jnp.dtype(self.impl.cache_dtype)
     return [self._layer0.init_cache(batch_size, max_len, dtype=dtype)
             for _ in range(self.cfg.num_layers)]
 
-  def _forward(self, states, x, positions, caches):
+  def _forward(self, params, x, positions, caches):
     """Returns (x_out [B,T,D], per-layer attention outputs [L,B,T,D], new caches)."""
     attn_outs, new_caches = [], []
-    for state, cache in zip(states, caches):
+    for state, cache in zip(jax.tree.unflatten(self._states_treedef, params), caches):
       attn, cache = nnx.merge(self.graphdef, state)(_rms_norm(x, self.cfg.rms_norm_eps),
                                                     positions, cache)
       x = x + attn
@@ -135,18 +137,19 @@ class AttentionStack:
     return x, jnp.stack(attn_outs), new_caches
 
   def compile_prefill(self, x, positions, caches):
-    """AOT-compiles prefill(states, x [B,T,D], positions [B,T], caches) -> (x_out[:, -1], caches)."""
-    def prefill(states, x, positions, caches):
-      x_out, _, caches = self._forward(states, x, positions, caches)
+    """AOT-compiles prefill(params, x [B,T,D], positions [B,T], caches) -> (x_out[:, -1], caches);
+    the caches are donated."""
+    def prefill(params, x, positions, caches):
+      x_out, _, caches = self._forward(params, x, positions, caches)
       return x_out[:, -1], caches
     jitted = jax.jit(prefill, donate_argnums=(3,))
-    return jitted.lower(self.states, x, positions, caches).compile()
+    return jitted.lower(self.params, x, positions, caches).compile()
 
   def compile_decode(self, x, positions, caches):
-    """AOT-compiles decode(states, x [B,1,D], positions [B,1], caches) ->
+    """AOT-compiles decode(params, x [B,1,D], positions [B,1], caches) ->
     (x_out [B,1,D], attn_outs [L,B,1,D], caches); the caches are donated."""
     jitted = jax.jit(self._forward, donate_argnums=(3,))
-    return jitted.lower(self.states, x, positions, caches).compile()
+    return jitted.lower(self.params, x, positions, caches).compile()
 
 
 def _rms_norm(x, eps):

@@ -201,7 +201,7 @@ class Sweep:
     compiled, compile_s = _compile(stack.compile_prefill, x0, p0, caches)
     start = time.perf_counter()
     for x, positions in prompt:
-      _, caches = compiled(stack.states, x, positions, caches)
+      _, caches = compiled(stack.params, x, positions, caches)
     jax.block_until_ready(caches)
     return caches, time.perf_counter() - start, compile_s
 
@@ -228,7 +228,7 @@ class Sweep:
       return caches, 0.0
     try:
       if gate:
-        _, attn_outs, caches = step(stack.states, xs[0], positions[0], caches)
+        _, attn_outs, caches = step(stack.params, xs[0], positions[0], caches)
         caches = model.with_lengths(caches, prompt_len)
         if not self._gate(impl, attn_outs):
           if timed:
@@ -263,7 +263,7 @@ class Sweep:
     caches = jax.block_until_ready(model.with_lengths(caches, prompt_len))
     start = time.perf_counter()
     for x, pos in zip(xs, positions):
-      x_out, _, caches = step(stack.states, x, pos, caches)
+      x_out, _, caches = step(stack.params, x, pos, caches)
     jax.block_until_ready((x_out, caches))
     return caches, time.perf_counter() - start, x_out
 
