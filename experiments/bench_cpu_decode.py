@@ -95,7 +95,8 @@ def _impl(name, shard_size):
     return lambda *a: ops.mla_decode(*a, sm_scale=SM_SCALE, impl="xla")
   if name == "head_parallel":
     return lambda *a: head_parallel_decode(*a, sm_scale=SM_SCALE)
-  return lambda *a: ops.mla_decode(*a, sm_scale=SM_SCALE, impl="cpu", shard_size=shard_size)
+  options = {} if shard_size is None else {"shard_size": shard_size}
+  return lambda *a: ops.mla_decode(*a, sm_scale=SM_SCALE, impl="cpu", **options)
 
 
 def cache_bytes(B, S, C, R, fmt):

@@ -67,10 +67,11 @@ def test_default_shard_size_several_steps(rng, fmt):
   _check(short, out, lse, fmt, 0.1)
 
 
-def test_threads_do_not_change_the_result(rng):
+def test_shards_per_step_do_not_change_the_result(rng):
   S = 300
   args = _inputs(rng, "float32", 2, 4, S, 64, 16, [S, 123])
-  outs = [decode_cpu.mla_decode(*args, sm_scale=0.1, shard_size=32, threads=t) for t in (1, 3)]
+  outs = [decode_cpu.mla_decode(*args, sm_scale=0.1, shard_size=32, shards_per_step=n)
+          for n in (1, 3)]
   for out, lse in outs:
     _check(args, out, lse, "float32", 0.1)
 

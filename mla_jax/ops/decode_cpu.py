@@ -8,8 +8,8 @@ shard of S_p cache rows serves all H heads with GEMMs,
   o_p    [H,C]   = softmax(scores) [H,S_p]·c_kv [S_p,C],
 
 and returns (o_p, lse_p); `ops.merge_partials` combines the shards. A loop visits the cache in
-steps of `threads` shards, `jax.vmap`-ed over the shards, so each step's batched GEMMs give one
-shard to each core. A step first copies its rows into one small buffer (XLA's dynamic-slice; the
+steps of SHARDS_PER_STEP shards, `jax.vmap`-ed over the shards, so each step's batched GEMMs
+spread the shards over the cores. A step first copies its rows into one small buffer (XLA's dynamic-slice; the
 int8→bfloat16 and float16→float32 casts fuse into that copy), so both products read it from L2.
 Steps past the longest row are skipped (`lax.cond`): an empty tail of the cache is never read.
 
@@ -56,7 +56,10 @@ def _l2_bytes() -> int:
 
 
 L2_BYTES = _l2_bytes()
-THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+# Shards per loop step: two per core, so that a core slowed down by another process does not
+# leave the others waiting for a whole shard at the end of each step.
+SHARDS_PER_STEP = 2 * CORES
 
 
 def compute_dtype(cache_dtype):
@@ -114,18 +117,30 @@ def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_sc
   return o / l_safe, jnp.where(nonempty, m + jnp.log(l_safe), MASK_VALUE)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "shard_size", "threads"))
-def _decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, shard_size, threads):
-  B, H, S, C, R = check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths)  # at trace time
+@functools.partial(jax.jit, static_argnames=("sm_scale", "shard_size", "shards_per_step"))
+def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
+               shard_size: int | None = None, shards_per_step: int | None = None):
+  """Absorbed MLA decode over cache shards: out [B,H,C] in q_latent.dtype, lse [B,H] float32.
+
+  q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (bfloat16, float16, float32 or quant.Int8Rows),
+  k_rope [B,S,R], lengths [B]. shard_size overrides `default_shard_size`, shards_per_step
+  SHARDS_PER_STEP.
+  """
+  B, H, S, C, R = check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths)
   if isinstance(c_kv, quant.Int8Rows):
     values, scales = c_kv.values, c_kv.scales
   else:
     values, scales = c_kv, None
   dtype = compute_dtype(values.dtype)
   lengths = jnp.minimum(lengths.astype(jnp.int32), S)
+  if shard_size is None:
+    shard_size = default_shard_size(H, C, R, values.dtype)
+  if shard_size < 1:
+    raise ValueError(f"shard_size={shard_size}; expected a positive integer")
+  shards_per_step = shards_per_step or SHARDS_PER_STEP
 
   S_p = min(shard_size, S)
-  g = max(1, min(threads, S // S_p))  # shards per step
+  g = max(1, min(shards_per_step, S // S_p))
   W = g * S_p  # rows per step
   num_steps = -(-S // W)
   shard = functools.partial(_shard, sm_scale=sm_scale)
@@ -166,20 +181,3 @@ def _decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, shard_size, th
   out, lse = merge_partials(o, lse)
   return out.astype(q_latent.dtype), lse
 
-
-def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
-               shard_size: int | None = None, threads: int | None = None):
-  """Absorbed MLA decode over cache shards: out [B,H,C] in q_latent.dtype, lse [B,H] float32.
-
-  q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (bfloat16, float16, float32 or quant.Int8Rows),
-  k_rope [B,S,R], lengths [B]. shard_size overrides `default_shard_size`; threads (shards per
-  loop step) defaults to the cores this process may run on.
-  """
-  if shard_size is None:
-    cache = c_kv.values if isinstance(c_kv, quant.Int8Rows) else c_kv
-    shard_size = default_shard_size(q_latent.shape[1], q_latent.shape[2], q_rope.shape[-1],
-                                    cache.dtype)
-  if shard_size < 1:
-    raise ValueError(f"shard_size={shard_size}; expected a positive integer")
-  return _decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=float(sm_scale),
-                 shard_size=int(shard_size), threads=int(threads or THREADS))
