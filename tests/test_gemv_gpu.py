@@ -19,7 +19,9 @@ R = 64  # the rope columns that follow q_nope in the query: x is read as a strid
 CONFIGS = {
     "dot": gemv_gpu.GemvConfig(dot=True, block_n=32),
     "fma": gemv_gpu.GemvConfig(dot=False, block_n=32),
-    "int8": gemv_gpu.GemvConfig(dot=True, int8=True, block_n=16, unroll=True),
+    "dot_loop": gemv_gpu.GemvConfig(dot=True, block_n=16, unroll=False),
+    "fma_loop": gemv_gpu.GemvConfig(dot=False, block_n=64, unroll=False),
+    "int8": gemv_gpu.GemvConfig(dot=True, int8=True, block_n=16),
 }
 
 
@@ -44,7 +46,13 @@ def _check(rng, B, H, K, N, fmt, config=None, dtype=jnp.bfloat16):
   if config is not None and config.int8:
     x = quant.quantize_q8_1(x).dequantize()
   tol = 1e-4 if config is not None and config.int8 and dtype == jnp.float32 else RTOL[dtype]
-  assert rel_err(y, reference.batched_gemv(x, w)) <= tol
+  assert rel_err(y, _oracle(x, w)) <= tol
+
+
+def _oracle(x, w):
+  """reference.batched_gemv in true float32 (XLA:GPU's default f32 dot is TF32)."""
+  with jax.default_matmul_precision("float32"):
+    return reference.batched_gemv(x, w)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -58,6 +66,8 @@ def test_matches_reference_strided_x(B, H, fmt, rng):
 @pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
 @pytest.mark.parametrize("B", [1, 5, 17])
 def test_kernel_variants_float32(B, fmt, name, rng):
+  if name == "int8" and fmt == "iq4_nl":
+    pytest.skip("int8 dots are q8_0 only")
   _check(rng, B, 4, 96, 64, fmt, CONFIGS[name], dtype=jnp.float32)
 
 
@@ -67,7 +77,7 @@ def test_dense_weight_dtypes(dtype, name, rng):
   q = jnp.asarray(rng.standard_normal((3, 2, 64 + R)), dtype)
   w = jnp.asarray(rng.standard_normal((2, 64, 32)), dtype)
   y = _gemv(q, w, CONFIGS[name])
-  assert rel_err(y, reference.batched_gemv(q[..., :64], w)) <= RTOL[dtype]
+  assert rel_err(y, _oracle(q[..., :64], w)) <= RTOL[dtype]
 
 
 def test_iq4_nl_polynomial_lookup_is_exact():
@@ -79,16 +89,16 @@ def test_ops_dispatch_uses_the_kernel(rng):
   x = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.bfloat16)
   w = _weights(rng, 3, 64, 32, "q8_0")
   y = ops.batched_gemv(x, w, impl="pallas", interpret=not ON_GPU)
-  assert rel_err(y, reference.batched_gemv(x, w)) <= RTOL[jnp.bfloat16]
+  assert rel_err(y, _oracle(x, w)) <= RTOL[jnp.bfloat16]
 
 
+@pytest.mark.gpu
 def test_one_kernel_in_the_lowered_program(rng):
   x = jnp.asarray(rng.standard_normal((2, 4, 64 + R)), jnp.bfloat16)
   w = _weights(rng, 4, 64, 32, "iq4_nl")
   text = jax.jit(lambda x, w: gemv_gpu.batched_gemv(x, w, interpret=not ON_GPU)).lower(
       x, w).as_text()
-  if ON_GPU:
-    assert text.count("custom_call") == 1 and "mla_batched_gemv" in text
+  assert text.count("custom_call") == 1 and "mla_batched_gemv" in text
 
 
 def test_bad_arguments_raise(rng):
@@ -104,6 +114,9 @@ def test_bad_arguments_raise(rng):
     gemv_gpu.batched_gemv(x, w[..., :24], interpret=True)
   with pytest.raises(ValueError, match="int8"):
     gemv_gpu.batched_gemv(x, w, interpret=True, config=gemv_gpu.GemvConfig(int8=True))
+  with pytest.raises(ValueError, match="int8"):
+    gemv_gpu.batched_gemv(x, quant.quantize(w, "iq4_nl"), interpret=True,
+                          config=gemv_gpu.GemvConfig(int8=True))
 
 
 @pytest.mark.gpu
@@ -113,5 +126,5 @@ def test_bad_arguments_raise(rng):
 @pytest.mark.parametrize("K,N", [(128, 512), (512, 128)])
 def test_product_shapes_on_gpu(K, N, B, H, fmt, rng):
   _check(rng, B, H, K, N, fmt)
-  if fmt != "bf16":
+  if fmt == "q8_0":
     _check(rng, B, H, K, N, fmt, gemv_gpu.GemvConfig(int8=True), dtype=jnp.float32)

@@ -14,10 +14,13 @@ them). Here one launch covers every head and batch row:
   time: the partial product of a block is scaled by its float16 d after the dot, so the weights
   never reach HBM as floats. IQ4_NL's table lookup is a degree-4 polynomial of the 4-bit index,
   rounded, exact on all 16 entries (the table is smooth; a register gather is not expressible);
-- `int8=True` quantizes each x block to Q8_1 (quant.quantize_q8_1's arithmetic) in registers and
-  dots int8·int8 -> int32 on the tensor cores, so activation quantization costs no launch either;
-- `dot=False` replaces the tensor-core dot by a broadcast multiply-reduce for tiny batches, where
-  a dot would pad B up to Triton's minimum of 16 rows.
+- `int8=True` (q8_0) quantizes each x block to Q8_1 (quant.quantize_q8_1's arithmetic) in
+  registers and dots int8·int8 -> int32 on the tensor cores, so activation quantization costs no
+  launch either;
+- `dot=False` (one batch row per program) accumulates x·w elementwise into a [32, block_n] tile
+  and reduces it once at the end, instead of padding B to Triton's minimum dot of 16 rows;
+- the K loop is unrolled by default so that all of a program's weight loads are in flight at
+  once: at these sizes the GEMV is bound by memory latency, not bandwidth.
 """
 
 from __future__ import annotations
@@ -49,18 +52,18 @@ class GemvConfig:
   docs/batched_gemv.md."""
 
   block_n: int = 128  # output columns per program
-  block_b: int | None = None  # batch rows per program; None: next power of two >= B, capped
-  dot: bool = True  # tensor-core dot (pads block_b to 16) or broadcast multiply-reduce
-  int8: bool = False  # Q8_1 activations, int8 dot (quantized weights with dot=True only)
+  block_b: int | None = None  # batch rows per program (dot); None: next power of two >= B
+  dot: bool = True  # tensor-core dot (pads block_b to 16) or, per batch row, FMA into [32, n]
+  int8: bool = False  # Q8_1 activations, int8 dot (q8_0 weights with dot=True only)
   num_warps: int = 4
-  num_stages: int = 3
-  unroll: bool = False  # unroll the loop over the K/32 blocks
+  num_stages: int = 3  # Triton software pipelining depth when the K loop is not unrolled
+  unroll: bool = True  # unroll the loop over the K/32 blocks
 
 
 def default_config(B: int, K: int, N: int, fmt: str | None) -> GemvConfig:
   """The configuration used when none is given (see docs/batched_gemv.md for the sweep)."""
   del K, fmt
-  return GemvConfig(block_n=min(64, N), dot=B >= 4)
+  return GemvConfig(block_n=min(64, N), dot=B > 1)
 
 
 def _iq4_nl_values(idx):
@@ -72,17 +75,8 @@ def _iq4_nl_values(idx):
   return jnp.floor(acc + 0.5)
 
 
-def _q8_1(x):
-  """Q8_1 quantization of x [block_b, 32] blocks in registers: (int8 q, float32 d [block_b, 1])."""
-  d, inv = quant.q8_block_scale(jnp.max(jnp.abs(x), axis=1, keepdims=True))
-  return quant.round_half_away(x * inv).astype(jnp.int8), d
-
-
-def _product(x, w, *, dot, acc_dtype=jnp.float32):
-  """x [block_b, k] · w [k, block_n] accumulated in acc_dtype."""
-  if dot:
-    return jax.lax.dot(x, w, preferred_element_type=acc_dtype)
-  return jnp.sum(x.astype(acc_dtype)[:, :, None] * w.astype(acc_dtype)[None, :, :], axis=1)
+def _aligned(v, m):
+  return v if isinstance(v, int) else pl.multiple_of(v, m)
 
 
 def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, dot, int8, unroll, compute_dtype):
@@ -92,7 +86,6 @@ def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, dot, int8, unroll, c
   # iq4_nl: qs_ref uint8 [H, K/2, N], d_ref float16 [H, K/32, N]
   # o_ref:  [B, H, N]
   *w_refs, o_ref = refs
-  w_ref = w_refs[0]
   h, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = pl.ds(i * block_b, block_b)
   cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
@@ -102,34 +95,49 @@ def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, dot, int8, unroll, c
     mask = jnp.broadcast_to(row_ok[:, None], (block_b, width))
     return pltriton.load(x_ref.at[rows, h, pl.ds(k0, width)], mask=mask, other=0.0)
 
-  def body(kb, acc):  # acc: [block_b, block_n] float32
-    k0 = pl.multiple_of(kb * BLOCK, BLOCK)
+  def weight_block(kb):
+    """Block kb of w: ([(row offset in the block, rows [r, block_n])], d [1, block_n] or None)."""
+    k0 = _aligned(kb * BLOCK, BLOCK)
     if fmt is None:
-      w = w_ref[h, pl.ds(k0, BLOCK), cols].astype(compute_dtype)  # [32, block_n]
-      return acc + _product(load_x(k0, BLOCK).astype(compute_dtype), w, dot=dot)
+      return [(0, w_refs[0][h, pl.ds(k0, BLOCK), cols])], None  # [32, block_n]
     qs_ref, d_ref = w_refs
     d = d_ref[h, kb, cols].astype(jnp.float32)[None, :]  # [1, block_n]
     if fmt == "q8_0":
-      x_parts = [load_x(k0, BLOCK)]
-      q_parts = [qs_ref[h, pl.ds(k0, BLOCK), cols]]  # int8 [32, block_n]
-    else:
-      packed = qs_ref[h, pl.ds(pl.multiple_of(kb * HALF, HALF), HALF), cols]  # uint8 [16, block_n]
-      x_parts = [load_x(k0, HALF), load_x(k0 + HALF, HALF)]  # elements 0-15, 16-31 of the block
-      q_parts = [_iq4_nl_values(packed & 0xF), _iq4_nl_values(packed >> 4)]
-    if int8:
-      amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(xp.astype(jnp.float32)), axis=1,
-                                                    keepdims=True) for xp in x_parts])
-      d_x, inv = quant.q8_block_scale(amax)  # [block_b, 1]
-      part = sum(jax.lax.dot(quant.round_half_away(xp.astype(jnp.float32) * inv).astype(jnp.int8),
-                             qp.astype(jnp.int8), preferred_element_type=jnp.int32)
-                 for xp, qp in zip(x_parts, q_parts))
-      return acc + part.astype(jnp.float32) * d_x * d
-    part = sum(_product(xp.astype(compute_dtype), qp.astype(compute_dtype), dot=dot)
-               for xp, qp in zip(x_parts, q_parts))
-    return acc + part * d
+      return [(0, qs_ref[h, pl.ds(k0, BLOCK), cols])], d  # int8 [32, block_n]
+    packed = qs_ref[h, pl.ds(_aligned(kb * HALF, HALF), HALF), cols]  # uint8 [16, block_n]
+    return [(0, _iq4_nl_values(packed & 0xF)), (HALF, _iq4_nl_values(packed >> 4))], d
 
-  acc = jax.lax.fori_loop(0, K // BLOCK, body, jnp.zeros((block_b, block_n), jnp.float32),
-                          unroll=unroll)
+  def dot_body(kb, acc):  # acc: [block_b, block_n] float32
+    k0 = kb * BLOCK
+    parts, d = weight_block(kb)
+    if int8:  # Q8_1 activation block (quant.quantize_q8_1's arithmetic), int8 x int8 -> int32
+      x = load_x(k0, BLOCK).astype(jnp.float32)  # [block_b, 32]
+      d_x, inv = quant.q8_block_scale(jnp.max(jnp.abs(x), axis=1, keepdims=True))
+      x_q = quant.round_half_away(x * inv).astype(jnp.int8)
+      part = jax.lax.dot(x_q, parts[0][1], preferred_element_type=jnp.int32)
+      return acc + part.astype(jnp.float32) * d_x * d
+    part = sum(jax.lax.dot(load_x(k0 + off, q.shape[0]).astype(compute_dtype),
+                           q.astype(compute_dtype), preferred_element_type=jnp.float32)
+               for off, q in parts)
+    return acc + (part if d is None else part * d)
+
+  def fma_body(kb, acc):  # one batch row; acc: [rows of a part, block_n] float32
+    k0 = kb * BLOCK
+    parts, d = weight_block(kb)
+    part = sum(x_ref[i, h, pl.ds(k0 + off, q.shape[0])].astype(jnp.float32)[:, None]
+               * q.astype(jnp.float32) for off, q in parts)
+    return acc + (part if d is None else part * d)
+
+  body = dot_body if dot else fma_body
+  acc_rows = block_b if dot else (HALF if fmt == "iq4_nl" else BLOCK)
+  acc = jnp.zeros((acc_rows, block_n), jnp.float32)
+  if unroll:  # every block's loads are issued before the first is used
+    for kb in range(K // BLOCK):
+      acc = body(kb, acc)
+  else:
+    acc = jax.lax.fori_loop(0, K // BLOCK, body, acc)
+  if not dot:
+    acc = jnp.sum(acc, axis=0, keepdims=True)  # [1, block_n]
   mask = jnp.broadcast_to(row_ok[:, None], (block_b, block_n))
   pltriton.store(o_ref.at[rows, h, cols], acc.astype(o_ref.dtype), mask=mask)
 
@@ -161,12 +169,13 @@ def batched_gemv(x, w, *, interpret: bool = False, config: GemvConfig | None = N
     raise ValueError(f"w.dtype={w.dtype}; expected a float array or quant.QuantizedTensor")
   fmt = w.fmt if quantized else None
   cfg = config or default_config(B, K, N, fmt)
-  if cfg.int8 and not (quantized and cfg.dot):
-    raise ValueError(f"{cfg=}: int8=True needs a QuantizedTensor w and dot=True")
+  if cfg.int8 and not (fmt == "q8_0" and cfg.dot):
+    raise ValueError(f"{cfg=}: int8=True needs q8_0 weights and dot=True (Triton's int8 dot "
+                     "needs K >= 32 and an IQ4_NL block splits into two 16-row nibble halves)")
   block_n = min(cfg.block_n, N)
-  block_b = min(cfg.block_b or _next_pow2(B), MAX_BLOCK_B)
+  block_b = 1
   if cfg.dot:
-    block_b = max(block_b, MIN_DOT)
+    block_b = max(min(cfg.block_b or _next_pow2(B), MAX_BLOCK_B), MIN_DOT)
     block_n = max(block_n, MIN_DOT)
   compute_dtype = x.dtype if quantized else jnp.promote_types(x.dtype, w.dtype)
   kernel = functools.partial(
