@@ -10,6 +10,10 @@ import pytest
 
 GOLDEN_DIR = pathlib.Path(__file__).parent / "data" / "deepseek_v2_tiny"
 
+# float32 means float32 on every backend: GPUs otherwise run float32 matmuls as TF32 (~1e-3),
+# which would hide real errors in the float32 parity tests.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 # ‖out − ref‖ / ‖ref‖ bounds per compute dtype (METHOD.md's ranges for each precision).
 RTOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
