@@ -8,18 +8,22 @@ shard of S_p cache rows serves all H heads with GEMMs,
   o_p    [H,C]   = softmax(scores) [H,S_p]·c_kv [S_p,C],
 
 and returns (o_p, lse_p); `ops.merge_partials` combines the shards. A loop visits the cache in
-steps of SHARDS_PER_STEP shards, `jax.vmap`-ed over the shards, so each step's batched GEMMs
-spread the shards over the cores. A step first copies its rows into one small buffer (XLA's dynamic-slice; the
-int8→bfloat16 and float16→float32 casts fuse into that copy), so both products read it from L2.
-Steps past the longest row are skipped (`lax.cond`): an empty tail of the cache is never read.
+steps of several shards, `jax.vmap`-ed over the shards, so each step's batched GEMMs spread the
+shards over the cores. A step first copies its rows into one buffer (XLA's dynamic-slice; the
+int8→bfloat16 and float16→float32 casts fuse into that copy) that both products then read from
+cache. Steps past the longest row are skipped (`lax.cond`): an empty tail of the cache is never
+read.
 
-What XLA CPU makes of it (jax 0.11): every dot becomes a YNNPACK fusion; the whole-cache einsum
-(impl="xla") runs its value product [H,S]·[S,C] on one thread at about a third of the GEMM rate
-the same product reaches per shard. See docs/cpu_decode.md for the measurements.
+What XLA CPU makes of it (jax 0.11): every dot is a YNNPACK fusion; the whole-cache einsum
+(impl="xla") computes its value product [H,S]·[S,C] as one GEMM with a K=S reduction, which gets
+slower per FLOP as S grows, while the per-shard GEMMs keep K = S_p. See docs/cpu_decode.md.
 
-Shard size: the largest power of two whose working set (the shard's rows in the compute dtype
-plus the [H,S_p] scores and probabilities) fits in L2_FILL of one core's L2 (`default_shard_size`).
-An quant.Int8Rows cache is cast to bfloat16 per shard (exact: |q| <= 127) and its per-token scale
+Sizes (`default_shard_size`, `default_shards_per_step`): a shard's working set (its rows in the
+compute dtype plus its [H,S_p] scores and probabilities) fits in L2_FILL of one core's L2; a
+step's rows fit in L3_FILL of the L3. Few large steps are faster than many small ones: each
+step's GEMMs end with the cores waiting for each other.
+
+An quant.Int8Rows cache is cast to bfloat16 per step (exact: |q| <= 127) and its per-token scale
 multiplies the scores and the probabilities, so no dequantized copy of the cache is ever made.
 """
 
@@ -39,27 +43,25 @@ from mla_jax.ops.merge import merge_partials
 f32 = jnp.float32
 MASK_VALUE = -jnp.inf
 
-_L2_FALLBACK_BYTES = 1 << 20
 L2_FILL = 0.75  # share of one core's L2 that a shard's working set may take
+L3_FILL = 0.25  # share of the shared L3 that one loop step's rows may take
 MIN_SHARD, MAX_SHARD = 64, 4096
 
 
-def _l2_bytes() -> int:
-  """One core's L2 size from sysfs (Linux), else 1 MiB."""
+def _cache_bytes(index: int, fallback: int) -> int:
+  """Size of cache level `index` of cpu0 from sysfs (Linux: 2 is L2, 3 is L3), else fallback."""
   try:
-    with open("/sys/devices/system/cpu/cpu0/cache/index2/size", encoding="ascii") as f:
+    with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size", encoding="ascii") as f:
       text = f.read().strip()
     scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
     return int(text.rstrip("KM")) * scale
   except (OSError, ValueError):
-    return _L2_FALLBACK_BYTES
+    return fallback
 
 
-L2_BYTES = _l2_bytes()
+L2_BYTES = _cache_bytes(2, 1 << 20)
+L3_BYTES = _cache_bytes(3, 8 << 20)
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-# Shards per loop step: two per core, so that a core slowed down by another process does not
-# leave the others waiting for a whole shard at the end of each step.
-SHARDS_PER_STEP = 2 * CORES
 
 
 def compute_dtype(cache_dtype):
@@ -73,6 +75,10 @@ def compute_dtype(cache_dtype):
   return cache_dtype
 
 
+def _pow2_floor(x: float) -> int:
+  return 1 << max(0, int(x).bit_length() - 1)
+
+
 @functools.lru_cache(maxsize=None)
 def default_shard_size(num_heads: int, kv_lora_rank: int, rope_dim: int, cache_dtype) -> int:
   """Largest power of two S_p with S_p·(bytes of one row's working set) <= L2_FILL·L2_BYTES.
@@ -83,8 +89,17 @@ def default_shard_size(num_heads: int, kv_lora_rank: int, rope_dim: int, cache_d
   """
   itemsize = compute_dtype(cache_dtype).itemsize
   row = (kv_lora_rank + rope_dim) * itemsize + num_heads * (4 + 4 + itemsize)
-  size = 1 << max(0, int(L2_FILL * L2_BYTES / row).bit_length() - 1)
-  return max(MIN_SHARD, min(MAX_SHARD, size))
+  return max(MIN_SHARD, min(MAX_SHARD, _pow2_floor(L2_FILL * L2_BYTES / row)))
+
+
+@functools.lru_cache(maxsize=None)
+def default_shards_per_step(shard_size: int, kv_lora_rank: int, rope_dim: int,
+                            cache_dtype) -> int:
+  """Largest power of two g (at least CORES) with g·shard_size rows in the compute dtype within
+  L3_FILL of L3: few, large steps (each step's GEMMs synchronise the cores) whose rows still stay
+  in L3 between the two products. 8 shards of 512 bfloat16 rows (4096 rows) on a 32 MiB L3."""
+  row = (kv_lora_rank + rope_dim) * compute_dtype(cache_dtype).itemsize
+  return max(CORES, _pow2_floor(L3_FILL * L3_BYTES / (row * shard_size)))
 
 
 def _dot(a, b, contract_a, contract_b):
@@ -123,8 +138,8 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
   """Absorbed MLA decode over cache shards: out [B,H,C] in q_latent.dtype, lse [B,H] float32.
 
   q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (bfloat16, float16, float32 or quant.Int8Rows),
-  k_rope [B,S,R], lengths [B]. shard_size overrides `default_shard_size`, shards_per_step
-  SHARDS_PER_STEP.
+  k_rope [B,S,R], lengths [B]. shard_size and shards_per_step override `default_shard_size` and
+  `default_shards_per_step`.
   """
   B, H, S, C, R = check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths)
   if isinstance(c_kv, quant.Int8Rows):
@@ -137,7 +152,8 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
     shard_size = default_shard_size(H, C, R, values.dtype)
   if shard_size < 1:
     raise ValueError(f"shard_size={shard_size}; expected a positive integer")
-  shards_per_step = shards_per_step or SHARDS_PER_STEP
+  if shards_per_step is None:
+    shards_per_step = default_shards_per_step(shard_size, C, R, values.dtype)
 
   S_p = min(shard_size, S)
   g = max(1, min(shards_per_step, S // S_p))
