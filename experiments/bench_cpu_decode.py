@@ -9,8 +9,9 @@ Each is first checked against ops.reference.mla_decode. Timing: the three run al
 call at a time (block_until_ready), the order rotating every round, each call on the next of a set
 of input copies that together exceed ROTATE_BYTES (so the cache comes from DRAM, not L3); the
 median per formulation is reported. The memory floor is cache bytes over the read bandwidth of a
-large array sum timed in the same process (before and after the cases; the faster is used); the
-compute floor is the step's GEMM FLOPs over a large GEMM's rate measured in the same process.
+large array sum timed in the same process (before the cases and after each format; the fastest
+is used); the compute floor is the step's GEMM FLOPs over the rate of a large GEMM timed in the
+same process.
 
   python -m experiments.bench_cpu_decode --out DIR [--quick]
 
@@ -259,13 +260,15 @@ def run(config: Mapping[str, Any], workdir: str) -> dict:
   print(f"load {load_before}  read bandwidth {bandwidth_before / 1e9:.1f} GB/s  GEMM "
         + ", ".join(f"{d} {r / 1e9:.0f} GFLOP/s" for d, r in rates.items()), flush=True)
   rows = []
+  bandwidths = [bandwidth_before]
   for fmt in cfg["formats"]:
     for S in cfg["seq_lens"]:
       key, sub = jax.random.split(key)
       rows.append(_bench_case(sub, cfg, S, fmt, bandwidth_before, rates))
       print(table(rows[-1:]).splitlines()[-1], flush=True)
-  bandwidth_after = read_bandwidth()
-  bandwidth = max(bandwidth_before, bandwidth_after)
+    bandwidths.append(read_bandwidth())
+  bandwidth_after = bandwidths[-1]
+  bandwidth = max(bandwidths)
   for r in rows:  # floors against the better of the two bandwidth measurements
     r["memory_floor_ms"] = r["cache_bytes"] / bandwidth * 1e3
     for name in IMPLS:
@@ -282,7 +285,7 @@ def run(config: Mapping[str, Any], workdir: str) -> dict:
       "loadavg_before": load_before,
       "loadavg_after": load_after,
       "read_bandwidth_gbps": {"before": bandwidth_before / 1e9, "after": bandwidth_after / 1e9,
-                              "used": bandwidth / 1e9},
+                              "all": [b / 1e9 for b in bandwidths], "used": bandwidth / 1e9},
       "gemm_gflops": {d: r / 1e9 for d, r in rates.items()},
       "sm_scale": SM_SCALE,
       "timing": ("median over alternating rounds of single block_until_ready calls, rotating "
