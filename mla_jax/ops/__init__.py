@@ -21,7 +21,7 @@ __all__ = ["mla_decode", "merge_partials", "batched_gemv", "resolve_impl", "refe
 # What impl="auto" means on each platform (jax.default_backend()).
 AUTO_DECODE = {
     "gpu": "xla",
-    "cpu": "xla",
+    "cpu": "cpu",
 }
 AUTO_GEMV = {
     "gpu": "xla",
