@@ -62,8 +62,9 @@ class Progress:
     return compile_s + prefill + decode
 
   def eta(self) -> float | None:
-    """Seconds left: the rest of the current length plus the lengths not started."""
-    if not self.history:
+    """Seconds left: the rest of the current length plus the lengths not started; None until two
+    lengths have finished (one point cannot split fixed from per-token costs)."""
+    if len(self.history) < 2:
       return None
     current = 0.0
     if self.current is not None and self.current != self.history[-1][0]:

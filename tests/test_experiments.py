@@ -71,7 +71,7 @@ def test_cli_end_to_end_writes_table_json_plot(tmp_path):
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "tg3@pp20" in proc.stdout and "left" in proc.stdout  # table and progress printed
+  assert "tg3@pp20" in proc.stdout and "elapsed" in proc.stdout  # table and progress printed
 
   results = json.loads((workdir / "results.json").read_text())
   assert results["status"] == "complete"
@@ -174,9 +174,11 @@ def test_progress_predicts_prefill_quadratic_and_decode_linear():
   progress.begin(100)
   progress.history.append((100, 1.0, 2.0, 3.0))  # compile, prefill, decode seconds at N=100
   assert progress.predict(200) == pytest.approx(1.0 + 2.0 * 4 + 3.0 * 2)
-  assert progress.eta() == pytest.approx(progress.predict(200) + progress.predict(400))
+  assert progress.eta() is None
+  progress.begin(200)
   progress.history.append((200, 1.0, 5.0, 4.0))  # prefill 1 + 1e-4·N², decode 2 + N/100
   assert progress.predict(400) == pytest.approx(1.0 + 17.0 + 6.0)
+  assert progress.eta() == pytest.approx(progress.predict(400))
 
 
 @pytest.mark.parametrize("dtype,cache,key", [("float32", "float32", "float32"),
