@@ -1,12 +1,12 @@
 """Benchmark of the split-KV decode kernel against the XLA absorbed einsum, in one device call.
 
 For every (H, B, S, cache format) it first checks each implementation against the float32
-reference (ops.reference.mla_decode) on fresh random inputs, then times it. Timing (METHOD.md):
-input sets are rotated so that one pass touches more than ROTATE_BYTES (several times the 50 MB
-L2), one jitted call runs every set, `reps` such calls are enqueued and waited for once (dispatch
-overlaps the device work), and the median over `trials` such measurements is reported per
-decode call. TB/s counts the cache bytes that must be read: c_kv (+ int8 scales) and k_rope of
-the valid rows.
+reference (ops.reference.mla_decode) on fresh random inputs, then times it two ways (METHOD.md).
+Input sets are rotated so that one pass touches more than ROTATE_BYTES (several times the 50 MB
+L2) and one jitted call runs every set. Wall time: `reps` such calls are enqueued and waited for
+once, median over `trials`, per decode call. Device time (the headline number, on a GPU): the
+GPU kernel durations of a jax.profiler trace of such calls, summed per decode call. TB/s counts
+the cache bytes that must be read: c_kv (+ int8 scales) and k_rope of the valid rows.
 
   python -m experiments.bench_decode --out DIR [--quick]
 
@@ -16,11 +16,14 @@ writes DIR/bench_decode.json. `run(config, workdir)` is the entry point for the 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
 import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import Any, Mapping
 
@@ -34,6 +37,7 @@ from mla_jax.ops import decode_gpu, reference
 C, R = 512, 64
 SM_SCALE = (128 + 64) ** -0.5
 ROTATE_BYTES = 256 << 20
+MAX_SETS = 64  # at least 150 MB (3x L2) for the smallest benchmark case
 MIN_TRIAL_S = 0.03  # each timed trial enqueues at least this much device work
 
 FULL = {
@@ -68,7 +72,8 @@ def _make_inputs(key, B, H, S, fmt):
 def _impl_fn(name, options):
   if name == "xla":
     return lambda *a: ops.mla_decode(*a, sm_scale=SM_SCALE, impl="xla")
-  return lambda *a: decode_gpu.mla_decode(*a, sm_scale=SM_SCALE, **options)
+  interpret = jax.default_backend() != "gpu"  # a CPU smoke run goes through interpret mode
+  return lambda *a: decode_gpu.mla_decode(*a, sm_scale=SM_SCALE, interpret=interpret, **options)
 
 
 def _rel_err(x, ref):
@@ -99,9 +104,32 @@ def _time_us(fn, sets, reps, trials):
   return statistics.median(samples), samples
 
 
+def _device_us(fn, sets, calls):
+  """Device time per call from a jax.profiler trace: summed durations of the GPU's stream events
+  (kernels and copies; launch gaps excluded). Returns (µs per call, {kernel: µs per call})."""
+  many = jax.jit(lambda sets: [fn(*s) for s in sets])
+  jax.block_until_ready(many(sets))
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(calls):
+        outs = many(sets)
+      jax.block_until_ready(outs)
+    [path] = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+    profile = jax.profiler.ProfileData.from_file(path)
+  per_kernel = collections.Counter()
+  for plane in profile.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      if "Stream" in line.name:
+        for event in line.events:
+          per_kernel[event.name] += event.duration_ns / 1e3 / (calls * len(sets))
+  return sum(per_kernel.values()), dict(per_kernel.most_common(4))
+
+
 def _bench_case(key, H, B, S, fmt, variants, reps, trials, check):
   nbytes = _cache_bytes(B, S, fmt)
-  num_sets = max(1, math.ceil(ROTATE_BYTES / nbytes))
+  num_sets = min(MAX_SETS, max(1, math.ceil(ROTATE_BYTES / nbytes)))
   keys = jax.random.split(key, num_sets)
   sets = [_make_inputs(k, B, H, S, fmt) for k in keys]
   row = {"H": H, "B": B, "S": S, "format": fmt, "cache_bytes": nbytes, "input_sets": num_sets}
@@ -115,27 +143,37 @@ def _bench_case(key, H, B, S, fmt, variants, reps, trials, check):
     del ref_out, ref_lse
   for name, options in impls.items():
     us, samples = _time_us(_impl_fn(name, options), sets, reps, trials)
-    row[f"{name}_us"] = us
-    row[f"{name}_us_samples"] = samples
-    row[f"{name}_tbps"] = nbytes / (us * 1e-6) / 1e12
+    row[f"{name}_wall_us"] = us
+    row[f"{name}_wall_us_samples"] = samples
+    row[f"{name}_wall_tbps"] = nbytes / (us * 1e-6) / 1e12
+    if jax.default_backend() == "gpu":
+      dev_us, kernels = _device_us(_impl_fn(name, options), sets, max(1, reps // 2))
+      row[f"{name}_us"] = dev_us
+      row[f"{name}_kernels_us"] = kernels
+    else:
+      row[f"{name}_us"] = us
+    row[f"{name}_tbps"] = nbytes / (row[f"{name}_us"] * 1e-6) / 1e12
   for name in variants:
     row[f"{name}_speedup_vs_xla"] = row["xla_us"] / row[f"{name}_us"]
+    row[f"{name}_wall_speedup_vs_xla"] = row["xla_wall_us"] / row[f"{name}_wall_us"]
   row["default_tuning"] = str(decode_gpu.choose_tuning(
       B, H, S, num_sms=decode_gpu.num_sms(), cache_itemsize=1 if fmt == "int8" else 2))
   return row
 
 
 def _table(rows, variants):
-  head = f"{'H':>4} {'B':>3} {'S':>7} {'fmt':>5} {'xla us':>8} {'TB/s':>5}"
+  """Device µs (profiler) and wall µs (enqueued calls) per decode call, TB/s on device time."""
+  head = f"{'H':>4} {'B':>3} {'S':>7} {'fmt':>5} {'xla dev':>8} {'wall':>7} {'TB/s':>5}"
   for name in variants:
-    head += f" | {name[:14]:>14} {'us':>7} {'TB/s':>5} {'x':>5} {'err':>7}"
+    head += f" | {name[:10]:>10} {'dev':>7} {'wall':>7} {'TB/s':>5} {'x':>5} {'err':>7}"
   lines = [head]
   for r in rows:
     line = (f"{r['H']:>4} {r['B']:>3} {r['S']:>7} {r['format']:>5} {r['xla_us']:>8.1f} "
-            f"{r['xla_tbps']:>5.2f}")
+            f"{r['xla_wall_us']:>7.1f} {r['xla_tbps']:>5.2f}")
     for name in variants:
-      line += (f" | {'':>14} {r[f'{name}_us']:>7.1f} {r[f'{name}_tbps']:>5.2f} "
-               f"{r[f'{name}_speedup_vs_xla']:>5.2f} {r.get(f'{name}_rel_err', float('nan')):>7.1e}")
+      line += (f" | {'':>10} {r[f'{name}_us']:>7.1f} {r[f'{name}_wall_us']:>7.1f} "
+               f"{r[f'{name}_tbps']:>5.2f} {r[f'{name}_speedup_vs_xla']:>5.2f} "
+               f"{r.get(f'{name}_rel_err', float('nan')):>7.1e}")
     lines.append(line)
   return "\n".join(lines)
 
@@ -146,13 +184,6 @@ def run(config: Mapping[str, Any], workdir: str) -> dict:
   variants = dict(cfg["variants"])
   key = jax.random.key(int(cfg.get("seed", time.time_ns() % (2**31))))
   rows = []
-  for H in cfg["heads"]:
-    for B, S in cfg["shapes"]:
-      for fmt in cfg["formats"]:
-        key, sub = jax.random.split(key)
-        row = _bench_case(sub, H, B, S, fmt, variants, cfg["reps"], cfg["trials"], cfg["check"])
-        rows.append(row)
-        print(_table([row], variants).splitlines()[-1], flush=True)
   device = jax.devices()[0]
   result = {
       "device": device.device_kind,
@@ -161,13 +192,22 @@ def run(config: Mapping[str, Any], workdir: str) -> dict:
       "jax": jax.__version__,
       "python": platform.python_version(),
       "sm_scale": SM_SCALE,
-      "timing": "median over trials of reps enqueued jitted calls over rotated input sets",
+      "timing": ("*_us: device time per call, summed GPU stream events of a jax.profiler trace; "
+                 "*_wall_us: median over trials of reps enqueued jitted calls over rotated input "
+                 "sets (launch gaps and host overhead included)"),
       "config": {k: (v if not isinstance(v, tuple) else list(v)) for k, v in cfg.items()},
       "rows": rows,
   }
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "bench_decode.json"), "w") as f:
-    json.dump(result, f, indent=1, default=str)
+  for H in cfg["heads"]:
+    for B, S in cfg["shapes"]:
+      for fmt in cfg["formats"]:
+        key, sub = jax.random.split(key)
+        rows.append(_bench_case(sub, H, B, S, fmt, variants, cfg["reps"], cfg["trials"],
+                                cfg["check"]))
+        print(_table(rows[-1:], variants).splitlines()[-1], flush=True)
+        with open(os.path.join(workdir, "bench_decode.json"), "w") as f:  # after every case
+          json.dump(result, f, indent=1, default=str)
   print(_table(rows, variants))
   return result
 

@@ -20,7 +20,7 @@ __all__ = ["mla_decode", "merge_partials", "batched_gemv", "resolve_impl", "refe
 
 # What impl="auto" means on each platform (jax.default_backend()).
 AUTO_DECODE = {
-    "gpu": "xla",
+    "gpu": "pallas",
     "cpu": "cpu",
 }
 AUTO_GEMV = {

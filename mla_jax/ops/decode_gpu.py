@@ -43,8 +43,8 @@ _DEFAULT_NUM_SMS = 132        # H100/H200 SXM; used where no GPU is attached (in
 _SMEM_BYTES = 227 * 1024      # shared memory per SM on Hopper
 _MAX_PROGRAMS_PER_SM = 4
 _MIN_TILES_PER_PIECE = 4      # a shorter piece spends its time on setup and the partial write
-_MERGE_BLOCK_C = 128          # latent columns per merge program
-_MERGE_CHUNK = 16             # pieces per step of the merge loop
+_MERGE_PROGRAMS = 512         # enough merge programs to keep every SM loading
+_MERGE_TILE = 8192            # float32 elements of o_p the merge loads per step (32 KiB)
 
 # int8 x -> float16 x, two values per output register: xor 0x80 makes the byte x+128; PRMT puts
 # it under the exponent byte 0x64 (float16 1024 + byte); subtracting 0x6480 (1152) leaves x.
@@ -77,7 +77,6 @@ class DecodeTuning:
   num_warps: int
   num_stages: int   # Triton software-pipelining depth of the tile loop
   merge: str = "pallas"  # "pallas": the merge kernel below; "xla": ops.merge_partials
-  prefetch: bool = False  # load tile t+1 into registers during tile t
 
   def piece_tiles(self, S: int) -> int:
     """Tiles of block_s rows in each piece of an S-row cache."""
@@ -95,15 +94,21 @@ def choose_tuning(B: int, H: int, S: int, *, num_sms: int = _DEFAULT_NUM_SMS,
   """The split heuristic (FlashDecoding): one wave of programs that fills every SM.
 
   block_h: heads in as few blocks as the registers allow (acc [block_h, C] float32 lives in
-  registers): next power of two >= max(H, 16), at most 64. block_s = 32 rows and 3 pipeline
-  stages (bf16: 3·32·(512+64)·2 B = 108 KiB) give 2 programs per SM, so a wave is 2·num_sms
-  programs. P is chosen so that B·head_blocks·P is about one wave (a second, partial wave would
-  leave most SMs idle while it runs), rounded so that pieces are whole tiles and at least
-  _MIN_TILES_PER_PIECE long; with B·head_blocks >= a wave, P = 1.
+  registers): next power of two >= max(H, 16), at most 64. Tiles (measured on an H200,
+  docs/decode_gpu.md): with 16 heads, block_s = 32 rows in 3 pipeline stages (bf16: ~93 KiB of
+  shared memory and ~190 registers a thread, so 2 programs per SM), 4 stages for int8 and 16 rows
+  for float32; with more heads, 64 rows in 2 stages (32 for int8). P is chosen so that
+  B·head_blocks·P is about one wave of programs (a second, partial wave would leave most SMs
+  idle while it runs), rounded so that pieces are whole tiles and at least _MIN_TILES_PER_PIECE
+  long; P = 1 once B·head_blocks fills a wave by itself.
   """
   block_h = min(max(_next_pow2(H), _MIN_DOT), 64)
-  block_s = 16 if cache_itemsize >= 4 else 32
-  num_stages = 2 if block_h * C * cache_itemsize > 64 * 1024 else 3
+  if cache_itemsize >= 4:
+    block_s, num_stages = 16, 3 if block_h <= 16 else 2
+  elif block_h > 16:  # int8 needs room for the converted tile: 64 rows exceed shared memory
+    block_s, num_stages = 32 if cache_itemsize == 1 else 64, 2
+  else:
+    block_s, num_stages = 32, 4 if cache_itemsize == 1 else 3
   row_bytes = C * cache_itemsize + R * max(cache_itemsize, 2)
   wave = num_sms * programs_per_sm(block_s, num_stages, row_bytes)
   head_blocks = pl.cdiv(H, block_h)
@@ -111,7 +116,7 @@ def choose_tuning(B: int, H: int, S: int, *, num_sms: int = _DEFAULT_NUM_SMS,
   num_splits = max(1, min(round(wave / (B * head_blocks)), tiles // _MIN_TILES_PER_PIECE))
   num_splits = pl.cdiv(tiles, pl.cdiv(tiles, num_splits))  # no empty trailing piece
   return DecodeTuning(block_h=block_h, block_s=block_s, num_splits=num_splits,
-                      num_warps=4 if block_h <= 16 else 8, num_stages=num_stages)
+                      num_warps=8 if block_h >= 64 else 4, num_stages=num_stages)
 
 
 def _int8_to_f16(x, interpret: bool):
@@ -130,7 +135,7 @@ def _decode_kernel(lengths_ref,      # [B] int32
                    k_rope_ref,       # [S, R]
                    *refs,            # (scales_ref [S] float32 if int8), o_ref, lse_ref
                    sm_scale: float, block_s: int, piece_tiles: int, latent_dtype, rope_dtype,
-                   quantized: bool, prefetch: bool, interpret: bool):
+                   quantized: bool, interpret: bool):
   if quantized:
     scales_ref, o_ref, lse_ref = refs  # [S]; [block_h, C] float32; [block_h] float32
   else:
@@ -197,18 +202,8 @@ def _decode_kernel(lengths_ref,      # [B] int32
            jnp.zeros((block_h,), jnp.float32))
   # Whole tiles run unmasked; the piece's ragged last tile (if any) runs once with masks.
   full_tiles = jnp.maximum(piece_end - piece_start, 0) // block_s
-  if prefetch:  # registers hold tile t+1 while tile t is computed (software pipelining)
-    def ahead(t):
-      return load_tile(t, jnp.full((block_s, 1), t < full_tiles))
-
-    def step(t, state):
-      carry, tile = state
-      return update(carry, tile, None), ahead(t + 1)
-
-    carry, _ = jax.lax.fori_loop(0, full_tiles, step, (carry, ahead(0)))
-  else:
-    carry = jax.lax.fori_loop(0, full_tiles,
-                              lambda t, c: update(c, load_tile(t, None), None), carry)
+  carry = jax.lax.fori_loop(0, full_tiles, lambda t, c: update(c, load_tile(t, None), None),
+                            carry)
 
   def ragged(t, c):
     valid = piece_start + t * block_s + jnp.arange(block_s) < length
@@ -225,7 +220,7 @@ def _merge_kernel(lse_parts_ref,  # [P]
                   o_parts_ref,    # [P, block_c]
                   out_ref,        # [block_c]
                   lse_ref,        # []
-                  *, num_pieces: int):
+                  *, num_pieces: int, chunk: int):
   """lse = logsumexp_p(lse_p), out = Σ_p exp(lse_p − lse)·o_p; all pieces empty: 0 and -inf."""
   P_pad = _next_pow2(num_pieces)
   lse_p = pltriton.load(lse_parts_ref.at[pl.ds(0, P_pad)], mask=jnp.arange(P_pad) < num_pieces,
@@ -233,7 +228,6 @@ def _merge_kernel(lse_parts_ref,  # [P]
   m = jnp.max(lse_p)
   m = jnp.where(m > -jnp.inf, m, 0.0)
   l = jnp.sum(jnp.exp(lse_p - m))
-  chunk = min(_MERGE_CHUNK, P_pad)
 
   def body(i, acc):
     rows = i * chunk + jnp.arange(chunk)
@@ -288,7 +282,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
                interpret: bool = False, num_splits: int | None = None,
                block_s: int | None = None, block_h: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None,
-               merge: str | None = None, prefetch: bool | None = None):
+               merge: str | None = None):
   """Absorbed MLA decode: out [B,H,C] in q_latent.dtype, lse [B,H] float32 (natural log).
 
   q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (bf16/f16/f32 or quant.Int8Rows), k_rope
@@ -299,7 +293,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
   itemsize = 1 if isinstance(c_kv, quant.Int8Rows) else jnp.dtype(c_kv.dtype).itemsize
   tuning = choose_tuning(B, H, S, num_sms=num_sms(), cache_itemsize=itemsize, C=C, R=R)
   overrides = dict(num_splits=num_splits, block_s=block_s, block_h=block_h,
-                   num_warps=num_warps, num_stages=num_stages, merge=merge, prefetch=prefetch)
+                   num_warps=num_warps, num_stages=num_stages, merge=merge)
   tuning = dataclasses.replace(tuning, **{k: v for k, v in overrides.items() if v is not None})
   if not (_is_pow2(tuning.block_h) and tuning.block_h >= _MIN_DOT):
     raise ValueError(f"block_h={tuning.block_h}: expected a power of two >= {_MIN_DOT}")
@@ -354,7 +348,7 @@ def _mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, tuning, in
       _decode_kernel, sm_scale=sm_scale, block_s=tuning.block_s, piece_tiles=tuning.piece_tiles(S),
       latent_dtype=_latent_dtype(q_latent.dtype, values.dtype),
       rope_dtype=jnp.promote_types(q_rope.dtype, k_rope.dtype), quantized=quantized,
-      prefetch=tuning.prefetch, interpret=interpret)
+      interpret=interpret)
   o_parts, lse_parts = pl.pallas_call(
       kernel,
       grid=(head_blocks, P, B),
@@ -376,9 +370,12 @@ def _mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, tuning, in
   if tuning.merge == "xla":
     out, lse = merge_partials(o_parts[:, :, :H], lse_parts[:, :, :H])
     return out.astype(q_latent.dtype), lse
-  block_c = min(_MERGE_BLOCK_C, C)
+  # Merge (one program per (b, h, block_c columns)): narrow column blocks when B·H is small, so
+  # that about _MERGE_PROGRAMS programs share the reads; each step loads up to _MERGE_TILE values.
+  block_c = min(C, 128, max(32, _next_pow2(pl.cdiv(C * B * H, _MERGE_PROGRAMS))))
+  chunk = min(_next_pow2(P), max(16, _MERGE_TILE // block_c))
   return pl.pallas_call(
-      functools.partial(_merge_kernel, num_pieces=P),
+      functools.partial(_merge_kernel, num_pieces=P, chunk=chunk),
       grid=(C // block_c, H, B),
       in_specs=[
           pl.BlockSpec((P, None, None), lambda c, h, b: (0, b, h)),
