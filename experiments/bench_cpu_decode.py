@@ -52,8 +52,8 @@ FULL = {
     "rope_dim": 64,
     "seq_lens": (128, 512, 2048, 8192, 16384, 65536),
     "formats": ("bfloat16", "float32", "int8"),
-    "seconds_per_case": 2.0,  # timed budget per (format, S); rounds = budget / time of a round
-    "min_rounds": 7,
+    "seconds_per_case": 3.0,  # timed budget per (format, S); rounds = budget / time of a round
+    "min_rounds": 15,
     "max_rounds": 201,
     "shard_size": None,  # None: decode_cpu.default_shard_size
     # (S, length) cases in bfloat16: a long cache holding a short sequence, as MLAttention's cache
