@@ -5,10 +5,12 @@ Three formulations of the absorbed MLA decode step (one layer, B=1, H=16, C=512,
   (b) head_parallel one GEMV per head over the whole cache (`head_parallel_decode` below), the
                     XLA analogue of llama.cpp's head split: a labelled baseline, not a product;
   (c) shard         ops.mla_decode(impl="cpu"): ops/decode_cpu.py.
-Each is first checked against ops.reference.mla_decode. Timing: the three run alternately, one
-call at a time (block_until_ready), the order rotating every round, each call on the next of a set
-of input copies that together exceed ROTATE_BYTES (so the cache comes from DRAM, not L3); the
-median per formulation is reported. The memory floor is cache bytes over the read bandwidth of a
+Each is first checked against ops.reference.mla_decode. Timing: rounds of one block per
+formulation, the order rotating every round; a block is one untimed call (the first call after
+another formulation runs ~2 ms slower at S=16384, for each of them) and `calls_per_block` timed
+calls (block_until_ready each), every call on the next of a set of input copies that together
+exceed ROTATE_BYTES (so the cache comes from DRAM, not L3); the median per formulation is
+reported. The memory floor is cache bytes over the read bandwidth of a
 large array sum timed in the same process (before the cases and after each format; the fastest
 is used); the compute floor is the step's GEMM FLOPs over the rate of a large GEMM timed in the
 same process.
@@ -52,9 +54,10 @@ FULL = {
     "rope_dim": 64,
     "seq_lens": (128, 512, 2048, 8192, 16384, 65536),
     "formats": ("bfloat16", "float32", "int8"),
-    "seconds_per_case": 3.0,  # timed budget per (format, S); rounds = budget / time of a round
-    "min_rounds": 15,
-    "max_rounds": 201,
+    "seconds_per_case": 3.0,  # budget per (format, S); rounds = budget / time of a round
+    "calls_per_block": 3,  # timed calls per formulation per round, after one untimed call
+    "min_rounds": 5,
+    "max_rounds": 101,
     "shard_size": None,  # None: decode_cpu.default_shard_size
     # (S, length) cases in bfloat16: a long cache holding a short sequence, as MLAttention's cache
     # is during generation; bytes and floors count the live rows only.
@@ -188,16 +191,20 @@ def _bench_case(key, cfg, S, fmt, bandwidth, rates, length=None):
     for s in sets[:3]:
       jax.block_until_ready(fn(*s))
     warm[name] = (time.perf_counter() - t0) / min(3, len(sets))
-  rounds = int(cfg["seconds_per_case"] / sum(warm.values()))
+  per_block = cfg["calls_per_block"]
+  rounds = int(cfg["seconds_per_case"] / ((per_block + 1) * sum(warm.values())))
   rounds = max(cfg["min_rounds"], min(cfg["max_rounds"], rounds))
   samples = {name: [] for name in IMPLS}
+  call = 0
   for r in range(rounds):
-    args = sets[r % len(sets)]
     for k in range(len(IMPLS)):
       name = IMPLS[(r + k) % len(IMPLS)]
-      t0 = time.perf_counter()
-      jax.block_until_ready(fns[name](*args))
-      samples[name].append(time.perf_counter() - t0)
+      for j in range(per_block + 1):
+        call += 1
+        t0 = time.perf_counter()
+        jax.block_until_ready(fns[name](*sets[call % len(sets)]))
+        if j:  # the block's first call absorbs the switch from the previous formulation
+          samples[name].append(time.perf_counter() - t0)
   row["rounds"] = rounds
   floor_ms = nbytes / bandwidth * 1e3
   rate = rates["float32" if fmt == "float32" else "bfloat16"]
