@@ -91,5 +91,7 @@ def test_bad_arguments_raise(rng):
   args = _inputs(rng, "float32", 2, 4, 40, 64, 16, [40, 3])
   with pytest.raises(ValueError, match="shard_size"):
     decode_cpu.mla_decode(*args, sm_scale=0.1, shard_size=0)
+  with pytest.raises(ValueError, match="shards_per_step"):
+    decode_cpu.mla_decode(*args, sm_scale=0.1, shards_per_step=0)
   with pytest.raises(ValueError, match="k_rope"):
     decode_cpu.mla_decode(*args[:3], args[3][:, :-1], args[4], sm_scale=0.1)

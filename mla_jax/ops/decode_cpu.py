@@ -23,7 +23,7 @@ compute dtype plus its [H,S_p] scores and probabilities) fits in L2_FILL of one 
 step's rows fit in L3_FILL of the L3. Few large steps are faster than many small ones: each
 step's GEMMs end with the cores waiting for each other.
 
-An quant.Int8Rows cache is cast to bfloat16 per step (exact: |q| <= 127) and its per-token scale
+A quant.Int8Rows cache is cast to bfloat16 per step (exact: |q| <= 127) and its per-token scale
 multiplies the scores and the probabilities, so no dequantized copy of the cache is ever made.
 """
 
@@ -154,6 +154,8 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
     raise ValueError(f"shard_size={shard_size}; expected a positive integer")
   if shards_per_step is None:
     shards_per_step = default_shards_per_step(shard_size, C, R, values.dtype)
+  if shards_per_step < 1:
+    raise ValueError(f"shards_per_step={shards_per_step}; expected a positive integer")
 
   S_p = min(shard_size, S)
   g = max(1, min(shards_per_step, S // S_p))
@@ -185,13 +187,16 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
     return over_batch(q, q_r, rows(values).astype(dtype), scales_i, rows(k_rope).astype(dtype),
                       lo, hi)  # [B,g,H,C], [B,g,H]
 
-  if num_steps == 1 and g == 1:  # one shard: its partial result is the result
+  if num_steps == 1:
     o, lse = step(0)
-    return o[:, 0].astype(q_latent.dtype), lse[:, 0]
-  live_steps = (jnp.max(lengths) + W - 1) // W
-  empty = (jnp.zeros((B, g, H, C), f32), jnp.full((B, g, H), MASK_VALUE, f32))
-  o, lse = lax.map(lambda i: lax.cond(i < live_steps, step, lambda _: empty, i),
-                   jnp.arange(num_steps))  # [steps,B,g,H,C], [steps,B,g,H]
+    if g == 1:  # one shard: its partial result is the result
+      return o[:, 0].astype(q_latent.dtype), lse[:, 0]
+    o, lse = o[None], lse[None]
+  else:
+    live_steps = (jnp.max(lengths) + W - 1) // W
+    empty = (jnp.zeros((B, g, H, C), f32), jnp.full((B, g, H), MASK_VALUE, f32))
+    o, lse = lax.map(lambda i: lax.cond(i < live_steps, step, lambda _: empty, i),
+                     jnp.arange(num_steps))  # [steps,B,g,H,C], [steps,B,g,H]
   o = jnp.moveaxis(o, 2, 1).reshape(num_steps * g, B, H, C)
   lse = jnp.moveaxis(lse, 2, 1).reshape(num_steps * g, B, H)
   out, lse = merge_partials(o, lse)
