@@ -42,7 +42,8 @@ R = 64  # rope columns after q_nope in the query
 DEFAULTS = dict(
     heads=(16, 128), batch_sizes=(1, 8, 64), products=((128, 512), (512, 128)),
     weight_formats=("bf16", "q8_0", "iq4_nl"), dtype="bfloat16", warmup=2, iters=10, repeats=5,
-    seed=0, rotate_bytes=192 << 20, max_chain=48, sweep=False, decode_step=True, decode_len=4096,
+    seed=0, rotate_bytes=192 << 20, max_chain=48, sweep=False, variants=None, decode_step=True,
+    decode_len=4096,
     time_budget_s=420.0)
 TOL = {"bf16": 2e-2, "q8_0": 2e-2, "iq4_nl": 2e-2, "int8": 2e-2}  # bf16 outputs vs the oracle
 # Opcodes that launch no kernel of their own in XLA:GPU's compiled HLO.
@@ -50,15 +51,15 @@ _NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", 
               "after-all", "partition-id", "replica-id", "call", "while", "conditional"}
 SWEEP = {
     "fma32": gemv_gpu.GemvConfig(block_n=32, dot=False),
-    "fma64": gemv_gpu.GemvConfig(block_n=64, dot=False),
     "fma128": gemv_gpu.GemvConfig(block_n=128, dot=False),
+    "fma32unr": gemv_gpu.GemvConfig(block_n=32, dot=False, unroll=True),
+    "fma128unr": gemv_gpu.GemvConfig(block_n=128, dot=False, unroll=True),
     "dot16": gemv_gpu.GemvConfig(block_n=16),
-    "dot32": gemv_gpu.GemvConfig(block_n=32),
     "dot64": gemv_gpu.GemvConfig(block_n=64),
-    "dot128": gemv_gpu.GemvConfig(block_n=128),
-    "dot64w8": gemv_gpu.GemvConfig(block_n=64, num_warps=8),
-    "dot32loop": gemv_gpu.GemvConfig(block_n=32, unroll=False),
-    "int8_32": gemv_gpu.GemvConfig(block_n=32, int8=True),
+    "dot32k4": gemv_gpu.GemvConfig(block_n=32, block_k=4),
+    "dot16k4": gemv_gpu.GemvConfig(block_n=16, block_k=4),
+    "dot32unr": gemv_gpu.GemvConfig(block_n=32, unroll=True),
+    "dot64unr": gemv_gpu.GemvConfig(block_n=64, unroll=True),
     "int8_64": gemv_gpu.GemvConfig(block_n=64, int8=True),
 }
 
@@ -341,7 +342,8 @@ def run(config, workdir) -> dict:
   result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
                 jax=jax.__version__, interpret=interpret, settings=vars(s),
                 rows=[])
-  sweep = dict(SWEEP) if s.sweep else {}
+  sweep = {k: v for k, v in SWEEP.items() if s.variants is None or k in s.variants}
+  sweep = sweep if s.sweep else {}
   os.makedirs(workdir, exist_ok=True)
   hlo_log = open(os.path.join(workdir, "hlo_samples.txt"), "w")  # the HLO kernels are counted in
   for H in s.heads:
@@ -378,10 +380,13 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="output folder for batched_gemv.json")
   parser.add_argument("--sweep", action="store_true", help="also time the GemvConfig variants")
+  parser.add_argument("--variants", default=None,
+                      help="comma-separated SWEEP names to time (implies --sweep)")
   parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
   parser.add_argument("--budget", type=float, default=DEFAULTS["time_budget_s"])
   args = parser.parse_args()
-  config = dict(DEFAULTS, sweep=args.sweep, time_budget_s=args.budget)
+  config = dict(DEFAULTS, sweep=args.sweep or bool(args.variants), time_budget_s=args.budget,
+                variants=tuple(args.variants.split(",")) if args.variants else None)
   if args.quick:
     config.update(heads=(2,), batch_sizes=(1, 3), products=((128, 64), (64, 32)), warmup=1,
                   iters=1, repeats=1, rotate_bytes=1, max_chain=2, decode_len=64)

@@ -19,8 +19,9 @@ R = 64  # the rope columns that follow q_nope in the query: x is read as a strid
 CONFIGS = {
     "dot": gemv_gpu.GemvConfig(dot=True, block_n=32),
     "fma": gemv_gpu.GemvConfig(dot=False, block_n=32),
-    "dot_loop": gemv_gpu.GemvConfig(dot=True, block_n=16, unroll=False),
-    "fma_loop": gemv_gpu.GemvConfig(dot=False, block_n=64, unroll=False),
+    "dot_unrolled": gemv_gpu.GemvConfig(dot=True, block_n=16, unroll=True),
+    "fma_unrolled": gemv_gpu.GemvConfig(dot=False, block_n=64, unroll=True),
+    "dot_k2": gemv_gpu.GemvConfig(dot=True, block_n=32, block_k=2),
     "int8": gemv_gpu.GemvConfig(dot=True, int8=True, block_n=16),
 }
 
