@@ -47,17 +47,19 @@ def test_matches_reference_ragged(rng, fmt, S, shard_size):
   lengths = [S, 0, int(rng.integers(1, S)), shard_size + 1 if shard_size < S else 1]
   args = _inputs(rng, fmt, B, H, S, C, R, lengths)
   sm_scale = float(rng.uniform(0.05, 0.2))
-  out, lse = ops.mla_decode(*args, sm_scale=sm_scale, impl="cpu", shard_size=shard_size)
+  out, lse = ops.mla_decode(*args, sm_scale=sm_scale, impl="cpu", shard_size=shard_size,
+                            shards_per_step=2)
   _check(args, out, lse, fmt, sm_scale)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_default_shard_size_several_steps(rng, fmt):
-  """The heuristic's shard size with an S that is no multiple of it, under jit with traced
-  lengths; the loop stops at the longest row, so most of the cache is never visited."""
+  """The heuristic's sizes with an S that spans several steps and is no multiple of a shard,
+  under jit with traced lengths; the loop stops at the longest row."""
   B, H, C, R = 2, 8, 128, 32
   shard = decode_cpu.default_shard_size(H, C, R, jnp.dtype(fmt))
-  S = 5 * shard + shard // 2 + 3
+  step = shard * decode_cpu.default_shards_per_step(shard, C, R, jnp.dtype(fmt))
+  S = 2 * step + shard // 2 + 3
   lengths = [S - 1, int(rng.integers(shard, 2 * shard))]
   args = _inputs(rng, fmt, B, H, S, C, R, lengths)
   out, lse = jax.jit(lambda *a: ops.mla_decode(*a, sm_scale=0.1, impl="cpu"))(*args)
