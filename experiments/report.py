@@ -147,11 +147,14 @@ def plot(results: dict, path: str):
   pairs = [tuple(p) for p in results["pairs"]]
   fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
                                     gridspec_kw={"height_ratios": [2, 1]})
+  # One colour per implementation in both panels; a speedup takes its candidate's colour.
+  colors = dict(zip(results["impls"], plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
   for name in results["impls"]:
     ok = [(n, rows[(n, name)]) for n in lengths if _tps(rows.get((n, name)), "tg")]
     if ok:
       top.errorbar([n for n, _ in ok], [r["tg_tps_mean"] for _, r in ok],
-                   yerr=[r["tg_tps_std"] for _, r in ok], marker="o", capsize=3, label=name)
+                   yerr=[r["tg_tps_std"] for _, r in ok], marker="o", capsize=3, label=name,
+                   color=colors[name])
   top.set_ylabel(f"tg{results['config']['n_gen']} t/s")
   top.set_yscale("log")
   top.set_title(model_label(results) + f" — {results['environment']['device_kind']}")
@@ -160,7 +163,8 @@ def plot(results: dict, path: str):
     ok = [(n, _tps(rows.get((n, a)), "tg") / _tps(rows.get((n, b)), "tg")) for n in lengths
           if _tps(rows.get((n, a)), "tg") and _tps(rows.get((n, b)), "tg")]
     if ok:
-      bottom.plot([n for n, _ in ok], [s for _, s in ok], marker="o", label=f"{a} / {b}")
+      bottom.plot([n for n, _ in ok], [s for _, s in ok], marker="o", label=f"{a} / {b}",
+                  color=colors.get(a))
   bottom.axhline(1.0, color="gray", lw=0.8)
   bottom.set_ylabel("speedup")
   bottom.set_xlabel("prompt length (tokens)")
