@@ -24,6 +24,18 @@ def rel_err(x, ref) -> float:
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def run_chunks(attn, x, positions, chunks, max_len=None, cache_dtype=jnp.float32):
+  """Feeds x [B,T,D] to the module in consecutive chunks of the given sizes (e.g. a prefill of
+  n tokens then single-token decode steps: [n, 1, 1, ...]); returns (outputs [B,T,D], cache)."""
+  cache = attn.init_cache(x.shape[0], max_len or x.shape[1], cache_dtype)
+  ys, t = [], 0
+  for n in chunks:
+    y, cache = attn(x[:, t:t + n], positions[:, t:t + n], cache)
+    ys.append(y)
+    t += n
+  return jnp.concatenate(ys, axis=1), cache
+
+
 def pytest_collection_modifyitems(config, items):
   has_gpu = jax.default_backend() == "gpu"
   run_slow = os.environ.get("MLA_JAX_SLOW") == "1"

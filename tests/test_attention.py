@@ -15,7 +15,7 @@ from flax.nnx import bridge
 import mla_jax
 from mla_jax import rope
 from mla_jax.ops import reference
-from conftest import rel_err
+from conftest import rel_err, run_chunks
 
 # A small MLA shape with every feature of V2-Lite (YaRN, K != V) and one with q_lora (V3 style).
 TINY = dataclasses.replace(mla_jax.MLAConfig.deepseek_v2_lite(), hidden_size=64, num_heads=4,
@@ -65,17 +65,6 @@ def reference_layer(attn, x, positions):
   return dense(p["o_proj"], heads.reshape(B, T, -1))
 
 
-def run_incremental(attn, x, positions, chunks, max_len):
-  """Feeds x in consecutive chunks of the given sizes; returns the concatenated outputs."""
-  cache = attn.init_cache(x.shape[0], max_len, jnp.float32)
-  ys, t = [], 0
-  for n in chunks:
-    y, cache = attn(x[:, t:t + n], positions[:, t:t + n], cache)
-    ys.append(y)
-    t += n
-  return jnp.concatenate(ys, axis=1), cache
-
-
 @pytest.mark.parametrize("cfg", [TINY, TINY_QLORA], ids=["v2lite", "qlora"])
 @pytest.mark.parametrize("mode", ["standard", "absorbed"])
 def test_full_pass_matches_reference_layer(cfg, mode, rng):
@@ -88,8 +77,8 @@ def test_full_pass_matches_reference_layer(cfg, mode, rng):
 def test_standard_equals_absorbed(rng):
   standard, absorbed = make(mode="standard"), make(mode="absorbed")
   x, pos = inputs(rng, TINY, 2, 12)
-  y_std, _ = run_incremental(standard, x, pos, [7, 1, 1, 3], 20)
-  y_abs, _ = run_incremental(absorbed, x, pos, [7, 1, 1, 3], 20)
+  y_std, _ = run_chunks(standard, x, pos, [7, 1, 1, 3], 20)
+  y_abs, _ = run_chunks(absorbed, x, pos, [7, 1, 1, 3], 20)
   assert rel_err(y_abs, y_std) < F32_TOL
 
 
@@ -97,9 +86,9 @@ def test_standard_equals_absorbed(rng):
 def test_incremental_and_chunked_prefill_equal_full(mode, rng):
   attn = make(mode=mode)
   x, pos = inputs(rng, TINY, 2, 13)
-  full, _ = run_incremental(attn, x, pos, [13], 16)
-  decode, _ = run_incremental(attn, x, pos, [5] + [1] * 8, 16)
-  chunked, _ = run_incremental(attn, x, pos, [4, 6, 1, 2], 16)
+  full, _ = run_chunks(attn, x, pos, [13], 16)
+  decode, _ = run_chunks(attn, x, pos, [5] + [1] * 8, 16)
+  chunked, _ = run_chunks(attn, x, pos, [4, 6, 1, 2], 16)
   assert rel_err(decode, full) < F32_TOL
   assert rel_err(chunked, full) < F32_TOL
 
@@ -216,14 +205,10 @@ def test_decode_step_copies_no_cache(mode, batch, rng):
 def test_int8_cache_close_to_float(rng):
   attn = make()
   x, pos = inputs(rng, TINY, 2, 9)
-  y_f32, _ = run_incremental(attn, x, pos, [6, 1, 1, 1], 12)
-  cache = attn.init_cache(2, 12, jnp.int8)
-  ys = []
-  for t0, n in [(0, 6), (6, 1), (7, 1), (8, 1)]:
-    y, cache = attn(x[:, t0:t0 + n], pos[:, t0:t0 + n], cache)
-    ys.append(y)
+  y_f32, _ = run_chunks(attn, x, pos, [6, 1, 1, 1], 12)
+  y_int8, cache = run_chunks(attn, x, pos, [6, 1, 1, 1], 12, cache_dtype=jnp.int8)
   assert isinstance(cache.c_kv, mla_jax.quant.Int8Rows)
-  assert rel_err(jnp.concatenate(ys, 1), y_f32) < 2e-2
+  assert rel_err(y_int8, y_f32) < 2e-2
 
 
 def test_cache_overflow_is_detected(rng):
@@ -273,7 +258,7 @@ def test_bfloat16_modes_agree_with_float32(rng):
   """bf16 params, compute and cache (the benchmark setting) stay within bf16 error of f32."""
   x, pos = inputs(rng, TINY, 2, 7)
   reference_module = make()
-  want, _ = run_incremental(reference_module, x, pos, [5, 1, 1], 8)
+  want, _ = run_chunks(reference_module, x, pos, [5, 1, 1], 8)
   params = nnx.state(reference_module, nnx.Param)
   for mode in ["standard", "absorbed"]:
     attn = make(mode=mode, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)

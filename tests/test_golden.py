@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import mla_jax
-from conftest import GOLDEN_DIR, rel_err
+from conftest import GOLDEN_DIR, rel_err, run_chunks
 
 PREFILL = 11  # cases.json: prefill 11 tokens, then 5 decode steps
 
@@ -29,13 +29,8 @@ def test_full_sequence_matches_transformers(mode, golden):
 def test_prefill_then_decode_matches_transformers(mode, golden):
   attn = _load(mode)
   x, pos = jnp.asarray(golden["attn_x"]), jnp.asarray(golden["attn_positions"], jnp.int32)
-  cache = attn.init_cache(x.shape[0], x.shape[1], jnp.float32)
-  y, cache = attn(x[:, :PREFILL], pos[:, :PREFILL], cache)
-  ys = [y]
-  for t in range(PREFILL, x.shape[1]):
-    y, cache = attn(x[:, t:t + 1], pos[:, t:t + 1], cache)
-    ys.append(y)
-  assert rel_err(jnp.concatenate(ys, axis=1), golden["attn_out_incremental"]) <= PARITY
+  y, _ = run_chunks(attn, x, pos, [PREFILL] + [1] * (x.shape[1] - PREFILL))
+  assert rel_err(y, golden["attn_out_incremental"]) <= PARITY
 
 
 def test_latent_cache_matches_transformers_cache(golden):

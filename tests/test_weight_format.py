@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import mla_jax
-from conftest import RTOL, rel_err
+from conftest import RTOL, rel_err, run_chunks
 from mla_jax import quant
 from mla_jax.ops import gemv_gpu
 
@@ -24,13 +24,7 @@ PREFILL, DECODE = 5, 3
 
 def _run(attn, x, positions):
   """Prefill PREFILL tokens, then decode the rest one at a time; returns all outputs."""
-  cache = attn.init_cache(x.shape[0], x.shape[1], jnp.float32)
-  y, cache = attn(x[:, :PREFILL], positions[:, :PREFILL], cache)
-  ys = [y]
-  for t in range(PREFILL, x.shape[1]):
-    y, cache = attn(x[:, t:t + 1], positions[:, t:t + 1], cache)
-    ys.append(y)
-  return jnp.concatenate(ys, axis=1)
+  return run_chunks(attn, x, positions, [PREFILL] + [1] * (x.shape[1] - PREFILL))[0]
 
 
 def _dequantized_twin(attn):
