@@ -1,0 +1,88 @@
+"""Reading optimized HLO text (Compiled.as_text()): which instruction writes each output.
+
+Just enough of the text format for tests: instructions are `[ROOT ]%name = shape opcode(%a, %b, ...),
+attrs`, computations are `[ENTRY ]%name (...) -> ... {` ... `}`, and a fusion names its body with
+`calls=%body`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+_COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) ")
+_INSTRUCTION = re.compile(r"^\s*(ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
+_IN_PLACE_OPS = ("dynamic-update-slice", "scatter")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  name: str
+  shape: str  # e.g. "f32[1,4,4096,24]{3,2,1,0}"
+  opcode: str
+  operands: tuple[str, ...]
+  args: str  # the text in the parentheses: operands, or a parameter's number
+  calls: str | None
+
+
+def parse(text: str) -> tuple[dict[str, dict[str, Instruction]], dict[str, str], str]:
+  """Returns ({computation: {name: instruction}}, {computation: root name}, entry name)."""
+  computations, roots, entry, current = {}, {}, None, None
+  for line in text.splitlines():
+    if (m := _COMPUTATION.match(line)) and line.rstrip().endswith("{"):
+      current = m.group(2)
+      computations[current] = {}
+      entry = current if m.group(1) else entry
+    elif current and (m := _INSTRUCTION.match(line)):
+      args = m.group(5).split("), ")[0].rstrip(")")
+      calls = re.search(r"calls=%([\w.\-]+)", m.group(5))
+      computations[current][m.group(2)] = Instruction(
+          m.group(2), m.group(3), m.group(4), tuple(re.findall(r"%([\w.\-]+)", args)),
+          args, calls and calls.group(1))
+      if m.group(1):
+        roots[current] = m.group(2)
+  return computations, roots, entry
+
+
+def shape_of(array) -> str:
+  """An array's shape as HLO prints it, without the layout: "f32[2,64,8]"."""
+  name = array.dtype.name
+  name = {"bool": "pred", "bfloat16": "bf16"}.get(name) or (
+      name.replace("float", "f").replace("uint", "u").replace("int", "s"))
+  return f"{name}[{','.join(map(str, array.shape))}]"
+
+
+def in_place_writes(text: str, shapes: list[str]) -> dict[str, str]:
+  """For each output array shape (e.g. "f32[1,4,4096,24]"), how the entry computation produces
+  it: "in place" when it is a dynamic-update-slice or scatter (bare or as a fusion's root) whose
+  updated operand is an entry parameter, as XLA writes such an update into the donated buffer;
+  otherwise a description of the producer (a copy, a fusion with another root, ...)."""
+  computations, roots, entry = parse(text)
+  body = computations[entry]
+  root = body[roots[entry]]
+  outputs = [body[name] for name in root.operands] if root.opcode == "tuple" else [root]
+  found = {}
+  for shape in shapes:
+    producers = [i for i in outputs if i.shape.split("{")[0] == shape]
+    assert len(producers) == 1, f"{len(producers)} outputs of shape {shape}"
+    found[shape] = _describe(producers[0], body, computations, roots)
+  return found
+
+
+def _describe(inst, body, computations, roots) -> str:
+  while inst.opcode == "bitcast":
+    inst = body[inst.operands[0]]
+  updated, op = inst.operands[0], inst.opcode
+  if op == "fusion":
+    fused = computations[inst.calls]
+    root = fused[roots[inst.calls]]
+    op = root.opcode
+    param = fused[root.operands[0]] if root.operands else None
+    if param is None or param.opcode != "parameter":
+      return f"{inst.name}: fusion rooted in {op} of a computed value"
+    updated = inst.operands[int(param.args)]
+  if op not in _IN_PLACE_OPS:
+    return f"{inst.name}: {op}"
+  if body[updated].opcode != "parameter":
+    return f"{inst.name}: {op} of {body[updated].opcode} %{updated}"
+  return "in place"
