@@ -1,7 +1,7 @@
 """Reading optimized HLO text (Compiled.as_text()): which instruction writes each output.
 
 Just enough of the text format for tests: instructions are `[ROOT ]%name = shape opcode(%a, %b, ...),
-attrs`, computations are `[ENTRY ]%name (...) -> ... {` ... `}`, and a fusion names its body with
+attributes`, computations are `[ENTRY ]%name (...) -> ... {` ... `}`, and a fusion names its body with
 `calls=%body`.
 """
 
@@ -22,7 +22,8 @@ class Instruction:
   opcode: str
   operands: tuple[str, ...]
   args: str  # the text in the parentheses: operands, or a parameter's number
-  calls: str | None
+  calls: str | None  # a fusion's body
+  tuple_index: int | None  # a get-tuple-element's index
 
 
 def parse(text: str) -> tuple[dict[str, dict[str, Instruction]], dict[str, str], str]:
@@ -36,9 +37,10 @@ def parse(text: str) -> tuple[dict[str, dict[str, Instruction]], dict[str, str],
     elif current and (m := _INSTRUCTION.match(line)):
       args = m.group(5).split("), ")[0].rstrip(")")
       calls = re.search(r"calls=%([\w.\-]+)", m.group(5))
+      index = re.search(r"\), index=(\d+)", m.group(5))
       computations[current][m.group(2)] = Instruction(
           m.group(2), m.group(3), m.group(4), tuple(re.findall(r"%([\w.\-]+)", args)),
-          args, calls and calls.group(1))
+          args, calls and calls.group(1), index and int(index.group(1)))
       if m.group(1):
         roots[current] = m.group(2)
   return computations, roots, entry
@@ -70,19 +72,25 @@ def in_place_writes(text: str, shapes: list[str]) -> dict[str, str]:
 
 
 def _describe(inst, body, computations, roots) -> str:
-  while inst.opcode == "bitcast":
+  index = None  # which output of a multi-output fusion
+  while inst.opcode in ("bitcast", "get-tuple-element"):
+    index = inst.tuple_index if inst.opcode == "get-tuple-element" else index
     inst = body[inst.operands[0]]
-  updated, op = inst.operands[0], inst.opcode
-  if op == "fusion":
+  if inst.opcode == "fusion":
     fused = computations[inst.calls]
-    root = fused[roots[inst.calls]]
-    op = root.opcode
-    param = fused[root.operands[0]] if root.operands else None
-    if param is None or param.opcode != "parameter":
-      return f"{inst.name}: fusion rooted in {op} of a computed value"
-    updated = inst.operands[int(param.args)]
-  if op not in _IN_PLACE_OPS:
-    return f"{inst.name}: {op}"
+    update = fused[roots[inst.calls]]
+    if update.opcode == "tuple" and index is not None:
+      update = fused[update.operands[index]]
+    if update.opcode not in _IN_PLACE_OPS:
+      return f"{inst.name}: fusion rooted in {update.opcode}"
+    target = fused[update.operands[0]]
+    if target.opcode != "parameter":
+      return f"{inst.name}: {update.opcode} of a computed {target.opcode}"
+    updated = inst.operands[int(target.args)]
+  elif inst.opcode in _IN_PLACE_OPS:
+    updated = inst.operands[0]
+  else:
+    return f"{inst.name}: {inst.opcode}"
   if body[updated].opcode != "parameter":
-    return f"{inst.name}: {op} of {body[updated].opcode} %{updated}"
+    return f"{inst.name}: {inst.opcode} of {body[updated].opcode} %{updated}"
   return "in place"

@@ -203,9 +203,8 @@ def test_in_place_check_sees_copies():
   """The HLO reading used above tells an in-place update from a copied one."""
   cache, x = jnp.zeros((2, 64, 8)), jnp.ones((2, 8))
   update = lambda c, x: c.at[:, 3].set(x)
-  transposed = lambda c, x: c.transpose(0, 2, 1).at[:, :, 3].set(x).transpose(0, 2, 1)
-  for f, donate, expected in [(update, (0,), True), (update, (), False),
-                              (transposed, (0,), False)]:
+  masked = lambda c, x: jnp.where(jnp.arange(64)[None, :, None] == 3, x[:, None], c)
+  for f, donate, expected in [(update, (0,), True), (update, (), False), (masked, (0,), False)]:
     text = jax.jit(f, donate_argnums=donate).lower(cache, x).compile().as_text()
     assert (hlo.in_place_writes(text, ["f32[2,64,8]"])["f32[2,64,8]"] == "in place") == expected
 
