@@ -8,7 +8,8 @@ once, median over `trials`, per decode call. Device time (the headline number, o
 GPU kernel durations of a jax.profiler trace of such calls, summed per decode call. TB/s counts
 the cache bytes that must be read: c_kv (+ int8 scales) and k_rope of the valid rows.
 
-  python -m experiments.bench_decode --out DIR [--quick]
+  python -m experiments.bench_decode --out DIR [--quick] [--heads 16 --shapes 1x131072,8x16384
+      --formats bf16 --variants '{"p128": {"num_splits": 128}}']
 
 writes DIR/bench_decode.json. `run(config, workdir)` is the entry point for the experiment runner.
 """
@@ -218,10 +219,19 @@ def main():
   parser.add_argument("--quick", action="store_true", help="two shapes, H=16 only")
   parser.add_argument("--variants", default=None,
                       help='JSON {"name": {kernel options}} to time instead of the default')
+  parser.add_argument("--heads", default=None, help="comma-separated H values, e.g. 16,128")
+  parser.add_argument("--shapes", default=None, help="comma-separated BxS, e.g. 1x131072,8x16384")
+  parser.add_argument("--formats", default=None, help="comma-separated cache formats: bf16,int8")
   args = parser.parse_args()
   config = dict(QUICK if args.quick else FULL)
   if args.variants:
     config["variants"] = json.loads(args.variants)
+  if args.heads:
+    config["heads"] = tuple(int(h) for h in args.heads.split(","))
+  if args.shapes:
+    config["shapes"] = tuple(tuple(int(n) for n in bs.split("x")) for bs in args.shapes.split(","))
+  if args.formats:
+    config["formats"] = tuple(args.formats.split(","))
   run(config, args.out)
 
 

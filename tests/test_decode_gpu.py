@@ -109,10 +109,12 @@ def test_other_power_of_two_widths(rng, C, R):
 
 
 def test_more_pieces_than_tiles_and_default_tuning(rng):
-  """Pieces wholly past S or past a row's length are skipped and never produce NaN."""
+  """Pieces wholly past S or past a row's length are skipped and never produce NaN; the partials
+  may be float32 or bfloat16 (the default for a bfloat16 query)."""
   args = _inputs(rng, 3, 16, S_SMALL, "bfloat16")
   lengths = jnp.asarray([S_SMALL, 0, 20], jnp.int32)
-  for options in ({"block_s": BLOCK_S, "num_splits": 8}, {}):
+  for options in ({"block_s": BLOCK_S, "num_splits": 8}, {}, {"partials": "float32"},
+                  {"block_s": BLOCK_S, "num_splits": 4, "merge": "xla"}):
     out, lse = decode_gpu.mla_decode(*args, lengths, sm_scale=0.09, interpret=INTERPRET,
                                      **options)
     _check(out, lse, *args, lengths, 0.09, _tol("bfloat16"))
@@ -140,6 +142,8 @@ def test_long_caches_default_tuning(rng, fmt, B, H, S):
 def test_choose_tuning_covers_the_cache_and_fills_the_gpu():
   for B, H, S in [(1, 16, 131072), (64, 16, 16384), (8, 128, 16384), (3, 1, 70), (1, 20, 5)]:
     t = decode_gpu.choose_tuning(B, H, S, num_sms=132)
+    assert t.partials == "bfloat16"
+    assert decode_gpu.choose_tuning(B, H, S, out_dtype=jnp.float32).partials == "float32"
     assert t.block_h >= 16 and t.block_h & (t.block_h - 1) == 0
     head_blocks = -(-H // t.block_h)
     assert t.num_splits * t.piece_tiles(S) * t.block_s >= S, "pieces must cover S"
@@ -164,6 +168,8 @@ def test_bad_arguments_raise():
     decode_gpu.mla_decode(q, qr, c, kr, lengths, sm_scale=1.0, block_s=24)
   with pytest.raises(ValueError, match="c_kv.dtype"):
     decode_gpu.mla_decode(q, qr, c.astype(jnp.int32), kr, lengths, sm_scale=1.0)
+  with pytest.raises(ValueError, match="partials"):
+    decode_gpu.mla_decode(q, qr, c, kr, lengths, sm_scale=1.0, partials="float16")
 
 
 # A small MLA layer: the rope width (R=8, padded to 16) and the heads (H=4, padded to the dot

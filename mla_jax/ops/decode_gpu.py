@@ -77,6 +77,7 @@ class DecodeTuning:
   num_warps: int
   num_stages: int   # Triton software-pipelining depth of the tile loop
   merge: str = "pallas"  # "pallas": the merge kernel below; "xla": ops.merge_partials
+  partials: str = "float32"  # dtype of the partial outputs o_p ("bfloat16" halves their bytes)
 
   def piece_tiles(self, S: int) -> int:
     """Tiles of block_s rows in each piece of an S-row cache."""
@@ -90,7 +91,8 @@ def programs_per_sm(block_s: int, num_stages: int, row_bytes: int) -> int:
 
 
 def choose_tuning(B: int, H: int, S: int, *, num_sms: int = _DEFAULT_NUM_SMS,
-                  cache_itemsize: int = 2, C: int = 512, R: int = 64) -> DecodeTuning:
+                  cache_itemsize: int = 2, C: int = 512, R: int = 64,
+                  out_dtype=jnp.bfloat16) -> DecodeTuning:
   """The split heuristic (FlashDecoding): one wave of programs that fills every SM.
 
   block_h: heads in as few blocks as the registers allow (acc [block_h, C] float32 lives in
@@ -100,7 +102,9 @@ def choose_tuning(B: int, H: int, S: int, *, num_sms: int = _DEFAULT_NUM_SMS,
   for float32; with more heads, 64 rows in 2 stages (32 for int8). P is chosen so that
   B·head_blocks·P is about one wave of programs (a second, partial wave would leave most SMs
   idle while it runs), rounded so that pieces are whole tiles and at least _MIN_TILES_PER_PIECE
-  long; P = 1 once B·head_blocks fills a wave by itself.
+  long; P = 1 once B·head_blocks fills a wave by itself. Partials are stored in bfloat16 when
+  the output is bfloat16 (it is rounded to that anyway): at B=1,S=131072 the float32 partials
+  are 8 MB, 5% of the cache bytes, and halving them saved 2 µs of 48.
   """
   block_h = min(max(_next_pow2(H), _MIN_DOT), 64)
   if cache_itemsize >= 4:
@@ -115,8 +119,10 @@ def choose_tuning(B: int, H: int, S: int, *, num_sms: int = _DEFAULT_NUM_SMS,
   tiles = pl.cdiv(S, block_s)
   num_splits = max(1, min(round(wave / (B * head_blocks)), tiles // _MIN_TILES_PER_PIECE))
   num_splits = pl.cdiv(tiles, pl.cdiv(tiles, num_splits))  # no empty trailing piece
+  partials = "bfloat16" if jnp.dtype(out_dtype) == jnp.bfloat16 else "float32"
   return DecodeTuning(block_h=block_h, block_s=block_s, num_splits=num_splits,
-                      num_warps=8 if block_h >= 64 else 4, num_stages=num_stages)
+                      num_warps=8 if block_h >= 64 else 4, num_stages=num_stages,
+                      partials=partials)
 
 
 def _int8_to_f16(x, interpret: bool):
@@ -212,7 +218,7 @@ def _decode_kernel(lengths_ref,      # [B] int32
   acc, m_i, l_i = jax.lax.fori_loop(full_tiles, num_tiles, ragged, carry)
   nonempty = l_i > 0
   safe_l = jnp.where(nonempty, l_i, 1.0)
-  o_ref[...] = acc / safe_l[:, None]
+  o_ref[...] = (acc / safe_l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(nonempty, (m_i + jnp.log2(safe_l)) * _LN2, -jnp.inf)
 
 
@@ -235,7 +241,7 @@ def _merge_kernel(lse_parts_ref,  # [P]
     w = jnp.exp(pltriton.load(lse_parts_ref.at[pl.ds(i * chunk, chunk)], mask=valid,
                               other=-jnp.inf) - m)                            # [chunk]
     o = pltriton.load(o_parts_ref.at[pl.ds(i * chunk, chunk), :], mask=valid[:, None],
-                      other=0.0)                                              # [chunk, block_c]
+                      other=0.0).astype(jnp.float32)                          # [chunk, block_c]
     return acc + jnp.sum(w[:, None] * o, axis=0)
 
   block_c = out_ref.shape[0]
@@ -282,7 +288,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
                interpret: bool = False, num_splits: int | None = None,
                block_s: int | None = None, block_h: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None,
-               merge: str | None = None):
+               merge: str | None = None, partials: str | None = None):
   """Absorbed MLA decode: out [B,H,C] in q_latent.dtype, lse [B,H] float32 (natural log).
 
   q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (bf16/f16/f32 or quant.Int8Rows), k_rope
@@ -291,9 +297,10 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
   """
   B, H, S, C, R = _validate(q_latent, q_rope, c_kv, k_rope, lengths)
   itemsize = 1 if isinstance(c_kv, quant.Int8Rows) else jnp.dtype(c_kv.dtype).itemsize
-  tuning = choose_tuning(B, H, S, num_sms=num_sms(), cache_itemsize=itemsize, C=C, R=R)
+  tuning = choose_tuning(B, H, S, num_sms=num_sms(), cache_itemsize=itemsize, C=C, R=R,
+                         out_dtype=q_latent.dtype)
   overrides = dict(num_splits=num_splits, block_s=block_s, block_h=block_h,
-                   num_warps=num_warps, num_stages=num_stages, merge=merge)
+                   num_warps=num_warps, num_stages=num_stages, merge=merge, partials=partials)
   tuning = dataclasses.replace(tuning, **{k: v for k, v in overrides.items() if v is not None})
   if not (_is_pow2(tuning.block_h) and tuning.block_h >= _MIN_DOT):
     raise ValueError(f"block_h={tuning.block_h}: expected a power of two >= {_MIN_DOT}")
@@ -303,6 +310,8 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
     raise ValueError(f"num_splits={tuning.num_splits}: expected >= 1")
   if tuning.merge not in ("pallas", "xla"):
     raise ValueError(f"merge={tuning.merge!r}: expected 'pallas' or 'xla'")
+  if tuning.partials not in ("float32", "bfloat16"):
+    raise ValueError(f"partials={tuning.partials!r}: expected 'float32' or 'bfloat16'")
   return _mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=float(sm_scale),
                      tuning=tuning, interpret=interpret)
 
@@ -358,7 +367,7 @@ def _mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, tuning, in
           pl.BlockSpec((None, None, block_h), lambda h, p, b: (p, b, h)),
       ],
       out_shape=[
-          jax.ShapeDtypeStruct((P, B, H_pad, C), jnp.float32),  # o_p
+          jax.ShapeDtypeStruct((P, B, H_pad, C), jnp.dtype(tuning.partials)),  # o_p
           jax.ShapeDtypeStruct((P, B, H_pad), jnp.float32),     # lse_p
       ],
       compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
@@ -368,7 +377,7 @@ def _mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, tuning, in
   )(*operands)
 
   if tuning.merge == "xla":
-    out, lse = merge_partials(o_parts[:, :, :H], lse_parts[:, :, :H])
+    out, lse = merge_partials(o_parts[:, :, :H].astype(jnp.float32), lse_parts[:, :, :H])
     return out.astype(q_latent.dtype), lse
   # Merge (one program per (b, h, block_c columns)): narrow column blocks when B·H is small, so
   # that about _MERGE_PROGRAMS programs share the reads; each step loads up to _MERGE_TILE values.
