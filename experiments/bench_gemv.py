@@ -58,6 +58,15 @@ SWEEP = {
     "dot64": gemv_gpu.GemvConfig(block_n=64),
     "dot32k4": gemv_gpu.GemvConfig(block_n=32, block_k=4),
     "dot16k4": gemv_gpu.GemvConfig(block_n=16, block_k=4),
+    "dot32k2": gemv_gpu.GemvConfig(block_n=32, block_k=2),
+    "dot64k4": gemv_gpu.GemvConfig(block_n=64, block_k=4),
+    "dot128k4": gemv_gpu.GemvConfig(block_n=128, block_k=4),
+    "dot128k4w8": gemv_gpu.GemvConfig(block_n=128, block_k=4, num_warps=8),
+    "dot16k16": gemv_gpu.GemvConfig(block_n=16, block_k=16),
+    "dot32k16": gemv_gpu.GemvConfig(block_n=32, block_k=16),
+    "dot64k16w8": gemv_gpu.GemvConfig(block_n=64, block_k=16, num_warps=8),
+    "fma64k4": gemv_gpu.GemvConfig(block_n=64, dot=False, block_k=4),
+    "fma128k4": gemv_gpu.GemvConfig(block_n=128, dot=False, block_k=4),
     "dot32unr": gemv_gpu.GemvConfig(block_n=32, unroll=True),
     "dot64unr": gemv_gpu.GemvConfig(block_n=64, unroll=True),
     "int8_64": gemv_gpu.GemvConfig(block_n=64, int8=True),
@@ -350,7 +359,7 @@ def run(config, workdir) -> dict:
     for K, N in s.products:
       for B in s.batch_sizes:
         for fmt in s.weight_formats:
-          cfg = gemv_gpu.default_config(B, K, N, None if fmt == "bf16" else fmt)
+          cfg = gemv_gpu.default_config(B, H, K, N, None if fmt == "bf16" else fmt)
           shape_variants = {"pallas": cfg}
           if fmt == "q8_0":
             shape_variants["pallas_int8"] = dataclasses.replace(cfg, int8=True, dot=True)

@@ -62,11 +62,28 @@ class GemvConfig:
   block_k: int = 1  # GGML blocks of 32 rows per step of the (pipelined) K loop
 
 
-def default_config(B: int, K: int, N: int, fmt: str | None) -> GemvConfig:
-  """The configuration used when none is given (see docs/batched_gemv.md for the sweep)."""
-  del fmt
-  del B, K
-  return GemvConfig(block_n=min(32, N))
+def default_config(B: int, H: int, K: int, N: int, fmt: str | None) -> GemvConfig:
+  """The configuration used when none is given: rules read off the H200 sweep of every variant
+  at every benchmark shape (docs/results/gemv_sweep.json, summarised in docs/batched_gemv.md),
+  kept only where a rule won by more than the ~5% run-to-run noise.
+
+  - Many heads fill the GPU with wider column blocks: block_n 64 at H >= 64, else 32.
+  - Long contractions (K > N, the wv_b product) move 4 GGML blocks per pipelined step, so each
+    step's loads are large enough to stream (bf16, and q8_0 at B >= 64); short ones (K < N, the
+    wk_b product) 2 blocks for bf16 at few heads.
+  - Quantized weights with one batch row and many heads skip the 16-row padding of the tensor-core
+    dot (dot=False), with 4 blocks per step; q8_0 prefers 128 columns there, iq4_nl 64.
+  """
+  block_n = min(64 if H >= 64 else 32, N)
+  if fmt is None:
+    if K > N:
+      return GemvConfig(block_n=block_n, block_k=4)
+    return GemvConfig(block_n=block_n, block_k=1 if H >= 64 else 2)
+  if K < N and H >= 64 and B == 1:
+    return GemvConfig(block_n=min(128 if fmt == "q8_0" else 64, N), dot=False, block_k=4)
+  if K > N and fmt == "q8_0" and B >= 64:
+    return GemvConfig(block_n=block_n, block_k=4)
+  return GemvConfig(block_n=block_n if K < N else min(32, N))
 
 
 def _iq4_nl_values(idx):
@@ -176,7 +193,7 @@ def batched_gemv(x, w, *, interpret: bool = False, config: GemvConfig | None = N
   if not quantized and not jnp.issubdtype(w.dtype, jnp.floating):
     raise ValueError(f"w.dtype={w.dtype}; expected a float array or quant.QuantizedTensor")
   fmt = w.fmt if quantized else None
-  cfg = config or default_config(B, K, N, fmt)
+  cfg = config or default_config(B, H, K, N, fmt)
   if cfg.int8 and not (fmt == "q8_0" and cfg.dot):
     raise ValueError(f"{cfg=}: int8=True needs q8_0 weights and dot=True (Triton's int8 dot "
                      "needs K >= 32 and an IQ4_NL block splits into two 16-row nibble halves)")
