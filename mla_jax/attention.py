@@ -124,8 +124,8 @@ class MLAttention(nnx.Module):
     num_new = jnp.sum(valid, axis=1, dtype=jnp.int32)
     q_slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
 
-    q = self._query(x).reshape(B, T, cfg.num_heads, cfg.qk_head_dim)
-    q_nope, q_rope = jnp.split(q, [cfg.qk_nope_head_dim], axis=-1)
+    q = self._query(x).reshape(B, T, cfg.num_heads, cfg.qk_head_dim)  # [q_nope | q_rope]
+    q_rope = q[..., cfg.qk_nope_head_dim:]
     c_kv, k_rope = jnp.split(self.kv_a_proj_with_mqa(x), [cfg.kv_lora_rank], axis=-1)
     c_kv = self.kv_a_layernorm(c_kv)
     cos, sin = rope.rope_tables(cfg, positions)
@@ -133,7 +133,7 @@ class MLAttention(nnx.Module):
     k_rope = rope.apply_rope(k_rope, cos, sin)
 
     attend = self._absorbed if self.mode == "absorbed" else self._standard
-    heads, cache = attend(q_nope, q_rope, c_kv, k_rope, q_slots, num_new, cache)
+    heads, cache = attend(q, q_rope, c_kv, k_rope, q_slots, num_new, cache)
     y = self.o_proj(heads.reshape(B, T, cfg.num_heads * cfg.v_head_dim).astype(self.dtype))
     _raise_if_overflow(cache)
     return jnp.where(valid[..., None], y, 0).astype(self.dtype), cache
@@ -143,23 +143,25 @@ class MLAttention(nnx.Module):
       return self.q_proj(x)
     return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-  def _standard(self, q_nope, q_rope, c_kv, k_rope, q_slots, num_new, cache):
+  def _standard(self, q, q_rope, c_kv, k_rope, q_slots, num_new, cache):
+    """q [B,T,H,K+R] unrotated (its first K columns are q_nope), q_rope rotated."""
     wk_b, wv_b = self.kv_b_proj.wk_b.value, self.kv_b_proj.wv_b.value
     k_nope = jnp.einsum("btc,hkc->bthk", c_kv, quant.dequantize(wk_b, c_kv.dtype))
     v = jnp.einsum("btc,hcv->bthv", c_kv, quant.dequantize(wv_b, c_kv.dtype))
     k_rope = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))
     cache = cache.write(jnp.concatenate([k_nope, k_rope], axis=-1), v, num_new)
-    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    q = jnp.concatenate([q[..., :self.cfg.qk_nope_head_dim], q_rope], axis=-1)
     heads = xla.standard_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), q_slots,
                                    cache.lengths, sm_scale=self.cfg.softmax_scale)
     return heads, cache
 
-  def _absorbed(self, q_nope, q_rope, c_kv, k_rope, q_slots, num_new, cache):
+  def _absorbed(self, q, q_rope, c_kv, k_rope, q_slots, num_new, cache):
+    """q [B,T,H,K+R] unrotated (its first K columns are q_nope), q_rope rotated."""
     wk_b, wv_b = self.kv_b_proj.wk_b.value, self.kv_b_proj.wv_b.value
     cache = cache.write(c_kv, k_rope, num_new)
-    B, T, H, _ = q_nope.shape
-    if T == 1:  # decode: the two batched GEMVs and the split-KV kernel of `backend`
-      q_latent = ops.batched_gemv(q_nope[:, 0], wk_b, impl=self._gemv_impl,
+    T = q.shape[1]
+    if T == 1:  # decode: two batched GEMVs (q_nope read in place from q), the split-KV kernel
+      q_latent = ops.batched_gemv(q[:, 0], wk_b, impl=self._gemv_impl,
                                   **self._kernel_options(self._gemv_impl))
       o_latent, _ = ops.mla_decode(q_latent, q_rope[:, 0].astype(q_latent.dtype), cache.c_kv,
                                    cache.k_rope, cache.lengths, sm_scale=self.cfg.softmax_scale,
@@ -167,9 +169,10 @@ class MLAttention(nnx.Module):
       heads = ops.batched_gemv(o_latent.astype(q_latent.dtype), wv_b, impl=self._gemv_impl,
                                **self._kernel_options(self._gemv_impl))
       return heads[:, None], cache
-    q_latent = jnp.einsum("bthk,hkc->bthc", q_nope, quant.dequantize(wk_b, q_nope.dtype))
-    c_cache = cache.c_kv if hasattr(cache.c_kv, "dequantize") else cache.c_kv.astype(q_nope.dtype)
-    o_latent = xla.latent_attention(q_latent, q_rope, c_cache, cache.k_rope.astype(q_nope.dtype),
+    q_nope = q[..., :self.cfg.qk_nope_head_dim]
+    q_latent = jnp.einsum("bthk,hkc->bthc", q_nope, quant.dequantize(wk_b, q.dtype))
+    c_cache = cache.c_kv if hasattr(cache.c_kv, "dequantize") else cache.c_kv.astype(q.dtype)
+    o_latent = xla.latent_attention(q_latent, q_rope, c_cache, cache.k_rope.astype(q.dtype),
                                     q_slots, cache.lengths, sm_scale=self.cfg.softmax_scale)
     return jnp.einsum("bthc,hcv->bthv", o_latent, quant.dequantize(wv_b, o_latent.dtype)), cache
 

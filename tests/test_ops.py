@@ -107,6 +107,11 @@ def test_xla_batched_gemv_matches_reference(dtype, rng):
   assert y.dtype == dtype
   assert rel_err(y, want) < RTOL[dtype]
   assert rel_err(ops.batched_gemv(x, w, impl="reference"), want) < 1e-6
+  # A wider x (the whole query [B,H,K+R]) contributes only its first K columns.
+  wide = jnp.concatenate([x, jnp.full((3, 4, 16), 1e4, dtype)], axis=-1)
+  for impl in ("xla", "reference"):
+    np.testing.assert_array_equal(ops.batched_gemv(wide, w, impl=impl),
+                                  ops.batched_gemv(x, w, impl=impl))
 
 
 @pytest.mark.parametrize("arg,shape", [(0, (B, H)), (1, (B, H + 1, R)), (2, (B, S, C + 1)),
@@ -124,3 +129,5 @@ def test_unknown_impl_raises(rng):
     ops.mla_decode(*decode_inputs(rng), sm_scale=SCALE, impl="cuda")
   with pytest.raises(ValueError, match="w.shape"):
     ops.batched_gemv(jnp.ones((2, 3, 4)), jnp.ones((3, 5, 6)))
+  with pytest.raises(ValueError, match="w.shape"):
+    ops.batched_gemv(jnp.ones((2, 3, 4)), jnp.ones((2, 4, 6)))

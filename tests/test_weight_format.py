@@ -50,11 +50,12 @@ def test_quantized_module_matches_dequantized_weights(fmt, mode, backend, rng):
 
 
 def test_pallas_decode_gets_the_quantized_weights(monkeypatch, rng):
+  """...and, for wk_b, the whole query [B,H,K+R], whose q_nope columns the kernel reads in place."""
   seen = []
   kernel = gemv_gpu.batched_gemv
 
   def spy(x, w, **kw):
-    seen.append(type(w))
+    seen.append((type(w), x.shape[-1]))
     return kernel(x, w, **kw)
 
   monkeypatch.setattr(gemv_gpu, "batched_gemv", spy)
@@ -62,7 +63,8 @@ def test_pallas_decode_gets_the_quantized_weights(monkeypatch, rng):
                              rngs=nnx.Rngs(0))
   x = jnp.asarray(rng.standard_normal((1, 1, SMALL.hidden_size)), jnp.float32)
   attn(x, jnp.zeros((1, 1), jnp.int32), attn.init_cache(1, 4, jnp.float32))
-  assert seen == [quant.QuantizedTensor, quant.QuantizedTensor]
+  assert seen == [(quant.QuantizedTensor, SMALL.qk_head_dim),
+                  (quant.QuantizedTensor, SMALL.kv_lora_rank)]
 
 
 def test_weight_formats_store_what_they_say():

@@ -90,15 +90,17 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, impl
 
 
 def batched_gemv(x, w, *, impl: str = "auto", **kernel_options):
-  """y[b,h] = x[b,h] · w[h]: x [B,H,K], w [H,K,N] array or quantized tensor -> [B,H,N]."""
+  """y[b,h] = x[b,h,:K] · w[h]: x [B,H,K'] with K' >= K, w [H,K,N] array or quantized tensor ->
+  [B,H,N]. Only the first K columns of x are used: pass the whole query [B,H,K+R] for q_nope
+  and the Pallas kernel reads them in place."""
   if x.ndim != 3:
-    raise _shape_error("x", x, "[B,H,K]")
-  if len(w.shape) != 3 or tuple(w.shape[:2]) != tuple(x.shape[1:]):
-    raise _shape_error("w", w, f"[H,K,N] with H,K={tuple(x.shape[1:])}")
+    raise _shape_error("x", x, "[B,H,K'] (K' >= K of w)")
+  if len(w.shape) != 3 or w.shape[0] != x.shape[1] or w.shape[1] > x.shape[2]:
+    raise _shape_error("w", w, f"[H,K,N] with H={x.shape[1]} and K <= {x.shape[2]}")
   impl = resolve_impl(impl, allowed=GEMV_IMPLS)
   if impl == "reference":
-    return reference.batched_gemv(x, w)
+    return reference.batched_gemv(x[..., :w.shape[1]], w)
   if impl == "xla":
-    return xla.batched_gemv(x, w)
+    return xla.batched_gemv(x[..., :w.shape[1]], w)
   from mla_jax.ops import gemv_gpu  # pylint: disable=import-outside-toplevel
   return gemv_gpu.batched_gemv(x, w, **kernel_options)
