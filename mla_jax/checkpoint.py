@@ -19,11 +19,13 @@ from mla_jax.config import MLAConfig
 
 
 def load_hf_attention(path, layer: int, mode: str = "absorbed", dtype=jnp.float32,
-                      backend: str = "auto") -> MLAttention:
+                      backend: str = "auto", weight_format: str | None = None) -> MLAttention:
   """MLAttention for `model.layers.{layer}.self_attn.*` of the checkpoint directory `path`.
 
   `path` holds config.json and either model.safetensors or shards listed in
-  model.safetensors.index.json. Parameters and compute use `dtype`.
+  model.safetensors.index.json. Parameters and compute use `dtype`; `weight_format` then
+  converts wk_b and wv_b as MLAttention's argument of that name does (quantized from the
+  checkpoint's values).
   """
   cfg = MLAConfig.from_hf(path)
   if not 0 <= layer < cfg.num_layers:
@@ -38,7 +40,9 @@ def load_hf_attention(path, layer: int, mode: str = "absorbed", dtype=jnp.float3
   for name, value in params.items():
     key = tuple(name.split("."))
     flat[key].value = jnp.asarray(value, dtype)
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  attn = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  attn.kv_b_proj.set_weight_format(weight_format)
+  return attn
 
 
 def _hf_shapes(cfg: MLAConfig) -> dict[str, tuple[int, ...]]:

@@ -75,6 +75,18 @@ def test_golden_checkpoint_round_trips_through_hf_layout():
     np.testing.assert_array_equal(value, golden[name])
 
 
+def test_weight_format_on_load():
+  loaded = mla_jax.load_hf_attention(GOLDEN_DIR, 0)
+  bf16 = mla_jax.load_hf_attention(GOLDEN_DIR, 0, weight_format="bf16")
+  assert bf16.kv_b_proj.wk_b.value.dtype == bf16.kv_b_proj.wv_b.value.dtype == jnp.bfloat16
+  assert bf16.q_proj.kernel.value.dtype == jnp.float32
+  err = rel_err(outputs(bf16, np.random.default_rng(1)), outputs(loaded, np.random.default_rng(1)))
+  assert 0 < err < 2e-2
+  # The tiny checkpoint's wk_b contracts over 16 rows: not whole GGML blocks of 32.
+  with pytest.raises(ValueError, match="32"):
+    mla_jax.load_hf_attention(GOLDEN_DIR, 0, weight_format="q8_0")
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 def test_q_lora_checkpoint_loads(shards, tmp_path, rng):
   cfg = dataclasses.replace(golden_cfg(), q_lora_rank=24, num_layers=1)
