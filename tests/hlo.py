@@ -74,8 +74,16 @@ def in_place_writes(text: str, shapes: list[str]) -> dict[str, str]:
 def _describe(inst, body, computations, roots) -> str:
   index = None  # which output of a multi-output fusion
   while inst.opcode in ("bitcast", "get-tuple-element"):
-    index = inst.tuple_index if inst.opcode == "get-tuple-element" else index
-    inst = body[inst.operands[0]]
+    if inst.opcode == "bitcast":
+      inst = body[inst.operands[0]]
+      continue
+    source = body[inst.operands[0]]
+    if source.opcode == "opt-barrier":  # passes its operand tuple through
+      source = body[source.operands[0]]
+    if source.opcode == "tuple":
+      inst = body[source.operands[inst.tuple_index]]
+    else:
+      inst, index = source, inst.tuple_index
   if inst.opcode == "fusion":
     fused = computations[inst.calls]
     update = fused[roots[inst.calls]]
