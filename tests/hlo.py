@@ -54,6 +54,34 @@ def shape_of(array) -> str:
   return f"{name}[{','.join(map(str, array.shape))}]"
 
 
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8}
+_NO_BUFFER = ("parameter", "bitcast", "get-tuple-element", "tuple", "opt-barrier", "constant")
+
+
+def large_temporaries(text: str, min_bytes: int) -> list[str]:
+  """Arrays of at least min_bytes that the entry computation writes and does not return (so
+  neither inputs nor outputs such as the in-place cache updates), as "name opcode shape". The
+  s8 workspace that a cuBLAS custom call carries is not counted."""
+  computations, roots, entry = parse(text)
+  body = computations[entry]
+  root = body[roots[entry]]
+  returned = set(root.operands) | {roots[entry]}
+  found = []
+  for inst in body.values():
+    if inst.opcode in _NO_BUFFER or inst.name in returned:
+      continue
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", inst.shape):
+      if inst.opcode == "custom-call" and dtype == "s8":
+        continue
+      size = _BYTES[dtype]
+      for d in filter(None, dims.split(",")):
+        size *= int(d)
+      if size >= min_bytes:
+        found.append(f"{inst.name} {inst.opcode} {dtype}[{dims}]")
+  return found
+
+
 def in_place_writes(text: str, shapes: list[str]) -> dict[str, str]:
   """For each output array shape (e.g. "f32[1,4,4096,24]"), how the entry computation produces
   it: "in place" when it is a dynamic-update-slice or scatter (bare or as a fusion's root) whose

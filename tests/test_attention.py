@@ -199,14 +199,33 @@ def test_decode_step_copies_no_cache(mode, cache_dtype, batch, rng):
   assert set(writes.values()) == {"in place"}, writes
 
 
-def test_in_place_check_sees_copies():
-  """The HLO reading used above tells an in-place update from a copied one."""
+@pytest.mark.parametrize("mode", ["standard", "absorbed"])
+def test_decode_step_has_no_cache_sized_temporaries(mode, rng):
+  """No array as large as a cache array is written per step besides the cache itself. With
+  v stored [B,H,S,V], XLA GPU wrote the [B,H,S,V] float32 product p·V here (B=1, S=4096)."""
+  attn = make(mode=mode)
+  graphdef, state = nnx.split(attn)
+  x, pos = inputs(rng, TINY, 1, 1)
+  step = jax.jit(lambda s, x, p, c: nnx.merge(graphdef, s)(x, p, c), donate_argnums=(3,))
+  cache = attn.init_cache(1, 4096, jnp.float32)
+  text = step.lower(state, x, pos, cache).compile().as_text()
+  smallest = min(leaf.nbytes for leaf in jax.tree.leaves(cache) if 4096 in leaf.shape)
+  assert hlo.large_temporaries(text, smallest) == []
+
+
+def test_hlo_checks_see_copies_and_temporaries():
+  """The HLO readings used above tell an in-place update from a copied one, and see a
+  cache-sized temporary."""
   cache, x = jnp.zeros((2, 64, 8)), jnp.ones((2, 8))
   update = lambda c, x: c.at[:, 3].set(x)
   masked = lambda c, x: jnp.where(jnp.arange(64)[None, :, None] == 3, x[:, None], c)
   for f, donate, expected in [(update, (0,), True), (update, (), False), (masked, (0,), False)]:
     text = jax.jit(f, donate_argnums=donate).lower(cache, x).compile().as_text()
     assert (hlo.in_place_writes(text, ["f32[2,64,8]"])["f32[2,64,8]"] == "in place") == expected
+  # A full sort of the cache is a cache-sized temporary; the in-place update alone is none.
+  for f, expected in [(update, False), (lambda c, x: (update(c, x), jnp.sort(c, 1)[:, 0]), True)]:
+    text = jax.jit(f, donate_argnums=(0,)).lower(cache, x).compile().as_text()
+    assert bool(hlo.large_temporaries(text, cache.nbytes)) == expected
 
 
 def test_int8_cache_close_to_float(rng):
