@@ -22,17 +22,16 @@ from mla_jax import quant
 
 
 def _scatter_rows(buffer, new, start, num_new, seq_axis=1):
-  """buffer[b, ..., start[b] + t, ...] = new[b, t] for t < num_new[b], slots along seq_axis.
+  """buffer[b, start[b] + t] = new[b, t] for t < num_new[b] along seq_axis (1 or 2).
 
-  new is [B,T,...] whatever seq_axis is (the axes between batch and slot follow T in new);
-  other slots are untouched.
+  new is [B,T,...] in both cases; other slots are untouched.
   """
   B, T = new.shape[:2]
   S = buffer.shape[seq_axis]
   t = jnp.arange(T)[None, :]
   slots = jnp.where(t < num_new[:, None], start[:, None] + t, S)  # S is out of range: dropped
   rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-  index = (rows,) + (slice(None),) * (seq_axis - 1) + (slots,)
+  index = (rows, slots) if seq_axis == 1 else (rows, slice(None), slots)
   return buffer.at[index].set(new.astype(buffer.dtype), mode="drop")
 
 
@@ -108,15 +107,10 @@ class LatentCache(_CacheMixin):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache(_CacheMixin):
-  """Standard-attention cache of decompressed heads, head-major: k [B,H,S,K+R], and V stored
-  transposed, v [B,H,V,S].
+  """Standard-attention cache of decompressed heads, head-major: k [B,H,S,K+R], v [B,H,S,V].
 
   Head-major is transformers' layout. It is also what XLA's batched dot wants: with [B,S,H,D]
   every decode step transposed the whole cache into a temporary (seen in the compiled HLO).
-  V is transposed as llama.cpp stores it without flash attention, so that p·V contracts the
-  minor axis of both operands. With v [B,H,S,V], XLA GPU turned each head's small p·V into a
-  multiply and a column reduce and, at some lengths (S=4096 on the H200), wrote the [B,H,S,V]
-  float32 product to memory every step; with V transposed it never did (docs/experiments.md).
   """
 
   k: jax.Array
@@ -133,11 +127,11 @@ class KVCache(_CacheMixin):
     if jnp.dtype(dtype) == jnp.int8:
       raise ValueError("dtype=int8 is only supported by the absorbed (latent) cache")
     return cls(jnp.zeros((batch_size, num_heads, max_len, qk_dim), dtype),
-               jnp.zeros((batch_size, num_heads, v_dim, max_len), dtype),
+               jnp.zeros((batch_size, num_heads, max_len, v_dim), dtype),
                jnp.zeros((batch_size,), jnp.int32), jnp.zeros((batch_size,), bool))
 
   def write(self, k_new, v_new, num_new) -> KVCache:
     """Appends k_new [B,T,H,K+R], v_new [B,T,H,V]; row b keeps its first num_new[b] tokens."""
     lengths, overflow = _advance(self.lengths, self.overflow, num_new, self.max_len)
     return KVCache(_write(self.k, k_new, self.lengths, num_new, seq_axis=2),
-                   _write(self.v, v_new, self.lengths, num_new, seq_axis=3), lengths, overflow)
+                   _write(self.v, v_new, self.lengths, num_new, seq_axis=2), lengths, overflow)

@@ -199,11 +199,14 @@ def test_decode_step_copies_no_cache(mode, cache_dtype, batch, rng):
   assert set(writes.values()) == {"in place"}, writes
 
 
-@pytest.mark.parametrize("mode", ["standard", "absorbed"])
-def test_decode_step_has_no_cache_sized_temporaries(mode, rng):
-  """No array as large as a cache array is written per step besides the cache itself. With
-  v stored [B,H,S,V], XLA GPU wrote the [B,H,S,V] float32 product p·V here (B=1, S=4096)."""
-  attn = make(mode=mode)
+def test_absorbed_decode_step_has_no_cache_sized_temporaries(rng):
+  """No array as large as a cache array is written per absorbed step besides the cache itself.
+
+  Standard mode is not held to this: on the H200, XLA writes its [B,H,S,V] float32 p·V product
+  at some lengths (B=1, S=4096 here). Storing V transposed removes that but made the decode
+  28-46% slower at S=16448, so the layout stays (docs/experiments.md).
+  """
+  attn = make(mode="absorbed")
   graphdef, state = nnx.split(attn)
   x, pos = inputs(rng, TINY, 1, 1)
   step = jax.jit(lambda s, x, p, c: nnx.merge(graphdef, s)(x, p, c), donate_argnums=(3,))

@@ -61,8 +61,8 @@ def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_
 
 
 def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
-  """Per-head attention over a head-major cache k [B,H,S,K+R] and a transposed v [B,H,V,S]
-  (cache.KVCache's layout): q [B,T,H,K+R] -> [B,T,H,V].
+  """Per-head attention over a head-major cache k [B,H,S,K+R], v [B,H,S,V]: q [B,T,H,K+R] ->
+  [B,T,H,V].
 
   Both products keep heads major like the cache, and decode (T=1) is written as batched GEMVs:
   otherwise XLA CPU (jax 0.11.2) transposes the whole cache every step, or fails on bf16
@@ -77,9 +77,9 @@ def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
   p, inv_l, _ = _softmax(scores * sm_scale, visible)
   p = p.astype(v.dtype)
   if q.shape[1] == 1:
-    out = jnp.einsum("bhs,bhvs->bhv", p[:, :, 0], v, preferred_element_type=f32)[:, :, None]
+    out = jnp.einsum("bhs,bhsv->bhv", p[:, :, 0], v, preferred_element_type=f32)[:, :, None]
   else:
-    out = jnp.einsum("bhts,bhvs->bhtv", p, v, preferred_element_type=f32)
+    out = jnp.einsum("bhts,bhsv->bhtv", p, v, preferred_element_type=f32)
   return (out * inv_l).astype(dtype).transpose(0, 2, 1, 3)
 
 
