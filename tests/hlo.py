@@ -65,8 +65,7 @@ def large_temporaries(text: str, min_bytes: int) -> list[str]:
   s8 workspace that a cuBLAS custom call carries is not counted."""
   computations, roots, entry = parse(text)
   body = computations[entry]
-  root = body[roots[entry]]
-  returned = set(root.operands) | {roots[entry]}
+  returned = {inst.name for inst in _outputs(body, roots[entry])}
   found = []
   for inst in body.values():
     if inst.opcode in _NO_BUFFER or inst.name in returned:
@@ -89,14 +88,19 @@ def in_place_writes(text: str, shapes: list[str]) -> dict[str, str]:
   otherwise a description of the producer (a copy, a fusion with another root, ...)."""
   computations, roots, entry = parse(text)
   body = computations[entry]
-  root = body[roots[entry]]
-  outputs = [body[name] for name in root.operands] if root.opcode == "tuple" else [root]
+  outputs = _outputs(body, roots[entry])
   found = {}
   for shape in shapes:
     producers = [i for i in outputs if i.shape.split("{")[0] == shape]
     assert len(producers) == 1, f"{len(producers)} outputs of shape {shape}"
     found[shape] = _describe(producers[0], body, computations, roots)
   return found
+
+
+def _outputs(body, root_name) -> list[Instruction]:
+  """The instructions whose values the computation returns (a tuple's elements, or the root)."""
+  root = body[root_name]
+  return [body[name] for name in root.operands] if root.opcode == "tuple" else [root]
 
 
 def _describe(inst, body, computations, roots) -> str:

@@ -179,6 +179,16 @@ def test_decode_updates_cache_in_place(mode, rng):
   np.testing.assert_array_equal(cache.lengths, [6, 6])
 
 
+def compiled_decode_step(rng, mode, batch, max_len, cache_dtype=jnp.float32):
+  """(the compiled decode step with the cache donated, the cache it was compiled for)."""
+  attn = make(mode=mode)
+  graphdef, state = nnx.split(attn)
+  x, pos = inputs(rng, TINY, batch, 1)
+  step = jax.jit(lambda s, x, p, c: nnx.merge(graphdef, s)(x, p, c), donate_argnums=(3,))
+  cache = attn.init_cache(batch, max_len, cache_dtype)
+  return step.lower(state, x, pos, cache).compile(), cache
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("mode,cache_dtype", [("standard", jnp.float32), ("absorbed", jnp.float32),
                                               ("absorbed", jnp.int8)])
@@ -186,12 +196,7 @@ def test_decode_step_copies_no_cache(mode, cache_dtype, batch, rng):
   """The compiled step aliases the donated cache to its output, and each cache array it returns
   is a dynamic-update-slice or scatter of the cache parameter itself: XLA writes such an update
   into the donated buffer, so no step copies the cache (tests/hlo.py reads the HLO)."""
-  attn = make(mode=mode)
-  graphdef, state = nnx.split(attn)
-  x, pos = inputs(rng, TINY, batch, 1)
-  step = jax.jit(lambda s, x, p, c: nnx.merge(graphdef, s)(x, p, c), donate_argnums=(3,))
-  cache = attn.init_cache(batch, 2048, cache_dtype)
-  compiled = step.lower(state, x, pos, cache).compile()
+  compiled, cache = compiled_decode_step(rng, mode, batch, 2048, cache_dtype)
   assert compiled.memory_analysis().alias_size_in_bytes >= sum(
       leaf.nbytes for leaf in jax.tree.leaves(cache))
   shapes = [hlo.shape_of(leaf) for leaf in jax.tree.leaves(cache) if 2048 in leaf.shape]
@@ -206,14 +211,9 @@ def test_absorbed_decode_step_has_no_cache_sized_temporaries(rng):
   at some lengths (B=1, S=4096 here). Storing V transposed removes that but made the decode
   28-46% slower at S=16448, so the layout stays (docs/experiments.md).
   """
-  attn = make(mode="absorbed")
-  graphdef, state = nnx.split(attn)
-  x, pos = inputs(rng, TINY, 1, 1)
-  step = jax.jit(lambda s, x, p, c: nnx.merge(graphdef, s)(x, p, c), donate_argnums=(3,))
-  cache = attn.init_cache(1, 4096, jnp.float32)
-  text = step.lower(state, x, pos, cache).compile().as_text()
+  compiled, cache = compiled_decode_step(rng, "absorbed", 1, 4096)
   smallest = min(leaf.nbytes for leaf in jax.tree.leaves(cache) if 4096 in leaf.shape)
-  assert hlo.large_temporaries(text, smallest) == []
+  assert hlo.large_temporaries(compiled.as_text(), smallest) == []
 
 
 def test_hlo_checks_see_copies_and_temporaries():
