@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
+from mla_jax.ops import decode_mgpu
 from mla_jax.ops.merge import merge_partials
 
 _LOG2E = math.log2(math.e)
@@ -284,18 +285,47 @@ def num_sms() -> int:
   return getattr(device, "core_count", None) or _DEFAULT_NUM_SMS
 
 
+def is_hopper() -> bool:
+  device = jax.devices()[0]
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
+
+
 def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
-               interpret: bool = False, num_splits: int | None = None,
+               interpret: bool = False, lowering: str | None = None,
+               num_splits: int | None = None,
                block_s: int | None = None, block_h: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None,
                merge: str | None = None, partials: str | None = None):
   """Absorbed MLA decode: out [B,H,C] in q_latent.dtype, lse [B,H] float32 (natural log).
 
   q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (bf16/f16/f32 or quant.Int8Rows), k_rope
-  [B,S,R], lengths [B] (valid rows of b are [0, min(lengths[b], S))). Tuning arguments override
-  choose_tuning's heuristic.
+  [B,S,R], lengths [B] (valid rows of b are [0, min(lengths[b], S))).
+
+  lowering: "mosaic" (ops/decode_mgpu.py: TMA + wgmma, Hopper only, no interpret mode),
+  "triton" (this file), or None: Mosaic on a Hopper GPU for the arguments it takes
+  (decode_mgpu.unsupported), unless a Triton tuning argument (block_s, block_h, num_warps,
+  num_stages, partials) is given. Tuning arguments override the heuristics.
   """
   B, H, S, C, R = _validate(q_latent, q_rope, c_kv, k_rope, lengths)
+  if lowering not in (None, "mosaic", "triton"):
+    raise ValueError(f"lowering={lowering!r}: expected None, 'mosaic' or 'triton'")
+  if merge not in (None, "pallas", "xla"):
+    raise ValueError(f"merge={merge!r}: expected 'pallas' or 'xla'")
+  if num_splits is not None and num_splits < 1:
+    raise ValueError(f"num_splits={num_splits}: expected >= 1")
+  unsupported = decode_mgpu.unsupported(q_latent, c_kv, k_rope)
+  if lowering is None:
+    triton_tuning = (block_s, block_h, num_warps, num_stages, partials)
+    lowering = ("mosaic" if unsupported is None and not interpret and is_hopper()
+                and all(arg is None for arg in triton_tuning) else "triton")
+  if lowering == "mosaic":
+    if unsupported is not None or interpret:
+      raise ValueError("lowering='mosaic': " + (unsupported or "there is no interpret mode "
+                                                "(wgmma runs only on a GPU)"))
+    P = num_splits or decode_mgpu.choose_splits(B, S, num_sms())
+    return decode_mgpu.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths,
+                                  sm_scale=float(sm_scale), num_splits=P,
+                                  merge=merge or "pallas")
   itemsize = 1 if isinstance(c_kv, quant.Int8Rows) else jnp.dtype(c_kv.dtype).itemsize
   tuning = choose_tuning(B, H, S, num_sms=num_sms(), cache_itemsize=itemsize, C=C, R=R,
                          out_dtype=q_latent.dtype)
@@ -306,10 +336,6 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
     raise ValueError(f"block_h={tuning.block_h}: expected a power of two >= {_MIN_DOT}")
   if not (_is_pow2(tuning.block_s) and tuning.block_s >= _MIN_DOT):
     raise ValueError(f"block_s={tuning.block_s}: expected a power of two >= {_MIN_DOT}")
-  if tuning.num_splits < 1:
-    raise ValueError(f"num_splits={tuning.num_splits}: expected >= 1")
-  if tuning.merge not in ("pallas", "xla"):
-    raise ValueError(f"merge={tuning.merge!r}: expected 'pallas' or 'xla'")
   if tuning.partials not in ("float32", "bfloat16"):
     raise ValueError(f"partials={tuning.partials!r}: expected 'float32' or 'bfloat16'")
   return _mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=float(sm_scale),
