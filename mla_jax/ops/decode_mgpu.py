@@ -16,7 +16,8 @@ per element (Lᵀ [T, N], rescaled like acc) and reduced once at the end.
 One warpgroup per program issues the TMA loads of tile t+stages after it has finished with tile
 t, so `stages` tiles are in flight while it computes. Grid (pieces P, batch B); a program runs
 only the tiles of its piece below the row's length (none past it) and writes its partial
-oᵀ [C, N] and lse [N] to [P, B, C, N] and [P, B, N]. ops/decode_gpu.py merges them.
+oᵀ [C, N] and lse [N] to [P, B, C, N] and [P, B, N]; merge_pieces (a small Triton kernel)
+merges them by log-sum-exp (ops/merge.py has the math).
 """
 
 from __future__ import annotations
