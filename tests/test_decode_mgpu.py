@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mla_jax import quant
 from mla_jax.ops import decode_gpu, decode_mgpu, merge_partials
 from conftest import rel_err
 from test_decode_gpu import _check, _inputs, _tol
@@ -36,10 +37,12 @@ def test_merge_pieces_equals_merge_partials(rng, P, B, C, N):
   np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=1e-6)
 
 
-@pytest.mark.parametrize("B,H,S,C,R,dtype", [(64, 16, 16384, 512, 64, jnp.bfloat16),
-                                             (2, 32, 1000, 512, 64, jnp.float16),
-                                             (3, 1, 200, 128, 32, jnp.bfloat16)])
-def test_split_kernel_lowers_for_cuda(B, H, S, C, R, dtype):
+@pytest.mark.parametrize("B,H,S,C,R,dtype,int8", [(64, 16, 16384, 512, 64, jnp.bfloat16, False),
+                                                  (2, 32, 1000, 512, 64, jnp.float16, False),
+                                                  (3, 1, 200, 128, 32, jnp.bfloat16, False),
+                                                  (64, 16, 16384, 512, 64, jnp.bfloat16, True),
+                                                  (2, 32, 1000, 512, 64, jnp.float16, True)])
+def test_split_kernel_lowers_for_cuda(B, H, S, C, R, dtype, int8):
   """Mosaic GPU lowers the kernel on any host: a layout, swizzle or shared-memory error shows
   here (float16 at H=32 stores float32 partials, 64 KiB, which fit only because they reuse the
   tile buffers)."""
@@ -47,6 +50,9 @@ def test_split_kernel_lowers_for_cuda(B, H, S, C, R, dtype):
   shapes = [((B, N, C), dtype), ((B, N, R), dtype), ((B, S, C), dtype), ((B, S, R), dtype),
             ((B,), jnp.int32)]
   args = [jax.ShapeDtypeStruct(shape, dt) for shape, dt in shapes]
+  if int8:
+    args[2] = quant.Int8Rows(jax.ShapeDtypeStruct((B, S, C), jnp.int8),
+                             jax.ShapeDtypeStruct((B, S), jnp.float32))
   split = lambda *a: decode_mgpu.split_kv(
       *a, sm_scale=0.1, num_splits=decode_mgpu.choose_splits(B, S, 132))
   lowered = jax.jit(split).trace(*args).lower(lowering_platforms=("cuda",))
@@ -78,7 +84,6 @@ def test_unsupported_arguments_name_the_reason(rng):
   lengths = jnp.asarray([64, 3], jnp.int32)
   assert decode_mgpu.unsupported(args[0], args[2], args[3]) is None
   cases = {
-      "int8": _inputs(rng, 2, 16, 64, "int8"),
       "H=33": _inputs(rng, 2, 33, 64, "bfloat16"),
       "S=60": _inputs(rng, 2, 16, 60, "bfloat16"),
       "float32": _inputs(rng, 2, 16, 64, "float32"),
@@ -102,7 +107,7 @@ LENGTHS_GPU = (0, 1, 63, 64, 65, 255, 257, S_GPU)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["bfloat16", "float16"])
+@pytest.mark.parametrize("fmt", ["bfloat16", "float16", "int8"])
 @pytest.mark.parametrize("H", [1, 16, 20, 32])
 @pytest.mark.parametrize("num_splits", [1, 3, None])
 def test_ragged_lengths(rng, fmt, H, num_splits):
@@ -115,22 +120,24 @@ def test_ragged_lengths(rng, fmt, H, num_splits):
 
 
 @pytest.mark.gpu
-def test_large_logits(rng):
-  args = _inputs(rng, 3, 16, S_GPU, "bfloat16", logit_scale=30.0)
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+def test_large_logits(rng, fmt):
+  args = _inputs(rng, 3, 16, S_GPU, fmt, logit_scale=30.0)
   lengths = jnp.asarray([S_GPU, 65, 5], jnp.int32)
   out, lse = decode_gpu.mla_decode(*args, lengths, sm_scale=0.1, lowering="mosaic")
   assert float(jnp.max(lse)) > 100
-  _check(out, lse, *args, lengths, 0.1, _tol("bfloat16"))
+  _check(out, lse, *args, lengths, 0.1, _tol(fmt))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
 @pytest.mark.parametrize("B,S", [(1, 131072), (8, 16384), (64, 4096)])
-def test_long_caches_and_merges(rng, B, S):
-  args = _inputs(rng, B, 16, S, "bfloat16")
+def test_long_caches_and_merges(rng, fmt, B, S):
+  args = _inputs(rng, B, 16, S, fmt)
   lengths = jnp.asarray(np.concatenate([[S], rng.integers(0, S + 1, B - 1)]), jnp.int32)
   outs = {merge: decode_gpu.mla_decode(*args, lengths, sm_scale=0.07, lowering="mosaic",
                                        merge=merge) for merge in ("pallas", "xla")}
-  _check(*outs["pallas"], *args, lengths, 0.07, _tol("bfloat16"))
+  _check(*outs["pallas"], *args, lengths, 0.07, _tol(fmt))
   assert rel_err(outs["xla"][0], outs["pallas"][0]) <= 1e-2
 
 

@@ -13,6 +13,11 @@ descriptor), so the cache is read from HBM once. The softmax runs down the colum
 per head, the running max m [N] needs one cross-warp max per tile; the running sum is kept
 per element (Lᵀ [T, N], rescaled like acc) and reduced once at the end.
 
+An int8 cache (quant.Int8Rows, c ≈ d_s·q_s) is converted once per tile, exactly, into one
+shared-memory tile of the query's dtype (|q_s| ≤ 127 fits 8 significant bits) that both
+products read; d_s scales c_kv's part of the score rows and the probabilities pᵀ
+(ops/decode_gpu.py does the same), never k_rope's part.
+
 One warpgroup per program issues the TMA loads of tile t+stages after it has finished with tile
 t, so `stages` tiles are in flight while it computes. Grid (pieces P, batch B); a program runs
 only the tiles of its piece below the row's length (none past it) and writes its partial
@@ -40,6 +45,7 @@ _LN2 = math.log(2.0)
 _TILE = 64          # cache rows per tile: the wgmma M
 _MAX_HEADS = 32     # accᵀ [C, N] float32 lives in registers: 4·N registers a thread at C=512
 _STAGES = 2         # tiles in flight: 2 × 72 KiB (bf16, C=512, R=64) is all shared memory allows
+_STAGES_INT8 = 3    # 3 × 40 KiB int8 tiles + the 64 KiB converted tile (N=32 queries: 2 stages)
 _MERGE_PROGRAMS = 128
 _MERGE_TILE = 8192  # partial values the merge loads per step
 
@@ -51,23 +57,29 @@ def _smem_transforms(minor: int, dtype):
 
 
 def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_splits: int,
-             stages: int = _STAGES):
+             stages: int | None = None):
   """Per-piece partials: o_p [P, B, C, N] (normalised within the piece) and lse_p [P, B, N].
 
   q_latent [B, N, C] and q_rope [B, N, R] are already padded to N heads (a multiple of 16);
-  c_kv [B, S, C] and k_rope [B, S, R] are bfloat16 or float16 like the query. o_p is bfloat16
-  for bfloat16 (the output is rounded to it anyway), else float32.
+  k_rope [B, S, R] is bfloat16 or float16 like the query, and so is c_kv [B, S, C] unless it is
+  a quant.Int8Rows. o_p is bfloat16 for bfloat16 (the output is rounded to it anyway), else
+  float32.
   """
   B, N, C = q_latent.shape
   S, R = k_rope.shape[1:]
-  dtype = c_kv.dtype
+  quantized = isinstance(c_kv, quant.Int8Rows)
+  operands = ((c_kv.values, k_rope, c_kv.scales.astype(jnp.float32)) if quantized
+              else (c_kv, k_rope))
+  dtype = q_latent.dtype
+  stages = stages or (_STAGES_INT8 if quantized and N <= 16 else _STAGES)
   partials_dtype = jnp.bfloat16 if dtype == jnp.bfloat16 else jnp.float32
   T = _TILE
   piece_tiles = pl.cdiv(pl.cdiv(S, T), num_splits)
   scale_log2 = sm_scale * _LOG2E
 
-  def kernel(lengths_ref, q_ref, qr_ref, ckv_ref, kr_ref, o_ref, lse_ref,
-             q_smem, qr_smem, p_smem, q_bar, tile_bars):
+  def kernel(lengths_ref, q_ref, qr_ref, *refs):
+    tile_refs = refs[:len(operands)]  # c_kv (values), k_rope (, scales)
+    o_ref, lse_ref, q_smem, qr_smem, p_smem, q_bar, tile_bars = refs[len(operands):]
     piece, b = lax.axis_index("p"), lax.axis_index("b")
     length = jnp.clip(lengths_ref[b], 0, S)
     start = piece * (piece_tiles * T)
@@ -76,12 +88,13 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
     plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem, q_bar)
     plgpu.copy_gmem_to_smem(qr_ref.at[b], qr_smem, q_bar)
 
-    def tile_loop(ckv_smem, kr_smem):
+    def tile_loop(*buffers):
       """FlashAttention-2 over the piece's tiles: returns (acc [C, N], m [N], Lᵀ [T, N])."""
+      tile_smem = buffers[:len(operands)]  # [stages, T, ...] each, like tile_refs
       def fetch(t, slot):
         rows = pl.ds(start + t * T, T)
-        plgpu.copy_gmem_to_smem(ckv_ref.at[b, rows], ckv_smem.at[slot], tile_bars.at[slot])
-        plgpu.copy_gmem_to_smem(kr_ref.at[b, rows], kr_smem.at[slot], tile_bars.at[slot])
+        for ref, smem in zip(tile_refs, tile_smem):
+          plgpu.copy_gmem_to_smem(ref.at[b, rows], smem.at[slot], tile_bars.at[slot])
 
       for slot in range(stages):
         pl.when(slot < num_tiles)(functools.partial(fetch, slot, slot))
@@ -91,13 +104,28 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
         acc, m_i, l_part = carry
         slot = lax.rem(t, stages)
         plgpu.barrier_wait(tile_bars.at[slot])
+        c_tile, kr_tile = tile_smem[0].at[slot], tile_smem[1].at[slot]
+        if quantized:
+          c_tile = buffers[-1]
+          c_tile[...] = plgpu.load(tile_smem[0].at[slot],
+                                   layout=plgpu.Layout.WGMMA_8BIT).astype(dtype)
+          plgpu.commit_smem()
+          d = lax.broadcast_in_dim(
+              plgpu.load(tile_smem[2].at[slot], layout=plgpu.Layout.WGMMA.reduce(1)), (T, N), [0])
+
+        def rope(s_ref):
+          plgpu.wgmma(s_ref, kr_tile, qr_smem.T)
 
         def scores(s_ref):
-          plgpu.wgmma(s_ref, ckv_smem.at[slot], q_smem.T)
-          plgpu.wgmma(s_ref, kr_smem.at[slot], qr_smem.T)
+          plgpu.wgmma(s_ref, c_tile, q_smem.T)
+          if not quantized:
+            rope(s_ref)
           return s_ref[...]
 
-        s = pl.run_scoped(scores, plgpu.ACC((T, N), jnp.float32)) * scale_log2
+        s = pl.run_scoped(scores, plgpu.ACC((T, N), jnp.float32))
+        if quantized:  # d_s scales c_kv's part of the scores, not k_rope's
+          s = pl.run_state(rope)(plgpu.ACC.init(s * d))
+        s = s * scale_log2
         row = plgpu.broadcasted_iota(jnp.int32, (T, N), 0, layout=plgpu.Layout.WGMMA)
         s = jnp.where(row < end - (start + t * T), s, -jnp.inf)
         m_new = jnp.maximum(m_i, s.max(axis=0))  # finite: every tile run has a valid row
@@ -107,11 +135,12 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
         # pᵀ is stored through a transposed view (WGMMA_TRANSPOSED: a shuffle, no shared memory
         # round trip) so that p_smem [N, T] has T minor, like c_kv, and the same 128-byte swizzle.
-        p_smem.T[...] = plgpu.layout_cast(p.astype(dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+        pv = p * d if quantized else p
+        p_smem.T[...] = plgpu.layout_cast(pv.astype(dtype), plgpu.Layout.WGMMA_TRANSPOSED)
         plgpu.commit_smem()
 
         def values(acc_ref):
-          plgpu.wgmma(acc_ref, ckv_smem.at[slot].T, p_smem.T)
+          plgpu.wgmma(acc_ref, c_tile.T, p_smem.T)
 
         acc = pl.run_state(values)(plgpu.ACC.init(acc))
         pl.when(t + stages < num_tiles)(lambda: fetch(t + stages, slot))
@@ -124,10 +153,13 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
       return lax.fori_loop(0, num_tiles, step, carry)
 
     # The tile buffers' scope closes before the output's opens, so they share shared memory.
-    acc, m_i, l_part = pl.run_scoped(
-        tile_loop,
-        plgpu.SMEM((stages, T, C), dtype, transforms=_smem_transforms(C, dtype)),
-        plgpu.SMEM((stages, T, R), dtype, transforms=_smem_transforms(R, dtype)))
+    buffers = [plgpu.SMEM((stages, T, C), operands[0].dtype,
+                          transforms=_smem_transforms(C, operands[0].dtype)),
+               plgpu.SMEM((stages, T, R), dtype, transforms=_smem_transforms(R, dtype))]
+    if quantized:  # the scales, then the converted tile
+      buffers += [plgpu.SMEM((stages, T), jnp.float32),
+                  plgpu.SMEM((T, C), dtype, transforms=_smem_transforms(C, dtype))]
+    acc, m_i, l_part = pl.run_scoped(tile_loop, *buffers)
     l_i = l_part.sum(axis=0)
     nonempty = l_i > 0
     safe_l = jnp.where(nonempty, l_i, 1.0)
@@ -149,7 +181,7 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
       plgpu.SMEM((N, R), dtype, transforms=_smem_transforms(R, dtype)),
       plgpu.SMEM((N, T), dtype, transforms=_smem_transforms(T, dtype)),
       plgpu.Barrier(num_arrivals=2),
-      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=len(operands), num_barriers=stages),
   ]
   return plgpu.kernel(
       kernel,
@@ -161,7 +193,7 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
       compiler_params=plgpu.CompilerParams(approx_math=True,
                                           lowering_semantics=plgpu.LoweringSemantics.Lane),
       kernel_name="mla_decode_split_kv_mgpu",
-  )(lengths, q_latent, q_rope, c_kv, k_rope)
+  )(lengths, q_latent, q_rope, *operands)
 
 
 def _next_pow2(n: int) -> int:
@@ -221,14 +253,15 @@ def merge_pieces(o_parts, lse_parts, out_dtype, *, interpret: bool = False):
 
 def unsupported(q_latent, c_kv, k_rope) -> str | None:
   """Why this kernel cannot take these arguments, or None if it can."""
-  if isinstance(c_kv, quant.Int8Rows):
-    return "int8 caches run on the Triton kernel"
   H, C = q_latent.shape[1:]
   S, R = k_rope.shape[1:]
-  dtype = jnp.dtype(c_kv.dtype)
-  if dtype not in (jnp.bfloat16, jnp.float16) or {q_latent.dtype, k_rope.dtype} != {dtype}:
-    return (f"q_latent.dtype={q_latent.dtype}, c_kv.dtype={c_kv.dtype}, "
-            f"k_rope.dtype={k_rope.dtype}: all three must be one of bfloat16, float16")
+  dtype = jnp.dtype(q_latent.dtype)
+  cache_dtype = jnp.dtype(jnp.int8 if isinstance(c_kv, quant.Int8Rows) else c_kv.dtype)
+  if (dtype not in (jnp.bfloat16, jnp.float16) or k_rope.dtype != dtype
+      or cache_dtype not in (dtype, jnp.int8)):
+    return (f"q_latent.dtype={q_latent.dtype}, c_kv.dtype={cache_dtype}, "
+            f"k_rope.dtype={k_rope.dtype}: q_latent and k_rope must be both bfloat16 or both "
+            "float16, and c_kv the same or a quant.Int8Rows")
   if H > _MAX_HEADS:
     return f"H={H}: at most {_MAX_HEADS} heads (the accumulator lives in registers)"
   if C % 64 or R % 16:
