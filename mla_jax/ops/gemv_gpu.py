@@ -73,8 +73,8 @@ def default_config(B: int, H: int, K: int, N: int, fmt: str | None) -> GemvConfi
     wk_b product) 2 blocks for bf16 at few heads.
   - Quantized weights with one batch row and many heads skip the 16-row padding of the tensor-core
     dot (dot=False): for the short contraction 4 blocks per step (q8_0 128 columns, iq4_nl 64),
-    for iq4_nl's long one 32 columns with the whole K in one step (a second sweep,
-    docs/results/gemv_sweep_k512.json).
+    for the long one 32 columns with the whole K in one step and 8 warps (sweeps
+    docs/results/gemv_sweep_k512.json and, for the warps, docs/results/gemv_sweep_warps.json).
   """
   block_n = min(64 if H >= 64 else 32, N)
   if fmt is None:
@@ -83,8 +83,8 @@ def default_config(B: int, H: int, K: int, N: int, fmt: str | None) -> GemvConfi
     return GemvConfig(block_n=block_n, block_k=1 if H >= 64 else 2)
   if K < N and H >= 64 and B == 1:
     return GemvConfig(block_n=min(128 if fmt == "q8_0" else 64, N), dot=False, block_k=4)
-  if K > N and H >= 64 and B == 1 and fmt == "iq4_nl":
-    return GemvConfig(block_n=min(32, N), dot=False, block_k=16)
+  if K > N and H >= 64 and B == 1:
+    return GemvConfig(block_n=min(32, N), dot=False, block_k=16, num_warps=8)
   if K > N and fmt == "q8_0" and B >= 64:
     return GemvConfig(block_n=block_n, block_k=4)
   return GemvConfig(block_n=block_n if K < N else min(32, N))
