@@ -153,13 +153,13 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
       return lax.fori_loop(0, num_tiles, step, carry)
 
     # The tile buffers' scope closes before the output's opens, so they share shared memory.
-    buffers = [plgpu.SMEM((stages, T, C), operands[0].dtype,
-                          transforms=_smem_transforms(C, operands[0].dtype)),
-               plgpu.SMEM((stages, T, R), dtype, transforms=_smem_transforms(R, dtype))]
+    tile_buffers = [plgpu.SMEM((stages, T, C), operands[0].dtype,
+                               transforms=_smem_transforms(C, operands[0].dtype)),
+                    plgpu.SMEM((stages, T, R), dtype, transforms=_smem_transforms(R, dtype))]
     if quantized:  # the scales, then the converted tile
-      buffers += [plgpu.SMEM((stages, T), jnp.float32),
-                  plgpu.SMEM((T, C), dtype, transforms=_smem_transforms(C, dtype))]
-    acc, m_i, l_part = pl.run_scoped(tile_loop, *buffers)
+      tile_buffers += [plgpu.SMEM((stages, T), jnp.float32),
+                       plgpu.SMEM((T, C), dtype, transforms=_smem_transforms(C, dtype))]
+    acc, m_i, l_part = pl.run_scoped(tile_loop, *tile_buffers)
     l_i = l_part.sum(axis=0)
     nonempty = l_i > 0
     safe_l = jnp.where(nonempty, l_i, 1.0)
