@@ -81,9 +81,18 @@ def test_dense_weight_dtypes(dtype, name, rng):
   assert rel_err(y, _oracle(q[..., :64], w)) <= RTOL[dtype]
 
 
-def test_iq4_nl_polynomial_lookup_is_exact():
-  got = gemv_gpu._iq4_nl_values(jnp.arange(16, dtype=jnp.uint8))  # pylint: disable=protected-access
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(quant.IQ4_NL_VALUES, np.float32))
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_integer_decoding_is_exact(jit):
+  """The magic-number decoders, also under jit: XLA:CPU reassociates float adds, and an
+  unguarded `(v + MAGIC) - MAGIC` would be folded away there."""
+  # pylint: disable=protected-access
+  lookup, to_f32 = gemv_gpu._iq4_nl_values, gemv_gpu._int_to_f32
+  if jit:
+    lookup, to_f32 = jax.jit(lookup), jax.jit(to_f32)
+  np.testing.assert_array_equal(np.asarray(lookup(jnp.arange(16, dtype=jnp.uint8))),
+                                np.asarray(quant.IQ4_NL_VALUES, np.float32))
+  ints = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8)
+  np.testing.assert_array_equal(np.asarray(to_f32(ints)), np.arange(-128, 128, dtype=np.float32))
 
 
 def test_ops_dispatch_uses_the_kernel(rng):

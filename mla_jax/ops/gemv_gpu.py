@@ -13,7 +13,11 @@ them). Here one launch covers every head and batch row:
 - quantized weights (quant.QuantizedTensor: q8_0, iq4_nl) are decoded in registers, one block at a
   time: the partial product of a block is scaled by its float16 d after the dot, so the weights
   never reach HBM as floats. IQ4_NL's table lookup is a degree-4 polynomial of the 4-bit index,
-  rounded, exact on all 16 entries (the table is smooth; a register gather is not expressible);
+  rounded, exact on all 16 entries (the table is smooth; a register gather is not expressible).
+  The 4-bit indices become floats, and the polynomial is rounded, by the magic-number trick
+  (the float32 bits of 1.5·2^23 + i): integer and float adds, not the conversion unit, which on
+  Hopper retires 16 results per clock per SM against 64-128 for adds (CUDA guide, arithmetic
+  instructions); so do q8_0's int8 values on the way to the tensor-core dot;
 - `int8=True` (q8_0) quantizes each x block to Q8_1 (quant.quantize_q8_1's arithmetic) in
   registers and dots int8·int8 -> int32 on the tensor cores, so activation quantization costs no
   launch either;
@@ -31,7 +35,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -42,9 +45,15 @@ HALF = BLOCK // 2
 MIN_DOT = 16  # Triton's minimum dot extent per dimension
 MAX_BLOCK_B = 64
 
-# IQ4_NL_VALUES[i] == round(poly(i - 7.5)) for i in 0..15 (least-squares fit, max error 0.48).
-_IQ4_POLY = tuple(float(c) for c in np.polyfit(
-    np.arange(16) - 7.5, np.asarray(quant.IQ4_NL_VALUES, np.float64), 4))
+# 1.5·2^23: float32 values in [2^23, 2^24) have unit spacing, so the float whose bits are
+# MAGIC_BITS + i is MAGIC + i for every integer |i| < 2^22, and MAGIC + v rounds v to an integer.
+_MAGIC = 12582912.0
+_MAGIC_BITS = 0x4B400000
+# IQ4_NL_VALUES[i] == round(-127 + i·(c3 + i·(c2 + i·(c1 + i·c0)))) for i in 0..15: the minimax
+# fit with the constant pinned to the integer IQ4_NL_VALUES[0] (max error 0.44, scipy linprog),
+# so that the rounding add of MAGIC merges into the last coefficient exactly.
+_IQ4_POLY = (0.00144801846, 0.0362732496, -1.43856375, 24.5005993)
+_IQ4_CONST = quant.IQ4_NL_VALUES[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +84,8 @@ def default_config(B: int, H: int, K: int, N: int, fmt: str | None) -> GemvConfi
     dot (dot=False): for the short contraction 4 blocks per step (q8_0 128 columns, iq4_nl 64),
     for the long one 32 columns with the whole K in one step and 8 warps (sweeps
     docs/results/gemv_sweep_k512.json and, for the warps, docs/results/gemv_sweep_warps.json).
+  - q8_0 with a few batch rows and many heads, short contraction: 128-column blocks (session 5,
+    docs/results/gemv_sweep_magic.json: 6.9 vs 7.8 µs at H=128, B=8; slower at B=64 and H=16).
   """
   block_n = min(64 if H >= 64 else 32, N)
   if fmt is None:
@@ -85,18 +96,44 @@ def default_config(B: int, H: int, K: int, N: int, fmt: str | None) -> GemvConfi
     return GemvConfig(block_n=min(128 if fmt == "q8_0" else 64, N), dot=False, block_k=4)
   if K > N and H >= 64 and B == 1:
     return GemvConfig(block_n=min(32, N), dot=False, block_k=16, num_warps=8)
+  if K < N and fmt == "q8_0" and H >= 64 and B <= 8:
+    return GemvConfig(block_n=min(128, N))
   if K > N and fmt == "q8_0" and B >= 64:
     return GemvConfig(block_n=block_n, block_k=4)
   return GemvConfig(block_n=block_n if K < N else min(32, N))
 
 
+def _int_to_f32(i):
+  """Exact float32 of small integers (|i| < 2^22, e.g. int8 or 4-bit), without a conversion."""
+  return _unbias(i.astype(jnp.int32) + _MAGIC_BITS)
+
+
+def _unbias(bits):
+  """The integer i, as float32, from the bits of MAGIC + i."""
+  return jax.lax.bitcast_convert_type(bits, jnp.float32) - _MAGIC
+
+
 def _iq4_nl_values(idx):
-  """Table lookup IQ4_NL_VALUES[idx] for 4-bit indices, as float32 (exact)."""
-  t = idx.astype(jnp.float32) - 7.5
+  """Table lookup IQ4_NL_VALUES[idx] for 4-bit indices, as float32 (exact).
+
+  The last Horner step adds MAGIC + IQ4_NL_VALUES[0], which rounds the polynomial to an
+  integer; its bits pass through a no-op AND (the sign bit is clear) so that compilers that
+  reassociate floats (XLA:CPU, which runs interpret mode, does) cannot fold the add of MAGIC
+  and its subtraction into one add of the unrounded value."""
+  t = _int_to_f32(idx)
   acc = jnp.full(t.shape, _IQ4_POLY[0], jnp.float32)
   for c in _IQ4_POLY[1:]:
     acc = acc * t + c
-  return jnp.floor(acc + 0.5)
+  rounded = acc * t + (_MAGIC + _IQ4_CONST)
+  return _unbias(jax.lax.bitcast_convert_type(rounded, jnp.int32) & 0x7FFFFFFF)
+
+
+def _as_dot_operand(w, dtype):
+  """A weight tile as the dot's dtype; q8_0's int8 goes through its exact float32
+  (`_int_to_f32`): on the H200 that made the tensor-core path up to 1.5x faster than int8 ->
+  bfloat16 directly, while the FMA path, which needs float32 anyway, is faster with the plain
+  conversion (docs/batched_gemv.md)."""
+  return (_int_to_f32(w) if jnp.issubdtype(w.dtype, jnp.integer) else w).astype(dtype)
 
 
 def _aligned(v, m):
@@ -142,7 +179,7 @@ def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, 
       part = jax.lax.dot(x_q, parts[0][1], preferred_element_type=jnp.int32)
       return acc + part.astype(jnp.float32) * d_x * d
     part = sum(jax.lax.dot(load_x(k0 + off, q.shape[0]).astype(compute_dtype),
-                           q.astype(compute_dtype), preferred_element_type=jnp.float32)
+                           _as_dot_operand(q, compute_dtype), preferred_element_type=jnp.float32)
                for off, q in parts)
     return acc + (part if d is None else part * d)
 
