@@ -21,14 +21,14 @@ ON_GPU = jax.default_backend() == "gpu"
 
 @pytest.mark.parametrize("P,B,C,N", [(5, 2, 64, 16), (128, 1, 512, 16), (3, 3, 128, 32)])
 def test_merge_pieces_equals_merge_partials(rng, P, B, C, N):
-  """Transposed partials [P,B,C,N]; empty pieces (lse -inf), and one head with no piece at all."""
-  o_parts = jnp.asarray(rng.standard_normal((P, B, C, N)), jnp.float32)
+  """Partials [P,B,N,C]; empty pieces (lse -inf), and one head with no piece at all."""
+  o_parts = jnp.asarray(rng.standard_normal((P, B, N, C)), jnp.float32)
   lse_parts = np.asarray(rng.standard_normal((P, B, N)) * 3, np.float32)
   lse_parts[0, 0, :] = -np.inf
   lse_parts[:, B - 1, N // 2] = -np.inf
   out, lse = decode_mgpu.merge_pieces(o_parts, jnp.asarray(lse_parts), jnp.float32,
                                       interpret=not ON_GPU)
-  ref_out, ref_lse = merge_partials(jnp.swapaxes(o_parts, 2, 3), jnp.asarray(lse_parts))
+  ref_out, ref_lse = merge_partials(o_parts, jnp.asarray(lse_parts))
   assert out.shape == (B, N, C) and lse.shape == (B, N)
   assert not np.any(np.isnan(np.asarray(out)))
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
@@ -43,9 +43,9 @@ def test_merge_pieces_equals_merge_partials(rng, P, B, C, N):
                                                   (64, 16, 16384, 512, 64, jnp.bfloat16, True),
                                                   (2, 32, 1000, 512, 64, jnp.float16, True)])
 def test_split_kernel_lowers_for_cuda(B, H, S, C, R, dtype, int8):
-  """Mosaic GPU lowers the kernel on any host: a layout, swizzle or shared-memory error shows
-  here (float16 at H=32 stores float32 partials, 64 KiB, which fit only because they reuse the
-  tile buffers)."""
+  """Mosaic GPU lowers the kernels on any host: a layout, swizzle or shared-memory error shows
+  here (int8 at H=32: two converted tiles, two int8 half tiles and 32-head queries fill all but
+  ~6 KiB of shared memory)."""
   N = 16 if H <= 16 else 32
   shapes = [((B, N, C), dtype), ((B, N, R), dtype), ((B, S, C), dtype), ((B, S, R), dtype),
             ((B,), jnp.int32)]
@@ -88,6 +88,8 @@ def test_unsupported_arguments_name_the_reason(rng):
       "S=60": _inputs(rng, 2, 16, 60, "bfloat16"),
       "float32": _inputs(rng, 2, 16, 64, "float32"),
       "q_latent.dtype=float32": _inputs(rng, 2, 16, 64, "bfloat16", q_dtype="float32"),
+      "int8 cache needs R = 64": _inputs(rng, 2, 16, 64, "int8", R=32),
+      "multiple of 256": _inputs(rng, 2, 16, 64, "int8", C=128),
   }
   for reason, case in cases.items():
     assert reason in decode_mgpu.unsupported(case[0], case[2], case[3])

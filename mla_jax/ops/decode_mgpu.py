@@ -13,16 +13,22 @@ descriptor), so the cache is read from HBM once. The softmax runs down the colum
 per head, the running max m [N] needs one cross-warp max per tile; the running sum is kept
 per element (Lᵀ [T, N], rescaled like acc) and reduced once at the end.
 
-An int8 cache (quant.Int8Rows, c ≈ d_s·q_s) is converted once per tile, exactly, into one
-shared-memory tile of the query's dtype (|q_s| ≤ 127 fits 8 significant bits) that both
-products read; d_s scales c_kv's part of the score rows and the probabilities pᵀ
-(ops/decode_gpu.py does the same), never k_rope's part.
+Two schedules run that loop:
+- float caches: one warpgroup issues the TMA loads of tile t+stages after it has finished with
+  tile t, so `stages` tiles are in flight while it computes;
+- int8 caches (quant.Int8Rows, c ≈ d_s·q_s) are warp-specialised, as in FlashAttention-3: a
+  converting warpgroup streams int8 half tiles [T, C/2] through TMA and converts them, exactly,
+  into one of two shared-memory tiles of the query's dtype (|q_s| ≤ 127 fits 8 significant
+  bits), while the computing warpgroup runs the products on the other; mbarriers hand each
+  converted tile over and back. d_s scales c_kv's part of the score rows and the probabilities
+  pᵀ (ops/decode_gpu.py does the same), never k_rope's part. With one warpgroup doing both, the
+  conversion sat on the critical path: on the H200 this schedule is 9% faster
+  (docs/decode_gpu.md).
 
-One warpgroup per program issues the TMA loads of tile t+stages after it has finished with tile
-t, so `stages` tiles are in flight while it computes. Grid (pieces P, batch B); a program runs
-only the tiles of its piece below the row's length (none past it) and writes its partial
-oᵀ [C, N] and lse [N] to [P, B, C, N] and [P, B, N]; merge_pieces (a small Triton kernel)
-merges them by log-sum-exp (ops/merge.py has the math).
+Grid (pieces P, batch B); a program runs only the tiles of its piece below the row's length (none
+past it) and writes its partial o [N, C] (in the query's dtype) and lse [N] to [P, B, N, C] and
+[P, B, N]; merge_pieces (a small Triton kernel) merges them by log-sum-exp (ops/merge.py has the
+math).
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ _LN2 = math.log(2.0)
 _TILE = 64          # cache rows per tile: the wgmma M
 _MAX_HEADS = 32     # accᵀ [C, N] float32 lives in registers: 4·N registers a thread at C=512
 _STAGES = 2         # tiles in flight: 2 × 72 KiB (bf16, C=512, R=64) is all shared memory allows
-_STAGES_INT8 = 3    # 3 × 40 KiB int8 tiles + the 64 KiB converted tile (N=32 queries: 2 stages)
+# int8: half tiles [T, C/2] in flight, beside the two converted tiles (2 × 64 KiB at C=512):
+# 3 × 16 KiB fit with N=16 queries, 2 with N=32.
+_HALF_STAGES_INT8 = {16: 3, 32: 2}
 _MERGE_PROGRAMS = 128
 _MERGE_TILE = 8192  # partial values the merge loads per step
 
@@ -56,144 +64,251 @@ def _smem_transforms(minor: int, dtype):
   return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
+def _smem(shape, dtype):
+  """A shared-memory buffer laid out for TMA and wgmma (tiled and swizzled on its minor axis)."""
+  return plgpu.SMEM(shape, dtype, transforms=_smem_transforms(shape[-1], dtype))
+
+
+def _piece(lengths_ref, S: int, piece_rows: int):
+  """This program's (piece, b, first row, end row, number of tiles): rows [start, end) of
+  sequence b, none at or past its length."""
+  piece, b = lax.axis_index("p"), lax.axis_index("b")
+  length = jnp.clip(lengths_ref[b], 0, S)
+  start = piece * piece_rows
+  end = jnp.minimum(length, start + piece_rows)
+  return piece, b, start, end, jnp.maximum(pl.cdiv(end - start, _TILE), 0)
+
+
+def _initial_carry(C: int, N: int):
+  """(accᵀ [C, N], m [N], Lᵀ [T, N]) of an empty piece."""
+  return (plgpu.layout_cast(jnp.zeros((C, N), jnp.float32), plgpu.Layout.WGMMA),
+          plgpu.layout_cast(jnp.full((N,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(0)),
+          plgpu.layout_cast(jnp.zeros((_TILE, N), jnp.float32), plgpu.Layout.WGMMA))
+
+
+def _softmax_step(s, valid_rows, carry):
+  """One tile of the online softmax (FlashAttention-2) down the columns of scoresᵀ s [T, N], in
+  log2 units; rows >= valid_rows are masked. Returns pᵀ [T, N] and the rescaled carry."""
+  acc, m_i, l_part = carry
+  row = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+  s = jnp.where(row < valid_rows, s, -jnp.inf)
+  m_new = jnp.maximum(m_i, s.max(axis=0))  # finite: every tile run has a valid row
+  alpha = jnp.exp2(m_i - m_new)
+  p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
+  l_part = l_part * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
+  acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+  return p, (acc, m_new, l_part)
+
+
+def _store_transposed(x, smem):
+  """x [M, N] (WGMMA layout) into smem [N, M] through a transposed view (WGMMA_TRANSPOSED: a
+  shuffle, no shared-memory round trip), so that the buffer keeps M minor and its swizzle."""
+  smem.T[...] = plgpu.layout_cast(x.astype(smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+  plgpu.commit_smem()
+
+
+def _write_partial(carry, o_smem, lse_smem, o_dst, lse_dst):
+  """o = acc / l and lse = m + log l (natural log) of the piece to o_dst [N, C] and lse_dst [N],
+  staged in o_smem [N, C] and lse_smem [N]; an empty piece gives o = 0 and lse = -inf."""
+  acc, m_i, l_part = carry
+  l_i = l_part.sum(axis=0)
+  nonempty = l_i > 0
+  safe_l = jnp.where(nonempty, l_i, 1.0)
+  lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(safe_l)) * _LN2, -jnp.inf)
+  _store_transposed(acc / lax.broadcast_in_dim(safe_l, acc.shape, [1]), o_smem)
+  plgpu.copy_smem_to_gmem(o_smem, o_dst)
+  plgpu.copy_smem_to_gmem(lse_smem, lse_dst)
+  plgpu.wait_smem_to_gmem(0)
+
+
 def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_splits: int,
              stages: int | None = None):
-  """Per-piece partials: o_p [P, B, C, N] (normalised within the piece) and lse_p [P, B, N].
+  """Per-piece partials: o_p [P, B, N, C] (normalised within the piece, in the query's dtype)
+  and lse_p [P, B, N].
 
-  q_latent [B, N, C] and q_rope [B, N, R] are already padded to N heads (a multiple of 16);
+  q_latent [B, N, C] and q_rope [B, N, R] are already padded to N heads (16 or 32);
   k_rope [B, S, R] is bfloat16 or float16 like the query, and so is c_kv [B, S, C] unless it is
-  a quant.Int8Rows. o_p is bfloat16 for bfloat16 (the output is rounded to it anyway), else
-  float32.
+  a quant.Int8Rows (then R = 64 and C a multiple of 256: see unsupported()). `stages` (float
+  caches) overrides _STAGES.
   """
+  if isinstance(c_kv, quant.Int8Rows):
+    return _split_kv_int8(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale,
+                          num_splits=num_splits)
+  return _split_kv_float(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale,
+                         num_splits=num_splits, stages=stages or _STAGES)
+
+
+def _call(kernel, q_latent, num_splits, operands, scratch, kernel_name, **kernel_args):
   B, N, C = q_latent.shape
-  S, R = k_rope.shape[1:]
-  quantized = isinstance(c_kv, quant.Int8Rows)
-  operands = ((c_kv.values, k_rope, c_kv.scales.astype(jnp.float32)) if quantized
-              else (c_kv, k_rope))
-  dtype = q_latent.dtype
-  stages = stages or (_STAGES_INT8 if quantized and N <= 16 else _STAGES)
-  partials_dtype = jnp.bfloat16 if dtype == jnp.bfloat16 else jnp.float32
-  T = _TILE
-  piece_tiles = pl.cdiv(pl.cdiv(S, T), num_splits)
-  scale_log2 = sm_scale * _LOG2E
-
-  def kernel(lengths_ref, q_ref, qr_ref, *refs):
-    tile_refs = refs[:len(operands)]  # c_kv (values), k_rope (, scales)
-    o_ref, lse_ref, q_smem, qr_smem, p_smem, q_bar, tile_bars = refs[len(operands):]
-    piece, b = lax.axis_index("p"), lax.axis_index("b")
-    length = jnp.clip(lengths_ref[b], 0, S)
-    start = piece * (piece_tiles * T)
-    end = jnp.minimum(length, start + piece_tiles * T)
-    num_tiles = jnp.maximum(pl.cdiv(end - start, T), 0)
-    plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem, q_bar)
-    plgpu.copy_gmem_to_smem(qr_ref.at[b], qr_smem, q_bar)
-
-    def tile_loop(*buffers):
-      """FlashAttention-2 over the piece's tiles: returns (acc [C, N], m [N], Lᵀ [T, N])."""
-      tile_smem = buffers[:len(operands)]  # [stages, T, ...] each, like tile_refs
-      def fetch(t, slot):
-        rows = pl.ds(start + t * T, T)
-        for ref, smem in zip(tile_refs, tile_smem):
-          plgpu.copy_gmem_to_smem(ref.at[b, rows], smem.at[slot], tile_bars.at[slot])
-
-      for slot in range(stages):
-        pl.when(slot < num_tiles)(functools.partial(fetch, slot, slot))
-      plgpu.barrier_wait(q_bar)
-
-      def step(t, carry):
-        acc, m_i, l_part = carry
-        slot = lax.rem(t, stages)
-        plgpu.barrier_wait(tile_bars.at[slot])
-        c_tile, kr_tile = tile_smem[0].at[slot], tile_smem[1].at[slot]
-        if quantized:
-          c_tile = buffers[-1]
-          c_tile[...] = plgpu.load(tile_smem[0].at[slot],
-                                   layout=plgpu.Layout.WGMMA_8BIT).astype(dtype)
-          plgpu.commit_smem()
-          d = lax.broadcast_in_dim(
-              plgpu.load(tile_smem[2].at[slot], layout=plgpu.Layout.WGMMA.reduce(1)), (T, N), [0])
-
-        def rope(s_ref):
-          plgpu.wgmma(s_ref, kr_tile, qr_smem.T)
-
-        def scores(s_ref):
-          plgpu.wgmma(s_ref, c_tile, q_smem.T)
-          if not quantized:
-            rope(s_ref)
-          return s_ref[...]
-
-        s = pl.run_scoped(scores, plgpu.ACC((T, N), jnp.float32))
-        if quantized:  # d_s scales c_kv's part of the scores, not k_rope's
-          s = pl.run_state(rope)(plgpu.ACC.init(s * d))
-        s = s * scale_log2
-        row = plgpu.broadcasted_iota(jnp.int32, (T, N), 0, layout=plgpu.Layout.WGMMA)
-        s = jnp.where(row < end - (start + t * T), s, -jnp.inf)
-        m_new = jnp.maximum(m_i, s.max(axis=0))  # finite: every tile run has a valid row
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
-        l_part = l_part * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
-        # pᵀ is stored through a transposed view (WGMMA_TRANSPOSED: a shuffle, no shared memory
-        # round trip) so that p_smem [N, T] has T minor, like c_kv, and the same 128-byte swizzle.
-        pv = p * d if quantized else p
-        p_smem.T[...] = plgpu.layout_cast(pv.astype(dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-        plgpu.commit_smem()
-
-        def values(acc_ref):
-          plgpu.wgmma(acc_ref, c_tile.T, p_smem.T)
-
-        acc = pl.run_state(values)(plgpu.ACC.init(acc))
-        pl.when(t + stages < num_tiles)(lambda: fetch(t + stages, slot))
-        return acc, m_new, l_part
-
-      carry = (plgpu.layout_cast(jnp.zeros((C, N), jnp.float32), plgpu.Layout.WGMMA),
-               plgpu.layout_cast(jnp.full((N,), -jnp.inf, jnp.float32),
-                                 plgpu.Layout.WGMMA.reduce(0)),
-               plgpu.layout_cast(jnp.zeros((T, N), jnp.float32), plgpu.Layout.WGMMA))
-      return lax.fori_loop(0, num_tiles, step, carry)
-
-    # The tile buffers' scope closes before the output's opens, so they share shared memory.
-    tile_buffers = [plgpu.SMEM((stages, T, C), operands[0].dtype,
-                               transforms=_smem_transforms(C, operands[0].dtype)),
-                    plgpu.SMEM((stages, T, R), dtype, transforms=_smem_transforms(R, dtype))]
-    if quantized:  # the scales, then the converted tile
-      tile_buffers += [plgpu.SMEM((stages, T), jnp.float32),
-                       plgpu.SMEM((T, C), dtype, transforms=_smem_transforms(C, dtype))]
-    acc, m_i, l_part = pl.run_scoped(tile_loop, *tile_buffers)
-    l_i = l_part.sum(axis=0)
-    nonempty = l_i > 0
-    safe_l = jnp.where(nonempty, l_i, 1.0)
-    o = acc / lax.broadcast_in_dim(safe_l, acc.shape, [1])
-    lse = jnp.where(nonempty, (m_i + jnp.log2(safe_l)) * _LN2, -jnp.inf)
-
-    def write(o_smem, lse_smem):
-      o_smem[...] = o.astype(o_smem.dtype)
-      lse_smem[...] = lse
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, o_ref.at[piece, b])
-      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[piece, b])
-      plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(write, plgpu.SMEM((C, N), partials_dtype), plgpu.SMEM((N,), jnp.float32))
-
-  scratch = [
-      plgpu.SMEM((N, C), dtype, transforms=_smem_transforms(C, dtype)),
-      plgpu.SMEM((N, R), dtype, transforms=_smem_transforms(R, dtype)),
-      plgpu.SMEM((N, T), dtype, transforms=_smem_transforms(T, dtype)),
-      plgpu.Barrier(num_arrivals=2),
-      plgpu.Barrier(num_arrivals=len(operands), num_barriers=stages),
-  ]
   return plgpu.kernel(
       kernel,
-      out_type=[jax.ShapeDtypeStruct((num_splits, B, C, N), partials_dtype),
+      out_type=[jax.ShapeDtypeStruct((num_splits, B, N, C), q_latent.dtype),
                 jax.ShapeDtypeStruct((num_splits, B, N), jnp.float32)],
       grid=(num_splits, B),
       grid_names=("p", "b"),
       scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(approx_math=True,
                                           lowering_semantics=plgpu.LoweringSemantics.Lane),
-      kernel_name="mla_decode_split_kv_mgpu",
-  )(lengths, q_latent, q_rope, *operands)
+      kernel_name=kernel_name,
+      **kernel_args,
+  )(*operands)
+
+
+def _split_kv_float(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_splits, stages):
+  """One warpgroup per program: TMA prefetch `stages` tiles ahead, products, online softmax."""
+  B, N, C = q_latent.shape
+  S, R = k_rope.shape[1:]
+  dtype, T = q_latent.dtype, _TILE
+  piece_rows = pl.cdiv(pl.cdiv(S, T), num_splits) * T
+  scale_log2 = sm_scale * _LOG2E
+
+  def kernel(lengths_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, lse_ref,
+             q_smem, qr_smem, p_smem, lse_smem, q_bar, tile_bars):
+    piece, b, start, end, num_tiles = _piece(lengths_ref, S, piece_rows)
+    plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem, q_bar)
+    plgpu.copy_gmem_to_smem(qr_ref.at[b], qr_smem, q_bar)
+
+    def tile_loop(c_smem, kr_smem):  # [stages, T, C], [stages, T, R]
+      def fetch(t, slot):
+        rows = pl.ds(start + t * T, T)
+        plgpu.copy_gmem_to_smem(c_ref.at[b, rows], c_smem.at[slot], tile_bars.at[slot])
+        plgpu.copy_gmem_to_smem(kr_ref.at[b, rows], kr_smem.at[slot], tile_bars.at[slot])
+
+      for slot in range(stages):
+        pl.when(slot < num_tiles)(functools.partial(fetch, slot, slot))
+      plgpu.barrier_wait(q_bar)
+
+      def step(t, carry):
+        slot = lax.rem(t, stages)
+        plgpu.barrier_wait(tile_bars.at[slot])
+        c_tile = c_smem.at[slot]
+
+        def scores(s_ref):
+          plgpu.wgmma(s_ref, c_tile, q_smem.T)
+          plgpu.wgmma(s_ref, kr_smem.at[slot], qr_smem.T)
+          return s_ref[...]
+
+        s = pl.run_scoped(scores, plgpu.ACC((T, N), jnp.float32)) * scale_log2
+        p, (acc, m_i, l_part) = _softmax_step(s, end - (start + t * T), carry)
+        _store_transposed(p, p_smem)  # pᵀ [N, T]: T minor, like c_kv, with the same swizzle
+        acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, c_tile.T, p_smem.T))(
+            plgpu.ACC.init(acc))
+        pl.when(t + stages < num_tiles)(lambda: fetch(t + stages, slot))
+        return acc, m_i, l_part
+
+      return lax.fori_loop(0, num_tiles, step, _initial_carry(C, N))
+
+    carry = pl.run_scoped(tile_loop, _smem((stages, T, C), dtype), _smem((stages, T, R), dtype))
+    _write_partial(carry, q_smem, lse_smem, o_ref.at[piece, b], lse_ref.at[piece, b])
+
+  scratch = [_smem((N, C), dtype), _smem((N, R), dtype), _smem((N, T), dtype),
+             plgpu.SMEM((N,), jnp.float32),
+             plgpu.Barrier(num_arrivals=2),
+             plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
+  return _call(kernel, q_latent, num_splits, (lengths, q_latent, q_rope, c_kv, k_rope), scratch,
+               "mla_decode_split_kv_mgpu")
+
+
+def _split_kv_int8(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_splits):
+  """Warpgroup 1 converts int8 half tiles into converted[t % 2]; warpgroup 0 computes on them.
+
+  Per tile t (slot t % 2), the handshakes are mbarriers: `converted_bars` (tile t is ready),
+  `consumed_bars` (tile t's products are done, its slot may be overwritten by tile t+2), the TMA
+  barriers of the int8 half tiles (converter) and of k_rope and the scales (computer). pᵀ reuses
+  the k_rope tile of its slot, dead once the scores are in (this needs R = T), and the output
+  is staged in q_smem; that is what makes both converted tiles fit.
+  """
+  B, N, C = q_latent.shape
+  S, R = k_rope.shape[1:]
+  dtype, T, half = q_latent.dtype, _TILE, C // 2
+  half_stages = _HALF_STAGES_INT8[N]
+  piece_rows = pl.cdiv(pl.cdiv(S, T), num_splits) * T
+  scale_log2 = sm_scale * _LOG2E
+
+  def kernel(lengths_ref, q_ref, qr_ref, cv_ref, kr_ref, sc_ref, o_ref, lse_ref,
+             q_smem, qr_smem, int8_smem, converted, kr_smem, d_smem, lse_smem,
+             q_bar, int8_bars, side_bars, converted_bars, consumed_bars):
+    piece, b, start, end, num_tiles = _piece(lengths_ref, S, piece_rows)
+    warpgroup = lax.axis_index("wg")
+
+    def rows(t):
+      return pl.ds(start + t * T, T)
+
+    def fetch_half(k, stage):  # half tile k: the rows of tile k // 2, columns of half k % 2
+      cols = pl.ds(lax.rem(k, 2) * half, half)
+      plgpu.copy_gmem_to_smem(cv_ref.at[b, rows(lax.div(k, 2)), cols], int8_smem.at[stage],
+                              int8_bars.at[stage])
+
+    def fetch_side(t, slot):  # k_rope and the scales of tile t
+      plgpu.copy_gmem_to_smem(kr_ref.at[b, rows(t)], kr_smem.at[slot], side_bars.at[slot])
+      plgpu.copy_gmem_to_smem(sc_ref.at[b, rows(t)], d_smem.at[slot], side_bars.at[slot])
+
+    @pl.when(warpgroup == 1)
+    def _convert():
+      for k in range(half_stages):
+        pl.when(k < 2 * num_tiles)(functools.partial(fetch_half, k, k))
+
+      @pl.loop(0, num_tiles)
+      def _(t):
+        slot = lax.rem(t, 2)
+        pl.when(t >= 2)(lambda: plgpu.barrier_wait(consumed_bars.at[slot]))
+        for h in range(2):
+          k = 2 * t + h
+          stage = lax.rem(k, half_stages)
+          plgpu.barrier_wait(int8_bars.at[stage])
+          values = plgpu.load(int8_smem.at[stage], layout=plgpu.Layout.WGMMA_8BIT)
+          converted.at[slot, :, pl.ds(h * half, half)][...] = values.astype(dtype)
+          plgpu.commit_smem()  # the whole warpgroup has read the stage before TMA refills it
+          pl.when(k + half_stages < 2 * num_tiles)(lambda: fetch_half(k + half_stages, stage))
+        plgpu.barrier_arrive(converted_bars.at[slot])
+
+    @pl.when(warpgroup == 0)
+    def _compute():
+      plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem, q_bar)
+      plgpu.copy_gmem_to_smem(qr_ref.at[b], qr_smem, q_bar)
+      for slot in range(2):
+        pl.when(slot < num_tiles)(functools.partial(fetch_side, slot, slot))
+      plgpu.barrier_wait(q_bar)
+
+      def step(t, carry):
+        slot = lax.rem(t, 2)
+        plgpu.barrier_wait(side_bars.at[slot])
+        plgpu.barrier_wait(converted_bars.at[slot])
+        c_tile, kr_tile = converted.at[slot], kr_smem.at[slot]
+        d = lax.broadcast_in_dim(
+            plgpu.load(d_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1)), (T, N), [0])
+
+        def latent_scores(s_ref):
+          plgpu.wgmma(s_ref, c_tile, q_smem.T)
+          return s_ref[...]
+
+        s = pl.run_scoped(latent_scores, plgpu.ACC((T, N), jnp.float32))
+        s = pl.run_state(lambda s_ref: plgpu.wgmma(s_ref, kr_tile, qr_smem.T))(
+            plgpu.ACC.init(s * d))  # d_s scales c_kv's part of the scores, not k_rope's
+        p, (acc, m_i, l_part) = _softmax_step(s * scale_log2, end - (start + t * T), carry)
+        p_smem = kr_tile.at[pl.ds(0, N)]  # pᵀ [N, T] in the k_rope tile: R = T, same swizzle
+        _store_transposed(p * d, p_smem)
+        acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, c_tile.T, p_smem.T))(
+            plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(consumed_bars.at[slot])
+        pl.when(t + 2 < num_tiles)(lambda: fetch_side(t + 2, slot))
+        return acc, m_i, l_part
+
+      carry = lax.fori_loop(0, num_tiles, step, _initial_carry(C, N))
+      _write_partial(carry, q_smem, lse_smem, o_ref.at[piece, b], lse_ref.at[piece, b])
+
+  scratch = [_smem((N, C), dtype), _smem((N, R), dtype),
+             _smem((half_stages, T, half), jnp.int8), _smem((2, T, C), dtype),
+             _smem((2, T, R), dtype), plgpu.SMEM((2, T), jnp.float32),
+             plgpu.SMEM((N,), jnp.float32),
+             plgpu.Barrier(num_arrivals=2),
+             plgpu.Barrier(num_arrivals=1, num_barriers=half_stages),
+             plgpu.Barrier(num_arrivals=2, num_barriers=2),
+             plgpu.Barrier(num_arrivals=1, num_barriers=2),
+             plgpu.Barrier(num_arrivals=1, num_barriers=2)]
+  operands = (lengths, q_latent, q_rope, c_kv.values, k_rope, c_kv.scales.astype(jnp.float32))
+  return _call(kernel, q_latent, num_splits, operands, scratch, "mla_decode_split_kv_mgpu_int8",
+               num_threads=2, thread_name="wg")
 
 
 def _next_pow2(n: int) -> int:
@@ -201,12 +316,11 @@ def _next_pow2(n: int) -> int:
 
 
 def _merge_kernel(lse_parts_ref,  # [P, N]
-                  o_parts_ref,    # [P, block_c, N]
+                  o_parts_ref,    # [P, N, block_c]
                   out_ref,        # [N, block_c]
                   lse_ref,        # [N]
                   *, num_pieces: int, chunk: int):
-  """lse = logsumexp_p(lse_p), out = Σ_p exp(lse_p − lse)·o_p, per head column (ops/merge.py);
-  the [block_c, N] sum is written transposed, as out [N, block_c]."""
+  """lse = logsumexp_p(lse_p), out = Σ_p exp(lse_p − lse)·o_p, per head (ops/merge.py)."""
   P_pad = _next_pow2(num_pieces)
   lse_p = pltriton.load(lse_parts_ref.at[pl.ds(0, P_pad), :],
                         mask=(jnp.arange(P_pad) < num_pieces)[:, None], other=-jnp.inf)
@@ -220,27 +334,27 @@ def _merge_kernel(lse_parts_ref,  # [P, N]
     w = jnp.exp(pltriton.load(lse_parts_ref.at[rows, :], mask=valid[:, None], other=-jnp.inf)
                 - m[None, :])                                                  # [chunk, N]
     o = pltriton.load(o_parts_ref.at[rows, :, :], mask=valid[:, None, None],
-                      other=0.0).astype(jnp.float32)                           # [chunk, block_c, N]
-    return acc + jnp.sum(w[:, None, :] * o, axis=0)
+                      other=0.0).astype(jnp.float32)                           # [chunk, N, block_c]
+    return acc + jnp.sum(w[:, :, None] * o, axis=0)
 
-  block_c, N = o_parts_ref.shape[1:]
+  N, block_c = o_parts_ref.shape[1:]
   acc = jax.lax.fori_loop(0, pl.cdiv(num_pieces, chunk), body,
-                          jnp.zeros((block_c, N), jnp.float32))
+                          jnp.zeros((N, block_c), jnp.float32))
   safe_l = jnp.where(l > 0, l, 1.0)
-  out_ref[...] = (acc / safe_l[None, :]).T.astype(out_ref.dtype)
+  out_ref[...] = (acc / safe_l[:, None]).astype(out_ref.dtype)
   lse_ref[...] = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
 
 
 def merge_pieces(o_parts, lse_parts, out_dtype, *, interpret: bool = False):
-  """[P,B,C,N] and [P,B,N] partials -> out [B,N,C], lse [B,N]: one program per (B, C columns)."""
-  P, B, C, N = o_parts.shape
+  """[P,B,N,C] and [P,B,N] partials -> out [B,N,C], lse [B,N]: one program per (B, C columns)."""
+  P, B, N, C = o_parts.shape
   block_c = min(C, 128, max(4, _next_pow2(pl.cdiv(C * B, _MERGE_PROGRAMS))))
   chunk = min(_next_pow2(P), max(1, _MERGE_TILE // (block_c * N)))
   return pl.pallas_call(
       functools.partial(_merge_kernel, num_pieces=P, chunk=chunk),
       grid=(C // block_c, B),
       in_specs=[pl.BlockSpec((P, None, N), lambda c, b: (0, b, 0)),
-                pl.BlockSpec((P, None, block_c, N), lambda c, b: (0, b, c, 0))],
+                pl.BlockSpec((P, None, N, block_c), lambda c, b: (0, b, 0, c))],
       out_specs=[pl.BlockSpec((None, N, block_c), lambda c, b: (b, 0, c)),
                  pl.BlockSpec((None, N), lambda c, b: (b, 0))],
       out_shape=[jax.ShapeDtypeStruct((B, N, C), out_dtype),
@@ -266,6 +380,9 @@ def unsupported(q_latent, c_kv, k_rope) -> str | None:
     return f"H={H}: at most {_MAX_HEADS} heads (the accumulator lives in registers)"
   if C % 64 or R % 16:
     return f"C={C}, R={R}: C must be a multiple of 64 and R of 16 (wgmma tiles)"
+  if cache_dtype == jnp.int8 and (R != _TILE or C % 256):
+    return (f"C={C}, R={R}: an int8 cache needs R = {_TILE} (pᵀ reuses the k_rope tile) and C a "
+            "multiple of 256 (int8 half tiles of 128-column multiples)")
   if S % 8:
     return f"S={S}: the cache length must be a multiple of 8 (TMA tiles)"
   return None
@@ -289,8 +406,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_
   o_p, lse_p = split_kv(jnp.pad(q_latent, pad), jnp.pad(q_rope, pad), c_kv, k_rope,
                         lengths.astype(jnp.int32), sm_scale=sm_scale, num_splits=num_splits)
   if merge == "xla":
-    out, lse = merge_partials(jnp.swapaxes(o_p, 2, 3)[:, :, :H].astype(jnp.float32),
-                              lse_p[:, :, :H])
+    out, lse = merge_partials(o_p[:, :, :H].astype(jnp.float32), lse_p[:, :, :H])
     return out.astype(q_latent.dtype), lse
   out, lse = merge_pieces(o_p, lse_p, q_latent.dtype)
   return out[:, :H], lse[:, :H]
