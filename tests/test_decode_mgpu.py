@@ -19,7 +19,8 @@ from test_decode_gpu import _check, _inputs, _tol
 ON_GPU = jax.default_backend() == "gpu"
 
 
-@pytest.mark.parametrize("P,B,C,N", [(5, 2, 64, 16), (128, 1, 512, 16), (3, 3, 128, 32)])
+@pytest.mark.parametrize("P,B,C,N", [(5, 2, 64, 16), (128, 1, 512, 16), (3, 3, 128, 32),
+                                     (2, 64, 512, 16)])
 def test_merge_pieces_equals_merge_partials(rng, P, B, C, N):
   """Partials [P,B,N,C]; empty pieces (lse -inf), and one head with no piece at all."""
   o_parts = jnp.asarray(rng.standard_normal((P, B, N, C)), jnp.float32)

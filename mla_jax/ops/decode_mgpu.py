@@ -315,10 +315,10 @@ def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def _merge_kernel(lse_parts_ref,  # [P, N]
-                  o_parts_ref,    # [P, N, block_c]
-                  out_ref,        # [N, block_c]
-                  lse_ref,        # [N]
+def _merge_kernel(lse_parts_ref,  # [P, block_n]
+                  o_parts_ref,    # [P, block_n, block_c]
+                  out_ref,        # [block_n, block_c]
+                  lse_ref,        # [block_n]
                   *, num_pieces: int, chunk: int):
   """lse = logsumexp_p(lse_p), out = Σ_p exp(lse_p − lse)·o_p, per head (ops/merge.py)."""
   P_pad = _next_pow2(num_pieces)
@@ -332,31 +332,33 @@ def _merge_kernel(lse_parts_ref,  # [P, N]
     valid = i * chunk + jnp.arange(chunk) < num_pieces
     rows = pl.ds(i * chunk, chunk)
     w = jnp.exp(pltriton.load(lse_parts_ref.at[rows, :], mask=valid[:, None], other=-jnp.inf)
-                - m[None, :])                                                  # [chunk, N]
+                - m[None, :])                                            # [chunk, block_n]
     o = pltriton.load(o_parts_ref.at[rows, :, :], mask=valid[:, None, None],
-                      other=0.0).astype(jnp.float32)                           # [chunk, N, block_c]
+                      other=0.0).astype(jnp.float32)                     # [chunk, block_n, block_c]
     return acc + jnp.sum(w[:, :, None] * o, axis=0)
 
-  N, block_c = o_parts_ref.shape[1:]
   acc = jax.lax.fori_loop(0, pl.cdiv(num_pieces, chunk), body,
-                          jnp.zeros((N, block_c), jnp.float32))
+                          jnp.zeros(o_parts_ref.shape[1:], jnp.float32))
   safe_l = jnp.where(l > 0, l, 1.0)
   out_ref[...] = (acc / safe_l[:, None]).astype(out_ref.dtype)
   lse_ref[...] = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
 
 
 def merge_pieces(o_parts, lse_parts, out_dtype, *, interpret: bool = False):
-  """[P,B,N,C] and [P,B,N] partials -> out [B,N,C], lse [B,N]: one program per (B, C columns)."""
+  """[P,B,N,C] and [P,B,N] partials -> out [B,N,C], lse [B,N]: a program per (block_n heads,
+  64 columns, b), so that every partial row it reads is contiguous (128 bytes in bf16), with
+  heads per program chosen to give about _MERGE_PROGRAMS programs."""
   P, B, N, C = o_parts.shape
-  block_c = min(C, 128, max(4, _next_pow2(pl.cdiv(C * B, _MERGE_PROGRAMS))))
-  chunk = min(_next_pow2(P), max(1, _MERGE_TILE // (block_c * N)))
+  block_c = min(C, 64)
+  block_n = min(N, _next_pow2(pl.cdiv(N * (C // block_c) * B, _MERGE_PROGRAMS)))
+  chunk = min(_next_pow2(P), max(1, _MERGE_TILE // (block_c * block_n)))
   return pl.pallas_call(
       functools.partial(_merge_kernel, num_pieces=P, chunk=chunk),
-      grid=(C // block_c, B),
-      in_specs=[pl.BlockSpec((P, None, N), lambda c, b: (0, b, 0)),
-                pl.BlockSpec((P, None, N, block_c), lambda c, b: (0, b, 0, c))],
-      out_specs=[pl.BlockSpec((None, N, block_c), lambda c, b: (b, 0, c)),
-                 pl.BlockSpec((None, N), lambda c, b: (b, 0))],
+      grid=(N // block_n, C // block_c, B),
+      in_specs=[pl.BlockSpec((P, None, block_n), lambda n, c, b: (0, b, n)),
+                pl.BlockSpec((P, None, block_n, block_c), lambda n, c, b: (0, b, n, c))],
+      out_specs=[pl.BlockSpec((None, block_n, block_c), lambda n, c, b: (b, n, c)),
+                 pl.BlockSpec((None, block_n), lambda n, c, b: (b, n))],
       out_shape=[jax.ShapeDtypeStruct((B, N, C), out_dtype),
                  jax.ShapeDtypeStruct((B, N), jnp.float32)],
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
