@@ -45,8 +45,8 @@ def test_merge_pieces_equals_merge_partials(rng, P, B, C, N):
                                                   (2, 32, 1000, 512, 64, jnp.float16, True)])
 def test_split_kernel_lowers_for_cuda(B, H, S, C, R, dtype, int8):
   """Mosaic GPU lowers the kernels on any host: a layout, swizzle or shared-memory error shows
-  here (int8 at H=32: two converted tiles, two int8 half tiles and 32-head queries fill all but
-  ~6 KiB of shared memory)."""
+  here (int8 at H=32: two converted tiles, two int8 half tiles and 32-head queries leave about
+  11 KiB of shared memory; a third half tile would not fit)."""
   N = 16 if H <= 16 else 32
   shapes = [((B, N, C), dtype), ((B, N, R), dtype), ((B, S, C), dtype), ((B, S, R), dtype),
             ((B,), jnp.int32)]
