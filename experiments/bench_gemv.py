@@ -3,7 +3,10 @@
 For every H, B, product (K -> N) and weight format: correctness against the float32 oracle first,
 then the kernels each path launches (counted in the compiled HLO) and its time. x of the first
 product is the strided view q[..., :K] of a [B,H,K+R] query, as in the module. Baselines: XLA
-einsum on bf16 weights, XLA dequantize-then-einsum on quantized ones.
+einsum on bf16 weights, XLA dequantize-then-einsum on quantized ones. Fused paths: "pallas" (the
+default, the Triton kernel with default_config), "pallas_int8" (q8_0 with int8 activations) and,
+on Hopper, "pallas_mosaic" (ops/gemv_mgpu.py, bf16 and q8_0); goals are read for the default
+and, separately, for the Mosaic kernel.
 
 Timing (GPU.md, METHOD.md): one jitted chain of n calls over n distinct weight/input copies
 (n·bytes >= rotate_bytes so that weights come from HBM, not L2), each call ordered after the
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_jax import MLAConfig, ops, quant
-from mla_jax.ops import gemv_gpu, reference, xla
+from mla_jax.ops import decode_gpu, gemv_gpu, gemv_mgpu, reference, xla
 
 R = 64  # rope columns after q_nope in the query
 DEFAULTS = dict(
@@ -46,6 +49,7 @@ DEFAULTS = dict(
     decode_len=4096,
     time_budget_s=420.0)
 TOL = {"bf16": 2e-2, "q8_0": 2e-2, "iq4_nl": 2e-2, "int8": 2e-2}  # bf16 outputs vs the oracle
+MOSAIC = "mosaic"  # the variant that runs the Mosaic GPU kernel (lowering="mosaic", Hopper only)
 # Kernels that XLA launches only inside the timed chain: a slice or transpose of x materialized
 # next to the optimization barrier; a standalone call fuses both into its GEMM (its HLO has none).
 _CHAIN_ARTIFACTS = ("wrapped_slice", "wrapped_transpose")
@@ -203,6 +207,10 @@ def _bench_shape(H, K, N, B, fmt, s, rng, interpret, variants, hlo_log=None):
   args_list = list(zip(_copies(x, n), _copies(w, n)))
   paths = {"xla": (lambda x, w: xla.batched_gemv(x[..., :K], w), None)}
   for name, cfg in variants.items():
+    if cfg is MOSAIC:
+      if not interpret and gemv_mgpu.unsupported(x, w) is None:
+        paths[name] = (lambda x, w: gemv_gpu.batched_gemv(x, w, lowering="mosaic"), None)
+      continue
     if (cfg.int8 and fmt != "q8_0") or (not cfg.dot and B > 1):
       continue
     paths[name] = ((lambda c: lambda x, w: gemv_gpu.batched_gemv(x, w, config=c,
@@ -280,10 +288,14 @@ def _decode_step(s, rng, interpret):
     return fn
 
   fused = lambda x, w, k: gemv_gpu.batched_gemv(x, w, interpret=interpret)
+  mosaic = lambda x, w, k: gemv_gpu.batched_gemv(
+      x, w, lowering="mosaic" if gemv_mgpu.unsupported(x, w) is None else "triton")
   plain = lambda x, w, k: xla.batched_gemv(x[..., :k], w)
   paths = {"xla": step(plain, "xla", {}),
            f"xla_gemv+{decode_impl}_decode": step(plain, decode_impl, kernel_opts),
            f"fused_gemv+{decode_impl}_decode": step(fused, decode_impl, kernel_opts)}
+  if not interpret and decode_gpu.is_hopper():
+    paths[f"fused_mosaic_gemv+{decode_impl}_decode"] = step(mosaic, decode_impl, kernel_opts)
   rows, chains = [], {}
   for fmt in s.weight_formats:
     conv = (lambda a: a.astype(bf16)) if fmt == "bf16" else (lambda a: quant.quantize(a, fmt))
@@ -312,18 +324,19 @@ def _decode_step(s, rng, interpret):
   return rows, decode_impl
 
 
-def _goals(rows):
-  """The issue's goals 1-3 on the default-config rows, by wall clock and by profiled kernels
-  (all of them, and without the chain's copies of x, as a standalone call would run)."""
-  goals = {"1_one_launch": all(r.get("kernels") == 1 for r in rows if r["path"] == "pallas"),
+def _goals(rows, fused="pallas"):
+  """The issue's goals 1-3 on the rows of one fused path (the default: "pallas"), by wall clock
+  and by profiled kernels (all of them, and without the chain's copies of x, as a standalone
+  call would run)."""
+  goals = {"1_one_launch": all(r.get("kernels") == 1 for r in rows if r["path"] == fused),
            "1_one_launch_profiled": all(r.get("device_kernels", 1) == 1 for r in rows
-                                        if r["path"] == "pallas")}
+                                        if r["path"] == fused)}
   for clock in ("us", "device_us", "device_us_standalone"):
     by = {(r["H"], r["K"], r["B"], r["fmt"], r["path"]): r[clock] for r in rows if clock in r}
     speedups, bf16_ratio = {}, {}
     for (H, K, B, fmt, path), t in by.items():
       base = by.get((H, K, B, fmt, "xla"))
-      if path != "pallas" or not base:
+      if path != fused or not base:
         continue
       if fmt == "bf16":
         bf16_ratio[f"H{H}_K{K}_B{B}"] = t / base
@@ -337,12 +350,12 @@ def _goals(rows):
 
 
 def _table(rows):
-  lines = [f"{'H':>4} {'K->N':>8} {'B':>3} {'fmt':>6} {'path':>10} {'us':>7} {'GB/s':>6} "
+  lines = [f"{'H':>4} {'K->N':>8} {'B':>3} {'fmt':>6} {'path':>13} {'us':>7} {'GB/s':>6} "
            f"{'dev_us':>7} {'devGB/s':>7} {'kern':>4} {'err':>7}"]
   for r in rows:
     cell = lambda k, f: format(r[k], f) if k in r else "-"
     lines.append(f"{r['H']:>4} {r['K']:>3}->{r['N']:<4} {r['B']:>3} {r['fmt']:>6} "
-                 f"{r['path']:>10} {cell('us', '7.2f'):>7} {cell('GBps', '6.0f'):>6} "
+                 f"{r['path']:>13} {cell('us', '7.2f'):>7} {cell('GBps', '6.0f'):>6} "
                  f"{cell('device_us', '7.2f'):>7} {cell('device_GBps', '7.0f'):>7} "
                  f"{r.get('kernels', '-'):>4} {cell('rel_err', '7.1e'):>7}"
                  + (f" {r['error'][:60]}" if "error" in r else ""))
@@ -372,7 +385,7 @@ def run(config, workdir) -> dict:
       for B in s.batch_sizes:
         for fmt in s.weight_formats:
           cfg = gemv_gpu.default_config(B, H, K, N, None if fmt == "bf16" else fmt)
-          shape_variants = {"pallas": cfg}
+          shape_variants = {"pallas": cfg, "pallas_mosaic": MOSAIC}
           if fmt == "q8_0":
             shape_variants["pallas_int8"] = dataclasses.replace(cfg, int8=True, dot=True)
           if time.perf_counter() - start < s.time_budget_s:
@@ -387,13 +400,17 @@ def run(config, workdir) -> dict:
     result["decode_step"], result["decode_impl"] = _decode_step(s, rng, interpret)
     print(f"decode step, V2-Lite layer, B=1, S={s.decode_len} ({result['decode_impl']} decode):")
     for r in result["decode_step"]:
-      print(f"  {r['fmt']:>6} {r['path']:>28} {r.get('us', float('nan')):8.2f} us "
+      print(f"  {r['fmt']:>6} {r['path']:>32} {r.get('us', float('nan')):8.2f} us "
             f"device {r.get('device_us', float('nan')):8.2f} us kernels {r.get('kernels', '-')} "
             f"err {r.get('rel_err', float('nan')):.1e} {r.get('error', '')[:80]}", flush=True)
   result["goals"] = _goals(result["rows"])
+  if any(r["path"] == "pallas_mosaic" for r in result["rows"]):  # bf16 and q8_0 rows only
+    result["goals_mosaic"] = _goals(result["rows"], "pallas_mosaic")
   result["elapsed_s"] = time.perf_counter() - start
   _write(result, workdir)
   print(json.dumps(result["goals"], indent=1))
+  if "goals_mosaic" in result:
+    print("Mosaic kernel (lowering='mosaic'):", json.dumps(result["goals_mosaic"], indent=1))
   return result
 
 

@@ -25,6 +25,9 @@ them). Here one launch covers every head and batch row:
   and reduces it once at the end, instead of padding B to Triton's minimum dot of 16 rows;
 - the K loop is a pipelined loop (Triton's num_stages), not unrolled: on the H200 the pipelined
   loop measured up to 2x faster than a fully unrolled one at K=512 (docs/batched_gemv.md).
+
+`batched_gemv(..., lowering="mosaic")` runs the Hopper kernel of ops/gemv_mgpu.py instead (opt-in:
+see batched_gemv's docstring for why Triton stays the default).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
+from mla_jax.ops import gemv_mgpu
 
 BLOCK = quant.BLOCK
 HALF = BLOCK // 2
@@ -212,14 +216,33 @@ def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "config"))
-def batched_gemv(x, w, *, interpret: bool = False, config: GemvConfig | None = None):
+def batched_gemv(x, w, *, interpret: bool = False, config: GemvConfig | None = None,
+                 lowering: str = "triton"):
   """y [B,H,N] = x[..., :K] · w per head, in one kernel launch; y has x's dtype.
 
   x: [B,H,K'] with K' >= K, e.g. the whole query [B,H,K+R] (only x[..., :K] is read, in place).
   w: [H,K,N] float array (bf16/f16/f32) or quant.QuantizedTensor ("q8_0"/"iq4_nl").
-  K and N must be multiples of 32 and N a power of two (Triton's tile rule).
+
+  lowering: "triton" (this file, the default: K and N multiples of 32, N a power of two) or
+  "mosaic" (ops/gemv_mgpu.py: TMA + wgmma, Hopper only, see gemv_mgpu.unsupported). The Mosaic
+  kernel takes less GPU time at every bf16 and q8_0 benchmark shape, but XLA launches it outside
+  its CUDA graphs, which costs 2-5 µs of host time per call: more than it saves where the step is
+  launch-bound, as small-batch decoding is (docs/batched_gemv.md).
   """
+  if lowering not in ("mosaic", "triton"):
+    raise ValueError(f"lowering={lowering!r}: expected 'mosaic' or 'triton'")
+  _validate(x, w)
+  if lowering == "mosaic":
+    reason = (gemv_mgpu.unsupported(x, w)
+              or ("there is no interpret mode (wgmma runs only on a GPU)" if interpret else None)
+              or (f"{config=} tunes the Triton kernel" if config is not None else None))
+    if reason is not None:
+      raise ValueError(f"lowering='mosaic': {reason}")
+    return gemv_mgpu.batched_gemv(x, w)
+  return _triton_gemv(x, w, interpret=interpret, config=config)
+
+
+def _validate(x, w):
   if x.ndim != 3:
     raise ValueError(f"x.shape={tuple(x.shape)}; expected [B,H,K'] (K' >= K of w)")
   B, H, Kx = x.shape
@@ -233,6 +256,13 @@ def batched_gemv(x, w, *, interpret: bool = False, config: GemvConfig | None = N
   quantized = isinstance(w, quant.QuantizedTensor)
   if not quantized and not jnp.issubdtype(w.dtype, jnp.floating):
     raise ValueError(f"w.dtype={w.dtype}; expected a float array or quant.QuantizedTensor")
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "config"))
+def _triton_gemv(x, w, *, interpret: bool, config: GemvConfig | None):
+  B, H, _ = x.shape
+  _, K, N = w.shape
+  quantized = isinstance(w, quant.QuantizedTensor)
   fmt = w.fmt if quantized else None
   cfg = config or default_config(B, H, K, N, fmt)
   if cfg.int8 and not (fmt == "q8_0" and cfg.dot):

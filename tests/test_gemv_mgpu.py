@@ -1,0 +1,113 @@
+"""The Mosaic GPU batched GEMV (ops/gemv_mgpu.py).
+
+wgmma has no interpret mode, so the kernel's numerics are `gpu` tests (run on the lent Hopper
+GPU). On the CPU, CI checks that it lowers through Mosaic GPU for CUDA (layouts, swizzles and
+shared memory are checked there), what it refuses, and the dispatch rules of
+gemv_gpu.batched_gemv.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import RTOL, rel_err
+from mla_jax import quant
+from mla_jax.ops import gemv_gpu, gemv_mgpu
+from test_gemv_gpu import R, _oracle, _weights
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _args(B, H, K, N, fmt, dtype=jnp.bfloat16):
+  x = jax.ShapeDtypeStruct((B, H, K + R), dtype)
+  if fmt == "q8_0":
+    return x, quant.QuantizedTensor(jax.ShapeDtypeStruct((H, K, N), jnp.int8),
+                                    jax.ShapeDtypeStruct((H, K // 32, N), jnp.float16), fmt)
+  return x, jax.ShapeDtypeStruct((H, K, N), dtype)
+
+
+@pytest.mark.parametrize("B,H,K,N,fmt,warpgroups", [
+    (1, 128, 512, 128, "q8_0", None), (64, 128, 512, 128, "bf16", None),
+    (8, 16, 128, 512, "q8_0", None), (128, 2, 256, 64, "bf16", 4), (3, 1, 64, 128, "q8_0", 1)])
+def test_kernel_lowers_for_cuda(B, H, K, N, fmt, warpgroups):
+  """Mosaic GPU lowers the kernel on any host: a layout, swizzle or shared-memory error shows
+  here (B=64: the largest x tiles and accumulators; B=128: two batch blocks)."""
+  gemv = lambda x, w: gemv_mgpu.batched_gemv(x, w, warpgroups=warpgroups)
+  lowered = jax.jit(gemv).trace(*_args(B, H, K, N, fmt)).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_what_it_refuses():
+  x, w = _args(1, 2, 128, 64, "bf16")
+  assert gemv_mgpu.unsupported(x, w) is None
+  iq4 = quant.QuantizedTensor(jax.ShapeDtypeStruct((2, 64, 64), jnp.uint8),
+                              jax.ShapeDtypeStruct((2, 4, 64), jnp.float16), "iq4_nl")
+  assert "iq4_nl" in gemv_mgpu.unsupported(x, iq4)
+  assert "float32" in gemv_mgpu.unsupported(*_args(1, 2, 128, 64, "bf16", jnp.float32))
+  assert "multiple of 64" in gemv_mgpu.unsupported(*_args(1, 2, 96, 64, "bf16"))
+  assert "multiple of 64" in gemv_mgpu.unsupported(*_args(1, 2, 128, 32, "bf16"))
+  assert "x's dtype" in gemv_mgpu.unsupported(x, jax.ShapeDtypeStruct(w.shape, jnp.float16))
+  assert "multiple of 8" in gemv_mgpu.unsupported(*_args(12, 2, 128, 64, "bf16"))
+  with pytest.raises(ValueError, match="warpgroups=3"):
+    jax.jit(lambda x, w: gemv_mgpu.batched_gemv(x, w, warpgroups=3)).trace(x, w)
+
+
+def test_dispatch_rules(rng, monkeypatch):
+  x = jnp.asarray(rng.standard_normal((2, 2, 128 + R)), jnp.bfloat16)
+  w = _weights(rng, 2, 128, 64, "q8_0")
+  with pytest.raises(ValueError, match="lowering="):
+    gemv_gpu.batched_gemv(x, w, lowering="cuda")
+  with pytest.raises(ValueError, match="interpret mode"):
+    gemv_gpu.batched_gemv(x, w, lowering="mosaic", interpret=True)
+  with pytest.raises(ValueError, match="tunes the Triton kernel"):
+    gemv_gpu.batched_gemv(x, w, lowering="mosaic", config=gemv_gpu.GemvConfig())
+  with pytest.raises(ValueError, match="iq4_nl"):
+    gemv_gpu.batched_gemv(x, _weights(rng, 2, 128, 64, "iq4_nl"), lowering="mosaic")
+  calls = []
+  monkeypatch.setattr(gemv_mgpu, "batched_gemv", lambda *a, **k: calls.append(a) or a[0])
+  gemv_gpu.batched_gemv(x, w, interpret=not ON_GPU)
+  assert not calls, "Triton is the default"
+  gemv_gpu.batched_gemv(x, w, lowering="mosaic")
+  assert len(calls) == 1
+
+
+def _check(rng, B, H, K, N, fmt, dtype=jnp.bfloat16, **options):
+  """x is read in place from a [B, H, K+R] query; the output buffer is poisoned first."""
+  q = jnp.asarray(rng.standard_normal((B, H, K + R)), dtype)
+  w = _weights(rng, H, K, N, fmt)
+  if fmt == "bf16":
+    w = w.astype(dtype)
+  jnp.full((B, H, N), jnp.nan, dtype).block_until_ready()
+  y = gemv_mgpu.batched_gemv(q, w, **options)
+  assert y.shape == (B, H, N) and y.dtype == dtype
+  assert rel_err(y, _oracle(q[..., :K], w)) <= RTOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("B", [1, 3, 8, 64, 72])
+@pytest.mark.parametrize("H,K,N", [(1, 64, 64), (16, 128, 512), (128, 512, 128)])
+def test_matches_reference(H, K, N, B, dtype, fmt, rng):
+  _check(rng, B, H, K, N, fmt, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0"])
+@pytest.mark.parametrize("warpgroups,stages", [(1, 1), (1, 8), (2, 1), (4, 2), (8, 1)])
+def test_warpgroups_and_stages(warpgroups, stages, fmt, rng):
+  _check(rng, 5, 3, 512, 128, fmt, warpgroups=warpgroups, stages=stages)
+
+
+@pytest.mark.gpu
+def test_large_values_and_scales(rng):
+  """Scales spanning float16's range and large activations: the per-block scaling stays in
+  float32 after the product."""
+  H, K, N = 4, 256, 64
+  w = jnp.asarray(rng.standard_normal((H, K, N)), jnp.float32)
+  w = w * jnp.exp2(jnp.asarray(rng.integers(-12, 12, (H, K // 32, 1)), jnp.float32)
+                   ).repeat(32, axis=1)
+  qw = quant.quantize(w, "q8_0")
+  x = jnp.asarray(rng.standard_normal((2, H, K)) * 300, jnp.bfloat16)
+  y = gemv_mgpu.batched_gemv(x, qw)
+  assert rel_err(y, _oracle(x, qw)) <= RTOL[jnp.bfloat16]
