@@ -207,8 +207,8 @@ def _bench_shape(H, K, N, B, fmt, s, rng, interpret, variants, hlo_log=None):
   args_list = list(zip(_copies(x, n), _copies(w, n)))
   paths = {"xla": (lambda x, w: xla.batched_gemv(x[..., :K], w), None)}
   for name, cfg in variants.items():
-    if cfg is MOSAIC:
-      if not interpret and gemv_mgpu.unsupported(x, w) is None:
+    if cfg == MOSAIC:
+      if decode_gpu.is_hopper() and gemv_mgpu.unsupported(x, w) is None:
         paths[name] = (lambda x, w: gemv_gpu.batched_gemv(x, w, lowering="mosaic"), None)
       continue
     if (cfg.int8 and fmt != "q8_0") or (not cfg.dot and B > 1):

@@ -48,8 +48,10 @@ def test_what_it_refuses():
   assert "multiple of 64" in gemv_mgpu.unsupported(*_args(1, 2, 128, 32, "bf16"))
   assert "x's dtype" in gemv_mgpu.unsupported(x, jax.ShapeDtypeStruct(w.shape, jnp.float16))
   assert "multiple of 8" in gemv_mgpu.unsupported(*_args(12, 2, 128, 64, "bf16"))
-  with pytest.raises(ValueError, match="warpgroups=3"):
-    jax.jit(lambda x, w: gemv_mgpu.batched_gemv(x, w, warpgroups=3)).trace(x, w)
+  for options, match in [(dict(warpgroups=3), "must divide"), (dict(warpgroups=0), ">= 1"),
+                         (dict(stages=0), ">= 1")]:
+    with pytest.raises(ValueError, match=match):
+      jax.jit(lambda x, w, o=options: gemv_mgpu.batched_gemv(x, w, **o)).trace(x, w)
 
 
 def test_dispatch_rules(rng, monkeypatch):

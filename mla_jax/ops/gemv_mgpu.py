@@ -112,6 +112,8 @@ def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None):
   _, K, N = w.shape
   dtype, Bp = x.dtype, block_rows(B)
   quantized = isinstance(w, quant.QuantizedTensor)
+  if stages < 1 or (warpgroups is not None and warpgroups < 1):
+    raise ValueError(f"stages={stages}, warpgroups={warpgroups}: expected >= 1")
   W = warpgroups or choose_warpgroups(H * (N // _TN) * pl.cdiv(B, Bp), K, Bp, quantized)
   if (K // _TK) % W:
     raise ValueError(f"warpgroups={W}: must divide the {K // _TK} chunks of {_TK} rows of K={K}")
