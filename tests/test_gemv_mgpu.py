@@ -6,9 +6,12 @@ shared memory are checked there), what it refuses, and the dispatch rules of
 gemv_gpu.batched_gemv.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from conftest import RTOL, rel_err
 from mla_jax import quant
@@ -52,6 +55,20 @@ def test_what_it_refuses():
                          (dict(stages=0), ">= 1")]:
     with pytest.raises(ValueError, match=match):
       jax.jit(lambda x, w, o=options: gemv_mgpu.batched_gemv(x, w, **o)).trace(x, w)
+
+
+@pytest.mark.parametrize("B,H,K,N,warpgroups", [(1, 2, 128, 64, None), (3, 1, 256, 128, 2),
+                                                 (16, 2, 128, 64, 1), (72, 1, 64, 64, None)])
+def test_q8_0_interpreted(B, H, K, N, warpgroups, rng, monkeypatch):
+  """The q8_0 path in interpret mode: conversion, per-block scales, split-K across warpgroups,
+  TMA's zero rows past B (B=3, 72: a partial second batch block)."""
+  monkeypatch.setattr(plgpu, "kernel", functools.partial(
+      plgpu.kernel, interpret=plgpu.InterpretGPUParams(detect_races=True)))
+  q = jnp.asarray(rng.standard_normal((B, H, K + R)), jnp.bfloat16)
+  w = _weights(rng, H, K, N, "q8_0")
+  y = gemv_mgpu.batched_gemv.__wrapped__(q, w, warpgroups=warpgroups)
+  assert y.shape == (B, H, N)
+  assert rel_err(y, _oracle(q[..., :K], w)) <= RTOL[jnp.bfloat16]
 
 
 def test_dispatch_rules(rng, monkeypatch):
