@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_jax import ops, quant
-from mla_jax.ops import decode_gpu, decode_mgpu, reference
+from mla_jax.ops import decode_gpu, decode_mgpu, decode_mgpu_heads, reference
 
 C, R = 512, 64
 SM_SCALE = (128 + 64) ** -0.5
@@ -158,8 +158,11 @@ def _bench_case(key, H, B, S, fmt, variants, reps, trials, check):
     row[f"{name}_speedup_vs_xla"] = row["xla_us"] / row[f"{name}_us"]
     row[f"{name}_wall_speedup_vs_xla"] = row["xla_wall_us"] / row[f"{name}_wall_us"]
   q_latent, _, c_kv, k_rope, _ = sets[0]
-  if decode_gpu.is_hopper() and decode_mgpu.unsupported(q_latent, c_kv, k_rope) is None:
-    row["default_tuning"] = f"mosaic P={decode_mgpu.choose_splits(B, S, decode_gpu.num_sms())}"
+  mosaic, unsupported = decode_gpu.mosaic_kernel(q_latent, c_kv, k_rope)
+  if decode_gpu.is_hopper() and unsupported is None:
+    P = (decode_mgpu_heads.choose_splits(B, H, S, decode_gpu.num_sms())
+         if mosaic is decode_mgpu_heads else decode_mgpu.choose_splits(B, S, decode_gpu.num_sms()))
+    row["default_tuning"] = f"{mosaic.__name__.rsplit('.', 1)[-1]} P={P}"
   else:
     row["default_tuning"] = "triton " + str(decode_gpu.choose_tuning(
         B, H, S, num_sms=decode_gpu.num_sms(), cache_itemsize=1 if fmt == "int8" else 2))

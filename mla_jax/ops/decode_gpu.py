@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
-from mla_jax.ops import decode_mgpu
+from mla_jax.ops import decode_mgpu, decode_mgpu_heads
 from mla_jax.ops.merge import merge_partials
 
 _LOG2E = math.log2(math.e)
@@ -290,6 +290,15 @@ def is_hopper() -> bool:
   return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
 
 
+def mosaic_kernel(q_latent, c_kv, k_rope):
+  """The Mosaic GPU kernel's module for these arguments (decode_mgpu for at most
+  decode_mgpu.MAX_HEADS heads, decode_mgpu_heads for more), and why it cannot take them (None
+  if it can)."""
+  few = q_latent.shape[1] <= decode_mgpu.MAX_HEADS
+  module = decode_mgpu if few else decode_mgpu_heads
+  return module, module.unsupported(q_latent, c_kv, k_rope)
+
+
 def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
                interpret: bool = False, lowering: str | None = None,
                num_splits: int | None = None,
@@ -301,10 +310,11 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
   q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (bf16/f16/f32 or quant.Int8Rows), k_rope
   [B,S,R], lengths [B] (valid rows of b are [0, min(lengths[b], S))).
 
-  lowering: "mosaic" (ops/decode_mgpu.py: TMA + wgmma, Hopper only, no interpret mode),
-  "triton" (this file), or None: Mosaic on a Hopper GPU for the arguments it takes
-  (decode_mgpu.unsupported), unless a Triton tuning argument (block_s, block_h, num_warps,
-  num_stages, partials) is given. Tuning arguments override the heuristics.
+  lowering: "mosaic" (TMA + wgmma, Hopper only; mosaic_kernel() picks ops/decode_mgpu.py for
+  H ≤ 32, which has no interpret mode, or ops/decode_mgpu_heads.py), "triton" (this file), or
+  None: Mosaic on a Hopper GPU for the arguments it takes, unless a Triton tuning argument
+  (block_s, block_h, num_warps, num_stages, partials) is given. Tuning arguments override the
+  heuristics.
   """
   B, H, S, C, R = _validate(q_latent, q_rope, c_kv, k_rope, lengths)
   if lowering not in (None, "mosaic", "triton"):
@@ -313,15 +323,22 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
     raise ValueError(f"merge={merge!r}: expected 'pallas' or 'xla'")
   if num_splits is not None and num_splits < 1:
     raise ValueError(f"num_splits={num_splits}: expected >= 1")
-  unsupported = decode_mgpu.unsupported(q_latent, c_kv, k_rope)
+  mosaic, unsupported = mosaic_kernel(q_latent, c_kv, k_rope)
   if lowering is None:
     triton_tuning = (block_s, block_h, num_warps, num_stages, partials)
     lowering = ("mosaic" if unsupported is None and not interpret and is_hopper()
                 and all(arg is None for arg in triton_tuning) else "triton")
   if lowering == "mosaic":
-    if unsupported is not None or interpret:
-      raise ValueError("lowering='mosaic': " + (unsupported or "there is no interpret mode "
-                                                "(wgmma runs only on a GPU)"))
+    if unsupported is None and interpret and mosaic is decode_mgpu:
+      unsupported = (f"H={H}: the kernel for at most {decode_mgpu.MAX_HEADS} heads has no "
+                     "interpret mode (its wgmma accumulators use run_state)")
+    if unsupported is not None:
+      raise ValueError("lowering='mosaic': " + unsupported)
+    if mosaic is decode_mgpu_heads:
+      P = num_splits or decode_mgpu_heads.choose_splits(B, H, S, num_sms())
+      return decode_mgpu_heads.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths,
+                                          sm_scale=float(sm_scale), num_splits=P,
+                                          merge=merge or "pallas", interpret=interpret)
     P = num_splits or decode_mgpu.choose_splits(B, S, num_sms())
     return decode_mgpu.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths,
                                   sm_scale=float(sm_scale), num_splits=P,

@@ -49,7 +49,7 @@ from mla_jax.ops.merge import merge_partials
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _TILE = 64          # cache rows per tile: the wgmma M
-_MAX_HEADS = 32     # accᵀ [C, N] float32 lives in registers: 4·N registers a thread at C=512
+MAX_HEADS = 32     # accᵀ [C, N] float32 lives in registers: 4·N registers a thread at C=512
 _STAGES = 2         # tiles in flight: 2 × 72 KiB (bf16, C=512, R=64) is all shared memory allows
 # int8: half tiles [T, C/2] in flight, beside the two converted tiles (2 × 64 KiB at C=512):
 # 3 × 16 KiB fit with N=16 queries, 2 with N=32.
@@ -378,8 +378,8 @@ def unsupported(q_latent, c_kv, k_rope) -> str | None:
     return (f"q_latent.dtype={q_latent.dtype}, c_kv.dtype={cache_dtype}, "
             f"k_rope.dtype={k_rope.dtype}: q_latent and k_rope must be both bfloat16 or both "
             "float16, and c_kv the same or a quant.Int8Rows")
-  if H > _MAX_HEADS:
-    return f"H={H}: at most {_MAX_HEADS} heads (the accumulator lives in registers)"
+  if H > MAX_HEADS:
+    return f"H={H}: at most {MAX_HEADS} heads (the accumulator lives in registers)"
   if C % 64 or R % 16:
     return f"C={C}, R={R}: C must be a multiple of 64 and R of 16 (wgmma tiles)"
   if cache_dtype == jnp.int8 and (R != _TILE or C % 256):
@@ -402,13 +402,19 @@ def choose_splits(B: int, S: int, num_sms: int) -> int:
 def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_splits: int,
                merge: str = "pallas"):
   """out [B,H,C] in q_latent.dtype, lse [B,H]; arguments as ops.mla_decode (see unsupported())."""
-  B, H, C = q_latent.shape
-  N = 16 if H <= 16 else _MAX_HEADS
+  H = q_latent.shape[1]
+  N = 16 if H <= 16 else MAX_HEADS
   pad = ((0, 0), (0, N - H), (0, 0))
   o_p, lse_p = split_kv(jnp.pad(q_latent, pad), jnp.pad(q_rope, pad), c_kv, k_rope,
                         lengths.astype(jnp.int32), sm_scale=sm_scale, num_splits=num_splits)
+  return merge_heads(o_p, lse_p, H, q_latent.dtype, merge=merge)
+
+
+def merge_heads(o_parts, lse_parts, H: int, out_dtype, *, merge: str, interpret: bool = False):
+  """The first H heads of the merged partials: out [B,H,C] in out_dtype, lse [B,H]; merge is
+  "pallas" (merge_pieces) or "xla" (ops.merge_partials)."""
   if merge == "xla":
-    out, lse = merge_partials(o_p[:, :, :H].astype(jnp.float32), lse_p[:, :, :H])
-    return out.astype(q_latent.dtype), lse
-  out, lse = merge_pieces(o_p, lse_p, q_latent.dtype)
+    out, lse = merge_partials(o_parts[:, :, :H].astype(jnp.float32), lse_parts[:, :, :H])
+    return out.astype(out_dtype), lse
+  out, lse = merge_pieces(o_parts, lse_parts, out_dtype, interpret=interpret)
   return out[:, :H], lse[:, :H]
