@@ -14,6 +14,7 @@ from mla_jax.ops import decode_gpu, decode_mgpu_heads
 from test_decode_gpu import _check, _inputs, _tol
 
 ON_GPU = jax.default_backend() == "gpu"
+needs_hopper = pytest.mark.skipif(ON_GPU and not decode_gpu.is_hopper(), reason="wgmma: Hopper")
 # The 64-row tile: S=200 (a multiple of 8, not of 64) in 2 pieces of 2 tiles (128 rows) puts
 # these lengths on both sides of a tile and of the piece boundary, with a ragged last tile.
 S_SMALL = 200
@@ -24,7 +25,7 @@ def _decode(*args, **options):
   return decode_gpu.mla_decode(*args, lowering="mosaic", interpret=not ON_GPU, **options)
 
 
-@pytest.mark.skipif(ON_GPU and not decode_gpu.is_hopper(), reason="wgmma needs Hopper")
+@needs_hopper
 @pytest.mark.parametrize("fmt,H,num_splits", [("bfloat16", 64, 2), ("float16", 33, 2),
                                               ("bfloat16", 128, 1), ("bfloat16", 100, None)])
 def test_ragged_lengths(rng, fmt, H, num_splits):
@@ -36,7 +37,7 @@ def test_ragged_lengths(rng, fmt, H, num_splits):
   _check(out, lse, *args, lengths, sm_scale, _tol(fmt))
 
 
-@pytest.mark.skipif(ON_GPU and not decode_gpu.is_hopper(), reason="wgmma needs Hopper")
+@needs_hopper
 @pytest.mark.parametrize("C,merge", [(512, "pallas"), (256, "xla"), (128, "pallas")])
 def test_large_logits_widths_and_merges(rng, C, merge):
   args = _inputs(rng, 3, 64, 136, "bfloat16", C=C, logit_scale=30.0)
@@ -80,13 +81,6 @@ def test_unsupported_arguments_name_the_reason(rng):
     assert reason in decode_mgpu_heads.unsupported(case[0], case[2], case[3])
     with pytest.raises(ValueError, match=f"lowering='mosaic': .*{reason}"):
       _decode(*case, jnp.asarray([case[2].shape[1], 3], jnp.int32), sm_scale=0.1)
-
-
-def test_interpret_mode_is_the_many_heads_kernels_only(rng):
-  few = _inputs(rng, 2, 16, 64, "bfloat16")
-  with pytest.raises(ValueError, match="H=16: .* no interpret mode"):
-    decode_gpu.mla_decode(*few, jnp.asarray([64, 3], jnp.int32), sm_scale=0.1,
-                          lowering="mosaic", interpret=True)
 
 
 @pytest.mark.gpu

@@ -310,11 +310,11 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
   q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (bf16/f16/f32 or quant.Int8Rows), k_rope
   [B,S,R], lengths [B] (valid rows of b are [0, min(lengths[b], S))).
 
-  lowering: "mosaic" (TMA + wgmma, Hopper only; mosaic_kernel() picks ops/decode_mgpu.py for
-  H ≤ 32, which has no interpret mode, or ops/decode_mgpu_heads.py), "triton" (this file), or
-  None: Mosaic on a Hopper GPU for the arguments it takes, unless a Triton tuning argument
-  (block_s, block_h, num_warps, num_stages, partials) is given. Tuning arguments override the
-  heuristics.
+  lowering: "mosaic" (TMA + wgmma on Hopper, or Mosaic GPU's interpret mode on a CPU;
+  mosaic_kernel() picks ops/decode_mgpu.py for H ≤ 32 or ops/decode_mgpu_heads.py), "triton"
+  (this file), or None: Mosaic on a Hopper GPU for the arguments it takes, unless a Triton
+  tuning argument (block_s, block_h, num_warps, num_stages, partials) is given. Tuning
+  arguments override the heuristics.
   """
   B, H, S, C, R = _validate(q_latent, q_rope, c_kv, k_rope, lengths)
   if lowering not in (None, "mosaic", "triton"):
@@ -329,9 +329,6 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
     lowering = ("mosaic" if unsupported is None and not interpret and is_hopper()
                 and all(arg is None for arg in triton_tuning) else "triton")
   if lowering == "mosaic":
-    if unsupported is None and interpret and mosaic is decode_mgpu:
-      unsupported = (f"H={H}: the kernel for at most {decode_mgpu.MAX_HEADS} heads has no "
-                     "interpret mode (its wgmma accumulators use run_state)")
     if unsupported is not None:
       raise ValueError("lowering='mosaic': " + unsupported)
     if mosaic is decode_mgpu_heads:
@@ -342,7 +339,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
     P = num_splits or decode_mgpu.choose_splits(B, S, num_sms())
     return decode_mgpu.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths,
                                   sm_scale=float(sm_scale), num_splits=P,
-                                  merge=merge or "pallas")
+                                  merge=merge or "pallas", interpret=interpret)
   itemsize = 1 if isinstance(c_kv, quant.Int8Rows) else jnp.dtype(c_kv.dtype).itemsize
   tuning = choose_tuning(B, H, S, num_sms=num_sms(), cache_itemsize=itemsize, C=C, R=R,
                          out_dtype=q_latent.dtype)

@@ -45,6 +45,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
 from mla_jax.ops.merge import merge_partials
+from mla_jax.ops.mgpu_common import accumulate, interpret_params
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -122,23 +123,24 @@ def _write_partial(carry, o_smem, lse_smem, o_dst, lse_dst):
 
 
 def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_splits: int,
-             stages: int | None = None):
+             stages: int | None = None, interpret: bool = False):
   """Per-piece partials: o_p [P, B, N, C] (normalised within the piece, in the query's dtype)
   and lse_p [P, B, N].
 
   q_latent [B, N, C] and q_rope [B, N, R] are already padded to N heads (16 or 32);
   k_rope [B, S, R] is bfloat16 or float16 like the query, and so is c_kv [B, S, C] unless it is
   a quant.Int8Rows (then R = 64 and C a multiple of 256: see unsupported()). `stages` (float
-  caches) overrides _STAGES.
+  caches) overrides _STAGES. interpret: run in Mosaic GPU's interpret mode (on a CPU).
   """
   if isinstance(c_kv, quant.Int8Rows):
     return _split_kv_int8(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale,
-                          num_splits=num_splits)
+                          num_splits=num_splits, interpret=interpret)
   return _split_kv_float(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale,
-                         num_splits=num_splits, stages=stages or _STAGES)
+                         num_splits=num_splits, stages=stages or _STAGES, interpret=interpret)
 
 
-def _call(kernel, q_latent, num_splits, operands, scratch, kernel_name, **kernel_args):
+def _call(kernel, q_latent, num_splits, operands, scratch, kernel_name, interpret,
+          **kernel_args):
   B, N, C = q_latent.shape
   return plgpu.kernel(
       kernel,
@@ -150,11 +152,13 @@ def _call(kernel, q_latent, num_splits, operands, scratch, kernel_name, **kernel
       compiler_params=plgpu.CompilerParams(approx_math=True,
                                           lowering_semantics=plgpu.LoweringSemantics.Lane),
       kernel_name=kernel_name,
+      interpret=interpret_params(interpret),
       **kernel_args,
   )(*operands)
 
 
-def _split_kv_float(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_splits, stages):
+def _split_kv_float(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_splits, stages,
+                    interpret):
   """One warpgroup per program: TMA prefetch `stages` tiles ahead, products, online softmax."""
   B, N, C = q_latent.shape
   S, R = k_rope.shape[1:]
@@ -191,8 +195,8 @@ def _split_kv_float(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_sp
         s = pl.run_scoped(scores, plgpu.ACC((T, N), jnp.float32)) * scale_log2
         p, (acc, m_i, l_part) = _softmax_step(s, end - (start + t * T), carry)
         _store_transposed(p, p_smem)  # pᵀ [N, T]: T minor, like c_kv, with the same swizzle
-        acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, c_tile.T, p_smem.T))(
-            plgpu.ACC.init(acc))
+        acc = accumulate(acc, lambda acc_ref: plgpu.wgmma(acc_ref, c_tile.T, p_smem.T),
+                          interpret)
         pl.when(t + stages < num_tiles)(lambda: fetch(t + stages, slot))
         return acc, m_i, l_part
 
@@ -206,10 +210,10 @@ def _split_kv_float(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_sp
              plgpu.Barrier(num_arrivals=2),
              plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
   return _call(kernel, q_latent, num_splits, (lengths, q_latent, q_rope, c_kv, k_rope), scratch,
-               "mla_decode_split_kv_mgpu")
+               "mla_decode_split_kv_mgpu", interpret)
 
 
-def _split_kv_int8(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_splits):
+def _split_kv_int8(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_splits, interpret):
   """Warpgroup 1 converts int8 half tiles into converted[t % 2]; warpgroup 0 computes on them.
 
   Per tile t (slot t % 2), the handshakes are mbarriers: `converted_bars` (tile t is ready),
@@ -262,6 +266,9 @@ def _split_kv_int8(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_spl
           pl.when(k + half_stages < 2 * num_tiles)(lambda: fetch_half(k + half_stages, stage))
         plgpu.barrier_arrive(converted_bars.at[slot])
 
+      for t in (num_tiles - 2, num_tiles - 1):  # observe the last two tiles' completions too
+        pl.when(t >= 0)(lambda t=t: plgpu.barrier_wait(consumed_bars.at[lax.rem(t, 2)]))
+
     @pl.when(warpgroup == 0)
     def _compute():
       plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem, q_bar)
@@ -283,13 +290,13 @@ def _split_kv_int8(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_spl
           return s_ref[...]
 
         s = pl.run_scoped(latent_scores, plgpu.ACC((T, N), jnp.float32))
-        s = pl.run_state(lambda s_ref: plgpu.wgmma(s_ref, kr_tile, qr_smem.T))(
-            plgpu.ACC.init(s * d))  # d_s scales c_kv's part of the scores, not k_rope's
+        s = accumulate(s * d, lambda s_ref: plgpu.wgmma(s_ref, kr_tile, qr_smem.T),
+                        interpret)  # d_s scales c_kv's part of the scores, not k_rope's
         p, (acc, m_i, l_part) = _softmax_step(s * scale_log2, end - (start + t * T), carry)
         p_smem = kr_tile.at[pl.ds(0, N)]  # pᵀ [N, T] in the k_rope tile: R = T, same swizzle
         _store_transposed(p * d, p_smem)
-        acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, c_tile.T, p_smem.T))(
-            plgpu.ACC.init(acc))
+        acc = accumulate(acc, lambda acc_ref: plgpu.wgmma(acc_ref, c_tile.T, p_smem.T),
+                          interpret)
         plgpu.barrier_arrive(consumed_bars.at[slot])
         pl.when(t + 2 < num_tiles)(lambda: fetch_side(t + 2, slot))
         return acc, m_i, l_part
@@ -308,7 +315,7 @@ def _split_kv_int8(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_spl
              plgpu.Barrier(num_arrivals=1, num_barriers=2)]
   operands = (lengths, q_latent, q_rope, c_kv.values, k_rope, c_kv.scales.astype(jnp.float32))
   return _call(kernel, q_latent, num_splits, operands, scratch, "mla_decode_split_kv_mgpu_int8",
-               num_threads=2, thread_name="wg")
+               interpret, num_threads=2, thread_name="wg")
 
 
 def _next_pow2(n: int) -> int:
@@ -398,16 +405,17 @@ def choose_splits(B: int, S: int, num_sms: int) -> int:
   return pl.cdiv(tiles, pl.cdiv(tiles, P))
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "num_splits", "merge"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "num_splits", "merge", "interpret"))
 def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_splits: int,
-               merge: str = "pallas"):
+               merge: str = "pallas", interpret: bool = False):
   """out [B,H,C] in q_latent.dtype, lse [B,H]; arguments as ops.mla_decode (see unsupported())."""
   H = q_latent.shape[1]
   N = 16 if H <= 16 else MAX_HEADS
   pad = ((0, 0), (0, N - H), (0, 0))
   o_p, lse_p = split_kv(jnp.pad(q_latent, pad), jnp.pad(q_rope, pad), c_kv, k_rope,
-                        lengths.astype(jnp.int32), sm_scale=sm_scale, num_splits=num_splits)
-  return merge_heads(o_p, lse_p, H, q_latent.dtype, merge=merge)
+                        lengths.astype(jnp.int32), sm_scale=sm_scale, num_splits=num_splits,
+                        interpret=interpret)
+  return merge_heads(o_p, lse_p, H, q_latent.dtype, merge=merge, interpret=interpret)
 
 
 def merge_heads(o_parts, lse_parts, H: int, out_dtype, *, merge: str, interpret: bool = False):

@@ -17,8 +17,9 @@ over two, and a third computes the scores (warp specialisation, FlashAttention-3
   p(t)·c_kv(t)[:, half] while warpgroup 0 scores tile t+1; when both are done with tile t, its
   slot is refilled with tile t+2.
 The two programs of a 128-head sequence read the same cache tiles, the second mostly from L2. On
-the H200 at B=64, S=16384, H=128 this ran 650 µs against 862 µs for a two-warpgroup version whose
-warpgroup 0 also ran half of the values (255 registers and spills; docs/decode_gpu.md).
+the H200 at B=64, S=16384, H=128 a prototype of this ran 650 µs against 862 µs for a
+two-warpgroup version whose warpgroup 0 also ran half of the values (255 registers and spills);
+the benchmark measured 641–692 µs with the merge (docs/decode_gpu.md).
 
 Shared memory (bf16, C=512, R=64): q 72 KiB and two 72 KiB tiles, about 217 KiB of 227; a third
 tile does not fit. The cache tile and q are stored as two column halves [., C/2], one per value
@@ -39,6 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from mla_jax import quant
 from mla_jax.ops import decode_mgpu
 from mla_jax.ops.decode_mgpu import _LN2, _LOG2E, _TILE, _piece, _smem
+from mla_jax.ops.mgpu_common import accumulate, interpret_params
 
 HEADS = 64      # heads a program: wgmma's M
 _STAGES = 2     # cache tiles in flight
@@ -63,17 +65,6 @@ def unsupported(q_latent, c_kv, k_rope) -> str | None:
   if S % 8:
     return f"S={S}: the cache length must be a multiple of 8 (TMA tiles)"
   return None
-
-
-def _accumulate(acc, product, interpret: bool):
-  """acc + what the wgmma `product(acc_ref)` adds: in place on the GPU (run_state). Interpret
-  mode cannot run run_state; there a fresh accumulator is added (the same sum)."""
-  if interpret:
-    def fresh(acc_ref):
-      product(acc_ref)
-      return acc_ref[...]
-    return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
-  return pl.run_state(product)(plgpu.ACC.init(acc))
 
 
 def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_splits: int,
@@ -161,7 +152,7 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
         slot = lax.rem(t, _STAGES)
         plgpu.barrier_wait(p_bars.at[slot])
         alpha = plgpu.load(alpha_smem.at[slot], layout=row_vector)
-        acc = _accumulate(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]),
+        acc = accumulate(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]),
                           lambda acc_ref: plgpu.wgmma(acc_ref, kr_smem.at[slot],
                                                       c_smem.at[slot, h]),
                           interpret)
@@ -202,7 +193,7 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
       scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(approx_math=True,
                                           lowering_semantics=plgpu.LoweringSemantics.Lane),
-      interpret=plgpu.InterpretGPUParams() if interpret else False,
+      interpret=interpret_params(interpret),
       kernel_name="mla_decode_split_kv_mgpu_heads",
   )(lengths, q_latent, q_rope, c_kv, k_rope)
 

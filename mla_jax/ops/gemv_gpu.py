@@ -224,7 +224,8 @@ def batched_gemv(x, w, *, interpret: bool = False, config: GemvConfig | None = N
   w: [H,K,N] float array (bf16/f16/f32) or quant.QuantizedTensor ("q8_0"/"iq4_nl").
 
   lowering: "triton" (this file, the default: K and N multiples of 32, N a power of two) or
-  "mosaic" (ops/gemv_mgpu.py: TMA + wgmma, Hopper only, see gemv_mgpu.unsupported). The Mosaic
+  "mosaic" (ops/gemv_mgpu.py: TMA + wgmma on Hopper, or Mosaic GPU's interpret mode on a CPU;
+  see gemv_mgpu.unsupported). The Mosaic
   kernel takes less GPU time at every bf16 and q8_0 benchmark shape, but XLA launches it outside
   its CUDA graphs, which costs 2-5 µs of host time per call: more than it saves where the step is
   launch-bound, as small-batch decoding is (docs/batched_gemv.md).
@@ -234,11 +235,10 @@ def batched_gemv(x, w, *, interpret: bool = False, config: GemvConfig | None = N
   _validate(x, w)
   if lowering == "mosaic":
     reason = (gemv_mgpu.unsupported(x, w)
-              or ("there is no interpret mode (wgmma runs only on a GPU)" if interpret else None)
               or (f"{config=} tunes the Triton kernel" if config is not None else None))
     if reason is not None:
       raise ValueError(f"lowering='mosaic': {reason}")
-    return gemv_mgpu.batched_gemv(x, w)
+    return gemv_mgpu.batched_gemv(x, w, interpret=interpret)
   return _triton_gemv(x, w, interpret=interpret, config=config)
 
 

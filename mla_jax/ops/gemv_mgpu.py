@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mla_jax import quant
+from mla_jax.ops.mgpu_common import accumulate, interpret_params
 
 BLOCK = quant.BLOCK
 _TN = 64       # output columns per program: the wgmma M
@@ -100,11 +101,13 @@ def unsupported(x, w) -> str | None:
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("stages", "warpgroups"))
-def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None):
+@functools.partial(jax.jit, static_argnames=("stages", "warpgroups", "interpret"))
+def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None,
+                 interpret: bool = False):
   """y [B,H,N] = x[..., :K] · w per head, in x's dtype; arguments as ops/gemv_gpu.batched_gemv
   (see unsupported() for what this kernel takes). `stages`: chunks in flight per warpgroup;
-  `warpgroups`: how many split the contraction of a program (default: choose_warpgroups)."""
+  `warpgroups`: how many split the contraction of a program (default: choose_warpgroups);
+  `interpret`: run in Mosaic GPU's interpret mode (on a CPU)."""
   reason = unsupported(x, w)
   if reason is not None:
     raise ValueError(reason)
@@ -148,7 +151,7 @@ def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None):
         for half in range(2):
           plgpu.wgmma(acc_ref, w_smem.at[wg, slot, pl.ds(half * BLOCK, BLOCK)].T,
                       x_smem.at[wg, slot, half].T)
-      return pl.run_state(products)(plgpu.ACC.init(acc))
+      return accumulate(acc, products, interpret)
 
     def q8_0_step(slot, acc):
       conv = conv_smem.at[wg]
@@ -223,4 +226,5 @@ def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None):
       scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       kernel_name="mla_batched_gemv_mgpu",
+      interpret=interpret_params(interpret),
   )(x, *operands)
