@@ -5,7 +5,7 @@ then the kernels each path launches (counted in the compiled HLO) and its time. 
 product is the strided view q[..., :K] of a [B,H,K+R] query, as in the module. Baselines: XLA
 einsum on bf16 weights, XLA dequantize-then-einsum on quantized ones. Fused paths: "pallas" (the
 default, the Triton kernel with default_config), "pallas_int8" (q8_0 with int8 activations) and,
-on Hopper, "pallas_mosaic" (ops/gemv_mgpu.py, bf16 and q8_0); goals are read for the default
+on Hopper, "pallas_mosaic" (ops/gemv_mgpu.py, every format); goals are read for the default
 and, separately, for the Mosaic kernel.
 
 Timing (GPU.md, METHOD.md): one jitted chain of n calls over n distinct weight/input copies
@@ -404,7 +404,7 @@ def run(config, workdir) -> dict:
             f"device {r.get('device_us', float('nan')):8.2f} us kernels {r.get('kernels', '-')} "
             f"err {r.get('rel_err', float('nan')):.1e} {r.get('error', '')[:80]}", flush=True)
   result["goals"] = _goals(result["rows"])
-  if any(r["path"] == "pallas_mosaic" for r in result["rows"]):  # bf16 and q8_0 rows only
+  if any(r["path"] == "pallas_mosaic" for r in result["rows"]):  # Hopper only
     result["goals_mosaic"] = _goals(result["rows"], "pallas_mosaic")
   result["elapsed_s"] = time.perf_counter() - start
   _write(result, workdir)

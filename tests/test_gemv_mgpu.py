@@ -16,19 +16,24 @@ from mla_jax.ops import gemv_gpu, gemv_mgpu
 from test_gemv_gpu import R, _oracle, _weights
 
 ON_GPU = jax.default_backend() == "gpu"
+FORMATS = ["bf16", "q8_0", "iq4_nl"]
 
 
 def _args(B, H, K, N, fmt, dtype=jnp.bfloat16):
   x = jax.ShapeDtypeStruct((B, H, K + R), dtype)
-  if fmt == "q8_0":
-    return x, quant.QuantizedTensor(jax.ShapeDtypeStruct((H, K, N), jnp.int8),
-                                    jax.ShapeDtypeStruct((H, K // 32, N), jnp.float16), fmt)
-  return x, jax.ShapeDtypeStruct((H, K, N), dtype)
+  if fmt == "bf16":
+    return x, jax.ShapeDtypeStruct((H, K, N), dtype)
+  qs = (H, K, N) if fmt == "q8_0" else (H, K // 2, N)
+  return x, quant.QuantizedTensor(
+      jax.ShapeDtypeStruct(qs, jnp.int8 if fmt == "q8_0" else jnp.uint8),
+      jax.ShapeDtypeStruct((H, K // 32, N), jnp.float16), fmt)
 
 
 @pytest.mark.parametrize("B,H,K,N,fmt,warpgroups", [
     (1, 128, 512, 128, "q8_0", None), (64, 128, 512, 128, "bf16", None),
-    (8, 16, 128, 512, "q8_0", None), (128, 2, 256, 64, "bf16", 4), (3, 1, 64, 128, "q8_0", 1)])
+    (8, 16, 128, 512, "q8_0", None), (128, 2, 256, 64, "bf16", 4), (3, 1, 64, 128, "q8_0", 1),
+    (1, 128, 512, 128, "iq4_nl", None), (64, 128, 128, 512, "iq4_nl", None),
+    (8, 2, 512, 64, "iq4_nl", 4)])
 def test_kernel_lowers_for_cuda(B, H, K, N, fmt, warpgroups):
   """Mosaic GPU lowers the kernel on any host: a layout, swizzle or shared-memory error shows
   here (B=64: the largest x tiles and accumulators; B=128: two batch blocks)."""
@@ -40,9 +45,8 @@ def test_kernel_lowers_for_cuda(B, H, K, N, fmt, warpgroups):
 def test_what_it_refuses():
   x, w = _args(1, 2, 128, 64, "bf16")
   assert gemv_mgpu.unsupported(x, w) is None
-  iq4 = quant.QuantizedTensor(jax.ShapeDtypeStruct((2, 64, 64), jnp.uint8),
-                              jax.ShapeDtypeStruct((2, 4, 64), jnp.float16), "iq4_nl")
-  assert "iq4_nl" in gemv_mgpu.unsupported(x, iq4)
+  assert gemv_mgpu.unsupported(*_args(1, 2, 128, 64, "iq4_nl")) is None
+  assert "multiple of 128" in gemv_mgpu.unsupported(*_args(1, 2, 64, 64, "iq4_nl"))
   assert "float32" in gemv_mgpu.unsupported(*_args(1, 2, 128, 64, "bf16", jnp.float32))
   assert "multiple of 64" in gemv_mgpu.unsupported(*_args(1, 2, 96, 64, "bf16"))
   assert "multiple of 64" in gemv_mgpu.unsupported(*_args(1, 2, 128, 32, "bf16"))
@@ -55,13 +59,14 @@ def test_what_it_refuses():
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret mode: the CPU's test (the gpu tests cover these)")
-@pytest.mark.parametrize("fmt", ["bf16", "q8_0"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("B,H,K,N,warpgroups,dtype", [
     (1, 2, 128, 64, None, jnp.bfloat16), (3, 1, 256, 128, 2, jnp.float16),
-    (16, 2, 128, 64, 1, jnp.bfloat16), (72, 1, 64, 64, None, jnp.bfloat16)])
+    (16, 2, 128, 64, 1, jnp.bfloat16), (72, 1, 128, 64, None, jnp.bfloat16)])
 def test_interpreted(B, H, K, N, warpgroups, dtype, fmt, rng):
-  """Both paths in interpret mode: the q8_0 conversion and per-block scales, split-K across
-  warpgroups, TMA's zero rows past B (B=3, 72: a partial second batch block)."""
+  """Every path in interpret mode: the q8_0 conversion, the iq4_nl lookup (emulated byte
+  permutes) and half-block products, per-block scales, split-K across warpgroups, TMA's zero
+  rows past B (B=3, 72: a partial second batch block)."""
   _check(rng, B, H, K, N, fmt, dtype, warpgroups=warpgroups, interpret=True)
 
 
@@ -72,8 +77,8 @@ def test_dispatch_rules(rng, monkeypatch):
     gemv_gpu.batched_gemv(x, w, lowering="cuda")
   with pytest.raises(ValueError, match="tunes the Triton kernel"):
     gemv_gpu.batched_gemv(x, w, lowering="mosaic", config=gemv_gpu.GemvConfig())
-  with pytest.raises(ValueError, match="iq4_nl"):
-    gemv_gpu.batched_gemv(x, _weights(rng, 2, 128, 64, "iq4_nl"), lowering="mosaic")
+  with pytest.raises(ValueError, match="multiple of 128"):
+    gemv_gpu.batched_gemv(x, _weights(rng, 2, 64, 64, "iq4_nl"), lowering="mosaic")
   calls = []
   monkeypatch.setattr(gemv_mgpu, "batched_gemv", lambda *a, **k: calls.append(a) or a[0])
   gemv_gpu.batched_gemv(x, w, interpret=not ON_GPU)
@@ -95,30 +100,31 @@ def _check(rng, B, H, K, N, fmt, dtype=jnp.bfloat16, **options):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["bf16", "q8_0"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("B", [1, 3, 8, 64, 72])
-@pytest.mark.parametrize("H,K,N", [(1, 64, 64), (16, 128, 512), (128, 512, 128)])
+@pytest.mark.parametrize("H,K,N", [(1, 128, 64), (16, 128, 512), (128, 512, 128)])
 def test_matches_reference(H, K, N, B, dtype, fmt, rng):
   _check(rng, B, H, K, N, fmt, dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["bf16", "q8_0"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("warpgroups,stages", [(1, 1), (1, 8), (2, 1), (4, 2), (8, 1)])
 def test_warpgroups_and_stages(warpgroups, stages, fmt, rng):
-  _check(rng, 5, 3, 512, 128, fmt, warpgroups=warpgroups, stages=stages)
+  _check(rng, 5, 3, 1024, 128, fmt, warpgroups=warpgroups, stages=stages)
 
 
 @pytest.mark.gpu
-def test_large_values_and_scales(rng):
+@pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
+def test_large_values_and_scales(fmt, rng):
   """Scales spanning float16's range and large activations: the per-block scaling stays in
   float32 after the product."""
   H, K, N = 4, 256, 64
   w = jnp.asarray(rng.standard_normal((H, K, N)), jnp.float32)
   w = w * jnp.exp2(jnp.asarray(rng.integers(-12, 12, (H, K // 32, 1)), jnp.float32)
                    ).repeat(32, axis=1)
-  qw = quant.quantize(w, "q8_0")
+  qw = quant.quantize(w, fmt)
   x = jnp.asarray(rng.standard_normal((2, H, K)) * 300, jnp.bfloat16)
   y = gemv_mgpu.batched_gemv(x, qw)
   assert rel_err(y, _oracle(x, qw)) <= RTOL[jnp.bfloat16]

@@ -226,7 +226,7 @@ def batched_gemv(x, w, *, interpret: bool = False, config: GemvConfig | None = N
   lowering: "triton" (this file, the default: K and N multiples of 32, N a power of two) or
   "mosaic" (ops/gemv_mgpu.py: TMA + wgmma on Hopper, or Mosaic GPU's interpret mode on a CPU;
   see gemv_mgpu.unsupported). The Mosaic
-  kernel takes less GPU time at every bf16 and q8_0 benchmark shape, but XLA launches it outside
+  kernel takes less GPU time at every benchmark shape, but XLA launches it outside
   its CUDA graphs, which costs 2-5 µs of host time per call: more than it saves where the step is
   launch-bound, as small-batch decoding is (docs/batched_gemv.md).
   """

@@ -19,11 +19,16 @@ own ring of `stages` shared-memory slots: TMA loads chunk c + stages as soon as 
 products are done. x arrives with each chunk, one [Bp, 32] tile per GGML block (the operand
 layout that lets a block's product be scaled on its own).
 
-Quantized q8_0 weights (quant.QuantizedTensor) never reach HBM as floats: each int8 chunk is
-converted exactly to the activation dtype (int8 fits 8 significant bits; Mosaic converts int8
-to bfloat16 with integer and packed-bf16 ops, not the conversion unit) into one shared-memory
-tile, each block's product goes to its own accumulator, and is scaled by the block's float16 d
-per output column before it is added: y = Σ_blocks d_kb · (q_kb · x_kb).
+Quantized weights (quant.QuantizedTensor) never reach HBM as floats. Each chunk is decoded
+exactly to the activation dtype into shared memory, each block's product goes to its own
+accumulator, and is scaled by the block's float16 d per output column before it is added:
+y = Σ_blocks d_kb · (q_kb · x_kb).
+- q8_0: an int8 chunk becomes one tile (int8 fits 8 significant bits; Mosaic converts int8 to
+  bfloat16 with integer and packed-bf16 ops, not the conversion unit).
+- iq4_nl: a chunk is 128 rows (4 blocks), so that its packed bytes fill a [64, 64] tile. Byte
+  permutes look the 4-bit indices up in the table (ops/iq4_nl_prmt.py) into two tiles, the low
+  nibbles (each block's rows 0-15) and the high nibbles (rows 16-31). x then arrives in
+  [Bp, 16] half-block tiles, and each half block is one K=16 product.
 
 Every tile is read in place: x from any [B, H, K'] array with K' >= K (the whole query), the
 weights as stored. The Triton kernel (ops/gemv_gpu.py) stays the default and the portable path,
@@ -42,11 +47,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mla_jax import quant
+from mla_jax.ops import iq4_nl_prmt
 from mla_jax.ops.mgpu_common import accumulate, interpret_params
 
 BLOCK = quant.BLOCK
 _TN = 64       # output columns per program: the wgmma M
-_TK = 2 * BLOCK  # contraction rows per chunk
+_TK = 2 * BLOCK  # contraction rows per chunk (iq4_nl: 2 * _TK)
 _STAGES = 4    # chunks in flight per warpgroup
 _MAX_BLOCK_B = 64
 _NUM_SMS = 132   # H100/H200 SXM, the GPUs choose_warpgroups was measured on
@@ -70,14 +76,20 @@ def block_rows(B: int) -> int:
   return min(max(8, _next_pow2(B)), _MAX_BLOCK_B)
 
 
-def choose_warpgroups(programs: int, K: int, Bp: int, quantized: bool) -> int:
-  """Warpgroups that split a program's contraction (H200 sweep, docs/batched_gemv.md): two, from
+def choose_warpgroups(programs: int, chunks: int, Bp: int, quantized: bool) -> int:
+  """Warpgroups that split a program's `chunks` (H200 sweep, docs/batched_gemv.md): two, from
   4 chunks up, where the grid has fewer programs than SMs (at H=16, K=512: bf16 2.8 vs 3.5 µs,
   q8_0 3.9 vs 4.6), or for q8_0's conversion at a few batch rows (H=128, K=512: 5.9-6.1 vs
   6.4). Elsewhere one: the second warpgroup's tiles and partial sums halve the programs an SM
   holds (H=128, K=512, B=64: 11.2-11.5 vs 8.5-9.4 µs); at K=128 one chunk each was slower."""
   few_programs = programs < _NUM_SMS
-  return 2 if K // _TK >= 4 and (few_programs or (quantized and Bp <= 8)) else 1
+  two = chunks >= 4 and chunks % 2 == 0 and (few_programs or (quantized and Bp <= 8))
+  return 2 if two else 1
+
+
+def _chunk_rows(fmt: str | None) -> int:
+  """Contraction rows per chunk: iq4_nl's packed bytes fill a 64-row tile at 128 rows."""
+  return 2 * _TK if fmt == "iq4_nl" else _TK
 
 
 def unsupported(x, w) -> str | None:
@@ -86,13 +98,12 @@ def unsupported(x, w) -> str | None:
   dtype = jnp.dtype(x.dtype)
   if dtype not in (jnp.bfloat16, jnp.float16):
     return f"x.dtype={x.dtype}: the wgmma operands must be bfloat16 or float16"
-  if isinstance(w, quant.QuantizedTensor):
-    if w.fmt != "q8_0":
-      return f"w.fmt={w.fmt!r}: only q8_0 is decoded by this kernel"
-  elif jnp.dtype(w.dtype) != dtype:
+  fmt = getattr(w, "fmt", None)
+  if fmt is None and jnp.dtype(w.dtype) != dtype:
     return f"w.dtype={w.dtype}, x.dtype={x.dtype}: a float w must have x's dtype"
-  if K % _TK or N % _TN:
-    return f"w.shape={tuple(w.shape)}: K must be a multiple of {_TK} and N of {_TN}"
+  if K % _chunk_rows(fmt) or N % _TN:
+    return (f"w.shape={tuple(w.shape)}: K must be a multiple of {_chunk_rows(fmt)} and N of "
+            f"{_TN}")
   B, _, Kx = x.shape
   if Kx % 8:
     return f"x.shape={tuple(x.shape)}: x's row length must be a multiple of 8 (TMA strides)"
@@ -114,17 +125,21 @@ def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None,
   B, H, _ = x.shape
   _, K, N = w.shape
   dtype, Bp = x.dtype, block_rows(B)
-  quantized = isinstance(w, quant.QuantizedTensor)
+  fmt = getattr(w, "fmt", None)
+  tk = _chunk_rows(fmt)
+  xw = BLOCK // 2 if fmt == "iq4_nl" else BLOCK  # columns of x per tile: a half or whole block
+  blocks = tk // BLOCK  # GGML blocks per chunk
   if stages < 1 or (warpgroups is not None and warpgroups < 1):
     raise ValueError(f"stages={stages}, warpgroups={warpgroups}: expected >= 1")
-  W = warpgroups or choose_warpgroups(H * (N // _TN) * pl.cdiv(B, Bp), K, Bp, quantized)
-  if (K // _TK) % W:
-    raise ValueError(f"warpgroups={W}: must divide the {K // _TK} chunks of {_TK} rows of K={K}")
-  per_wg = K // _TK // W
+  chunks = K // tk
+  W = warpgroups or choose_warpgroups(H * (N // _TN) * pl.cdiv(B, Bp), chunks, Bp, bool(fmt))
+  if chunks % W:
+    raise ValueError(f"warpgroups={W}: must divide the {chunks} chunks of {tk} rows of K={K}")
+  per_wg = chunks // W
   stages = min(stages, per_wg)
 
   def kernel(x_ref, *refs):
-    if quantized:
+    if fmt:
       qs_ref, d_ref, y_ref, x_smem, qs_smem, d_smem, conv_smem, *rest = refs
     else:
       w_ref, y_ref, x_smem, w_smem, *rest = refs
@@ -136,38 +151,56 @@ def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None,
 
     def fetch(c, slot):
       bar = bars.at[wg * stages + slot]
-      for half in range(2):
-        plgpu.copy_gmem_to_smem(x_ref.at[rows, h, pl.ds((2 * c + half) * BLOCK, BLOCK)],
-                                x_smem.at[wg, slot, half], bar)
-      k_rows = pl.ds(c * _TK, _TK)
-      if quantized:
-        plgpu.copy_gmem_to_smem(qs_ref.at[h, k_rows, cols], qs_smem.at[wg, slot], bar)
-        plgpu.copy_gmem_to_smem(d_ref.at[h, pl.ds(2 * c, 2), cols], d_smem.at[wg, slot], bar)
+      for piece in range(tk // xw):
+        plgpu.copy_gmem_to_smem(x_ref.at[rows, h, pl.ds(c * tk + piece * xw, xw)],
+                                x_smem.at[wg, slot, piece], bar)
+      if fmt:
+        packed = qs_smem.shape[2]  # stored rows per chunk (iq4_nl: two weights a byte)
+        plgpu.copy_gmem_to_smem(qs_ref.at[h, pl.ds(c * packed, packed), cols],
+                                qs_smem.at[wg, slot], bar)
+        plgpu.copy_gmem_to_smem(d_ref.at[h, pl.ds(blocks * c, blocks), cols],
+                                d_smem.at[wg, slot], bar)
       else:
-        plgpu.copy_gmem_to_smem(w_ref.at[h, k_rows, cols], w_smem.at[wg, slot], bar)
+        plgpu.copy_gmem_to_smem(w_ref.at[h, pl.ds(c * tk, tk), cols], w_smem.at[wg, slot], bar)
 
     def dense_step(slot, acc):
       def products(acc_ref):
-        for half in range(2):
-          plgpu.wgmma(acc_ref, w_smem.at[wg, slot, pl.ds(half * BLOCK, BLOCK)].T,
-                      x_smem.at[wg, slot, half].T)
+        for kb in range(blocks):
+          plgpu.wgmma(acc_ref, w_smem.at[wg, slot, pl.ds(kb * BLOCK, BLOCK)].T,
+                      x_smem.at[wg, slot, kb].T)
       return accumulate(acc, products, interpret)
 
-    def q8_0_step(slot, acc):
+    def decode(slot):
+      """The chunk's weights, decoded into shared memory; per block, its (weights, x) tiles."""
       conv = conv_smem.at[wg]
-      values = plgpu.load(qs_smem.at[wg, slot], layout=plgpu.Layout.WGMMA_8BIT)
-      conv[...] = values.astype(dtype)  # exact: |q| <= 127
+      if fmt == "q8_0":
+        values = plgpu.load(qs_smem.at[wg, slot], layout=plgpu.Layout.WGMMA_8BIT)
+        conv[...] = values.astype(dtype)  # exact: |q| <= 127
+        return [[(conv.at[pl.ds(kb * BLOCK, BLOCK)], x_smem.at[wg, slot, kb])]
+                for kb in range(blocks)]
+      packed = plgpu.load(qs_smem.at[wg, slot], layout=plgpu.Layout.WGMMA_8BIT)
+      for nibbles, values in enumerate(iq4_nl_prmt.decode(packed, dtype, interpret)):
+        conv.at[nibbles][...] = values  # row 16·kb + r: block kb's row r (+ 16 if high)
+      half = BLOCK // 2
+      return [[(conv.at[nibbles, pl.ds(kb * half, half)], x_smem.at[wg, slot, 2 * kb + nibbles])
+               for nibbles in range(2)] for kb in range(blocks)]
+
+    def quantized_step(slot, acc):
+      operands = decode(slot)
       plgpu.commit_smem()
+      for pair in range(0, blocks, 2):  # two blocks' accumulators at a time
 
-      def products(part0, part1):  # one accumulator per GGML block
-        for half, part in enumerate((part0, part1)):
-          plgpu.wgmma(part, conv.at[pl.ds(half * BLOCK, BLOCK)].T, x_smem.at[wg, slot, half].T)
-        return part0[...], part1[...]
+        def products(*parts):
+          for part, kb in zip(parts, (pair, pair + 1)):
+            for w_tile, x_tile in operands[kb]:
+              plgpu.wgmma(part, w_tile.T, x_tile.T)
+          return tuple(part[...] for part in parts)
 
-      for half, part in enumerate(pl.run_scoped(products, plgpu.ACC((_TN, Bp), jnp.float32),
-                                                plgpu.ACC((_TN, Bp), jnp.float32))):
-        d = plgpu.load(d_smem.at[wg, slot, half], layout=plgpu.Layout.WGMMA.reduce(1))
-        acc = acc + part * lax.broadcast_in_dim(d.astype(jnp.float32), part.shape, [0])
+        parts = pl.run_scoped(products, plgpu.ACC((_TN, Bp), jnp.float32),
+                              plgpu.ACC((_TN, Bp), jnp.float32))
+        for kb, part in zip((pair, pair + 1), parts):
+          d = plgpu.load(d_smem.at[wg, slot, kb], layout=plgpu.Layout.WGMMA.reduce(1))
+          acc = acc + part * lax.broadcast_in_dim(d.astype(jnp.float32), part.shape, [0])
       return acc
 
     for slot in range(stages):
@@ -176,7 +209,7 @@ def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None,
     def step(c, acc):
       slot = lax.rem(c, stages)
       plgpu.barrier_wait(bars.at[wg * stages + slot])
-      acc = (q8_0_step if quantized else dense_step)(slot, acc)
+      acc = (quantized_step if fmt else dense_step)(slot, acc)
       pl.when(c + stages < per_wg)(lambda: fetch(first + c + stages, slot))  # the slot is free
       return acc
 
@@ -203,19 +236,22 @@ def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None,
       plgpu.copy_smem_to_gmem(y_smem, y_ref.at[rows, h, cols])
       plgpu.wait_smem_to_gmem(0)
 
-  x_tiles = _smem((W, stages, 2, Bp, BLOCK), dtype)
+  swizzle = xw * jnp.dtype(dtype).itemsize  # of x's tiles, which the weight tiles must share
+  x_tiles = _smem((W, stages, tk // xw, Bp, xw), dtype, swizzle)
   common = [_smem((Bp, _TN), dtype),
-            plgpu.Barrier(num_arrivals=4 if quantized else 3, num_barriers=W * stages)]
+            plgpu.Barrier(num_arrivals=tk // xw + (2 if fmt else 1), num_barriers=W * stages)]
   if W > 1:
     common += [_smem((W - 1, _TN, Bp), jnp.float32, swizzle=None),
                plgpu.Barrier(num_arrivals=W - 1)]
-  if quantized:
+  if fmt:
     operands = (w.qs, w.d)
-    scratch = [x_tiles, _smem((W, stages, _TK, _TN), jnp.int8),
-               plgpu.SMEM((W, stages, 2, _TN), w.d.dtype), _smem((W, _TK, _TN), dtype), *common]
+    decoded = (W, _TK, _TN) if fmt == "q8_0" else (W, 2, _TK, _TN)  # iq4_nl: low, high nibbles
+    scratch = [x_tiles, _smem((W, stages, _TK, _TN), w.qs.dtype),
+               plgpu.SMEM((W, stages, blocks, _TN), w.d.dtype), _smem(decoded, dtype, swizzle),
+               *common]
   else:
     operands = (w,)
-    scratch = [x_tiles, _smem((W, stages, _TK, _TN), dtype), *common]
+    scratch = [x_tiles, _smem((W, stages, tk, _TN), dtype, swizzle), *common]
   return plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((B, H, N), dtype),
