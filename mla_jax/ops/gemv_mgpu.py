@@ -77,14 +77,17 @@ def block_rows(B: int) -> int:
 
 
 def choose_warpgroups(programs: int, chunks: int, Bp: int, quantized: bool) -> int:
-  """Warpgroups that split a program's `chunks` (H200 sweep, docs/batched_gemv.md): two, from
-  4 chunks up, where the grid has fewer programs than SMs (at H=16, K=512: bf16 2.8 vs 3.5 µs,
-  q8_0 3.9 vs 4.6), or for q8_0's conversion at a few batch rows (H=128, K=512: 5.9-6.1 vs
-  6.4). Elsewhere one: the second warpgroup's tiles and partial sums halve the programs an SM
-  holds (H=128, K=512, B=64: 11.2-11.5 vs 8.5-9.4 µs); at K=128 one chunk each was slower."""
-  few_programs = programs < _NUM_SMS
-  two = chunks >= 4 and chunks % 2 == 0 and (few_programs or (quantized and Bp <= 8))
-  return 2 if two else 1
+  """Warpgroups that split a program's `chunks` (H200 sweeps, docs/batched_gemv.md). Two:
+  - from 4 chunks up where the grid has fewer programs than SMs (H=16, K=512: bf16 2.8 vs 3.5
+    µs, q8_0 3.9 vs 4.6, iq4_nl's 4 chunks 3.4-3.8 vs 3.6-4.4);
+  - from 8 chunks up for a quantized conversion at a few batch rows (H=128, K=512, q8_0's 8
+    chunks: 5.9-6.1 vs 6.4; iq4_nl's 4 chunks ran faster on one warpgroup, 5.6-5.7 vs 6.0 at
+    B=1 in three runs).
+  Elsewhere one: the second warpgroup's tiles and partial sums halve the programs an SM holds
+  (H=128, K=512, B=64: 11.2-11.5 vs 8.5-9.4 µs); at K=128 one chunk each was slower."""
+  few_programs = programs < _NUM_SMS and chunks >= 4
+  conversion = quantized and Bp <= 8 and chunks >= 8
+  return 2 if chunks % 2 == 0 and (few_programs or conversion) else 1
 
 
 def _chunk_rows(fmt: str | None) -> int:
