@@ -52,6 +52,9 @@ def test_what_it_refuses():
   assert "multiple of 64" in gemv_mgpu.unsupported(*_args(1, 2, 128, 32, "bf16"))
   assert "x's dtype" in gemv_mgpu.unsupported(x, jax.ShapeDtypeStruct(w.shape, jnp.float16))
   assert "multiple of 8" in gemv_mgpu.unsupported(*_args(12, 2, 128, 64, "bf16"))
+  x144 = jax.ShapeDtypeStruct((1, 2, 144), jnp.bfloat16)  # K + 16 rope columns
+  assert "multiple of 32" in gemv_mgpu.unsupported(x144, w)
+  assert gemv_mgpu.unsupported(x144, _args(1, 2, 128, 64, "iq4_nl")[1]) is None
   for options, match in [(dict(warpgroups=3), "must divide"), (dict(warpgroups=0), ">= 1"),
                          (dict(stages=0), ">= 1")]:
     with pytest.raises(ValueError, match=match):

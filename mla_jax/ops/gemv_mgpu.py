@@ -95,6 +95,11 @@ def _chunk_rows(fmt: str | None) -> int:
   return 2 * _TK if fmt == "iq4_nl" else _TK
 
 
+def _x_width(fmt: str | None) -> int:
+  """Columns of x per tile: a GGML block, or half of one for iq4_nl's nibble halves."""
+  return BLOCK // 2 if fmt == "iq4_nl" else BLOCK
+
+
 def unsupported(x, w) -> str | None:
   """Why this kernel cannot take these arguments, or None if it can."""
   K, N = w.shape[1:]
@@ -108,8 +113,9 @@ def unsupported(x, w) -> str | None:
     return (f"w.shape={tuple(w.shape)}: K must be a multiple of {_chunk_rows(fmt)} and N of "
             f"{_TN}")
   B, _, Kx = x.shape
-  if Kx % 8:
-    return f"x.shape={tuple(x.shape)}: x's row length must be a multiple of 8 (TMA strides)"
+  if Kx % _x_width(fmt):
+    return (f"x.shape={tuple(x.shape)}: x's row length must be a multiple of {_x_width(fmt)} "
+            "(x's TMA tiles)")
   if B > 8 and B % 8:
     return f"x.shape={tuple(x.shape)}: B must be at most 8 or a multiple of 8 (TMA row tiles)"
   return None
@@ -130,7 +136,7 @@ def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None,
   dtype, Bp = x.dtype, block_rows(B)
   fmt = getattr(w, "fmt", None)
   tk = _chunk_rows(fmt)
-  xw = BLOCK // 2 if fmt == "iq4_nl" else BLOCK  # columns of x per tile: a half or whole block
+  xw = _x_width(fmt)
   blocks = tk // BLOCK  # GGML blocks per chunk
   if stages < 1 or (warpgroups is not None and warpgroups < 1):
     raise ValueError(f"stages={stages}, warpgroups={warpgroups}: expected >= 1")
