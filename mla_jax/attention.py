@@ -18,6 +18,11 @@ other parameter; "bf16" stores them as bfloat16; "q8_0" / "iq4_nl" store them as
 (quant.QuantizedTensor, blocks of 32 along the contraction axis). Absorbed decode with
 backend="pallas" decodes quantized blocks inside the fused GEMV kernel (ops/gemv_gpu.py); every
 other path (xla/cpu decode, prefill, standard mode) dequantizes them first.
+
+`gemv_lowering` picks that kernel (backend="pallas" only): "triton", the default, or "mosaic",
+the Hopper kernel of ops/gemv_mgpu.py. The Mosaic kernel takes less GPU time but more host time
+per launch (docs/batched_gemv.md), and needs bfloat16/float16 activations (`dtype`) with weights
+in a GGML format or in that dtype; gemv_mgpu.unsupported names what else it refuses.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from mla_jax.ops import xla
 MODES = ("standard", "absorbed")
 BACKENDS = ("auto", "xla", "pallas", "cpu")
 WEIGHT_FORMATS = (None, "bf16", *quant.FORMATS)
+GEMV_LOWERINGS = ("triton", "mosaic")
 
 
 class RMSNorm(nnx.Module):
@@ -83,12 +89,14 @@ class MLAttention(nnx.Module):
 
   def __init__(self, cfg: MLAConfig, mode: str = "absorbed", backend: str = "auto", *,
                dtype=jnp.float32, param_dtype=jnp.float32, weight_format: str | None = None,
-               rngs: nnx.Rngs):
+               gemv_lowering: str = "triton", rngs: nnx.Rngs):
     if mode not in MODES:
       raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     if backend not in BACKENDS:
       raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+    _check_gemv_lowering(gemv_lowering, backend, dtype)
     self.cfg, self.mode, self.backend, self.dtype = cfg, mode, backend, dtype
+    self.gemv_lowering = gemv_lowering
     D, H = cfg.hidden_size, cfg.num_heads
     linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                                rngs=rngs)
@@ -161,13 +169,12 @@ class MLAttention(nnx.Module):
     cache = cache.write(c_kv, k_rope, num_new)
     T = q.shape[1]
     if T == 1:  # decode: two batched GEMVs (q_nope read in place from q), the split-KV kernel
-      q_latent = ops.batched_gemv(q[:, 0], wk_b, impl=self._gemv_impl,
-                                  **self._kernel_options(self._gemv_impl))
+      q_latent = ops.batched_gemv(q[:, 0], wk_b, impl=self._gemv_impl, **self._gemv_options)
       o_latent, _ = ops.mla_decode(q_latent, q_rope[:, 0].astype(q_latent.dtype), cache.c_kv,
                                    cache.k_rope, cache.lengths, sm_scale=self.cfg.softmax_scale,
                                    impl=self._decode_impl, **self._kernel_options(self._decode_impl))
       heads = ops.batched_gemv(o_latent.astype(q_latent.dtype), wv_b, impl=self._gemv_impl,
-                               **self._kernel_options(self._gemv_impl))
+                               **self._gemv_options)
       return heads[:, None], cache
     q_nope = q[..., :self.cfg.qk_nope_head_dim]
     q_latent = jnp.einsum("bthk,hkc->bthc", q_nope, quant.dequantize(wk_b, q.dtype))
@@ -183,6 +190,13 @@ class MLAttention(nnx.Module):
   @property
   def _gemv_impl(self) -> str:
     return "xla" if self.backend == "cpu" else self.backend
+
+  @property
+  def _gemv_options(self) -> dict:
+    options = self._kernel_options(self._gemv_impl)
+    if self._gemv_impl == "pallas":
+      options["lowering"] = self.gemv_lowering
+    return options
 
   @staticmethod
   def _kernel_options(impl: str) -> dict:
@@ -204,6 +218,17 @@ class MLAttention(nnx.Module):
                        f"{expected.__name__} from init_cache")
     if cache.batch_size != x.shape[0]:
       raise ValueError(f"cache batch {cache.batch_size} != x.shape[0]={x.shape[0]}")
+
+
+def _check_gemv_lowering(gemv_lowering: str, backend: str, dtype):
+  if gemv_lowering not in GEMV_LOWERINGS:
+    raise ValueError(f"gemv_lowering={gemv_lowering!r}; expected one of {GEMV_LOWERINGS}")
+  if gemv_lowering == "mosaic" and backend != "pallas":
+    raise ValueError(f"gemv_lowering='mosaic' with backend={backend!r}: only backend='pallas' "
+                     "runs the fused GEMV kernel")
+  if gemv_lowering == "mosaic" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"gemv_lowering='mosaic' with dtype={jnp.dtype(dtype)}: the Mosaic kernel "
+                     "needs bfloat16 or float16 activations")
 
 
 def _raise_if_overflow(cache):

@@ -19,13 +19,14 @@ from mla_jax.config import MLAConfig
 
 
 def load_hf_attention(path, layer: int, mode: str = "absorbed", dtype=jnp.float32,
-                      backend: str = "auto", weight_format: str | None = None) -> MLAttention:
+                      backend: str = "auto", weight_format: str | None = None,
+                      gemv_lowering: str = "triton") -> MLAttention:
   """MLAttention for `model.layers.{layer}.self_attn.*` of the checkpoint directory `path`.
 
   `path` holds config.json and either model.safetensors or shards listed in
   model.safetensors.index.json. Parameters and compute use `dtype`; `weight_format` then
   converts wk_b and wv_b as MLAttention's argument of that name does (quantized from the
-  checkpoint's values).
+  checkpoint's values). `backend` and `gemv_lowering` are MLAttention's.
   """
   cfg = MLAConfig.from_hf(path)
   if not 0 <= layer < cfg.num_layers:
@@ -34,7 +35,8 @@ def load_hf_attention(path, layer: int, mode: str = "absorbed", dtype=jnp.float3
   params = _to_module_layout(cfg, weights)
 
   abstract = nnx.eval_shape(lambda: MLAttention(cfg, mode, backend, dtype=dtype,
-                                                param_dtype=dtype, rngs=nnx.Rngs(0)))
+                                                param_dtype=dtype, gemv_lowering=gemv_lowering,
+                                                rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
   for name, value in params.items():

@@ -1,6 +1,6 @@
 """MLAttention(weight_format=...): quantized wk_b/wv_b give the output of the module run on the
 dequantized weights, and absorbed decode with backend="pallas" hands the quantized blocks to the
-fused GEMV kernel."""
+fused GEMV kernel: the Triton one, or with gemv_lowering="mosaic" the Mosaic GPU one."""
 
 import dataclasses
 
@@ -13,13 +13,18 @@ from flax import nnx
 import mla_jax
 from conftest import RTOL, rel_err, run_chunks
 from mla_jax import quant
-from mla_jax.ops import gemv_gpu
+from mla_jax.ops import decode_gpu, gemv_gpu, gemv_mgpu
 
 # Contraction axes K (wk_b) and C (wv_b) hold whole GGML blocks of 32; N = C, V powers of two.
 SMALL = dataclasses.replace(mla_jax.MLAConfig.deepseek_v2_lite(), hidden_size=64, num_heads=4,
                             kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
                             v_head_dim=32, num_layers=1)
 PREFILL, DECODE = 5, 3
+# Dimensions the Mosaic GEMV takes: contractions of whole 128-row chunks (iq4_nl), N of 64, and
+# query rows K+R of whole 32-column tiles.
+MOSAIC = dataclasses.replace(SMALL, num_heads=2, kv_lora_rank=128, qk_nope_head_dim=128,
+                             qk_rope_head_dim=32, v_head_dim=64)
+ON_GPU = jax.default_backend() == "gpu"
 
 
 def _run(attn, x, positions):
@@ -93,3 +98,34 @@ def test_quantized_module_jits(rng):
   y_eager, _ = attn(x, pos, attn.init_cache(2, 8, jnp.float32))
   assert rel_err(y, y_eager) <= RTOL[jnp.float32]
   assert jax.tree_util.tree_leaves(nnx.state(attn))  # quantized params are plain pytree leaves
+
+
+@pytest.mark.skipif(ON_GPU and not decode_gpu.is_hopper(), reason="Mosaic GPU: Hopper")
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "iq4_nl"])
+def test_mosaic_gemv_in_the_module(fmt, monkeypatch, rng):
+  """Both decode products run on the Mosaic kernel (interpreted on a CPU), and the module gives
+  what backend="xla" gives on the same weights."""
+  calls = []
+  kernel = gemv_mgpu.batched_gemv
+  monkeypatch.setattr(gemv_mgpu, "batched_gemv", lambda x, w, **kw: calls.append(w.shape) or
+                      kernel(x, w, **kw))
+  seed = int(rng.integers(1 << 30))
+  make = lambda backend, **kw: mla_jax.MLAttention(
+      MOSAIC, "absorbed", backend, dtype=jnp.bfloat16, weight_format=fmt, rngs=nnx.Rngs(seed),
+      **kw)
+  x = jnp.asarray(rng.standard_normal((2, PREFILL + 1, MOSAIC.hidden_size)), jnp.float32)
+  positions = jnp.asarray(rng.integers(0, 500, (2, 1)) + np.arange(PREFILL + 1), jnp.int32)
+  chunks = [PREFILL, 1]
+  y = run_chunks(make("pallas", gemv_lowering="mosaic"), x, positions, chunks,
+                 cache_dtype=jnp.bfloat16)[0]
+  y_ref = run_chunks(make("xla"), x, positions, chunks, cache_dtype=jnp.bfloat16)[0]
+  assert len(calls) == 2, "one call per product of the decode step"
+  assert rel_err(y, y_ref) <= RTOL[jnp.bfloat16]
+
+
+def test_gemv_lowering_is_checked():
+  for options, match in [(dict(backend="pallas", gemv_lowering="cuda"), "gemv_lowering="),
+                         (dict(backend="xla", gemv_lowering="mosaic"), "backend='pallas'"),
+                         (dict(backend="pallas", gemv_lowering="mosaic"), "bfloat16 or float16")]:
+    with pytest.raises(ValueError, match=match):
+      mla_jax.MLAttention(MOSAIC, rngs=nnx.Rngs(0), **options)
