@@ -40,6 +40,37 @@ def test_merge_pieces_equals_merge_partials(rng, P, B, C, N):
   np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=1e-6)
 
 
+def _split_args(B, N, S, C, R, dtype, int8):
+  shapes = [((B, N, C), dtype), ((B, N, R), dtype), ((B, S, C), dtype), ((B, S, R), dtype),
+            ((B,), jnp.int32)]
+  args = [jax.ShapeDtypeStruct(shape, dt) for shape, dt in shapes]
+  if int8:
+    args[2] = quant.Int8Rows(jax.ShapeDtypeStruct((B, S, C), jnp.int8),
+                             jax.ShapeDtypeStruct((B, S), jnp.float32))
+  return args
+
+
+@pytest.mark.parametrize("H,C,R,int8", [(16, 512, 256, False), (32, 512, 256, False),
+                                        (32, 256, 256, False), (16, 1024, 64, False),
+                                        (32, 1024, 64, False), (16, 128, 1024, False),
+                                        (32, 512, 64, True), (16, 1024, 64, True),
+                                        (16, 768, 64, True)])
+def test_unsupported_knows_the_shared_memory(H, C, R, int8):
+  """unsupported() accepts exactly the shapes whose buffers Mosaic GPU fits in shared memory,
+  so that larger ones (C=1024: 308 KiB) fall back to Triton instead of failing to compile."""
+  N = 16 if H <= 16 else 32
+  args = _split_args(2, N, 64, C, R, jnp.bfloat16, int8)
+  accepted = decode_mgpu.unsupported(args[0], args[2], args[3]) is None
+  split = lambda *a: decode_mgpu.split_kv(*a, sm_scale=0.1, num_splits=1)
+  try:
+    jax.jit(split).trace(*args).lower(lowering_platforms=("cuda",))
+    lowers = True
+  except ValueError as err:
+    assert "shared memory" in str(err)
+    lowers = False
+  assert accepted == lowers
+
+
 @pytest.mark.parametrize("B,H,S,C,R,dtype,int8", [(64, 16, 16384, 512, 64, jnp.bfloat16, False),
                                                   (2, 32, 1000, 512, 64, jnp.float16, False),
                                                   (3, 1, 200, 128, 32, jnp.bfloat16, False),

@@ -57,6 +57,8 @@ _STAGES = 2         # tiles in flight: 2 × 72 KiB (bf16, C=512, R=64) is all sh
 _HALF_STAGES_INT8 = {16: 3, 32: 2}
 _MERGE_PROGRAMS = 128
 _MERGE_TILE = 8192  # partial values the merge loads per step
+_SMEM_LIMIT = 232448  # bytes of shared memory a program may use on Hopper (sm_90's opt-in maximum)
+_SMEM_SLACK = 4096  # Mosaic GPU's alignment padding on top of the buffers (its count, C=1024: 3 KiB)
 
 
 def _smem_transforms(minor: int, dtype):
@@ -394,7 +396,27 @@ def unsupported(q_latent, c_kv, k_rope) -> str | None:
             "multiple of 256 (int8 half tiles of 128-column multiples)")
   if S % 8:
     return f"S={S}: the cache length must be a multiple of 8 (TMA tiles)"
+  needed = _shared_bytes(_padded_heads(H), C, R, dtype.itemsize, cache_dtype == jnp.int8)
+  if needed + _SMEM_SLACK > _SMEM_LIMIT:
+    return (f"C={C}, R={R}, H={H}: the buffers need {needed} bytes of shared memory, more than "
+            f"the {_SMEM_LIMIT} an SM gives a program")
   return None
+
+
+def _padded_heads(H: int) -> int:
+  """The heads a program computes: 16, or MAX_HEADS."""
+  return 16 if H <= 16 else MAX_HEADS
+
+
+def _shared_bytes(N: int, C: int, R: int, itemsize: int, int8: bool) -> int:
+  """Bytes of the shared-memory buffers of _split_kv_float / _split_kv_int8 (queries, lse,
+  tiles; the int8 kernel's pᵀ lives in its k_rope tiles, the float kernel's p has its own)."""
+  T = _TILE
+  queries = N * (C + R) * itemsize + N * 4
+  if int8:
+    return (queries + _HALF_STAGES_INT8[N] * T * (C // 2) + 2 * T * (C + R) * itemsize
+            + 2 * T * 4)
+  return queries + N * T * itemsize + _STAGES * T * (C + R) * itemsize
 
 
 def choose_splits(B: int, S: int, num_sms: int) -> int:
@@ -410,7 +432,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_
                merge: str = "pallas", interpret: bool = False):
   """out [B,H,C] in q_latent.dtype, lse [B,H]; arguments as ops.mla_decode (see unsupported())."""
   H = q_latent.shape[1]
-  N = 16 if H <= 16 else MAX_HEADS
+  N = _padded_heads(H)
   pad = ((0, 0), (0, N - H), (0, 0))
   o_p, lse_p = split_kv(jnp.pad(q_latent, pad), jnp.pad(q_rope, pad), c_kv, k_rope,
                         lengths.astype(jnp.int32), sm_scale=sm_scale, num_splits=num_splits,
