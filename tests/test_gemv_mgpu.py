@@ -42,6 +42,24 @@ def test_kernel_lowers_for_cuda(B, H, K, N, fmt, warpgroups):
   assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("width", [136, 144, 160, 192])
+def test_refusals_agree_with_the_lowering(width, fmt, monkeypatch):
+  """unsupported() accepts exactly the x row lengths that Mosaic GPU's TMA takes (x [1,2,width],
+  K=128): a refusal that is too loose fails to compile on the GPU (a 144-column query did)."""
+  x, w = _args(1, 2, 128, 64, fmt)
+  x = jax.ShapeDtypeStruct((1, 2, width), x.dtype)
+  accepted = gemv_mgpu.unsupported(x, w) is None
+  monkeypatch.setattr(gemv_mgpu, "unsupported", lambda x, w: None)
+  try:
+    jax.jit(gemv_mgpu.batched_gemv).trace(x, w).lower(lowering_platforms=("cuda",))
+    lowers = True
+  except ValueError as err:
+    assert "tiling" in str(err)
+    lowers = False
+  assert accepted == lowers
+
+
 def test_what_it_refuses():
   x, w = _args(1, 2, 128, 64, "bf16")
   assert gemv_mgpu.unsupported(x, w) is None
