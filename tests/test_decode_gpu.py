@@ -14,7 +14,7 @@ from flax import nnx
 
 import mla_jax
 from mla_jax import ops, quant
-from mla_jax.ops import decode_gpu, reference
+from mla_jax.ops import decode_gpu, decode_mgpu, reference
 from conftest import RTOL, rel_err
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -106,6 +106,16 @@ def test_other_power_of_two_widths(rng, C, R):
   out, lse = decode_gpu.mla_decode(*args, lengths, sm_scale=0.1, interpret=INTERPRET,
                                    block_s=BLOCK_S, num_splits=2)
   _check(out, lse, *args, lengths, 0.1, _tol("float32"))
+
+
+def test_wide_latent_default_dispatch(rng):
+  """C=1024: the Mosaic kernel's buffers exceed shared memory (decode_mgpu.unsupported), so the
+  default dispatch runs Triton's kernel, with its default tuning."""
+  args = _inputs(rng, 2, 16, 40, "bfloat16", C=1024, R=64)
+  assert "shared memory" in decode_mgpu.unsupported(args[0], args[2], args[3])
+  lengths = jnp.asarray([40, 23], jnp.int32)
+  out, lse = decode_gpu.mla_decode(*args, lengths, sm_scale=0.1, interpret=INTERPRET)
+  _check(out, lse, *args, lengths, 0.1, _tol("bfloat16"))
 
 
 def test_more_pieces_than_tiles_and_default_tuning(rng):
