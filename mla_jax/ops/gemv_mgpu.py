@@ -20,15 +20,17 @@ products are done. x arrives with each chunk, one [Bp, 32] tile per GGML block (
 layout that lets a block's product be scaled on its own).
 
 Quantized weights (quant.QuantizedTensor) never reach HBM as floats. Each chunk is decoded
-exactly to the activation dtype into shared memory, each block's product goes to its own
-accumulator, and is scaled by the block's float16 d per output column before it is added:
-y = Σ_blocks d_kb · (q_kb · x_kb).
-- q8_0: an int8 chunk becomes one tile (int8 fits 8 significant bits; Mosaic converts int8 to
-  bfloat16 with integer and packed-bf16 ops, not the conversion unit).
-- iq4_nl: a chunk is 128 rows (4 blocks), so that its packed bytes fill a [64, 64] tile. Byte
-  permutes look the 4-bit indices up in the table (ops/iq4_nl_prmt.py) into two tiles, the low
-  nibbles (each block's rows 0-15) and the high nibbles (rows 16-31). x then arrives in
-  [Bp, 16] half-block tiles, and each half block is one K=16 product.
+exactly to the activation dtype, each block's product goes to its own accumulator, and is scaled
+by the block's float16 d per output column before it is added: y = Σ_blocks d_kb · (q_kb · x_kb).
+- q8_0: each block goes from the int8 tile straight into wgmma's A operand registers
+  (ops/q8_0_registers.py: a transposing ldmatrix, then integer and packed-float ops), not through
+  shared memory. Its rows come in a permuted column order, which the block scales and the output
+  tile follow.
+- iq4_nl: decoded into shared memory. A chunk is 128 rows (4 blocks), so that its packed bytes
+  fill a [64, 64] tile. Byte permutes look the 4-bit indices up in the table
+  (ops/iq4_nl_prmt.py) into two tiles, the low nibbles (each block's rows 0-15) and the high
+  nibbles (rows 16-31). x then arrives in [Bp, 16] half-block tiles, and each half block is one
+  K=16 product.
 
 Every tile is read in place: x from any [B, H, K'] array with K' >= K (the whole query), the
 weights as stored. The Triton kernel (ops/gemv_gpu.py) stays the default and the portable path,
@@ -47,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mla_jax import quant
-from mla_jax.ops import iq4_nl_prmt
+from mla_jax.ops import iq4_nl_prmt, q8_0_registers
 from mla_jax.ops.mgpu_common import accumulate, interpret_params
 
 BLOCK = quant.BLOCK
@@ -81,8 +83,8 @@ def choose_warpgroups(programs: int, chunks: int, Bp: int, quantized: bool) -> i
   - from 4 chunks up where the grid has fewer programs than SMs (H=16, K=512: bf16 2.8 vs 3.5
     µs, q8_0 3.9 vs 4.6, iq4_nl's 4 chunks 3.4-3.8 vs 3.6-4.4);
   - from 8 chunks up for a quantized conversion at a few batch rows (H=128, K=512, q8_0's 8
-    chunks: 5.9-6.1 vs 6.4; iq4_nl's 4 chunks ran faster on one warpgroup, 5.6-5.7 vs 6.0 at
-    B=1 in three runs).
+    chunks: 4.9 vs 5.3 µs at B=1, 5.3 vs 5.5 at B=8; iq4_nl's 4 chunks ran faster on one
+    warpgroup, 5.6-5.7 vs 6.0 at B=1 in three runs).
   Elsewhere one: the second warpgroup's tiles and partial sums halve the programs an SM holds
   (H=128, K=512, B=64: 11.2-11.5 vs 8.5-9.4 µs); at K=128 one chunk each was slower."""
   few_programs = programs < _NUM_SMS and chunks >= 4
@@ -149,7 +151,9 @@ def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None,
 
   def kernel(x_ref, *refs):
     if fmt:
-      qs_ref, d_ref, y_ref, x_smem, qs_smem, d_smem, conv_smem, *rest = refs
+      qs_ref, d_ref, y_ref, x_smem, qs_smem, d_smem, *rest = refs
+      if fmt == "iq4_nl" or interpret:
+        conv_smem, *rest = rest  # iq4_nl's decoded tiles; interpreted q8_0's A operands
     else:
       w_ref, y_ref, x_smem, w_smem, *rest = refs
     y_smem, bars, *reduction = rest
@@ -180,36 +184,44 @@ def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None,
       return accumulate(acc, products, interpret)
 
     def decode(slot):
-      """The chunk's weights, decoded into shared memory; per block, its (weights, x) tiles."""
+      """The chunk's weights decoded; per block, its (wgmma A operand, x tile) pairs."""
+      if fmt == "q8_0":  # in registers, rows in q8_0_registers.COLUMNS' order
+        blocks_a = [q8_0_registers.a_operand(qs_smem.at[wg, slot, pl.ds(kb * BLOCK, BLOCK)], dtype,
+                                             conv_smem.at[wg, kb] if interpret else None)
+                    for kb in range(blocks)]
+        if interpret:
+          plgpu.commit_smem()
+        return [[(a, x_smem.at[wg, slot, kb])] for kb, a in enumerate(blocks_a)]
       conv = conv_smem.at[wg]
-      if fmt == "q8_0":
-        values = plgpu.load(qs_smem.at[wg, slot], layout=plgpu.Layout.WGMMA_8BIT)
-        conv[...] = values.astype(dtype)  # exact: |q| <= 127
-        return [[(conv.at[pl.ds(kb * BLOCK, BLOCK)], x_smem.at[wg, slot, kb])]
-                for kb in range(blocks)]
       packed = plgpu.load(qs_smem.at[wg, slot], layout=plgpu.Layout.WGMMA_8BIT)
       for nibbles, values in enumerate(iq4_nl_prmt.decode(packed, dtype, interpret)):
         conv.at[nibbles][...] = values  # row 16·kb + r: block kb's row r (+ 16 if high)
+      plgpu.commit_smem()
       half = BLOCK // 2
-      return [[(conv.at[nibbles, pl.ds(kb * half, half)], x_smem.at[wg, slot, 2 * kb + nibbles])
+      return [[(conv.at[nibbles, pl.ds(kb * half, half)].T, x_smem.at[wg, slot, 2 * kb + nibbles])
                for nibbles in range(2)] for kb in range(blocks)]
+
+    def scales(slot, kb):
+      """Block kb's scales, one per row of the products' accumulators."""
+      if fmt == "q8_0":
+        return q8_0_registers.row_scales(d_smem.at[wg, slot, kb], interpret)
+      return plgpu.load(d_smem.at[wg, slot, kb], layout=plgpu.Layout.WGMMA.reduce(1))
 
     def quantized_step(slot, acc):
       operands = decode(slot)
-      plgpu.commit_smem()
       for pair in range(0, blocks, 2):  # two blocks' accumulators at a time
 
         def products(*parts):
           for part, kb in zip(parts, (pair, pair + 1)):
-            for w_tile, x_tile in operands[kb]:
-              plgpu.wgmma(part, w_tile.T, x_tile.T)
+            for w_operand, x_tile in operands[kb]:
+              plgpu.wgmma(part, w_operand, x_tile.T)
           return tuple(part[...] for part in parts)
 
         parts = pl.run_scoped(products, plgpu.ACC((_TN, Bp), jnp.float32),
                               plgpu.ACC((_TN, Bp), jnp.float32))
         for kb, part in zip((pair, pair + 1), parts):
-          d = plgpu.load(d_smem.at[wg, slot, kb], layout=plgpu.Layout.WGMMA.reduce(1))
-          acc = acc + part * lax.broadcast_in_dim(d.astype(jnp.float32), part.shape, [0])
+          d = scales(slot, kb).astype(jnp.float32)
+          acc = acc + part * lax.broadcast_in_dim(d, part.shape, [0])
       return acc
 
     for slot in range(stages):
@@ -240,24 +252,31 @@ def batched_gemv(x, w, *, stages: int = _STAGES, warpgroups: int | None = None,
         plgpu.barrier_wait(red_bar)
         for other in range(W - 1):
           total = total + plgpu.load(red_smem.at[other], layout=plgpu.Layout.WGMMA)
-      y_smem.T[...] = plgpu.layout_cast(total.astype(dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+      if fmt == "q8_0":
+        q8_0_registers.store_rows(total, y_smem, interpret)
+      else:
+        y_smem.T[...] = plgpu.layout_cast(total.astype(dtype), plgpu.Layout.WGMMA_TRANSPOSED)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(y_smem, y_ref.at[rows, h, cols])
       plgpu.wait_smem_to_gmem(0)
 
   swizzle = xw * jnp.dtype(dtype).itemsize  # of x's tiles, which the weight tiles must share
   x_tiles = _smem((W, stages, tk // xw, Bp, xw), dtype, swizzle)
-  common = [_smem((Bp, _TN), dtype),
+  y_tile = plgpu.SMEM((Bp, _TN), dtype) if fmt == "q8_0" else _smem((Bp, _TN), dtype)
+  common = [y_tile,
             plgpu.Barrier(num_arrivals=tk // xw + (2 if fmt else 1), num_barriers=W * stages)]
   if W > 1:
     common += [_smem((W - 1, _TN, Bp), jnp.float32, swizzle=None),
                plgpu.Barrier(num_arrivals=W - 1)]
   if fmt:
     operands = (w.qs, w.d)
-    decoded = (W, _TK, _TN) if fmt == "q8_0" else (W, 2, _TK, _TN)  # iq4_nl: low, high nibbles
     scratch = [x_tiles, _smem((W, stages, _TK, _TN), w.qs.dtype),
-               plgpu.SMEM((W, stages, blocks, _TN), w.d.dtype), _smem(decoded, dtype, swizzle),
-               *common]
+               plgpu.SMEM((W, stages, blocks, _TN), w.d.dtype)]
+    if fmt == "iq4_nl":  # the low and high nibbles' decoded tiles
+      scratch.append(_smem((W, 2, _TK, _TN), dtype, swizzle))
+    elif interpret:
+      scratch.append(_smem((W, blocks, _TN, BLOCK), dtype, swizzle))
+    scratch += common
   else:
     operands = (w,)
     scratch = [x_tiles, _smem((W, stages, tk, _TN), dtype, swizzle), *common]
