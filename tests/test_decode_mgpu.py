@@ -54,7 +54,8 @@ def _split_args(B, N, S, C, R, dtype, int8):
                                         (32, 256, 256, False), (16, 1024, 64, False),
                                         (32, 1024, 64, False), (16, 128, 1024, False),
                                         (32, 512, 64, True), (16, 1024, 64, True),
-                                        (16, 768, 64, True)])
+                                        (16, 768, 64, True), (16, 2048, 64, True),
+                                        (32, 2048, 64, True)])
 def test_unsupported_knows_the_shared_memory(H, C, R, int8):
   """unsupported() accepts exactly the shapes whose buffers Mosaic GPU fits in shared memory,
   so that larger ones (C=1024: 308 KiB) fall back to Triton instead of failing to compile."""
@@ -75,11 +76,13 @@ def test_unsupported_knows_the_shared_memory(H, C, R, int8):
                                                   (2, 32, 1000, 512, 64, jnp.float16, False),
                                                   (3, 1, 200, 128, 32, jnp.bfloat16, False),
                                                   (64, 16, 16384, 512, 64, jnp.bfloat16, True),
-                                                  (2, 32, 1000, 512, 64, jnp.float16, True)])
+                                                  (2, 32, 1000, 512, 64, jnp.float16, True),
+                                                  (2, 16, 1000, 256, 64, jnp.bfloat16, True),
+                                                  (2, 1, 1000, 384, 64, jnp.float16, True)])
 def test_split_kernel_lowers_for_cuda(B, H, S, C, R, dtype, int8):
   """Mosaic GPU lowers the kernels on any host: a layout, swizzle or shared-memory error shows
-  here (int8 at H=32: two converted tiles, two int8 half tiles and 32-head queries leave about
-  11 KiB of shared memory; a third half tile would not fit)."""
+  here (int8: the ldmatrix operand's registers, the int8 product, 4 stages of 40 KiB beside
+  32-head queries)."""
   N = 16 if H <= 16 else 32
   shapes = [((B, N, C), dtype), ((B, N, R), dtype), ((B, S, C), dtype), ((B, S, R), dtype),
             ((B,), jnp.int32)]
@@ -124,7 +127,7 @@ def test_unsupported_arguments_name_the_reason(rng):
       "float32": _inputs(rng, 2, 16, 64, "float32"),
       "q_latent.dtype=float32": _inputs(rng, 2, 16, 64, "bfloat16", q_dtype="float32"),
       "int8 cache needs R = 64": _inputs(rng, 2, 16, 64, "int8", R=32),
-      "multiple of 256": _inputs(rng, 2, 16, 64, "int8", C=128),
+      "multiple of 128": _inputs(rng, 2, 16, 64, "int8", C=64),
   }
   for reason, case in cases.items():
     assert reason in decode_mgpu.unsupported(case[0], case[2], case[3])

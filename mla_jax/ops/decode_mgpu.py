@@ -16,14 +16,8 @@ per element (Lᵀ [T, N], rescaled like acc) and reduced once at the end.
 Two schedules run that loop:
 - float caches: one warpgroup issues the TMA loads of tile t+stages after it has finished with
   tile t, so `stages` tiles are in flight while it computes;
-- int8 caches (quant.Int8Rows, c ≈ d_s·q_s) are warp-specialised, as in FlashAttention-3: a
-  converting warpgroup streams int8 half tiles [T, C/2] through TMA and converts them, exactly,
-  into one of two shared-memory tiles of the query's dtype (|q_s| ≤ 127 fits 8 significant
-  bits), while the computing warpgroup runs the products on the other; mbarriers hand each
-  converted tile over and back. d_s scales c_kv's part of the score rows and the probabilities
-  pᵀ (ops/decode_gpu.py does the same), never k_rope's part. With one warpgroup doing both, the
-  conversion sat on the critical path: on the H200 this schedule is 9% faster
-  (docs/decode_gpu.md).
+- int8 caches (quant.Int8Rows) run ops/decode_mgpu_int8.py: two warpgroups, an int8 product for
+  the scores and the tile converted in registers for the values.
 
 Grid (pieces P, batch B); a program runs only the tiles of its piece below the row's length (none
 past it) and writes its partial o [N, C] (in the query's dtype) and lse [N] to [P, B, N, C] and
@@ -34,7 +28,6 @@ math).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -44,70 +37,31 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
+from mla_jax.ops import decode_mgpu_int8
+from mla_jax.ops.decode_mgpu_common import (LN2, LOG2E, SMEM_LIMIT, SMEM_SLACK, TILE, call,
+                                            online_softmax, piece_bounds, rescale, smem,
+                                            store_transposed)
 from mla_jax.ops.merge import merge_partials
-from mla_jax.ops.mgpu_common import accumulate, interpret_params
+from mla_jax.ops.mgpu_common import accumulate
 
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
-_TILE = 64          # cache rows per tile: the wgmma M
 MAX_HEADS = 32     # accᵀ [C, N] float32 lives in registers: 4·N registers a thread at C=512
 _STAGES = 2         # tiles in flight: 2 × 72 KiB (bf16, C=512, R=64) is all shared memory allows
-# int8: half tiles [T, C/2] in flight, beside the two converted tiles (2 × 64 KiB at C=512):
-# 3 × 16 KiB fit with N=16 queries, 2 with N=32.
-_HALF_STAGES_INT8 = {16: 3, 32: 2}
 _MERGE_PROGRAMS = 128
 _MERGE_TILE = 8192  # partial values the merge loads per step
-_SMEM_LIMIT = 232448  # bytes of shared memory a program may use on Hopper (sm_90's opt-in maximum)
-_SMEM_SLACK = 4096  # Mosaic GPU's alignment padding on top of the buffers (its count, C=1024: 3 KiB)
-
-
-def _smem_transforms(minor: int, dtype):
-  bits = jnp.dtype(dtype).itemsize * 8
-  swizzle = plgpu.find_swizzle(minor * bits)
-  return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
-
-
-def _smem(shape, dtype):
-  """A shared-memory buffer laid out for TMA and wgmma (tiled and swizzled on its minor axis)."""
-  return plgpu.SMEM(shape, dtype, transforms=_smem_transforms(shape[-1], dtype))
-
-
-def _piece(lengths_ref, S: int, piece_rows: int):
-  """This program's (piece, b, first row, end row, number of tiles): rows [start, end) of
-  sequence b, none at or past its length."""
-  piece, b = lax.axis_index("p"), lax.axis_index("b")
-  length = jnp.clip(lengths_ref[b], 0, S)
-  start = piece * piece_rows
-  end = jnp.minimum(length, start + piece_rows)
-  return piece, b, start, end, jnp.maximum(pl.cdiv(end - start, _TILE), 0)
 
 
 def _initial_carry(C: int, N: int):
   """(accᵀ [C, N], m [N], Lᵀ [T, N]) of an empty piece."""
   return (plgpu.layout_cast(jnp.zeros((C, N), jnp.float32), plgpu.Layout.WGMMA),
           plgpu.layout_cast(jnp.full((N,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(0)),
-          plgpu.layout_cast(jnp.zeros((_TILE, N), jnp.float32), plgpu.Layout.WGMMA))
+          plgpu.layout_cast(jnp.zeros((TILE, N), jnp.float32), plgpu.Layout.WGMMA))
 
 
 def _softmax_step(s, valid_rows, carry):
-  """One tile of the online softmax (FlashAttention-2) down the columns of scoresᵀ s [T, N], in
-  log2 units; rows >= valid_rows are masked. Returns pᵀ [T, N] and the rescaled carry."""
+  """online_softmax, with accᵀ rescaled: pᵀ and the new (accᵀ, m, Lᵀ)."""
   acc, m_i, l_part = carry
-  row = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-  s = jnp.where(row < valid_rows, s, -jnp.inf)
-  m_new = jnp.maximum(m_i, s.max(axis=0))  # finite: every tile run has a valid row
-  alpha = jnp.exp2(m_i - m_new)
-  p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
-  l_part = l_part * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
-  acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
-  return p, (acc, m_new, l_part)
-
-
-def _store_transposed(x, smem):
-  """x [M, N] (WGMMA layout) into smem [N, M] through a transposed view (WGMMA_TRANSPOSED: a
-  shuffle, no shared-memory round trip), so that the buffer keeps M minor and its swizzle."""
-  smem.T[...] = plgpu.layout_cast(x.astype(smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-  plgpu.commit_smem()
+  p, alpha, m_i, l_part = online_softmax(s, valid_rows, m_i, l_part)
+  return p, (rescale(acc, alpha), m_i, l_part)
 
 
 def _write_partial(carry, o_smem, lse_smem, o_dst, lse_dst):
@@ -117,8 +71,8 @@ def _write_partial(carry, o_smem, lse_smem, o_dst, lse_dst):
   l_i = l_part.sum(axis=0)
   nonempty = l_i > 0
   safe_l = jnp.where(nonempty, l_i, 1.0)
-  lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(safe_l)) * _LN2, -jnp.inf)
-  _store_transposed(acc / lax.broadcast_in_dim(safe_l, acc.shape, [1]), o_smem)
+  lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(safe_l)) * LN2, -jnp.inf)
+  store_transposed(acc / lax.broadcast_in_dim(safe_l, acc.shape, [1]), o_smem)
   plgpu.copy_smem_to_gmem(o_smem, o_dst)
   plgpu.copy_smem_to_gmem(lse_smem, lse_dst)
   plgpu.wait_smem_to_gmem(0)
@@ -131,32 +85,16 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
 
   q_latent [B, N, C] and q_rope [B, N, R] are already padded to N heads (16 or 32);
   k_rope [B, S, R] is bfloat16 or float16 like the query, and so is c_kv [B, S, C] unless it is
-  a quant.Int8Rows (then R = 64 and C a multiple of 256: see unsupported()). `stages` (float
-  caches) overrides _STAGES. interpret: run in Mosaic GPU's interpret mode (on a CPU).
+  a quant.Int8Rows (then R = 64 and C a multiple of 128: see unsupported()). `stages`
+  overrides the tiles in flight (_STAGES; decode_mgpu_int8.choose_stages for int8). interpret: run in
+  Mosaic GPU's interpret mode (on a CPU).
   """
   if isinstance(c_kv, quant.Int8Rows):
-    return _split_kv_int8(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale,
-                          num_splits=num_splits, interpret=interpret)
+    return decode_mgpu_int8.split_kv(q_latent, q_rope, c_kv, k_rope, lengths,
+                                     sm_scale=sm_scale, num_splits=num_splits, stages=stages,
+                                     interpret=interpret)
   return _split_kv_float(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale,
                          num_splits=num_splits, stages=stages or _STAGES, interpret=interpret)
-
-
-def _call(kernel, q_latent, num_splits, operands, scratch, kernel_name, interpret,
-          **kernel_args):
-  B, N, C = q_latent.shape
-  return plgpu.kernel(
-      kernel,
-      out_type=[jax.ShapeDtypeStruct((num_splits, B, N, C), q_latent.dtype),
-                jax.ShapeDtypeStruct((num_splits, B, N), jnp.float32)],
-      grid=(num_splits, B),
-      grid_names=("p", "b"),
-      scratch_types=scratch,
-      compiler_params=plgpu.CompilerParams(approx_math=True,
-                                          lowering_semantics=plgpu.LoweringSemantics.Lane),
-      kernel_name=kernel_name,
-      interpret=interpret_params(interpret),
-      **kernel_args,
-  )(*operands)
 
 
 def _split_kv_float(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_splits, stages,
@@ -164,13 +102,13 @@ def _split_kv_float(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_sp
   """One warpgroup per program: TMA prefetch `stages` tiles ahead, products, online softmax."""
   B, N, C = q_latent.shape
   S, R = k_rope.shape[1:]
-  dtype, T = q_latent.dtype, _TILE
+  dtype, T = q_latent.dtype, TILE
   piece_rows = pl.cdiv(pl.cdiv(S, T), num_splits) * T
-  scale_log2 = sm_scale * _LOG2E
+  scale_log2 = sm_scale * LOG2E
 
   def kernel(lengths_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, lse_ref,
              q_smem, qr_smem, p_smem, lse_smem, q_bar, tile_bars):
-    piece, b, start, end, num_tiles = _piece(lengths_ref, S, piece_rows)
+    piece, b, start, end, num_tiles = piece_bounds(lengths_ref, S, piece_rows)
     plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem, q_bar)
     plgpu.copy_gmem_to_smem(qr_ref.at[b], qr_smem, q_bar)
 
@@ -196,7 +134,7 @@ def _split_kv_float(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_sp
 
         s = pl.run_scoped(scores, plgpu.ACC((T, N), jnp.float32)) * scale_log2
         p, (acc, m_i, l_part) = _softmax_step(s, end - (start + t * T), carry)
-        _store_transposed(p, p_smem)  # pᵀ [N, T]: T minor, like c_kv, with the same swizzle
+        store_transposed(p, p_smem)  # pᵀ [N, T]: T minor, like c_kv, with the same swizzle
         acc = accumulate(acc, lambda acc_ref: plgpu.wgmma(acc_ref, c_tile.T, p_smem.T),
                           interpret)
         pl.when(t + stages < num_tiles)(lambda: fetch(t + stages, slot))
@@ -204,120 +142,15 @@ def _split_kv_float(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_sp
 
       return lax.fori_loop(0, num_tiles, step, _initial_carry(C, N))
 
-    carry = pl.run_scoped(tile_loop, _smem((stages, T, C), dtype), _smem((stages, T, R), dtype))
+    carry = pl.run_scoped(tile_loop, smem((stages, T, C), dtype), smem((stages, T, R), dtype))
     _write_partial(carry, q_smem, lse_smem, o_ref.at[piece, b], lse_ref.at[piece, b])
 
-  scratch = [_smem((N, C), dtype), _smem((N, R), dtype), _smem((N, T), dtype),
+  scratch = [smem((N, C), dtype), smem((N, R), dtype), smem((N, T), dtype),
              plgpu.SMEM((N,), jnp.float32),
              plgpu.Barrier(num_arrivals=2),
              plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
-  return _call(kernel, q_latent, num_splits, (lengths, q_latent, q_rope, c_kv, k_rope), scratch,
+  return call(kernel, q_latent, num_splits, (lengths, q_latent, q_rope, c_kv, k_rope), scratch,
                "mla_decode_split_kv_mgpu", interpret)
-
-
-def _split_kv_int8(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, num_splits, interpret):
-  """Warpgroup 1 converts int8 half tiles into converted[t % 2]; warpgroup 0 computes on them.
-
-  Per tile t (slot t % 2), the handshakes are mbarriers: `converted_bars` (tile t is ready),
-  `consumed_bars` (tile t's products are done, its slot may be overwritten by tile t+2), the TMA
-  barriers of the int8 half tiles (converter) and of k_rope and the scales (computer). pᵀ reuses
-  the k_rope tile of its slot, dead once the scores are in (this needs R = T), and the output
-  is staged in q_smem; that is what makes both converted tiles fit.
-  """
-  B, N, C = q_latent.shape
-  S, R = k_rope.shape[1:]
-  dtype, T, half = q_latent.dtype, _TILE, C // 2
-  half_stages = _HALF_STAGES_INT8[N]
-  piece_rows = pl.cdiv(pl.cdiv(S, T), num_splits) * T
-  scale_log2 = sm_scale * _LOG2E
-
-  def kernel(lengths_ref, q_ref, qr_ref, cv_ref, kr_ref, sc_ref, o_ref, lse_ref,
-             q_smem, qr_smem, int8_smem, converted, kr_smem, d_smem, lse_smem,
-             q_bar, int8_bars, side_bars, converted_bars, consumed_bars):
-    piece, b, start, end, num_tiles = _piece(lengths_ref, S, piece_rows)
-    warpgroup = lax.axis_index("wg")
-
-    def rows(t):
-      return pl.ds(start + t * T, T)
-
-    def fetch_half(k, stage):  # half tile k: the rows of tile k // 2, columns of half k % 2
-      cols = pl.ds(lax.rem(k, 2) * half, half)
-      plgpu.copy_gmem_to_smem(cv_ref.at[b, rows(lax.div(k, 2)), cols], int8_smem.at[stage],
-                              int8_bars.at[stage])
-
-    def fetch_side(t, slot):  # k_rope and the scales of tile t
-      plgpu.copy_gmem_to_smem(kr_ref.at[b, rows(t)], kr_smem.at[slot], side_bars.at[slot])
-      plgpu.copy_gmem_to_smem(sc_ref.at[b, rows(t)], d_smem.at[slot], side_bars.at[slot])
-
-    @pl.when(warpgroup == 1)
-    def _convert():
-      for k in range(half_stages):
-        pl.when(k < 2 * num_tiles)(functools.partial(fetch_half, k, k))
-
-      @pl.loop(0, num_tiles)
-      def _(t):
-        slot = lax.rem(t, 2)
-        pl.when(t >= 2)(lambda: plgpu.barrier_wait(consumed_bars.at[slot]))
-        for h in range(2):
-          k = 2 * t + h
-          stage = lax.rem(k, half_stages)
-          plgpu.barrier_wait(int8_bars.at[stage])
-          values = plgpu.load(int8_smem.at[stage], layout=plgpu.Layout.WGMMA_8BIT)
-          converted.at[slot, :, pl.ds(h * half, half)][...] = values.astype(dtype)
-          plgpu.commit_smem()  # the whole warpgroup has read the stage before TMA refills it
-          pl.when(k + half_stages < 2 * num_tiles)(lambda: fetch_half(k + half_stages, stage))
-        plgpu.barrier_arrive(converted_bars.at[slot])
-
-      for t in (num_tiles - 2, num_tiles - 1):  # observe the last two tiles' completions too
-        pl.when(t >= 0)(lambda t=t: plgpu.barrier_wait(consumed_bars.at[lax.rem(t, 2)]))
-
-    @pl.when(warpgroup == 0)
-    def _compute():
-      plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem, q_bar)
-      plgpu.copy_gmem_to_smem(qr_ref.at[b], qr_smem, q_bar)
-      for slot in range(2):
-        pl.when(slot < num_tiles)(functools.partial(fetch_side, slot, slot))
-      plgpu.barrier_wait(q_bar)
-
-      def step(t, carry):
-        slot = lax.rem(t, 2)
-        plgpu.barrier_wait(side_bars.at[slot])
-        plgpu.barrier_wait(converted_bars.at[slot])
-        c_tile, kr_tile = converted.at[slot], kr_smem.at[slot]
-        d = lax.broadcast_in_dim(
-            plgpu.load(d_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1)), (T, N), [0])
-
-        def latent_scores(s_ref):
-          plgpu.wgmma(s_ref, c_tile, q_smem.T)
-          return s_ref[...]
-
-        s = pl.run_scoped(latent_scores, plgpu.ACC((T, N), jnp.float32))
-        s = accumulate(s * d, lambda s_ref: plgpu.wgmma(s_ref, kr_tile, qr_smem.T),
-                        interpret)  # d_s scales c_kv's part of the scores, not k_rope's
-        p, (acc, m_i, l_part) = _softmax_step(s * scale_log2, end - (start + t * T), carry)
-        p_smem = kr_tile.at[pl.ds(0, N)]  # pᵀ [N, T] in the k_rope tile: R = T, same swizzle
-        _store_transposed(p * d, p_smem)
-        acc = accumulate(acc, lambda acc_ref: plgpu.wgmma(acc_ref, c_tile.T, p_smem.T),
-                          interpret)
-        plgpu.barrier_arrive(consumed_bars.at[slot])
-        pl.when(t + 2 < num_tiles)(lambda: fetch_side(t + 2, slot))
-        return acc, m_i, l_part
-
-      carry = lax.fori_loop(0, num_tiles, step, _initial_carry(C, N))
-      _write_partial(carry, q_smem, lse_smem, o_ref.at[piece, b], lse_ref.at[piece, b])
-
-  scratch = [_smem((N, C), dtype), _smem((N, R), dtype),
-             _smem((half_stages, T, half), jnp.int8), _smem((2, T, C), dtype),
-             _smem((2, T, R), dtype), plgpu.SMEM((2, T), jnp.float32),
-             plgpu.SMEM((N,), jnp.float32),
-             plgpu.Barrier(num_arrivals=2),
-             plgpu.Barrier(num_arrivals=1, num_barriers=half_stages),
-             plgpu.Barrier(num_arrivals=2, num_barriers=2),
-             plgpu.Barrier(num_arrivals=1, num_barriers=2),
-             plgpu.Barrier(num_arrivals=1, num_barriers=2)]
-  operands = (lengths, q_latent, q_rope, c_kv.values, k_rope, c_kv.scales.astype(jnp.float32))
-  return _call(kernel, q_latent, num_splits, operands, scratch, "mla_decode_split_kv_mgpu_int8",
-               interpret, num_threads=2, thread_name="wg")
 
 
 def _next_pow2(n: int) -> int:
@@ -391,15 +224,19 @@ def unsupported(q_latent, c_kv, k_rope) -> str | None:
     return f"H={H}: at most {MAX_HEADS} heads (the accumulator lives in registers)"
   if C % 64 or R % 16:
     return f"C={C}, R={R}: C must be a multiple of 64 and R of 16 (wgmma tiles)"
-  if cache_dtype == jnp.int8 and (R != _TILE or C % 256):
-    return (f"C={C}, R={R}: an int8 cache needs R = {_TILE} (pᵀ reuses the k_rope tile) and C a "
-            "multiple of 256 (int8 half tiles of 128-column multiples)")
+  if cache_dtype == jnp.int8 and (R != TILE or C % 128):
+    return (f"C={C}, R={R}: an int8 cache needs R = {TILE} (pᵀ reuses the k_rope tile) and C a "
+            "multiple of 128 (the int8 product's K steps)")
   if S % 8:
     return f"S={S}: the cache length must be a multiple of 8 (TMA tiles)"
-  needed = _shared_bytes(_padded_heads(H), C, R, dtype.itemsize, cache_dtype == jnp.int8)
-  if needed + _SMEM_SLACK > _SMEM_LIMIT:
+  N = _padded_heads(H)
+  if cache_dtype == jnp.int8:
+    needed = decode_mgpu_int8.shared_bytes(N, C, R, dtype.itemsize, stages=1)
+  else:
+    needed = _shared_bytes(N, C, R, dtype.itemsize)
+  if needed + SMEM_SLACK > SMEM_LIMIT:
     return (f"C={C}, R={R}, H={H}: the buffers need {needed} bytes of shared memory, more than "
-            f"the {_SMEM_LIMIT} an SM gives a program")
+            f"the {SMEM_LIMIT} an SM gives a program")
   return None
 
 
@@ -408,21 +245,16 @@ def _padded_heads(H: int) -> int:
   return 16 if H <= 16 else MAX_HEADS
 
 
-def _shared_bytes(N: int, C: int, R: int, itemsize: int, int8: bool) -> int:
-  """Bytes of the shared-memory buffers of _split_kv_float / _split_kv_int8 (queries, lse,
-  tiles; the int8 kernel's pᵀ lives in its k_rope tiles, the float kernel's p has its own)."""
-  T = _TILE
-  queries = N * (C + R) * itemsize + N * 4
-  if int8:
-    return (queries + _HALF_STAGES_INT8[N] * T * (C // 2) + 2 * T * (C + R) * itemsize
-            + 2 * T * 4)
-  return queries + N * T * itemsize + _STAGES * T * (C + R) * itemsize
+def _shared_bytes(N: int, C: int, R: int, itemsize: int) -> int:
+  """Bytes of _split_kv_float's shared-memory buffers (queries, lse, p, tiles)."""
+  T = TILE
+  return N * (C + R) * itemsize + N * 4 + N * T * itemsize + _STAGES * T * (C + R) * itemsize
 
 
 def choose_splits(B: int, S: int, num_sms: int) -> int:
   """P pieces of the S axis: one program per SM (shared memory holds one), so B·P ≈ num_sms,
   with pieces of at least two tiles and no empty trailing piece."""
-  tiles = pl.cdiv(S, _TILE)
+  tiles = pl.cdiv(S, TILE)
   P = max(1, min(round(num_sms / B), tiles // 2))
   return pl.cdiv(tiles, pl.cdiv(tiles, P))
 

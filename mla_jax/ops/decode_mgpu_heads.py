@@ -39,7 +39,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mla_jax import quant
 from mla_jax.ops import decode_mgpu
-from mla_jax.ops.decode_mgpu import _LN2, _LOG2E, _TILE, _piece, _smem
+from mla_jax.ops.decode_mgpu_common import LN2, LOG2E, TILE, piece_bounds, smem
 from mla_jax.ops.mgpu_common import accumulate, interpret_params
 
 HEADS = 64      # heads a program: wgmma's M
@@ -56,8 +56,8 @@ def unsupported(q_latent, c_kv, k_rope) -> str | None:
     return (f"q_latent.dtype={q_latent.dtype}, c_kv.dtype={cache_dtype}, "
             f"k_rope.dtype={k_rope.dtype}: with more than {decode_mgpu.MAX_HEADS} heads the "
             "Mosaic kernel takes bfloat16 or float16, the same for all three")
-  if R != _TILE:
-    return (f"R={R}: with more than {decode_mgpu.MAX_HEADS} heads R must be {_TILE} (p takes "
+  if R != TILE:
+    return (f"R={R}: with more than {decode_mgpu.MAX_HEADS} heads R must be {TILE} (p takes "
             "the k_rope tile)")
   if C % 128 or C > 512:
     return (f"C={C}: with more than {decode_mgpu.MAX_HEADS} heads C must be a multiple of 128 "
@@ -73,15 +73,15 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
   multiple of HEADS (see unsupported() for the rest)."""
   B, H, C = q_latent.shape
   S, R = k_rope.shape[1:]
-  dtype, T, Cv = q_latent.dtype, _TILE, C // 2
+  dtype, T, Cv = q_latent.dtype, TILE, C // 2
   piece_rows = pl.cdiv(pl.cdiv(S, T), num_splits) * T
-  scale_log2 = sm_scale * _LOG2E
+  scale_log2 = sm_scale * LOG2E
   row_vector = plgpu.Layout.WGMMA.reduce(1)
 
   def kernel(lengths_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, lse_ref,
              q_smem, qr_smem, c_smem, kr_smem, alpha_smem, l_smem, lse_smem,
              q_bar, tile_bars, p_bars, free_bars, l_bar):
-    piece, b, start, end, num_tiles = _piece(lengths_ref, S, piece_rows)
+    piece, b, start, end, num_tiles = piece_bounds(lengths_ref, S, piece_rows)
     heads = pl.ds(lax.axis_index("g") * HEADS, HEADS)
     wg = lax.axis_index("wg")
 
@@ -141,7 +141,7 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
         t = num_tiles - _STAGES + i
         pl.when(t >= 0)(lambda t=t: plgpu.barrier_wait(free_bars.at[lax.rem(t, _STAGES)]))
       nonempty = l_i > 0
-      lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) * _LN2,
+      lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) * LN2,
                                 -jnp.inf)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[piece, b, heads])
@@ -173,8 +173,8 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
     for h in range(2):
       pl.when(wg == 1 + h)(functools.partial(value_half, h))
 
-  scratch = [_smem((2, HEADS, Cv), dtype), _smem((HEADS, R), dtype),
-             _smem((_STAGES, 2, T, Cv), dtype), _smem((_STAGES, T, R), dtype),
+  scratch = [smem((2, HEADS, Cv), dtype), smem((HEADS, R), dtype),
+             smem((_STAGES, 2, T, Cv), dtype), smem((_STAGES, T, R), dtype),
              plgpu.SMEM((_STAGES, HEADS), jnp.float32), plgpu.SMEM((HEADS,), jnp.float32),
              plgpu.SMEM((HEADS,), jnp.float32),
              plgpu.Barrier(num_arrivals=3),                           # q: 3 copies

@@ -7,15 +7,23 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
 def accumulate(acc, product, interpret: bool):
-  """acc + what the wgmma `product(acc_ref)` adds: in place on the GPU (run_state). Mosaic GPU's
+  """acc + what the wgmmas `product(acc_ref)` add: in place on the GPU (run_state). Mosaic GPU's
   interpret mode cannot run run_state; there the product goes to a fresh accumulator that is
-  then added (the same sum)."""
+  then added (the same sum). acc may be a tuple of arrays, product's argument then a tuple of
+  refs."""
+  if isinstance(acc, tuple):
+    return _accumulate_all(acc, product, interpret)
+  return _accumulate_all((acc,), lambda refs: product(refs[0]), interpret)[0]
+
+
+def _accumulate_all(accs, product, interpret):
   if interpret:
-    def fresh(acc_ref):
-      product(acc_ref)
-      return acc_ref[...]
-    return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
-  return pl.run_state(product)(plgpu.ACC.init(acc))
+    def fresh(*refs):
+      product(refs)
+      return tuple(ref[...] for ref in refs)
+    added = pl.run_scoped(fresh, *[plgpu.ACC(a.shape, jnp.float32) for a in accs])
+    return tuple(a + b for a, b in zip(accs, added))
+  return tuple(pl.run_state(product)(tuple(plgpu.ACC.init(a) for a in accs)))
 
 
 def interpret_params(interpret: bool):

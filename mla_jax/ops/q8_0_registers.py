@@ -18,10 +18,8 @@ so the load is written here:
   `COLUMNS[ρ]`: within each 16, the even columns, then the odd ones. The block's scales
   (`row_scales`) and the output tile (`store_rows`) follow the same order, so the product
   comes out right.
-- Bytes (0, 2) and (1, 3) of each word become two 16-bit floats, exactly. For bfloat16 this is
-  Mosaic GPU's own int8 conversion (prmt, two ands, a packed subtract). For float16, the byte
-  with its sign flipped becomes the low 8 bits of a float16 of exponent 10 (1024 + q + 128),
-  and a packed subtract of 1152 leaves q.
+- Bytes (0, 2) and (1, 3) of each word become two 16-bit floats, exactly (ops/int8_ptx.py: prmt,
+  integer ops and a packed subtract).
 
 In interpret mode (on a CPU) the same order is applied with array operations, so CI checks that
 the operand, the scales and the output agree. The PTX runs only compiled; the GPU tests check
@@ -32,78 +30,26 @@ from __future__ import annotations
 
 import numpy as np
 
-import jax.numpy as jnp
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith, llvm, memref
+from jax._src.lib.mlir.dialects import arith, memref
 
 from mla_jax import quant
+from mla_jax.ops import int8_ptx
 
 ROWS = 64  # the fragment's rows: the program's weight columns
 BLOCK = quant.BLOCK
 SWIZZLE = 64  # bytes: the int8 tile's rows
 
 
-def column(rho, ops=np):
-  """The weight column behind wgmma row rho < 64: (rho & 48) | (rho & 7) << 1 | (rho >> 3) & 1."""
-  return ops.bitwise_or(
-      ops.bitwise_or(ops.bitwise_and(rho, 48), ops.left_shift(ops.bitwise_and(rho, 7), 1)),
-      ops.bitwise_and(ops.right_shift(rho, 3), 1))
+COLUMNS = int8_ptx.to_rows(np.arange(ROWS))  # the weight column behind each fragment row
+PAIRS = int8_ptx.COLUMN_PAIRS  # bytes (0, 2), then (1, 3): column n, then n + 1
 
 
-def to_rows(a):
-  """a's leading axis (64 weight columns) in the rows' order: row 16a + 8c + b <- column
-  16a + 2b + c, as column() computes index by index."""
-  return a.reshape(4, 8, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
-
-
-def to_columns(a):
-  """to_rows' inverse."""
-  return a.reshape(4, 2, 8, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
-
-
-COLUMNS = to_rows(np.arange(ROWS))
-
-# Two bytes of a word (prmt selector) -> two 16-bit floats. A byte b becomes the low byte of a
-# 16-bit float whose high byte is fixed, so that b counts units:
-# - bfloat16 (Mosaic GPU's int8 conversion): 0x43·· is 128 + (b & 127); the sign bit of b lands
-#   in the exponent's lowest bit, and subtracting the bits kept by the second mask (128 or 256)
-#   leaves the int8 value;
-# - float16: with its sign flipped, b is q + 128; 0x64·· is 1024 + q + 128, less 1152 leaves q.
-BF16_HIGH, BF16_KEEP, BF16_SIGN = 0x43, 0xFF7FFF7F, 0xFF80FF80
-F16_FLIP, F16_HIGH, F16_BIAS = 0x80808080, 0x64, 0x64806480
-_CONVERT = {  # s0-s2: scratch registers
-    jnp.dtype(jnp.bfloat16): (f"prmt.b32 s0, $1, {BF16_HIGH:#x}, {{sel}}; "
-                              f"and.b32 s1, s0, {BF16_KEEP:#x}; and.b32 s2, s0, {BF16_SIGN:#x}; "
-                              "sub.bf16x2 $0, s1, s2;"),
-    jnp.dtype(jnp.float16): (f"xor.b32 s1, $1, {F16_FLIP:#x}; prmt.b32 s0, s1, {F16_HIGH:#x}, "
-                             f"{{sel}}; mov.b32 s2, {F16_BIAS:#x}; sub.f16x2 $0, s0, s2;"),
-}
-PAIRS = (0x4240, 0x4341)  # bytes (0, 2), then (1, 3): column n, then n + 1
-
-
-class _IndexOps:
-  """column()'s operations on MLIR index values."""
-
-  def __init__(self):
-    self.index = ir.IndexType.get()
-
-  def _value(self, v):
-    return v if isinstance(v, ir.Value) else arith.constant(self.index, v)
-
-  def bitwise_or(self, a, b):
-    return arith.ori(self._value(a), self._value(b))
-
-  def bitwise_and(self, a, b):
-    return arith.andi(self._value(a), self._value(b))
-
-  def left_shift(self, a, n):
-    return arith.shli(self._value(a), self._value(n))
-
-  def right_shift(self, a, n):
-    return arith.shrui(self._value(a), self._value(n))
+def _column(rho):
+  return int8_ptx.column(rho, int8_ptx.IndexOps())
 
 
 def _thread_words(ref):
@@ -114,17 +60,11 @@ def _thread_words(ref):
   warp, lane = arith.shrui(thread, k(5)), arith.andi(thread, k(31))
   chunk = arith.xori(warp, arith.andi(arith.shrui(lane, k(1)), k(3)))
   row = arith.addi(arith.muli(lane, k(SWIZZLE)), arith.muli(chunk, k(16)))
-  address = arith.addi(llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref)), row)
-  words = llvm.inline_asm(
-      llvm.StructType.get_literal([i32] * 4), [address],
-      "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [$4];",
-      "=r,=r,=r,=r,r", has_side_effects=True)  # kept after the wait for the chunk's TMA
-  return [llvm.extractvalue(i32, words, [j]) for j in range(4)]
+  return int8_ptx.ldmatrix_x4(int8_ptx.shared_address(ref, row), trans=True)
 
 
 def _a_operand_compiled(block_ref, dtype):
   layout = plgpu.Layout.WGMMA
-  convert = _CONVERT[jnp.dtype(dtype)]
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType((plgpu.TilingTransform((8, SWIZZLE)),
@@ -132,21 +72,14 @@ def _a_operand_compiled(block_ref, dtype):
       return_type=plgpu.ShapeDtypeStruct((ROWS, BLOCK), dtype, layout=layout))
   def build(ctx, ref):
     del ctx
-    i32 = ir.IntegerType.get_signless(32)
-    float_type = mgpu_utils.dtype_to_ir_type(jnp.dtype(dtype))
-    shape = mgpu.FragmentedArray.splat(arith.constant(float_type, 0.0), (ROWS, BLOCK),
-                                       layout.to_mgpu())
-    regs = np.empty_like(shape.registers)
+    regs, fragment_layout = int8_ptx.empty_fragment((ROWS, BLOCK), dtype, layout.to_mgpu())
     # WGMMA layout of [64, 32]: register [0, j, 0, 0, i, 0, ...] holds row 16w + 8i + l/4, columns
     # 8j + 2(l % 4) and the next.
     assert regs.shape == (1, 4, 1, 1, 2, 1, 1, 1, 1), regs.shape
-    pair_type = ir.VectorType.get((2,), float_type)
     for j, word in enumerate(_thread_words(ref)):
       for i, sel in enumerate(PAIRS):
-        pair = llvm.inline_asm(i32, [word], "{ .reg .b32 s<3>; " + convert.format(sel=hex(sel))
-                               + " }", "=r,r")
-        regs[0, j, 0, 0, i, 0, 0, 0, 0] = mgpu_utils.bitcast(pair, pair_type)
-    return mgpu.FragmentedArray(_registers=regs, _layout=shape.layout, _is_signed=None)
+        regs[0, j, 0, 0, i, 0, 0, 0, 0] = int8_ptx.convert_pair(word, sel, dtype)
+    return int8_ptx.fragment(regs, fragment_layout)
 
   return build(block_ref)
 
@@ -158,7 +91,7 @@ def a_operand(block_ref, dtype, staging=None):
   is written to `staging` (a [64, 32] shared-memory ref), which is returned."""
   if staging is None:
     return _a_operand_compiled(block_ref, dtype)
-  staging[...] = to_rows(block_ref[...].astype(dtype).T)
+  staging[...] = int8_ptx.to_rows(block_ref[...].astype(dtype).T)
   return staging
 
 
@@ -166,7 +99,7 @@ def row_scales(d_ref, interpret: bool):
   """A block's float16 scales (d_ref: [64] in shared memory) in the rows' order, as a [64] array
   in the WGMMA row layout."""
   if interpret:
-    return to_rows(d_ref[...])
+    return int8_ptx.to_rows(d_ref[...])
   layout = plgpu.Layout.WGMMA.reduce(1)
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
@@ -175,7 +108,7 @@ def row_scales(d_ref, interpret: bool):
     del ctx
     zero = arith.constant(mgpu_utils.dtype_to_ir_type(d_ref.dtype), 0.0)
     rows = mgpu.FragmentedArray.splat(zero, (ROWS,), layout.to_mgpu())
-    return rows.foreach(lambda _, idx: memref.load(ref, [column(idx[0], _IndexOps())]),
+    return rows.foreach(lambda _, idx: memref.load(ref, [_column(idx[0])]),
                         create_array=True)
 
   return load(d_ref)
@@ -185,7 +118,7 @@ def store_rows(total, y_ref, interpret: bool):
   """y_ref [Bp, 64] (shared memory, not swizzled) = totalᵀ [64 rows, Bp] back in column order,
   in y_ref's dtype."""
   if interpret:
-    y_ref[...] = to_columns(total).T.astype(y_ref.dtype)
+    y_ref[...] = int8_ptx.to_columns(total).T.astype(y_ref.dtype)
     return
 
   @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
@@ -193,6 +126,6 @@ def store_rows(total, y_ref, interpret: bool):
     del ctx
     out_type = ir.MemRefType(ref.type).element_type
     acc.foreach(lambda v, idx: memref.store(arith.truncf(out_type, v), ref,
-                                            [idx[1], column(idx[0], _IndexOps())]))
+                                            [idx[1], _column(idx[0])]))
 
   store(total, y_ref)

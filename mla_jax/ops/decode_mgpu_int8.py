@@ -1,0 +1,212 @@
+"""Split-KV absorbed MLA decode over an int8 latent cache on Hopper: Pallas with the Mosaic GPU
+lowering, no converted tile in shared memory.
+
+The products are ops/decode_mgpu.py's, swapped for few heads (H ≤ 32), with c_kv ≈ d_s·q_s
+(quant.Int8Rows: int8 values q_s, one scale d_s per token):
+
+  scoresᵀ [T, N]  = d ⊙ (q_s[T, C] · q_latentᵀ[C, N]) + k_rope[T, R] · q_ropeᵀ[R, N]
+  accᵀ    [C, N] += q_sᵀ[C, T] · (d ⊙ pᵀ)[T, N]
+
+d_s scales c_kv's part of the score rows and the probabilities, never k_rope's part.
+
+- Scores: an int8 × int8 wgmma (exact, int32) straight from the tile TMA wrote. The query is
+  split into two int8 parts of a 15-bit fixed point per head (`split_q`, in the wrapper), which
+  wgmma takes as 2N columns: latent = 128·high + low, times the head's scale. That is 16
+  instructions of K=32 a tile, where bfloat16 needs 32 of K=16, and no conversion at all.
+- Values: A = q_sᵀ needs the tile transposed, which an 8-bit wgmma cannot read from shared
+  memory; it is loaded into registers with a transposing ldmatrix and converted there, exactly,
+  to the query's dtype (ops/int8_cache_registers.py), in `value_parts` accumulators of C /
+  value_parts rows, each product issued as its operand is converted.
+
+So shared memory holds only what TMA brought: 4 stages of 40 KiB (int8 values, k_rope, scales).
+Before (session 5), a converting warpgroup wrote each tile to shared memory in the query's dtype
+for both products to read; shared-memory traffic held that kernel at 260 µs at B=64, S=16384,
+H=16, where this one takes about 156 (docs/decode_gpu.md).
+
+Two warpgroups split each tile's work (warp specialisation, FlashAttention-3), as the many-heads
+kernel (ops/decode_mgpu_heads.py) does:
+- warpgroup 0 issues the first loads, computes tile t's scores and online softmax (m and the
+  running sum Lᵀ are its own), writes d ⊙ pᵀ into the tile's k_rope slot (dead once the scores
+  are in) and the rescale alpha [N] beside it, signals, and goes on to tile t+1;
+- warpgroup 1 owns accᵀ, rescales it by alpha(t), adds tile t's values, and then loads tile
+  t + stages into the slot: both warpgroups are done with it.
+At the end warpgroup 0 hands the running sums to warpgroup 1, which normalises accᵀ and writes
+it, in channel order, to the partials. Grid (pieces P, batch B), partials [P, B, N, C] and
+[P, B, N], merged by decode_mgpu.merge_pieces, as for the float caches.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from mla_jax.ops import int8_cache_registers as icr
+from mla_jax.ops.decode_mgpu_common import (LN2, LOG2E, SMEM_LIMIT, SMEM_SLACK, TILE, call,
+                                            online_softmax, piece_bounds, rescale, smem,
+                                            store_transposed)
+from mla_jax.ops.mgpu_common import accumulate
+
+MAX_STAGES = 4  # tiles in flight; 3, 4 and 5 ran alike at B=64, S=16384 (docs/decode_gpu.md)
+_MIN_COPY = 128  # bytes: the smallest TMA copy (a multiple of the warpgroup size)
+_FIXED = 127 * 128  # the query's fixed-point unit: max|q| maps to 127·128
+
+
+def _scales(N: int) -> int:
+  """Entries of the query-scale buffer: N, at least one whole TMA copy."""
+  return max(N, _MIN_COPY // 4)
+
+
+def shared_bytes(N: int, C: int, R: int, itemsize: int, stages: int) -> int:
+  """Bytes of the kernel's shared-memory buffers: the int8 query parts, its scales and q_rope,
+  then per stage the int8 tile, k_rope, the token scales and alpha, and l and lse."""
+  T = TILE
+  queries = 2 * N * C + 4 * _scales(N) + N * R * itemsize
+  return queries + stages * (T * C + T * R * itemsize + 4 * T + 4 * N) + 2 * 4 * N
+
+
+def choose_stages(N: int, C: int, R: int, itemsize: int) -> int:
+  """Tiles in flight: MAX_STAGES, or as many as shared memory holds (at least 1, which
+  decode_mgpu.unsupported checks)."""
+  fits = [s for s in range(1, MAX_STAGES + 1)
+          if shared_bytes(N, C, R, itemsize, s) + SMEM_SLACK <= SMEM_LIMIT]
+  return max(fits, default=1)
+
+
+def value_parts(C: int) -> int:
+  """Accumulators of accᵀ: 4 (C=512: 128 rows each; 2 and 8 were slower), or fewer, so that
+  each holds whole 64-row wgmma blocks."""
+  return next(p for p in (4, 2, 1) if (C // 64) % p == 0)
+
+
+def split_q(q_latent):
+  """q_latent [B, N, C] as 15-bit fixed point, exactly two int8 parts: [B, 2N, C] int8 (the
+  high parts, then the low ones) and the scale [B, N] float32 that takes 128·high + low back to
+  q. The fixed point is per head, q·16256/max|q| (±0.5 of a unit: 3e-5 of the head's largest
+  element)."""
+  q = q_latent.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(q), axis=-1)
+  safe = jnp.where(amax > 0, amax, 1.0)
+  fixed = jnp.round(q * (_FIXED / safe)[..., None]).astype(jnp.int32)  # |fixed| <= 16256
+  high = (fixed + 64) >> 7  # floor division: high in [-127, 127], low in [-64, 63]
+  low = fixed - (high << 7)
+  return jnp.concatenate([high, low], axis=1).astype(jnp.int8), safe / _FIXED
+
+
+def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_splits: int,
+             stages: int | None = None, interpret: bool = False):
+  """Per-piece partials o_p [P, B, N, C] (in the query's dtype) and lse_p [P, B, N] over the
+  quant.Int8Rows cache c_kv; q_latent [B, N, C] and q_rope [B, N, R] are padded to N heads (16 or
+  32), R = 64 (pᵀ takes the k_rope tile), C a multiple of 128. `stages` overrides the tiles in
+  flight. interpret: run in Mosaic GPU's interpret mode (on a CPU)."""
+  B, N, C = q_latent.shape
+  S, R = k_rope.shape[1:]
+  dtype, T = q_latent.dtype, TILE
+  stages = stages or choose_stages(N, C, R, jnp.dtype(dtype).itemsize)
+  parts = value_parts(C)
+  part = C // parts
+  piece_rows = pl.cdiv(pl.cdiv(S, T), num_splits) * T
+  scale_log2 = sm_scale * LOG2E
+
+  def kernel(lengths_ref, q_ref, qs_ref, qr_ref, cv_ref, kr_ref, sc_ref, o_ref, lse_ref,
+             q_smem, qs_smem, qr_smem, int8_smem, kr_smem, d_smem, alpha_smem, l_smem, lse_smem,
+             q_bar, tile_bars, p_bars, done_bar, *staging):
+    piece, b, start, end, num_tiles = piece_bounds(lengths_ref, S, piece_rows)
+    values_staging = staging[0] if staging else None
+
+    def fetch(t, slot):
+      rows = pl.ds(start + t * T, T)
+      for src, dst in ((cv_ref, int8_smem), (kr_ref, kr_smem), (sc_ref, d_smem)):
+        plgpu.copy_gmem_to_smem(src.at[b, rows], dst.at[slot], tile_bars.at[slot])
+
+    @pl.when(lax.axis_index("wg") == 0)
+    def _scores():
+      for src, dst in ((q_ref, q_smem), (qs_ref, qs_smem), (qr_ref, qr_smem)):
+        plgpu.copy_gmem_to_smem(src.at[b], dst, q_bar)
+      for slot in range(stages):
+        pl.when(slot < num_tiles)(functools.partial(fetch, slot, slot))
+      plgpu.barrier_wait(q_bar)
+      q_scale = plgpu.load(qs_smem.at[pl.ds(0, N)], (), layout=plgpu.Layout.WGMMA.reduce(0))
+
+      def step(t, carry):
+        slot = lax.rem(t, stages)
+        plgpu.barrier_wait(tile_bars.at[slot])
+        kr_tile = kr_smem.at[slot]
+
+        def scores(latent_ref, rope_ref):  # int8 · int8 (exact, int32), and bf16/f16 rope
+          plgpu.wgmma(latent_ref, int8_smem.at[slot], q_smem.T)
+          plgpu.wgmma(rope_ref, kr_tile, qr_smem.T)
+          return latent_ref[...], rope_ref[...]
+
+        latent, rope = pl.run_scoped(scores, plgpu.ACC((T, 2 * N), jnp.int32),
+                                     plgpu.ACC((T, N), jnp.float32))
+        latent = latent.astype(jnp.float32)
+        d = lax.broadcast_in_dim(
+            plgpu.load(d_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(1)), (T, N), [0])
+        s = ((latent[:, :N] * 128.0 + latent[:, N:]) * d
+             * lax.broadcast_in_dim(q_scale, (T, N), [1]) + rope)
+        p, alpha, m_i, l_part = online_softmax(s * scale_log2, end - (start + t * T), *carry)
+        alpha_smem.at[slot][...] = alpha
+        store_transposed(p * d, kr_tile.at[pl.ds(0, N)])  # pᵀ [N, T]: R = T, same swizzle
+        plgpu.barrier_arrive(p_bars.at[slot])
+        return m_i, l_part
+
+      m_i, l_part = lax.fori_loop(0, num_tiles, step, (
+          plgpu.layout_cast(jnp.full((N,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(0)),
+          plgpu.layout_cast(jnp.zeros((T, N), jnp.float32), plgpu.Layout.WGMMA)))
+      l_i = l_part.sum(axis=0)
+      nonempty = l_i > 0  # an empty piece: o = 0, lse = -inf
+      safe_l = jnp.where(nonempty, l_i, 1.0)
+      l_smem[...] = safe_l
+      lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(safe_l)) * LN2, -jnp.inf)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(done_bar)
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[piece, b])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(lax.axis_index("wg") == 1)
+    def _values():
+      def step(t, accs):
+        slot = lax.rem(t, stages)
+        plgpu.barrier_wait(tile_bars.at[slot])
+        plgpu.barrier_wait(p_bars.at[slot])
+        alpha = plgpu.load(alpha_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        p_t = kr_smem.at[slot, pl.ds(0, N)].T
+
+        def product(acc_refs):
+          for i, acc_ref in enumerate(acc_refs):
+            a = icr.values_operand(int8_smem.at[slot], dtype, i * part, part, values_staging)
+            plgpu.wgmma(acc_ref, a, p_t)
+
+        accs = accumulate(tuple(rescale(acc, alpha) for acc in accs), product, interpret)
+        pl.when(t + stages < num_tiles)(lambda: fetch(t + stages, slot))
+        return accs
+
+      zero = plgpu.layout_cast(jnp.zeros((part, N), jnp.float32), plgpu.Layout.WGMMA)
+      accs = lax.fori_loop(0, num_tiles, step, (zero,) * parts)
+      plgpu.barrier_wait(done_bar)
+      l_i = plgpu.load(l_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+      icr.store_output([acc / lax.broadcast_in_dim(l_i, acc.shape, [1]) for acc in accs],
+                       o_ref.at[piece, b], interpret)
+
+  scales = _scales(N)
+  scratch = [smem((2 * N, C), jnp.int8), plgpu.SMEM((scales,), jnp.float32), smem((N, R), dtype),
+             plgpu.SMEM((stages, T, C), jnp.int8, transforms=icr.TRANSFORMS),
+             smem((stages, T, R), dtype), plgpu.SMEM((stages, T), jnp.float32),
+             plgpu.SMEM((stages, N), jnp.float32), plgpu.SMEM((N,), jnp.float32),
+             plgpu.SMEM((N,), jnp.float32),
+             plgpu.Barrier(num_arrivals=3),
+             plgpu.Barrier(num_arrivals=3, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=1)]
+  if interpret:  # the interpreter's wgmma takes A only from shared memory
+    scratch.append(smem((part, T), dtype))
+  q_int8, q_scale = split_q(q_latent)
+  q_scale = jnp.pad(q_scale, ((0, 0), (0, scales - N)))  # TMA copies whole warpgroup multiples
+  operands = (lengths, q_int8, q_scale, q_rope, c_kv.values, k_rope,
+              c_kv.scales.astype(jnp.float32))
+  return call(kernel, q_latent, num_splits, operands, scratch, "mla_decode_split_kv_mgpu_int8",
+              interpret, num_threads=2, thread_name="wg")
