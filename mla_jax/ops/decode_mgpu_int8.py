@@ -9,19 +9,20 @@ The products are ops/decode_mgpu.py's, swapped for few heads (H ≤ 32), with c_
 
 d_s scales c_kv's part of the score rows and the probabilities, never k_rope's part.
 
-- Scores: an int8 × int8 wgmma (exact, int32) straight from the tile TMA wrote. The query is
-  split into two int8 parts of a 15-bit fixed point per head (`split_q`, in the wrapper), which
-  wgmma takes as 2N columns: latent = 128·high + low, times the head's scale. That is 16
+- Scores: an int8 × int8 wgmma (exact, int32) straight from the tile TMA wrote. The kernel first
+  splits the query into two int8 parts of a 15-bit fixed point per head (`fixed_point_parts`),
+  which wgmma takes as 2N columns: latent = 128·high + low, times the head's scale. That is 16
   instructions of K=32 a tile, where bfloat16 needs 32 of K=16, and no conversion at all.
 - Values: A = q_sᵀ needs the tile transposed, which an 8-bit wgmma cannot read from shared
   memory; it is loaded into registers with a transposing ldmatrix and converted there, exactly,
   to the query's dtype (ops/int8_cache_registers.py), in `value_parts` accumulators of C /
   value_parts rows, each product issued as its operand is converted.
 
-So shared memory holds only what TMA brought: 4 stages of 40 KiB (int8 values, k_rope, scales).
+So beside the query, shared memory holds only what TMA brought: 4 stages of 40 KiB (int8
+values, k_rope, scales).
 Before (session 5), a converting warpgroup wrote each tile to shared memory in the query's dtype
 for both products to read; shared-memory traffic held that kernel at 260 µs at B=64, S=16384,
-H=16, where this one takes about 156 (docs/decode_gpu.md).
+H=16, where this one takes 157–161 (docs/decode_gpu.md).
 
 Two warpgroups split each tile's work (warp specialisation, FlashAttention-3), as the many-heads
 kernel (ops/decode_mgpu_heads.py) does:
@@ -51,20 +52,14 @@ from mla_jax.ops.decode_mgpu_common import (LN2, LOG2E, SMEM_LIMIT, SMEM_SLACK, 
 from mla_jax.ops.mgpu_common import accumulate
 
 MAX_STAGES = 4  # tiles in flight; 3, 4 and 5 ran alike at B=64, S=16384 (docs/decode_gpu.md)
-_MIN_COPY = 128  # bytes: the smallest TMA copy (a multiple of the warpgroup size)
 _FIXED = 127 * 128  # the query's fixed-point unit: max|q| maps to 127·128
 
 
-def _scales(N: int) -> int:
-  """Entries of the query-scale buffer: N, at least one whole TMA copy."""
-  return max(N, _MIN_COPY // 4)
-
-
 def shared_bytes(N: int, C: int, R: int, itemsize: int, stages: int) -> int:
-  """Bytes of the kernel's shared-memory buffers: the int8 query parts, its scales and q_rope,
-  then per stage the int8 tile, k_rope, the token scales and alpha, and l and lse."""
+  """Bytes of the kernel's shared-memory buffers: the query, its int8 parts and q_rope, then per
+  stage the int8 tile, k_rope, the token scales and alpha, and l and lse."""
   T = TILE
-  queries = 2 * N * C + 4 * _scales(N) + N * R * itemsize
+  queries = N * C * itemsize + 2 * N * C + N * R * itemsize
   return queries + stages * (T * C + T * R * itemsize + 4 * T + 4 * N) + 2 * 4 * N
 
 
@@ -82,18 +77,30 @@ def value_parts(C: int) -> int:
   return next(p for p in (4, 2, 1) if (C // 64) % p == 0)
 
 
-def split_q(q_latent):
-  """q_latent [B, N, C] as 15-bit fixed point, exactly two int8 parts: [B, 2N, C] int8 (the
-  high parts, then the low ones) and the scale [B, N] float32 that takes 128·high + low back to
-  q. The fixed point is per head, q·16256/max|q| (±0.5 of a unit: 3e-5 of the head's largest
-  element)."""
-  q = q_latent.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(q), axis=-1)
+def fixed_point_parts(q):
+  """q [C, N] (float32, any layout) as a 15-bit fixed point per column, in two parts that int8
+  holds exactly: high in [-127, 127] and low in [-64, 64] (floats), with 128·high + low within
+  0.5 of q·16256/max|q|, and the scale [N] that takes 128·high + low back to q (3e-5 of the
+  column's largest element per unit). A column of zeros gives zeros and a finite scale."""
+  amax = jnp.max(jnp.abs(q), axis=0)
   safe = jnp.where(amax > 0, amax, 1.0)
-  fixed = jnp.round(q * (_FIXED / safe)[..., None]).astype(jnp.int32)  # |fixed| <= 16256
-  high = (fixed + 64) >> 7  # floor division: high in [-127, 127], low in [-64, 63]
-  low = fixed - (high << 7)
-  return jnp.concatenate([high, low], axis=1).astype(jnp.int8), safe / _FIXED
+  x = q * lax.broadcast_in_dim(_FIXED / safe, q.shape, [1])
+  high = jnp.round(x * (1 / 128))
+  return high, jnp.round(x - high * 128), safe * (1 / _FIXED)
+
+
+def _split_query(qf_smem, q_smem):
+  """The query q_latent [N, C] in qf_smem -> its fixed_point_parts, as int8 [2N, C] in q_smem
+  (high, then low: the int8 product's B operand, channels contiguous); returns the scale [N]."""
+  N = qf_smem.shape[0]
+  q = plgpu.load(qf_smem.T, (), layout=plgpu.Layout.WGMMA_TRANSPOSED)
+  high, low, scale = fixed_point_parts(
+      plgpu.layout_cast(q, plgpu.Layout.WGMMA).astype(jnp.float32))  # [C, N]
+  for first, part in ((0, high), (N, low)):  # 8-bit arrays cannot change layout; floats can
+    q_smem.at[pl.ds(first, N)].T[...] = plgpu.layout_cast(
+        part, plgpu.Layout.WGMMA_TRANSPOSED).astype(jnp.int8)
+  plgpu.commit_smem()
+  return scale
 
 
 def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_splits: int,
@@ -111,8 +118,8 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
   piece_rows = pl.cdiv(pl.cdiv(S, T), num_splits) * T
   scale_log2 = sm_scale * LOG2E
 
-  def kernel(lengths_ref, q_ref, qs_ref, qr_ref, cv_ref, kr_ref, sc_ref, o_ref, lse_ref,
-             q_smem, qs_smem, qr_smem, int8_smem, kr_smem, d_smem, alpha_smem, l_smem, lse_smem,
+  def kernel(lengths_ref, q_ref, qr_ref, cv_ref, kr_ref, sc_ref, o_ref, lse_ref,
+             qf_smem, q_smem, qr_smem, int8_smem, kr_smem, d_smem, alpha_smem, l_smem, lse_smem,
              q_bar, tile_bars, p_bars, done_bar, *staging):
     piece, b, start, end, num_tiles = piece_bounds(lengths_ref, S, piece_rows)
     values_staging = staging[0] if staging else None
@@ -124,12 +131,12 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
 
     @pl.when(lax.axis_index("wg") == 0)
     def _scores():
-      for src, dst in ((q_ref, q_smem), (qs_ref, qs_smem), (qr_ref, qr_smem)):
+      for src, dst in ((q_ref, qf_smem), (qr_ref, qr_smem)):
         plgpu.copy_gmem_to_smem(src.at[b], dst, q_bar)
       for slot in range(stages):
         pl.when(slot < num_tiles)(functools.partial(fetch, slot, slot))
       plgpu.barrier_wait(q_bar)
-      q_scale = plgpu.load(qs_smem.at[pl.ds(0, N)], (), layout=plgpu.Layout.WGMMA.reduce(0))
+      q_scale = _split_query(qf_smem, q_smem)
 
       def step(t, carry):
         slot = lax.rem(t, stages)
@@ -192,21 +199,17 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
       icr.store_output([acc / lax.broadcast_in_dim(l_i, acc.shape, [1]) for acc in accs],
                        o_ref.at[piece, b], interpret)
 
-  scales = _scales(N)
-  scratch = [smem((2 * N, C), jnp.int8), plgpu.SMEM((scales,), jnp.float32), smem((N, R), dtype),
+  scratch = [smem((N, C), dtype), smem((2 * N, C), jnp.int8), smem((N, R), dtype),
              plgpu.SMEM((stages, T, C), jnp.int8, transforms=icr.TRANSFORMS),
              smem((stages, T, R), dtype), plgpu.SMEM((stages, T), jnp.float32),
              plgpu.SMEM((stages, N), jnp.float32), plgpu.SMEM((N,), jnp.float32),
              plgpu.SMEM((N,), jnp.float32),
-             plgpu.Barrier(num_arrivals=3),
+             plgpu.Barrier(num_arrivals=2),
              plgpu.Barrier(num_arrivals=3, num_barriers=stages),
              plgpu.Barrier(num_arrivals=1, num_barriers=stages),
              plgpu.Barrier(num_arrivals=1)]
   if interpret:  # the interpreter's wgmma takes A only from shared memory
     scratch.append(smem((part, T), dtype))
-  q_int8, q_scale = split_q(q_latent)
-  q_scale = jnp.pad(q_scale, ((0, 0), (0, scales - N)))  # TMA copies whole warpgroup multiples
-  operands = (lengths, q_int8, q_scale, q_rope, c_kv.values, k_rope,
-              c_kv.scales.astype(jnp.float32))
+  operands = (lengths, q_latent, q_rope, c_kv.values, k_rope, c_kv.scales.astype(jnp.float32))
   return call(kernel, q_latent, num_splits, operands, scratch, "mla_decode_split_kv_mgpu_int8",
               interpret, num_threads=2, thread_name="wg")
