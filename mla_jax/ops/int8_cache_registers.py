@@ -30,9 +30,9 @@ from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith, memref
 
 from mla_jax.ops import int8_ptx
+from mla_jax.ops.decode_mgpu_common import TILE
 
-TILE = 64      # tokens per tile
-SWIZZLE = 128  # bytes
+SWIZZLE = 128  # bytes: the int8 tile's rows
 TRANSFORMS = (plgpu.TilingTransform((8, SWIZZLE)), plgpu.SwizzleTransform(SWIZZLE))
 
 
