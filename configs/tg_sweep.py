@@ -1,4 +1,4 @@
-"""CPU-sized default tg sweep (`make run`): standard vs absorbed vs the CPU shard path.
+"""tg@pp sweep sized for a CPU (`make run`): standard vs absorbed vs the CPU shard path.
 
 Sized to finish in under 5 minutes on a 2-core machine: the costly part is prefill, which
 attends every prompt token over the whole cache (O(N·S) per layer, absorbed more than standard),
@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.kind = "tg_sweep"  # experiment: tg@pp sweep (experiments/sweep.py)
+  config.kind = "tg_sweep"  # experiment: the tg@pp sweep (experiments/sweep.py)
   config.preset = "deepseek_v2_lite"  # MLAConfig preset: deepseek_v2_lite | deepseek_v3
   config.num_layers = 1  # attention layers in the stack (V2-Lite has 27; 1 keeps CPU prefill short)
   config.mla_overrides = ""  # other MLAConfig fields, "name=value,..." (e.g. "num_heads=8")
@@ -37,5 +37,5 @@ def get_config():
   config.prefill_scores_bytes = 1 << 30  # bytes allowed for a chunk's [B,T,H,S] f32 scores
   config.time_budget_s = 270.0  # skip prompt lengths predicted to end past this (0: no limit)
   config.seed = 0  # seed of the weights (layer i uses seed+i) and of the prompt
-  config.plot = True  # write plot.png at the end
+  config.plot = True  # write <name>.png (t/s and speedup against prompt length) at the end
   return config

@@ -1,5 +1,6 @@
-"""tg sweep on the lent GPU (H200): a 27-layer DeepSeek-V2-Lite attention stack in bfloat16, B=1,
-tg64 at pp128 … pp131072: standard/xla vs absorbed/xla vs absorbed/pallas.
+"""tg@pp sweep on a GPU: 27 DeepSeek-V2-Lite attention layers, bf16, B=1, pp128 … pp131072.
+
+tg64 at each prompt length: standard/xla vs absorbed/xla vs absorbed/pallas.
 
 The 27-layer standard cache at pp131072 is 36 GB (5120 bf16 elements a token a layer), the latent
 cache 4 GB; prefill costs grow like N² and dominate the long prompts, so time_budget_s skips the

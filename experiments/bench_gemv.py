@@ -1,93 +1,45 @@
-"""Batched-GEMV benchmark (issue 4): the fused Pallas kernel against XLA, then one decode step.
+"""Batched-GEMV benchmark: ops.batched_gemv's fused Pallas kernels vs XLA, then one decode step.
 
 For every H, B, product (K -> N) and weight format: correctness against the float32 oracle first,
 then the kernels each path launches (counted in the compiled HLO) and its time. x of the first
-product is the strided view q[..., :K] of a [B,H,K+R] query, as in the module. Baselines: XLA
-einsum on bf16 weights, XLA dequantize-then-einsum on quantized ones. Fused paths: "pallas" (the
-default, the Triton kernel with default_config), "pallas_int8" (q8_0 with int8 activations) and,
-on Hopper, "pallas_mosaic" (ops/gemv_mgpu.py, every format); goals are read for the default
-and, separately, for the Mosaic kernel.
+product is the strided view q[..., :K] of a [B,H,K+R] query, as in the module. Baseline "xla":
+XLA einsum on bf16 weights, XLA dequantize-then-einsum on quantized ones. The timed variants are
+config.timed, drawn from config.variants (and config.sweep, the tuning sweep); each row says
+which kernel and tuning ran, as ops.gemv.plan reports them.
 
-Timing (GPU.md, METHOD.md): one jitted chain of n calls over n distinct weight/input copies
-(n·bytes >= rotate_bytes so that weights come from HBM, not L2), each call ordered after the
-last by an optimization barrier; `iters` chains are enqueued and blocked once; the median over
-`repeats` such runs, divided by n, is the time of one call. Also times the decode step of one
-V2-Lite layer (B=1, S=4096): wk_b product, ops.mla_decode, wv_b product, fused vs XLA.
-
-`python -m experiments.bench_gemv --out DIR` (no ml_collections needed); experiments/main.py
-calls run(config, workdir) with configs/batched_gemv.py.
+Timing (the harness's timer, ordered): one jitted chain of n calls over n distinct weight/input
+copies (n·bytes >= rotate_bytes, so that weights come from HBM, not L2), each call ordered after
+the last by an optimization barrier; `iters` chains enqueued and waited for once, the median over
+`repeats`, per call; device time from a profiler trace of one chain. In the chain XLA may
+materialize the slice x[..., :K] next to the barrier (a standalone call fuses it into its GEMM),
+so device_us_standalone leaves those copies out. Also times the decode step of one V2-Lite layer
+(B=1, S=decode_len): the wk_b product, ops.mla_decode and the wv_b product, fused vs XLA.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import glob
-import importlib.util
-import json
-import math
 import os
 import re
-import shutil
-import statistics
-import tempfile
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mla_jax import MLAConfig, ops, quant
-from mla_jax.ops import decode_gpu, gemv_gpu, gemv_mgpu, reference, xla
+from mla_jax.ops import device, reference
 
+from experiments import harness
+
+KIND = "batched_gemv"
 R = 64  # rope columns after q_nope in the query
-DEFAULTS = dict(
-    heads=(16, 128), batch_sizes=(1, 8, 64), products=((128, 512), (512, 128)),
-    weight_formats=("bf16", "q8_0", "iq4_nl"), dtype="bfloat16", warmup=2, iters=10, repeats=5,
-    seed=0, rotate_bytes=192 << 20, max_chain=48, sweep=False, variants=None, decode_step=True,
-    decode_len=4096,
-    time_budget_s=420.0)
-TOL = {"bf16": 2e-2, "q8_0": 2e-2, "iq4_nl": 2e-2, "int8": 2e-2}  # bf16 outputs vs the oracle
-MOSAIC = "mosaic"  # the variant that runs the Mosaic GPU kernel (lowering="mosaic", Hopper only)
 # Kernels that XLA launches only inside the timed chain: a slice or transpose of x materialized
 # next to the optimization barrier; a standalone call fuses both into its GEMM (its HLO has none).
 _CHAIN_ARTIFACTS = ("wrapped_slice", "wrapped_transpose")
 # Opcodes that launch no kernel of their own in XLA:GPU's compiled HLO.
 _NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "opt-barrier",
               "after-all", "partition-id", "replica-id", "call", "while", "conditional"}
-SWEEP = {
-    "fma32": gemv_gpu.GemvConfig(block_n=32, dot=False),
-    "fma128": gemv_gpu.GemvConfig(block_n=128, dot=False),
-    "fma32unr": gemv_gpu.GemvConfig(block_n=32, dot=False, unroll=True),
-    "fma128unr": gemv_gpu.GemvConfig(block_n=128, dot=False, unroll=True),
-    "dot16": gemv_gpu.GemvConfig(block_n=16),
-    "dot64": gemv_gpu.GemvConfig(block_n=64),
-    "dot32k4": gemv_gpu.GemvConfig(block_n=32, block_k=4),
-    "dot16k4": gemv_gpu.GemvConfig(block_n=16, block_k=4),
-    "dot32k2": gemv_gpu.GemvConfig(block_n=32, block_k=2),
-    "dot64k4": gemv_gpu.GemvConfig(block_n=64, block_k=4),
-    "dot128k4": gemv_gpu.GemvConfig(block_n=128, block_k=4),
-    "dot128k4w8": gemv_gpu.GemvConfig(block_n=128, block_k=4, num_warps=8),
-    "dot16k16": gemv_gpu.GemvConfig(block_n=16, block_k=16),
-    "dot32k16": gemv_gpu.GemvConfig(block_n=32, block_k=16),
-    "dot64k16w8": gemv_gpu.GemvConfig(block_n=64, block_k=16, num_warps=8),
-    "fma64k4": gemv_gpu.GemvConfig(block_n=64, dot=False, block_k=4),
-    "fma128k4": gemv_gpu.GemvConfig(block_n=128, dot=False, block_k=4),
-    "fma32k16": gemv_gpu.GemvConfig(block_n=32, dot=False, block_k=16),
-    "fma64k8": gemv_gpu.GemvConfig(block_n=64, dot=False, block_k=8),
-    "fma64k16": gemv_gpu.GemvConfig(block_n=64, dot=False, block_k=16),
-    "fma128k16": gemv_gpu.GemvConfig(block_n=128, dot=False, block_k=16),
-    "dot64k8": gemv_gpu.GemvConfig(block_n=64, block_k=8),
-    "dot32unr": gemv_gpu.GemvConfig(block_n=32, unroll=True),
-    "dot64unr": gemv_gpu.GemvConfig(block_n=64, unroll=True),
-    "int8_64": gemv_gpu.GemvConfig(block_n=64, int8=True),
-}
-
-
-def _settings(config) -> types.SimpleNamespace:
-  get = config.get if hasattr(config, "get") else lambda k, d: getattr(config, k, d)
-  return types.SimpleNamespace(**{k: get(k, v) for k, v in DEFAULTS.items()})
+SHAPE_KEYS = ("H", "K", "N", "B", "fmt")  # what identifies a case; a row is a case and a path
 
 
 def count_kernels(hlo_text: str) -> int:
@@ -118,159 +70,88 @@ def count_kernels(hlo_text: str) -> int:
   return count("ENTRY")
 
 
-def _copies(tree, n):
-  """n distinct device copies of a pytree (distinct buffers so that no call hits L2)."""
-  return [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree) for _ in range(n)]
+def _variants(config, *, with_sweep: bool = True) -> dict:
+  """name -> variant of every timed path, "xla" (the baseline) first; the tuning sweep's
+  variants only while with_sweep."""
+  table = {**config.variants.to_dict(), **config.sweep.to_dict()}
+  unknown = [name for name in config.timed if name not in table]
+  if unknown:
+    raise ValueError(f"config.timed names {unknown}, which are in neither config.variants nor "
+                     f"config.sweep")
+  return {"xla": {"impl": "xla"}, **{name: table[name] for name in config.timed
+                                    if with_sweep or name not in config.sweep}}
 
 
-def time_chain(fn, args_list, s):
-  """(median seconds of one fn call over a barrier-ordered chain of len(args_list) calls, the
-  jitted chain)."""
-
-  def chain(all_args):
-    prev, outs = None, []
-    for args in all_args:
-      if prev is not None:
-        args, _ = jax.lax.optimization_barrier((args, prev))
-      prev = fn(*args)
-      outs.append(prev)
-    return outs
-
-  run = jax.jit(chain)
-  for _ in range(s.warmup):
-    jax.block_until_ready(run(args_list))
-  samples = []
-  for _ in range(s.repeats):
-    t0 = time.perf_counter()
-    outs = [run(args_list) for _ in range(s.iters)]
-    jax.block_until_ready(outs)
-    samples.append((time.perf_counter() - t0) / (s.iters * len(args_list)))
-  return statistics.median(samples), run
+def _time(config, fn, args_list, row, nbytes):
+  """Adds wall and device time of fn over the ordered chain of args_list to row."""
+  timer = harness.Timer(fn, args_list, ordered=True)
+  us, _ = timer.wall(reps=config.iters, trials=config.repeats, warmup=config.warmup)
+  row["us"] = us
+  if nbytes:
+    row["GBps"] = nbytes / us / 1e3
+  device = timer.device(config.profile_runs)
+  if device is not None:
+    copies_us = sum(t for k, t in device.kernels_us.items() if k.startswith(_CHAIN_ARTIFACTS))
+    row.update(device_us=device.us, device_kernels=device.kernels,
+               kernel_names=sorted(k[:80] for k in device.kernels_us),
+               device_us_standalone=device.us - copies_us)
+    if nbytes and device.us > 0:
+      row["device_GBps"] = nbytes / device.us / 1e3
 
 
-def profile_chains(chains: dict) -> dict:
-  """Device-side cross-check with jax.profiler: runs each chain once under a trace annotation
-  and sums the GPU kernels that start inside its window.
-
-  chains: {name: (jitted chain, args_list)} -> {name: {kernel_us, kernels, names}} per call, or
-  {} when the trace has no GPU plane (CPU runs).
-  """
-  tmp = tempfile.mkdtemp(prefix="bench_gemv_prof_")
-  jax.profiler.start_trace(tmp)
-  try:
-    for name, (run, args_list) in chains.items():
-      with jax.profiler.TraceAnnotation(f"bench:{name}"):
-        jax.block_until_ready(run(args_list))
-  finally:
-    jax.profiler.stop_trace()
-  files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
-  data = jax.profiler.ProfileData.from_file(files[-1])
-  gpu = data.find_plane_with_name("/device:GPU:0")
-  host = data.find_plane_with_name("/host:CPU")
-  shutil.rmtree(tmp, ignore_errors=True)
-  if gpu is None or host is None:
-    return {}
-  windows = {ev.name[len("bench:"):]: (ev.start_ns, ev.end_ns)
-             for line in host.lines for ev in line.events if ev.name.startswith("bench:")}
-  kernels = [(ev.start_ns, ev.duration_ns, ev.name) for line in gpu.lines
-             if line.name.startswith("Stream") for ev in line.events
-             if not ev.name.startswith(("Memcpy", "Memset"))]
-  out = {}
-  for name, (start, end) in windows.items():
-    mine = [k for k in kernels if start <= k[0] <= end]
-    n = len(chains[name][1])
-    x_copies = [k for k in mine if k[2].startswith(_CHAIN_ARTIFACTS)]
-    out[name] = dict(kernel_us=sum(k[1] for k in mine) / n / 1e3, kernels=len(mine) / n,
-                     names=sorted({k[2][:80] for k in mine}),
-                     x_copy_us=sum(k[1] for k in x_copies) / n / 1e3)
-  return out
-
-
-def _chain_len(nbytes, s):
-  return int(min(s.max_chain, max(4, math.ceil(s.rotate_bytes / max(nbytes, 1)))))
-
-
-def _kernels(fn, *args) -> int:
-  return count_kernels(jax.jit(fn).lower(*args).compile().as_text())
-
-
-def _bench_shape(H, K, N, B, fmt, s, rng, interpret, variants, hlo_log=None):
-  """Rows for one (H, K, N, B, fmt): xla, pallas (default config) and the sweep variants."""
-  dtype = jnp.dtype(s.dtype)
+def _shape(config, H, K, N, B, fmt, rng, hlo_log, with_sweep) -> list[dict]:
+  """Rows of one (H, K, N, B, fmt): one per path that can take it."""
+  dtype = jnp.dtype(config.dtype)
   w32 = jnp.asarray(rng.standard_normal((H, K, N)) * K ** -0.5, jnp.float32)
   w = w32.astype(jnp.bfloat16) if fmt == "bf16" else quant.quantize(w32, fmt)
   width = K + R if K == 128 else K  # product 1 reads q_nope inside the whole query
   x = jnp.asarray(rng.standard_normal((B, H, width)), dtype)
   ref = reference.batched_gemv(x[..., :K], w)
   wbytes = w.nbytes if fmt != "bf16" else w.size * 2
-  n = _chain_len(wbytes, s)
-  args_list = list(zip(_copies(x, n), _copies(w, n)))
-  paths = {"xla": (lambda x, w: xla.batched_gemv(x[..., :K], w), None)}
-  for name, cfg in variants.items():
-    if cfg == MOSAIC:
-      if decode_gpu.is_hopper() and gemv_mgpu.unsupported(x, w) is None:
-        paths[name] = (lambda x, w: gemv_gpu.batched_gemv(x, w, lowering="mosaic"), None)
-      continue
-    if (cfg.int8 and fmt != "q8_0") or (not cfg.dot and B > 1):
-      continue
-    paths[name] = ((lambda c: lambda x, w: gemv_gpu.batched_gemv(x, w, config=c,
-                                                                  interpret=interpret))(cfg), cfg)
-  rows, chains = [], {}
-  for name, (fn, cfg) in paths.items():
-    row = dict(H=H, K=K, N=N, B=B, fmt=fmt, path=name, chain=n, weight_bytes=int(wbytes))
-    if cfg is not None:
-      row["config"] = dataclasses.asdict(cfg)
+  n = harness.num_sets(wbytes, config.rotate_bytes, min_sets=4, max_sets=config.max_chain)
+  args_list = list(zip(harness.copies(x, n), harness.copies(w, n)))
+  rows = []
+  case = dict(H=H, K=K, N=N, B=B, fmt=fmt)
+  for name, variant in _variants(config, with_sweep=with_sweep).items():
+    only = variant.get("only") or {}
+    if any(case[k] not in (v if isinstance(v, (tuple, list)) else (v,)) for k, v in only.items()):
+      continue  # a variant for other cases (e.g. int8 activations need q8_0 weights)
+    row = dict(**case, path=name, chain=n, weight_bytes=int(wbytes))
     try:
-      t0 = time.perf_counter()
+      plan, options = harness.plan_variant(ops.gemv.plan, (x, w), variant,
+                                           interpret=config.interpret)
+    except (ValueError, NotImplementedError) as err:  # this variant does not take this case
+      rows.append({**row, "unsupported": f"{type(err).__name__}: {str(err).splitlines()[0]}"})
+      continue
+    row["plan"] = str(plan)
+    fn = lambda x, w, options=options: ops.batched_gemv(x, w, **options)
+    try:
+      start = time.perf_counter()
       compiled = jax.jit(fn).lower(x, w).compile()
-      row["compile_s"] = time.perf_counter() - t0
+      row["compile_s"] = time.perf_counter() - start
       y = compiled(x, w)
       ref_x = ref
-      if cfg is not None and cfg.int8:
+      if getattr(plan.tuning, "int8", False):  # int8 activations: the oracle on quantized x
         ref_x = reference.batched_gemv(quant.quantize_q8_1(x[..., :K]).dequantize(), w)
-      row["rel_err"] = float(np.linalg.norm(np.asarray(y, np.float64) - np.asarray(ref_x))
-                             / np.linalg.norm(np.asarray(ref_x)))
-      row["ok"] = bool(np.all(np.isfinite(np.asarray(y, np.float32)))
-                       and row["rel_err"] <= TOL.get(fmt, 2e-2))
+      row["rel_err"] = harness.rel_err(y, ref_x)
+      row["ok"] = bool(row["rel_err"] <= config.rtol[fmt])  # NaN fails
       hlo = compiled.as_text()
       row["kernels"] = count_kernels(hlo)
-      if hlo_log is not None and H == 128 and B == 8 and name in ("xla", "pallas"):
+      if H == max(config.heads) and B == config.hlo_batch and name in ("xla", "pallas"):
         hlo_log.write(f"==== H={H} K={K} N={N} B={B} {fmt} {name}: {row['kernels']} kernels\n"
                       f"{hlo}\n")
-      t, chains[name] = time_chain(fn, args_list, s)
-      row["us"] = t * 1e6
-      row["GBps"] = wbytes / t / 1e9
-    except Exception as err:  # a variant that does not lower is a result, not a crash
+      _time(config, fn, args_list, row, wbytes)
+    except Exception as err:  # pylint: disable=broad-except  # a variant that fails is a result
       row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
     rows.append(row)
-  _add_profile(rows, {k: (run, args_list) for k, run in chains.items()}, wbytes)
   return rows
 
 
-def _add_profile(rows, chains, nbytes=None, key=lambda row: row["path"]):
-  try:
-    prof = profile_chains(chains) if chains else {}
-  except Exception as err:  # the wall-clock numbers stand without the cross-check
-    print(f"profiler failed: {type(err).__name__}: {err}", flush=True)
-    prof = {}
-  for row in rows:
-    p = prof.get(key(row))
-    if p:
-      row.update(device_us=p["kernel_us"], device_kernels=p["kernels"], kernel_names=p["names"],
-                 device_us_standalone=p["kernel_us"] - p["x_copy_us"])
-      if nbytes and p["kernel_us"] > 0:
-        row["device_GBps"] = nbytes / p["kernel_us"] / 1e3
-
-
-def _decode_step(s, rng, interpret):
+def _decode_step(config, rng) -> list[dict]:
   """One V2-Lite layer's absorbed decode at B=1, S=decode_len: products + decode kernel."""
   cfg = MLAConfig.deepseek_v2_lite()
-  H, K, C, V, S = cfg.num_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim, \
-      s.decode_len
-  bf16 = jnp.bfloat16
-  has_decode_kernel = importlib.util.find_spec("mla_jax.ops.decode_gpu") is not None
-  decode_impl = "pallas" if has_decode_kernel else "xla"
-  kernel_opts = {"interpret": True} if interpret and decode_impl == "pallas" else {}
+  H, K, C, V = cfg.num_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+  S, bf16, interpret = config.decode_len, jnp.bfloat16, config.interpret
   q = jnp.asarray(rng.standard_normal((1, H, K + cfg.qk_rope_head_dim)), bf16)
   c_kv = jnp.asarray(rng.standard_normal((1, S, C)), bf16)
   k_rope = jnp.asarray(rng.standard_normal((1, S, cfg.qk_rope_head_dim)), bf16)
@@ -278,158 +159,187 @@ def _decode_step(s, rng, interpret):
   scale = cfg.softmax_scale
   wk32 = jnp.asarray(rng.standard_normal((H, K, C)) * K ** -0.5, jnp.float32)
   wv32 = jnp.asarray(rng.standard_normal((H, C, V)) * C ** -0.5, jnp.float32)
+  q_latent = jax.ShapeDtypeStruct((1, H, C), bf16)  # also the decode output's shape
+  xla, pallas = {"impl": "xla"}, {"impl": "pallas", "interpret": interpret}
+  mosaic = {**pallas, "lowering": "mosaic"}
+  # path -> (GEMV options, decode options); the Mosaic GEMVs where they take the product (the
+  # Triton ones elsewhere), on a Hopper GPU only.
+  paths = {"xla": (xla, xla), "xla_gemv+pallas_decode": (xla, pallas),
+           "fused_gemv+pallas_decode": (pallas, pallas)}
+  if not interpret and device.is_hopper():
+    paths["fused_mosaic_gemv+pallas_decode"] = (mosaic, pallas)
 
-  def step(gemv, impl, opts):
+  def plans(gemv_options, decode_options, wk, wv):
+    """(plans of the step's three ops, the GEMV options of each product)."""
+    def gemv(x, w):
+      try:
+        return ops.gemv.plan(x, w, **gemv_options), gemv_options
+      except ValueError:
+        if gemv_options is not mosaic:
+          raise
+        return ops.gemv.plan(x, w, **pallas), pallas
+    (plan_k, options_k), (plan_v, options_v) = gemv(q, wk), gemv(q_latent, wv)
+    plan_d = ops.decode.plan(q_latent, q[..., K:], c_kv, k_rope, lengths, **decode_options)
+    return f"wk_b {plan_k}; decode {plan_d}; wv_b {plan_v}", options_k, options_v
+
+  def step(options_k, options_v, decode_options):
     def fn(q, c_kv, k_rope, wk, wv):
-      q_latent = gemv(q, wk, K)
+      q_latent = ops.batched_gemv(q, wk, **options_k)
       o, _ = ops.mla_decode(q_latent, q[..., K:], c_kv, k_rope, lengths, sm_scale=scale,
-                            impl=impl, **opts)
-      return gemv(o.astype(bf16), wv, C)
+                            **decode_options)
+      return ops.batched_gemv(o.astype(bf16), wv, **options_v)
     return fn
 
-  fused = lambda x, w, k: gemv_gpu.batched_gemv(x, w, interpret=interpret)
-  mosaic = lambda x, w, k: gemv_gpu.batched_gemv(
-      x, w, lowering="mosaic" if gemv_mgpu.unsupported(x, w) is None else "triton")
-  plain = lambda x, w, k: xla.batched_gemv(x[..., :k], w)
-  paths = {"xla": step(plain, "xla", {}),
-           f"xla_gemv+{decode_impl}_decode": step(plain, decode_impl, kernel_opts),
-           f"fused_gemv+{decode_impl}_decode": step(fused, decode_impl, kernel_opts)}
-  if not interpret and decode_gpu.is_hopper():
-    paths[f"fused_mosaic_gemv+{decode_impl}_decode"] = step(mosaic, decode_impl, kernel_opts)
-  rows, chains = [], {}
-  for fmt in s.weight_formats:
+  rows = []
+  for fmt in config.weight_formats:
     conv = (lambda a: a.astype(bf16)) if fmt == "bf16" else (lambda a: quant.quantize(a, fmt))
     wk, wv = conv(wk32), conv(wv32)
     nbytes = (c_kv.size + k_rope.size) * 2 + sum(
         a.nbytes if fmt != "bf16" else a.size * 2 for a in (wk, wv))
-    n = _chain_len(nbytes, s)
-    args_list = list(zip(*(_copies(a, n) for a in (q, c_kv, k_rope, wk, wv))))
+    n = harness.num_sets(nbytes, config.rotate_bytes, min_sets=4, max_sets=config.max_chain)
+    args_list = list(zip(*(harness.copies(a, n) for a in (q, c_kv, k_rope, wk, wv))))
     ref_o, _ = reference.mla_decode(reference.batched_gemv(q[..., :K], wk), q[..., K:], c_kv,
                                     k_rope, lengths, sm_scale=scale)
     ref = reference.batched_gemv(ref_o.astype(bf16), wv)
-    for name, fn in paths.items():
+    for name, (gemv_options, decode_options) in paths.items():
       row = dict(fmt=fmt, path=name, B=1, S=S, H=H, chain=n, bytes=int(nbytes))
       try:
-        y = jax.jit(fn)(q, c_kv, k_rope, wk, wv)
-        row["rel_err"] = float(np.linalg.norm(np.asarray(y, np.float64) - np.asarray(ref))
-                               / np.linalg.norm(np.asarray(ref)))
-        row["kernels"] = _kernels(fn, q, c_kv, k_rope, wk, wv)
-        t, run = time_chain(fn, args_list, s)
-        row["us"] = t * 1e6
-        chains[f"{fmt}/{name}"] = (run, args_list)
-      except Exception as err:
+        row["plan"], options_k, options_v = plans(gemv_options, decode_options, wk, wv)
+      except (ValueError, NotImplementedError) as err:
+        rows.append({**row, "unsupported": f"{type(err).__name__}: {str(err).splitlines()[0]}"})
+        continue
+      fn = step(options_k, options_v, decode_options)
+      try:
+        row["rel_err"] = harness.rel_err(jax.jit(fn)(q, c_kv, k_rope, wk, wv), ref)
+        row["kernels"] = count_kernels(jax.jit(fn).lower(q, c_kv, k_rope, wk, wv).compile()
+                                       .as_text())
+        _time(config, fn, args_list, row, None)
+      except Exception as err:  # pylint: disable=broad-except
         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
       rows.append(row)
-  _add_profile(rows, chains, key=lambda row: f"{row['fmt']}/{row['path']}")
-  return rows, decode_impl
+  return rows
 
 
-def _goals(rows, fused="pallas"):
-  """The issue's goals 1-3 on the rows of one fused path (the default: "pallas"), by wall clock
-  and by profiled kernels (all of them, and without the chain's copies of x, as a standalone
-  call would run)."""
-  goals = {"1_one_launch": all(r.get("kernels") == 1 for r in rows if r["path"] == fused),
-           "1_one_launch_profiled": all(r.get("device_kernels", 1) == 1 for r in rows
-                                        if r["path"] == fused)}
-  for clock in ("us", "device_us", "device_us_standalone"):
-    by = {(r["H"], r["K"], r["B"], r["fmt"], r["path"]): r[clock] for r in rows if clock in r}
-    speedups, bf16_ratio = {}, {}
-    for (H, K, B, fmt, path), t in by.items():
-      base = by.get((H, K, B, fmt, "xla"))
-      if path != fused or not base:
-        continue
-      if fmt == "bf16":
-        bf16_ratio[f"H{H}_K{K}_B{B}"] = t / base
-      elif H == 128 and B in (1, 8):
-        speedups[f"{fmt}_K{K}_B{B}"] = base / t
-    goals[f"2_speedup_H128_B1_B8[{clock}]"] = speedups
-    goals[f"2_holds[{clock}]"] = bool(speedups) and min(speedups.values()) >= 2.0
-    goals[f"3_bf16_ratio[{clock}]"] = bf16_ratio
-    goals[f"3_holds[{clock}]"] = bool(bf16_ratio) and max(bf16_ratio.values()) <= 1.05
-  return goals
-
-
-def _table(rows):
-  lines = [f"{'H':>4} {'K->N':>8} {'B':>3} {'fmt':>6} {'path':>13} {'us':>7} {'GB/s':>6} "
-           f"{'dev_us':>7} {'devGB/s':>7} {'kern':>4} {'err':>7}"]
-  for r in rows:
-    cell = lambda k, f: format(r[k], f) if k in r else "-"
-    lines.append(f"{r['H']:>4} {r['K']:>3}->{r['N']:<4} {r['B']:>3} {r['fmt']:>6} "
-                 f"{r['path']:>13} {cell('us', '7.2f'):>7} {cell('GBps', '6.0f'):>6} "
-                 f"{cell('device_us', '7.2f'):>7} {cell('device_GBps', '7.0f'):>7} "
-                 f"{r.get('kernels', '-'):>4} {cell('rel_err', '7.1e'):>7}"
-                 + (f" {r['error'][:60]}" if "error" in r else ""))
-  return "\n".join(lines)
-
-
-def _write(result, workdir):
-  with open(os.path.join(workdir, "batched_gemv.json"), "w") as f:
-    json.dump(result, f, indent=1)
-
-
-def run(config, workdir) -> dict:
-  """Runs the benchmark; writes workdir/batched_gemv.json and returns its content."""
-  s = _settings(config)
-  interpret = jax.default_backend() != "gpu"
-  rng = np.random.default_rng(s.seed)
+def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
+  """Runs the benchmark; writes <name>.json, <name>.md and hlo_samples.txt to workdir."""
+  results = harness.new_results(config, name, KIND, title)
+  results["clock"] = "device" if jax.default_backend() == "gpu" else "wall"
+  results["decode_step"] = []
+  rng = np.random.default_rng(config.seed)
   start = time.perf_counter()
-  result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
-                jax=jax.__version__, interpret=interpret, settings=vars(s),
-                rows=[])
-  sweep = {k: v for k, v in SWEEP.items() if s.variants is None or k in s.variants}
-  sweep = sweep if s.sweep else {}
   os.makedirs(workdir, exist_ok=True)
-  hlo_log = open(os.path.join(workdir, "hlo_samples.txt"), "w")  # the HLO kernels are counted in
-  for H in s.heads:
-    for K, N in s.products:
-      for B in s.batch_sizes:
-        for fmt in s.weight_formats:
-          cfg = gemv_gpu.default_config(B, H, K, N, None if fmt == "bf16" else fmt)
-          shape_variants = {"pallas": cfg, "pallas_mosaic": MOSAIC}
-          if fmt == "q8_0":
-            shape_variants["pallas_int8"] = dataclasses.replace(cfg, int8=True, dot=True)
-          if time.perf_counter() - start < s.time_budget_s:
-            shape_variants.update(sweep)
-          rows = _bench_shape(H, K, N, B, fmt, s, rng, interpret, shape_variants, hlo_log)
-          result["rows"].extend(rows)
-          _write(result, workdir)
-          print(_table(rows).split("\n", 1)[1], f"  [{time.perf_counter() - start:.0f}s]",
-                flush=True)
-  hlo_log.close()
-  if s.decode_step:
-    result["decode_step"], result["decode_impl"] = _decode_step(s, rng, interpret)
-    print(f"decode step, V2-Lite layer, B=1, S={s.decode_len} ({result['decode_impl']} decode):")
-    for r in result["decode_step"]:
-      print(f"  {r['fmt']:>6} {r['path']:>32} {r.get('us', float('nan')):8.2f} us "
-            f"device {r.get('device_us', float('nan')):8.2f} us kernels {r.get('kernels', '-')} "
-            f"err {r.get('rel_err', float('nan')):.1e} {r.get('error', '')[:80]}", flush=True)
-  result["goals"] = _goals(result["rows"])
-  if any(r["path"] == "pallas_mosaic" for r in result["rows"]):  # Hopper only
-    result["goals_mosaic"] = _goals(result["rows"], "pallas_mosaic")
-  result["elapsed_s"] = time.perf_counter() - start
-  _write(result, workdir)
-  print(json.dumps(result["goals"], indent=1))
-  if "goals_mosaic" in result:
-    print("Mosaic kernel (lowering='mosaic'):", json.dumps(result["goals_mosaic"], indent=1))
-  return result
+  try:
+    with open(os.path.join(workdir, "hlo_samples.txt"), "w", encoding="utf-8") as hlo_log:
+      for H in config.heads:
+        for K, N in config.products:
+          for B in config.batch_sizes:
+            for fmt in config.weight_formats:
+              with_sweep = time.perf_counter() - start < config.time_budget_s
+              rows = _shape(config, H, K, N, B, fmt, rng, hlo_log, with_sweep)
+              results["rows"].extend(rows)
+              write(workdir, results)
+              print(_rows_text(rows), f"  [{time.perf_counter() - start:.0f}s]", flush=True)
+  except KeyboardInterrupt:
+    results["status"] = "interrupted"
+  if config.decode_step and results["status"] == "running":
+    results["decode_step"] = _decode_step(config, rng)
+    print(f"decode step, V2-Lite layer, B=1, S={config.decode_len}:")
+    print(decode_step_table(results), flush=True)
+  if results["status"] == "running":
+    results["status"] = "complete"
+  results["elapsed_s"] = time.perf_counter() - start
+  write(workdir, results)
+  return results
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True, help="output folder for batched_gemv.json")
-  parser.add_argument("--sweep", action="store_true", help="also time the GemvConfig variants")
-  parser.add_argument("--variants", default=None,
-                      help="comma-separated SWEEP names to time (implies --sweep)")
-  parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
-  parser.add_argument("--budget", type=float, default=DEFAULTS["time_budget_s"])
-  args = parser.parse_args()
-  config = dict(DEFAULTS, sweep=args.sweep or bool(args.variants), time_budget_s=args.budget,
-                variants=tuple(args.variants.split(",")) if args.variants else None)
-  if args.quick:
-    config.update(heads=(2,), batch_sizes=(1, 3), products=((128, 64), (64, 32)), warmup=1,
-                  iters=1, repeats=1, rotate_bytes=1, max_chain=2, decode_len=64)
-  run(config, args.out)
+def _rows_text(rows) -> str:
+  return "\n".join(
+      f"{r['H']:>4} {r['K']:>3}->{r['N']:<4} {r['B']:>3} {r['fmt']:>6} {r['path']:>14} "
+      + ("unsupported" if "unsupported" in r else
+         f"{harness.fmt(r.get('us'), '7.2f'):>7} us  "
+         f"device {harness.fmt(r.get('device_us'), '7.2f'):>7} us  "
+         f"kernels {r.get('kernels', '-')}  err {harness.fmt(r.get('rel_err'), '.1e')}"
+         + (f"  {r['error'][:60]}" if "error" in r else ""))
+      for r in rows)
 
 
-if __name__ == "__main__":
-  main()
+def _paths(results: dict) -> list[str]:
+  return list(dict.fromkeys(r["path"] for r in results["rows"] if "unsupported" not in r))
+
+
+def _clock(row) -> float | None:
+  """A row's headline time: a standalone call's device time, else the wall time."""
+  return row.get("device_us_standalone", row.get("us"))
+
+
+def table(results: dict) -> str:
+  """One row per case: µs of each path (device time of a standalone call on a GPU, else wall
+  time) and, for the fused paths, the speedup over XLA."""
+  paths = _paths(results)
+  cases = {}
+  for r in results["rows"]:
+    if "unsupported" not in r:
+      cases.setdefault(tuple(r[k] for k in SHAPE_KEYS), {})[r["path"]] = r
+  header = ["H", "K→N", "B", "weights"] + [
+      h for p in paths for h in ([f"{p} µs"] if p == "xla" else [f"{p} µs", f"{p} × xla"])]
+  lines = []
+  for (H, K, N, B, fmt), by_path in cases.items():
+    base = _clock(by_path.get("xla", {}))
+    line = [H, f"{K}→{N}", B, fmt]
+    for p in paths:
+      t = _clock(by_path.get(p, {}))
+      line.append(harness.fmt(t) if "error" not in by_path.get(p, {}) else "error")
+      if p != "xla":
+        line.append(harness.fmt(base / t) if t and base else "-")
+    lines.append(line)
+  return harness.md_table(header, lines, "rrrl" + "r" * (len(header) - 4))
+
+
+def detail_table(results: dict) -> str:
+  """One row per case and path: wall µs, GB/s of weight bytes, device µs (a standalone call's)
+  and GB/s, kernels launched (HLO), error against the oracle and the kernel that ran."""
+  header = ["H", "K→N", "B", "weights", "path", "µs", "GB/s", "device µs", "device GB/s",
+            "kernels", "rel err", "kernel"]
+  lines = []
+  for r in results["rows"]:
+    if "unsupported" in r:
+      continue
+    f = lambda k, spec=".2f": harness.fmt(r.get(k), spec)
+    lines.append([r["H"], f"{r['K']}→{r['N']}", r["B"], r["fmt"], r["path"], f("us"),
+                  f("GBps", ".0f"), f("device_us_standalone"), f("device_GBps", ".0f"),
+                  r.get("kernels", "-"), f("rel_err", ".1e"),
+                  r.get("plan", "") or r.get("error", "")[:80]])
+  return harness.md_table(header, lines, "rrrll" + "r" * 6 + "l")
+
+
+def decode_step_table(results: dict) -> str:
+  lines = [[r["fmt"], r["path"], harness.fmt(r.get("us")), harness.fmt(r.get("device_us")),
+            r.get("kernels", "-"), harness.fmt(r.get("rel_err"), ".1e"),
+            r.get("plan", "") or r.get("error", r.get("unsupported", ""))[:80]]
+           for r in results.get("decode_step", [])]
+  header = ["weights", "path", "µs", "device µs", "kernels", "rel err", "ops run"]
+  return harness.md_table(header, lines, "llrrrrl")
+
+
+def markdown(results: dict) -> str:
+  config = results.get("config") or results.get("settings") or {}
+  unsupported = sum("unsupported" in r for r in results["rows"])
+  lines = [table(results), "", detail_table(results), "",
+           "µs: wall time per call in an ordered chain over rotated weight copies; device µs: the "
+           "GPU kernels of one chain in a profiler trace, less the chain-only copies of x; GB/s: "
+           "weight bytes over the time; kernels: launches in the compiled HLO of one call."
+           + (f" {unsupported} (case, variant) pairs the variant does not take are left out."
+              if unsupported else "")]
+  if results.get("decode_step"):
+    lines += ["", f"Decode step of one V2-Lite layer, B=1, S={config.get('decode_len')}:", "",
+              decode_step_table(results)]
+  if config.get("goals"):
+    lines += ["", harness.goals_table(config["goals"], results["rows"], SHAPE_KEYS)]
+  return "\n".join(lines) + "\n"
+
+
+plot = None  # no plot: the tables are the result
+
+
+def write(workdir: str, results: dict) -> list[str]:
+  return harness.write(workdir, results, markdown=markdown)

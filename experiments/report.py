@@ -1,25 +1,22 @@
-"""Sweep results: results.json (schema below), table.md in llama.cpp's published form, plot.png.
+"""The tg sweep's report: its results file, the tables in llama.cpp's published form, the plot.
 
-results.json holds: config (the full ConfigDict), config_name, environment (device, JAX version,
-git commit), mla_config, impls and pairs (the speedup columns: (candidate, baseline)), rows (one
-per prompt length and implementation: status, pp/tg seconds and t/s), implementations (status,
-reason and gate error of each), status ("running", "complete" or "interrupted") and elapsed_s.
+<name>.json holds, besides harness.new_results's name, kind, title, config, environment, status
+and rows: mla_config, impls and pairs (the speedup columns: (candidate, baseline)), one row per
+prompt length and implementation (status, pp/tg seconds and t/s), implementations (status,
+reason and gate error of each) and elapsed_s.
 
-`python -m experiments.report <workdir>` re-renders table.md and plot.png from results.json.
+`python -m experiments.publish --render=<workdir>` re-renders <name>.md and <name>.png from the
+JSON file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
-import os
-import platform
-import subprocess
-import sys
+import math
 
-import jax
+from experiments import harness
 
+KIND = "tg_sweep"
 _MODEL_NAMES = {"deepseek_v2_lite": "DeepSeek-V2-Lite", "deepseek_v3": "DeepSeek-V3"}
 _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 
@@ -38,41 +35,35 @@ def parse_pairs(text: str, impl_names: list[str]) -> list[tuple[str, str]]:
   return pairs
 
 
-def environment() -> dict:
-  """Where and with what the sweep ran. Outside a git checkout (a copy on a device machine) the
-  commit comes from $MLA_JAX_GIT_COMMIT."""
-  device = jax.devices()[0]
-  commit = _git("rev-parse", "HEAD") or os.environ.get("MLA_JAX_GIT_COMMIT")
-  return {
-      "platform": device.platform,
-      "device_kind": device.device_kind,
-      "device_count": jax.device_count(),
-      "jax": jax.__version__,
-      "jaxlib": getattr(jax.lib, "__version__", None) or _version("jaxlib"),
-      "flax": _version("flax"),
-      "python": platform.python_version(),
-      "host_cpus": os.cpu_count(),
-      "git_commit": commit,
-      "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
-      "command": " ".join(sys.argv),
-      "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-  }
-
-
-def new_results(config, config_name: str, mla_cfg, impl_names, pairs) -> dict:
-  return {"config_name": config_name, "config": config.to_dict(), "environment": environment(),
-          "mla_config": dataclasses.asdict(mla_cfg), "impls": list(impl_names),
-          "pairs": [list(p) for p in pairs], "rows": [], "implementations": {},
-          "status": "running"}
+def new_results(config, name: str, title: str, mla_cfg, impl_names, pairs) -> dict:
+  results = harness.new_results(config, name, KIND, title)
+  results.update(mla_config=dataclasses.asdict(mla_cfg), impls=list(impl_names),
+                 pairs=[list(p) for p in pairs], implementations={})
+  return results
 
 
 def model_label(results: dict) -> str:
+  """The table's model cell, llama.cpp style: "DeepSeek-V2-Lite attn×27 bf16 B=1"."""
   config, mla = results["config"], results["mla_config"]
   name = _MODEL_NAMES.get(config["preset"], config["preset"])
   if config.get("mla_overrides"):
     name += f" ({config['mla_overrides']})"
   dtype = _DTYPE_SHORT.get(config["dtype"], config["dtype"])
   return f"{name} attn×{mla['num_layers']} {dtype} B={config['batch_size']}"
+
+
+def model_words(results: dict) -> str:
+  """The model in words, for the plot's title."""
+  config, mla = results["config"], results["mla_config"]
+  name = _MODEL_NAMES.get(config["preset"], config["preset"])
+  if config.get("mla_overrides"):
+    name += f" ({config['mla_overrides']})"
+  layers = mla["num_layers"]
+  dtypes = (f"{config['dtype']} activations and weights" if config["dtype"] == config["param_dtype"]
+            else f"{config['dtype']} activations, {config['param_dtype']} weights")
+  return (f"{name} attention, {layers} layer{'s' if layers != 1 else ''} (random weights), "
+          f"batch {config['batch_size']}\n{dtypes}, {config['cache_dtype']} cache "
+          "(other where an implementation names one with :cache=)")
 
 
 def _cells(results: dict):
@@ -98,33 +89,42 @@ def _cell(row, which: str) -> str:
   return f"{row['pp_tps']:.2f}"
 
 
-def markdown(results: dict) -> str:
-  """The tg table (one speedup column per pair), the pp table and footnotes."""
+def speedup(a: dict | None, b: dict | None) -> tuple[float, float] | None:
+  """tg t/s(a) / t/s(b) and its std: the two relative stds added in quadrature."""
+  ta, tb = _tps(a, "tg"), _tps(b, "tg")
+  if not ta or not tb:
+    return None
+  ratio = ta / tb
+  return ratio, ratio * math.hypot(a["tg_tps_std"] / ta, b["tg_tps_std"] / tb)
+
+
+def table(results: dict, which: str = "tg") -> str:
+  """The tg table (one speedup column per pair) or the pp table."""
   impls, pairs = results["impls"], [tuple(p) for p in results["pairs"]]
   rows, lengths = _cells(results)
   model, n_gen = model_label(results), results["config"]["n_gen"]
-  speedup_names = (["Speedup"] if len(pairs) == 1 else
-                   [f"Speedup ({a} vs {b})" for a, b in pairs])
+  header = ["model", "test"] + [f"t/s ({name})" for name in impls]
+  if which == "tg":
+    header += (["Speedup"] if len(pairs) == 1 else
+               [f"Speedup ({a} vs {b})" for a, b in pairs])
   lines = []
-  for which in ("tg", "pp"):
-    header = ["model", "test"] + [f"t/s ({name})" for name in impls]
-    header += speedup_names if which == "tg" else []
-    lines += ["| " + " | ".join(header) + " |",
-              "| --- | --- |" + " ---: |" * (len(header) - 2)]
-    for n in lengths:
-      test = f"tg{n_gen}@pp{n}" if which == "tg" else f"pp{n}"
-      cells = [model, test] + [_cell(rows.get((n, name)), which) for name in impls]
-      if which == "tg":
-        for a, b in pairs:
-          ta, tb = _tps(rows.get((n, a)), "tg"), _tps(rows.get((n, b)), "tg")
-          cells.append(f"{ta / tb:.2f}" if ta and tb else "")
-      lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-  env = results["environment"]
-  lines.append(f"Device: {env['device_kind']} ({env['platform']}), JAX {env['jax']}, commit "
-               f"{(env['git_commit'] or 'unknown')[:10]}{' (dirty)' if env['git_dirty'] else ''};"
-               f" t/s = B·tokens / seconds, tg mean ± std over {results['config']['reps']} reps;"
-               f" sweep {results['status']}.")
+  for n in lengths:
+    test = f"tg{n_gen}@pp{n}" if which == "tg" else f"pp{n}"
+    cells = [model, test] + [_cell(rows.get((n, name)), which) for name in impls]
+    if which == "tg":
+      for a, b in pairs:
+        s = speedup(rows.get((n, a)), rows.get((n, b)))
+        cells.append(f"{s[0]:.2f}" if s else "")
+    lines.append(cells)
+  return harness.md_table(header, lines, "ll" + "r" * (len(header) - 2))
+
+
+def markdown(results: dict) -> str:
+  """The tg table, the pp table and footnotes."""
+  lines = [table(results, "tg"), "", table(results, "pp"), ""]
+  lines.append(f"t/s = B·tokens / seconds; tg: mean ± sample std over "
+               f"{results['config']['reps']} reps of {results['config']['n_gen']} decode steps; "
+               f"pp: the prompt's prefill, compile excluded; sweep {results['status']}.")
   for name, info in results.get("implementations", {}).items():
     if info["state"] != "ok" or info.get("gate_rel_err") is not None:
       gate = (f"gate rel err {info['gate_rel_err']:.2e} (tolerance {info['gate_rtol']:.0e})"
@@ -138,14 +138,17 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str):
-  """t/s against prompt length per implementation (error bars: std), speedups below."""
+  """Decode throughput against prompt length per implementation (error bars: std over the
+  reps), and below it each compared pair's speedup (its std propagated)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
 
   rows, lengths = _cells(results)
   pairs = [tuple(p) for p in results["pairs"]]
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
+  config = results["config"]
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(8.5, 7.5), sharex=True,
                                     gridspec_kw={"height_ratios": [2, 1]})
   # One colour per implementation in both panels; a speedup takes its candidate's colour.
   colors = dict(zip(results["impls"], plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
@@ -155,64 +158,42 @@ def plot(results: dict, path: str):
       top.errorbar([n for n, _ in ok], [r["tg_tps_mean"] for _, r in ok],
                    yerr=[r["tg_tps_std"] for _, r in ok], marker="o", capsize=3, label=name,
                    color=colors[name])
-  top.set_ylabel(f"tg{results['config']['n_gen']} t/s")
+  top.set_ylabel("decode throughput (tokens/s)")
   top.set_yscale("log")
-  top.set_title(model_label(results) + f" — {results['environment']['device_kind']}")
+  top.set_title(f"{model_words(results)}\non {harness.run_info(results)['device']}",
+                fontsize=10)
   top.grid(True, which="both", alpha=0.3)
   for a, b in pairs:
-    ok = [(n, _tps(rows.get((n, a)), "tg") / _tps(rows.get((n, b)), "tg")) for n in lengths
-          if _tps(rows.get((n, a)), "tg") and _tps(rows.get((n, b)), "tg")]
+    ok = [(n, speedup(rows.get((n, a)), rows.get((n, b)))) for n in lengths]
+    ok = [(n, s) for n, s in ok if s]
     if ok:
-      bottom.plot([n for n, _ in ok], [s for _, s in ok], marker="o", label=f"{a} / {b}",
-                  color=colors.get(a))
+      bottom.errorbar([n for n, _ in ok], [s for _, (s, _) in ok],
+                      yerr=[e for _, (_, e) in ok], marker="o", capsize=3,
+                      label=f"{a} over {b}", color=colors.get(a))
   bottom.axhline(1.0, color="gray", lw=0.8)
-  bottom.set_ylabel("speedup")
+  bottom.set_ylabel("decode speedup (×)")
   bottom.set_xlabel("prompt length (tokens)")
   bottom.set_xscale("log", base=2)
+  bottom.set_xticks(lengths, [str(n) for n in lengths], rotation=45 if len(lengths) > 6 else 0)
+  bottom.xaxis.set_minor_locator(ticker.NullLocator())
+  plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+  top.yaxis.set_major_formatter(plain)
+  top.yaxis.set_minor_formatter(plain)
+  top.tick_params(axis="y", which="minor", labelsize=7)
   bottom.grid(True, which="both", alpha=0.3)
   for axes in (top, bottom):
     if axes.get_legend_handles_labels()[0]:
-      axes.legend()
-  fig.tight_layout()
+      axes.legend(fontsize=8)
+  fig.text(0.5, 0.005,
+           f"Each point: {config['n_gen']} decode steps after a prompt of that length, mean over "
+           f"{config['reps']} timed reps; error bars: ± one standard deviation over the "
+           f"{config['reps']} reps (speedups: relative errors added in quadrature).",
+           ha="center", va="bottom", fontsize=7.5, wrap=True)
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
-def write(workdir: str, results: dict, *, plot_too: bool = True):
-  """Writes results.json and table.md (and plot.png when plot_too) atomically."""
-  os.makedirs(workdir, exist_ok=True)
-  _atomic_write(os.path.join(workdir, "results.json"), json.dumps(results, indent=1, default=str))
-  _atomic_write(os.path.join(workdir, "table.md"), markdown(results))
-  if plot_too:
-    plot(results, os.path.join(workdir, "plot.png"))
-
-
-def _atomic_write(path: str, text: str):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def _version(package: str) -> str | None:
-  from importlib import metadata  # pylint: disable=import-outside-toplevel
-  try:
-    return metadata.version(package)
-  except metadata.PackageNotFoundError:
-    return None
-
-
-def _git(*args) -> str | None:
-  try:
-    out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                         cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
-    return out.stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return None
-
-
-if __name__ == "__main__":
-  with open(os.path.join(sys.argv[1], "results.json")) as f:
-    loaded = json.load(f)
-  write(sys.argv[1], loaded)
-  print(markdown(loaded))
+def write(workdir: str, results: dict, *, plot_too: bool = True) -> list[str]:
+  """Writes <name>.json and <name>.md (and <name>.png when plot_too) atomically."""
+  return harness.write(workdir, results, markdown=markdown, plot=plot if plot_too else None)

@@ -10,7 +10,8 @@ relative error of the per-layer attention outputs must stay under the tolerance 
 precise dtype. The residual stream is left out of that comparison because it would hide the
 attention output under the rounding of x. An implementation that fails gets failed rows.
 
-Results are written to the workdir after every row, so an interrupted sweep keeps its rows.
+Results (<config name>.json, .md, .png; schema in experiments/report.py) are written to the
+workdir after every row, so an interrupted sweep keeps its rows.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import model, report
-from experiments.timing import Progress, format_seconds, mean_std
+from experiments import harness, model, report
+from experiments.progress import Progress, format_seconds
+from experiments.report import markdown, plot, table  # pylint: disable=unused-import
 
 # Least to most lossy: the gate tolerance is that of the least precise dtype an implementation uses.
 _PRECISION_ORDER = ("float32", "float16", "bfloat16", "int8")
@@ -44,13 +46,6 @@ def _gate_rtol(config, impl: model.Implementation) -> tuple[str, float]:
   names = [jnp.dtype(config.dtype).name, jnp.dtype(impl.cache_dtype).name]
   key = max(names, key=lambda n: _PRECISION_ORDER.index(n) if n in _PRECISION_ORDER else 0)
   return key, float(config.gate_rtol[key])
-
-
-def _rel_err(x, ref) -> float:
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  if not np.all(np.isfinite(x)):
-    return float("nan")
-  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def _is_oom(err: Exception) -> bool:
@@ -94,7 +89,7 @@ def _decode_inputs(config, cfg, prompt_len: int, dtype):
 class Sweep:
   """State of one tg sweep; `run()` fills `self.results` (see report.py for its schema)."""
 
-  def __init__(self, config, workdir: str, config_name: str):
+  def __init__(self, config, workdir: str, name: str, title: str = ""):
     self.config, self.workdir = config, workdir
     self.dtype = jnp.dtype(config.dtype)
     self.param_dtype = jnp.dtype(config.param_dtype)
@@ -106,7 +101,7 @@ class Sweep:
     self.status: dict[str, Status] = {}
     self.stacks: dict[str, model.AttentionStack] = {}
     self.gate_outputs = None
-    self.results = report.new_results(config, config_name, self.cfg, [i.name for i in self.impls],
+    self.results = report.new_results(config, name, title, self.cfg, [i.name for i in self.impls],
                                       self.pairs)
 
   def run(self) -> dict:
@@ -278,7 +273,7 @@ class Sweep:
     if self.gate_outputs is None:
       self._mark(impl, "failed", f"no gate reference: {self.reference.name} did not run")
       return False
-    err = _rel_err(attn_outs, self.gate_outputs)
+    err = harness.rel_err(attn_outs, self.gate_outputs)
     key, rtol = _gate_rtol(self.config, impl)
     status = self.status[impl.name]
     status.gate_rel_err, status.gate_rtol = err, rtol
@@ -300,7 +295,7 @@ class Sweep:
     row = {"prompt_len": prompt_len, "n_gen": self.config.n_gen, "impl": impl.name,
            "status": state, "note": note or self.status[impl.name].reason, **numbers}
     if numbers.get("tg_tps"):
-      row["tg_tps_mean"], row["tg_tps_std"] = mean_std(numbers["tg_tps"])
+      row["tg_tps_mean"], row["tg_tps_std"] = harness.mean_std(numbers["tg_tps"])
     self.results["rows"].append(row)
     self._write(partial=True)
     label = f"tg{self.config.n_gen}@pp{prompt_len} {impl.name}"
@@ -336,11 +331,11 @@ def _short(err: Exception, limit: int = 200) -> str:
   return text if len(text) <= limit else text[:limit] + "…"
 
 
-def run(config, workdir: str, config_name: str = "tg_sweep") -> dict:
-  """Runs the sweep, writes table.md, results.json and plot.png to workdir; returns the results."""
-  sweep = Sweep(config, workdir, config_name)
+def run(config, workdir: str, name: str = "tg_sweep", title: str = "") -> dict:
+  """Runs the sweep; writes <name>.json, <name>.md and <name>.png to workdir; returns the
+  results."""
+  sweep = Sweep(config, workdir, name, title)
   results = sweep.run()
   print()
   print(report.markdown(results))
-  print(f"\nwritten to {workdir}", flush=True)
   return results

@@ -2,9 +2,9 @@
 
 from mla_jax import ops, quant
 from mla_jax.attention import MLAttention, jit_step
-from mla_jax.cache import KVCache, LatentCache
+from mla_jax.cache import KVCache, LatentCache, init_cache
 from mla_jax.checkpoint import load_hf_attention
 from mla_jax.config import MLAConfig
 
-__all__ = ["MLAConfig", "MLAttention", "KVCache", "LatentCache", "jit_step",
+__all__ = ["MLAConfig", "MLAttention", "KVCache", "LatentCache", "init_cache", "jit_step",
            "load_hf_attention", "ops", "quant"]

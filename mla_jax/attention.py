@@ -2,7 +2,8 @@
 
 Two modes share one set of parameters (names follow transformers' DeepseekV2Attention):
 - "standard": decompress c_kv into per-head k_nope = c_kv·wk_bᵀ and v = c_kv·wv_b, cache
-  K [B,S,H,K+R] and V [B,S,H,V] (llama.cpp without MLA, transformers 4.x).
+  them head-major, k [B,H,S,K+R] and v [B,H,S,V] (cache.KVCache; llama.cpp without MLA,
+  transformers 4.x).
 - "absorbed": cache only c_kv [B,S,C] and k_rope [B,S,R]; fold wk_b into the query,
   q_latent = q_nope·wk_b, attend in the latent space and apply wv_b after the softmax
   (DeepSeek-V2 paper §2.1.2 "absorb W^UK into W^Q and W^UV into W^O").
@@ -16,13 +17,13 @@ Weight formats (`weight_format`): only kv_b_proj's wk_b and wv_b, the weights of
 GEMVs of absorbed decoding, change format. None (the default) keeps them in param_dtype like every
 other parameter; "bf16" stores them as bfloat16; "q8_0" / "iq4_nl" store them as GGML blocks
 (quant.QuantizedTensor, blocks of 32 along the contraction axis). Absorbed decode with
-backend="pallas" decodes quantized blocks inside the fused GEMV kernel (ops/gemv_gpu.py); every
+backend="pallas" decodes quantized blocks inside the fused GEMV kernel (ops/gemv/triton.py); every
 other path (xla/cpu decode, prefill, standard mode) dequantizes them first.
 
 `gemv_lowering` picks that kernel (backend="pallas" only): "triton", the default, or "mosaic",
-the Hopper kernel of ops/gemv_mgpu.py. The Mosaic kernel takes less GPU time but more host time
+the Hopper kernel of ops/gemv/mosaic.py. The Mosaic kernel takes less GPU time but more host time
 per launch (docs/batched_gemv.md), and needs bfloat16/float16 activations (`dtype`) with weights
-in a GGML format or in that dtype; gemv_mgpu.unsupported names what else it refuses.
+in a GGML format or in that dtype; that kernel file's `unsupported` names what else it refuses.
 """
 
 from __future__ import annotations
@@ -34,27 +35,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax import ops, quant, rope
-from mla_jax.cache import KVCache, LatentCache
+from mla_jax.cache import MODES, KVCache, LatentCache, init_cache
 from mla_jax.config import MLAConfig
+from mla_jax.layers import InitSignature, Linear, RMSNorm
 from mla_jax.ops import xla
 
-MODES = ("standard", "absorbed")
 BACKENDS = ("auto", "xla", "pallas", "cpu")
 WEIGHT_FORMATS = (None, "bf16", *quant.FORMATS)
 GEMV_LOWERINGS = ("triton", "mosaic")
-
-
-class RMSNorm(nnx.Module):
-  """RMSNorm in float32, scaled by `weight` (transformers' DeepseekV2RMSNorm)."""
-
-  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
-    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
-    self.eps = eps
-
-  def __call__(self, x):
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return self.weight.value.astype(x.dtype) * xf.astype(x.dtype)
 
 
 class KVUpProjection(nnx.Module):
@@ -63,6 +51,8 @@ class KVUpProjection(nnx.Module):
   transformers stores one weight [H*(K+V), C]; the split layout is what both batched GEMVs of
   the absorbed path contract over (K for wk_b, C for wv_b) and what quantized formats block.
   """
+
+  __signature__ = InitSignature()
 
   def __init__(self, cfg: MLAConfig, *, param_dtype, rngs: nnx.Rngs):
     H, K, C, V = cfg.num_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
@@ -77,17 +67,44 @@ class KVUpProjection(nnx.Module):
     """
     if weight_format not in WEIGHT_FORMATS:
       raise ValueError(f"weight_format={weight_format!r}; expected one of {WEIGHT_FORMATS}")
+    # set_value, not `param[...] =`: the new value has another dtype or type (an indexed write
+    # would cast it back into the old array).
     for param in (self.wk_b, self.wv_b):
       if weight_format == "bf16":
-        param.value = quant.dequantize(param.value, jnp.bfloat16)
+        param.set_value(quant.dequantize(param.get_value(), jnp.bfloat16))
       elif weight_format is not None:
-        param.value = quant.quantize(quant.dequantize(param.value), weight_format)
+        param.set_value(quant.quantize(quant.dequantize(param.get_value()), weight_format))
+
+  def weights(self):
+    """(wk_b [H,K,C], wv_b [H,C,V]): arrays or quant.QuantizedTensor, as weight_format left them.
+
+    get_value rather than `[...]`: a QuantizedTensor cannot be indexed.
+    """
+    return self.wk_b.get_value(), self.wv_b.get_value()
 
 
 class MLAttention(nnx.Module):
-  """Multi-head latent attention; see the module docstring."""
+  """Multi-head latent attention of one DeepSeek-V2/V3 layer; see the module docstring.
 
-  def __init__(self, cfg: MLAConfig, mode: str = "absorbed", backend: str = "auto", *,
+  `attn = MLAttention(cfg, mode="absorbed", backend="auto", rngs=nnx.Rngs(0))`, then
+  `y, cache = attn(x, positions, attn.init_cache(B, S))` with x [B,T,D] and positions [B,T].
+
+  Args:
+    cfg: the layer's shapes and rope settings.
+    mode: "absorbed" (latent cache, the default) or "standard" (per-head K/V cache).
+    backend: what runs absorbed decode steps (T==1): "auto", "xla", "pallas" (the GPU
+      kernels; interpreted where there is no GPU) or "cpu" (the split-KV XLA CPU path).
+      Prefill and standard mode always run on XLA.
+    dtype: compute dtype of activations and outputs.
+    param_dtype: dtype of the parameters.
+    weight_format: None, "bf16", "q8_0" or "iq4_nl": how wk_b and wv_b are stored.
+    gemv_lowering: "triton" or "mosaic", the fused GEMV kernel of backend="pallas".
+    rngs: initializer randomness.
+  """
+
+  __signature__ = InitSignature()
+
+  def __init__(self, cfg: MLAConfig, *, mode: str = "absorbed", backend: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32, weight_format: str | None = None,
                gemv_lowering: str = "triton", rngs: nnx.Rngs):
     if mode not in MODES:
@@ -98,8 +115,8 @@ class MLAttention(nnx.Module):
     self.cfg, self.mode, self.backend, self.dtype = cfg, mode, backend, dtype
     self.gemv_lowering = gemv_lowering
     D, H = cfg.hidden_size, cfg.num_heads
-    linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                               rngs=rngs)
+    # Projections in transformers' [out, in] layout: a row reduction at decode (layers.Linear).
+    linear = functools.partial(Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if cfg.q_lora_rank is None:
       self.q_proj = linear(D, H * cfg.qk_head_dim)
     else:
@@ -113,17 +130,19 @@ class MLAttention(nnx.Module):
     self.o_proj = linear(H * cfg.v_head_dim, D)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16):
-    """An empty cache for this mode. dtype=int8 (absorbed only) stores c_kv as quant.Int8Rows."""
-    if batch_size <= 0 or max_len <= 0:
-      raise ValueError(f"{batch_size=}, {max_len=}: both must be positive")
-    cfg = self.cfg
-    if self.mode == "absorbed":
-      return LatentCache.zeros(batch_size, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
-    return KVCache.zeros(batch_size, max_len, cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim,
-                         dtype)
+    """An empty cache of B=batch_size rows and S=max_len slots for this module's mode:
+    `mla_jax.init_cache(self.cfg, batch_size, max_len, mode=self.mode, dtype=dtype)`.
+
+    dtype=int8 (absorbed only) stores c_kv as quant.Int8Rows.
+    """
+    return init_cache(self.cfg, batch_size, max_len, mode=self.mode, dtype=dtype)
 
   def __call__(self, x, positions, cache):
-    """x [B,T,D], positions [B,T] int (-1 = padding), cache -> (y [B,T,D], updated cache)."""
+    """x [B,T,D], positions [B,T] int (-1 = padding), cache -> (y [B,T,D], updated cache).
+
+    The cache is the LatentCache (absorbed) or KVCache (standard) of init_cache; row b's new
+    tokens go to slots lengths[b], lengths[b]+1, ...; y is 0 at padding positions.
+    """
     self._check_inputs(x, positions, cache)
     cfg = self.cfg
     B, T, _ = x.shape
@@ -153,7 +172,7 @@ class MLAttention(nnx.Module):
 
   def _standard(self, q, q_rope, c_kv, k_rope, q_slots, num_new, cache):
     """q [B,T,H,K+R] unrotated (its first K columns are q_nope), q_rope rotated."""
-    wk_b, wv_b = self.kv_b_proj.wk_b.value, self.kv_b_proj.wv_b.value
+    wk_b, wv_b = self.kv_b_proj.weights()
     k_nope = jnp.einsum("btc,hkc->bthk", c_kv, quant.dequantize(wk_b, c_kv.dtype))
     v = jnp.einsum("btc,hcv->bthv", c_kv, quant.dequantize(wv_b, c_kv.dtype))
     k_rope = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))
@@ -165,7 +184,7 @@ class MLAttention(nnx.Module):
 
   def _absorbed(self, q, q_rope, c_kv, k_rope, q_slots, num_new, cache):
     """q [B,T,H,K+R] unrotated (its first K columns are q_nope), q_rope rotated."""
-    wk_b, wv_b = self.kv_b_proj.wk_b.value, self.kv_b_proj.wv_b.value
+    wk_b, wv_b = self.kv_b_proj.weights()
     cache = cache.write(c_kv, k_rope, num_new)
     T = q.shape[1]
     if T == 1:  # decode: two batched GEMVs (q_nope read in place from q), the split-KV kernel
@@ -238,13 +257,23 @@ def _raise_if_overflow(cache):
 
 
 def jit_step(module: MLAttention):
-  """Returns step(x, positions, cache) -> (y, cache), jitted with the cache donated.
+  """Returns step(x [B,T,D], positions [B,T], cache) -> (y [B,T,D], cache): module's __call__,
+  jitted with the cache donated.
 
   Donation lets XLA write new tokens into the cache buffers in place: a decode step costs
-  O(new tokens) writes, not a copy of the cache. The module's parameters are captured as they
-  are now. The cache passed in must not be used again (its buffers now belong to the result).
+  O(new tokens) writes, not a copy of the cache. The cache passed in must not be used again (its
+  buffers now belong to the result).
+
+  Parameters: step follows the module's current parameter values. Writes through the module's
+  Variables (`attn.o_proj.weight[...] = w`, `nnx.update(attn, state)`, `set_value`,
+  `kv_b_proj.set_weight_format`) show in the next call, recompiling if a shape, dtype or type
+  changed. The graph is read once, when step is built (as nnx.cached_partial does): nnx.split's
+  state holds the module's own Variable objects, and jit reads their values at each call.
+  Replacing a Variable or submodule object (`attn.o_proj = Linear(...)`) is not seen; build
+  a new step then. Re-splitting the module on every call would see that too, but costs ~0.4 ms
+  of Python per call (measured on a CPU host, one layer), more than a decode step on a GPU.
   """
-  graphdef, state = nnx.split(module)
+  graphdef, state = nnx.split(module)  # state's leaves are the module's own Variables
 
   @functools.partial(jax.jit, donate_argnums=(3,))
   def step(state, x, positions, cache):

@@ -1,5 +1,9 @@
 """Decode caches as pytrees: LatentCache (absorbed MLA) and KVCache (standard attention).
 
+`init_cache(cfg, batch_size, max_len, mode=..., dtype=...)` builds an empty one from a config
+alone (no module instance needed, e.g. for a Linen model wrapping MLAttention through
+flax.nnx.bridge); `MLAttention.init_cache` calls it.
+
 Slots vs positions: row b's valid entries are slots [0, lengths[b]); rope positions are separate
 inputs, so a row may start at any position. New tokens go to slots lengths[b], lengths[b]+1, ...
 
@@ -13,12 +17,17 @@ outside jit.
 from __future__ import annotations
 
 import dataclasses
+import operator
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mla_jax import quant
+from mla_jax.config import MLAConfig
+
+MODES = ("standard", "absorbed")  # MLAttention's modes; each has its own cache type
 
 
 def _scatter_rows(buffer, new, start, num_new, seq_axis=1):
@@ -57,11 +66,29 @@ def _advance(lengths, overflow, num_new, max_len):
 
 
 class _CacheMixin:
-  """Shared bookkeeping: lengths [B] int32 and the sticky overflow [B] bool."""
+  """Shared bookkeeping: lengths [B] int32, the sticky overflow [B] bool, and appending to the
+  two token buffers named by _BUFFERS, whose sequence (slot) axis is _SEQ_AXIS."""
+
+  _BUFFERS: ClassVar[tuple[str, str]]
+  _SEQ_AXIS: ClassVar[int]
 
   @property
   def batch_size(self) -> int:
+    """B."""
     return self.lengths.shape[0]
+
+  @property
+  def max_len(self) -> int:
+    """S, the number of slots per row."""
+    return getattr(self, self._BUFFERS[1]).shape[self._SEQ_AXIS]
+
+  def _append(self, news, num_new):
+    """Writes news (one [B,T,...] array per buffer) from slot lengths[b] on, keeping the first
+    num_new[b] tokens of row b; advances lengths and overflow."""
+    lengths, overflow = _advance(self.lengths, self.overflow, num_new, self.max_len)
+    written = {name: _write(getattr(self, name), new, self.lengths, num_new, self._SEQ_AXIS)
+               for name, new in zip(self._BUFFERS, news)}
+    return dataclasses.replace(self, **written, lengths=lengths, overflow=overflow)
 
   def check(self):
     """Raises ValueError if any row overflowed (needs concrete values: call outside jit)."""
@@ -75,33 +102,22 @@ class _CacheMixin:
 @dataclasses.dataclass(frozen=True)
 class LatentCache(_CacheMixin):
   """Absorbed-MLA cache: c_kv [B,S,C] (array or quant.Int8Rows) and k_rope [B,S,R] after rope,
-  in the interleaved pair layout of rope.py. 576 elements a token for V2-Lite, shared by heads."""
+  in the interleaved pair layout of rope.py. 576 elements a token for V2-Lite, shared by heads.
+
+  Build one with `mla_jax.init_cache(cfg, B, S, mode="absorbed", dtype=...)`.
+  """
 
   c_kv: jax.Array | quant.Int8Rows
   k_rope: jax.Array
   lengths: jax.Array   # [B] int32
   overflow: jax.Array  # [B] bool
 
-  @property
-  def max_len(self) -> int:
-    return self.k_rope.shape[1]
-
-  @classmethod
-  def zeros(cls, batch_size, max_len, kv_lora_rank, rope_dim, dtype) -> LatentCache:
-    if jnp.dtype(dtype) == jnp.int8:
-      c_kv = quant.zeros_rows((batch_size, max_len, kv_lora_rank))
-      rope_dtype = jnp.bfloat16
-    else:
-      c_kv = jnp.zeros((batch_size, max_len, kv_lora_rank), dtype)
-      rope_dtype = dtype
-    return cls(c_kv, jnp.zeros((batch_size, max_len, rope_dim), rope_dtype),
-               jnp.zeros((batch_size,), jnp.int32), jnp.zeros((batch_size,), bool))
+  _BUFFERS = ("c_kv", "k_rope")
+  _SEQ_AXIS = 1
 
   def write(self, c_kv_new, k_rope_new, num_new) -> LatentCache:
     """Appends c_kv_new [B,T,C], k_rope_new [B,T,R]; row b keeps its first num_new[b] tokens."""
-    lengths, overflow = _advance(self.lengths, self.overflow, num_new, self.max_len)
-    return LatentCache(_write(self.c_kv, c_kv_new, self.lengths, num_new),
-                       _write(self.k_rope, k_rope_new, self.lengths, num_new), lengths, overflow)
+    return self._append((c_kv_new, k_rope_new), num_new)
 
 
 @jax.tree_util.register_dataclass
@@ -111,6 +127,7 @@ class KVCache(_CacheMixin):
 
   Head-major is transformers' layout. It is also what XLA's batched dot wants: with [B,S,H,D]
   every decode step transposed the whole cache into a temporary (seen in the compiled HLO).
+  Build one with `mla_jax.init_cache(cfg, B, S, mode="standard", dtype=...)`.
   """
 
   k: jax.Array
@@ -118,20 +135,52 @@ class KVCache(_CacheMixin):
   lengths: jax.Array   # [B] int32
   overflow: jax.Array  # [B] bool
 
-  @property
-  def max_len(self) -> int:
-    return self.k.shape[2]
-
-  @classmethod
-  def zeros(cls, batch_size, max_len, num_heads, qk_dim, v_dim, dtype) -> KVCache:
-    if jnp.dtype(dtype) == jnp.int8:
-      raise ValueError("dtype=int8 is only supported by the absorbed (latent) cache")
-    return cls(jnp.zeros((batch_size, num_heads, max_len, qk_dim), dtype),
-               jnp.zeros((batch_size, num_heads, max_len, v_dim), dtype),
-               jnp.zeros((batch_size,), jnp.int32), jnp.zeros((batch_size,), bool))
+  _BUFFERS = ("k", "v")
+  _SEQ_AXIS = 2
 
   def write(self, k_new, v_new, num_new) -> KVCache:
     """Appends k_new [B,T,H,K+R], v_new [B,T,H,V]; row b keeps its first num_new[b] tokens."""
-    lengths, overflow = _advance(self.lengths, self.overflow, num_new, self.max_len)
-    return KVCache(_write(self.k, k_new, self.lengths, num_new, seq_axis=2),
-                   _write(self.v, v_new, self.lengths, num_new, seq_axis=2), lengths, overflow)
+    return self._append((k_new, v_new), num_new)
+
+
+def init_cache(cfg: MLAConfig, batch_size: int, max_len: int, *, mode: str = "absorbed",
+               dtype=jnp.bfloat16) -> LatentCache | KVCache:
+  """An empty decode cache for B=batch_size rows of S=max_len slots each.
+
+  mode="absorbed": LatentCache, c_kv [B,S,C] and k_rope [B,S,R] in `dtype`; dtype=jnp.int8
+  stores c_kv as quant.Int8Rows (int8 [B,S,C] with a float32 scale per row) and k_rope in
+  bfloat16. mode="standard": KVCache, head-major k [B,H,S,K+R] and v [B,H,S,V]. lengths [B] start
+  at 0. This is what `MLAttention(cfg, mode=mode).init_cache(batch_size, max_len, dtype)`
+  returns. Raises ValueError naming the argument for a non-positive size, an unknown mode, a
+  dtype that is neither floating nor int8, or int8 with mode="standard".
+  """
+  for name, size in (("batch_size", batch_size), ("max_len", max_len)):
+    try:
+      size = operator.index(size)
+    except TypeError:
+      raise ValueError(f"{name}={size!r}: expected a positive integer") from None
+    if size <= 0:
+      raise ValueError(f"{name}={size}: expected a positive integer")
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+  try:
+    kind = None if dtype is None else jnp.dtype(dtype)
+  except TypeError:
+    kind = None
+  if kind is None or not (kind == jnp.int8 or jnp.issubdtype(kind, jnp.floating)):
+    raise ValueError(f"dtype={dtype!r}: expected a floating dtype, or int8 for an absorbed "
+                     "cache (quant.Int8Rows)")
+  B, S = batch_size, max_len
+  empty = dict(lengths=jnp.zeros((B,), jnp.int32), overflow=jnp.zeros((B,), bool))
+  if mode == "standard":
+    if kind == jnp.int8:
+      raise ValueError("dtype=int8 is only supported by the absorbed (latent) cache")
+    H = cfg.num_heads
+    return KVCache(k=jnp.zeros((B, H, S, cfg.qk_head_dim), dtype),
+                   v=jnp.zeros((B, H, S, cfg.v_head_dim), dtype), **empty)
+  if kind == jnp.int8:
+    c_kv, rope_dtype = quant.zeros_rows((B, S, cfg.kv_lora_rank)), jnp.bfloat16
+  else:
+    c_kv, rope_dtype = jnp.zeros((B, S, cfg.kv_lora_rank), dtype), dtype
+  return LatentCache(c_kv=c_kv, k_rope=jnp.zeros((B, S, cfg.qk_rope_head_dim), rope_dtype),
+                     **empty)

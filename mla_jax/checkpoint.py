@@ -1,6 +1,6 @@
 """Loads one attention layer of a transformers DeepseekV2/V3 safetensors checkpoint.
 
-transformers keeps Linear weights as [out, in]; nnx.Linear kernels are [in, out]. kv_b_proj's
+transformers keeps Linear weights as [out, in], and so do the module's (layers.Linear). kv_b_proj's
 [H*(K+V), C] weight is split per head into wk_b [H,K,C] and wv_b [H,C,V] (attention.py).
 """
 
@@ -18,15 +18,19 @@ from mla_jax.attention import MLAttention
 from mla_jax.config import MLAConfig
 
 
-def load_hf_attention(path, layer: int, mode: str = "absorbed", dtype=jnp.float32,
-                      backend: str = "auto", weight_format: str | None = None,
+def load_hf_attention(path: str | os.PathLike, layer: int, *, mode: str = "absorbed",
+                      dtype=jnp.float32, backend: str = "auto", weight_format: str | None = None,
                       gemv_lowering: str = "triton") -> MLAttention:
   """MLAttention for `model.layers.{layer}.self_attn.*` of the checkpoint directory `path`.
 
   `path` holds config.json and either model.safetensors or shards listed in
   model.safetensors.index.json. Parameters and compute use `dtype`; `weight_format` then
   converts wk_b and wv_b as MLAttention's argument of that name does (quantized from the
-  checkpoint's values). `backend` and `gemv_lowering` are MLAttention's.
+  checkpoint's values). `mode`, `backend` and `gemv_lowering` are MLAttention's.
+
+  Layouts: HF's kv_b_proj.weight [H*(K+V), C] becomes wk_b [H,K,C] and wv_b [H,C,V]; every
+  other Linear weight [out, in] is copied as it is (layers.Linear has the same layout). Raises ValueError naming
+  a missing layer, a missing tensor or a tensor of the wrong shape.
   """
   cfg = MLAConfig.from_hf(path)
   if not 0 <= layer < cfg.num_layers:
@@ -34,14 +38,14 @@ def load_hf_attention(path, layer: int, mode: str = "absorbed", dtype=jnp.float3
   weights = _read_layer(path, f"model.layers.{layer}.self_attn.", _hf_shapes(cfg))
   params = _to_module_layout(cfg, weights)
 
-  abstract = nnx.eval_shape(lambda: MLAttention(cfg, mode, backend, dtype=dtype,
+  abstract = nnx.eval_shape(lambda: MLAttention(cfg, mode=mode, backend=backend, dtype=dtype,
                                                 param_dtype=dtype, gemv_lowering=gemv_lowering,
                                                 rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
   for name, value in params.items():
     key = tuple(name.split("."))
-    flat[key].value = jnp.asarray(value, dtype)
+    flat[key].set_value(jnp.asarray(value, dtype))  # replaces the abstract ShapeDtypeStruct
   attn = nnx.merge(graphdef, nnx.from_flat_state(flat))
   attn.kv_b_proj.set_weight_format(weight_format)
   return attn
@@ -69,18 +73,18 @@ def _to_module_layout(cfg: MLAConfig, w: dict[str, np.ndarray]) -> dict[str, np.
   H, K, V, C = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
   kv_b = w["kv_b_proj.weight"].reshape(H, K + V, C)
   params = {
-      "kv_a_proj_with_mqa.kernel": w["kv_a_proj_with_mqa.weight"].T,
+      "kv_a_proj_with_mqa.weight": w["kv_a_proj_with_mqa.weight"],
       "kv_a_layernorm.weight": w["kv_a_layernorm.weight"],
       "kv_b_proj.wk_b": kv_b[:, :K, :],
       "kv_b_proj.wv_b": kv_b[:, K:, :].transpose(0, 2, 1),
-      "o_proj.kernel": w["o_proj.weight"].T,
+      "o_proj.weight": w["o_proj.weight"],
   }
   if cfg.q_lora_rank is None:
-    params["q_proj.kernel"] = w["q_proj.weight"].T
+    params["q_proj.weight"] = w["q_proj.weight"]
   else:
-    params["q_a_proj.kernel"] = w["q_a_proj.weight"].T
+    params["q_a_proj.weight"] = w["q_a_proj.weight"]
     params["q_a_layernorm.weight"] = w["q_a_layernorm.weight"]
-    params["q_b_proj.kernel"] = w["q_b_proj.weight"].T
+    params["q_b_proj.weight"] = w["q_b_proj.weight"]
   return params
 
 

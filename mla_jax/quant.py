@@ -68,6 +68,7 @@ class Int8Rows:
     return Int8Rows(self.values[idx], self.scales[idx])
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """The rows as a dtype array [..., C]: values · scales."""
     return (self.values.astype(jnp.float32) * self.scales[..., None]).astype(dtype)
 
 
@@ -112,6 +113,7 @@ class QuantizedTensor:
     return self.qs.size + 2 * self.d.size
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """The weight as a dtype array [..., K, N]."""
     *lead, kb, n = self.d.shape
     if self.fmt == "q8_0":
       q = self.qs.astype(jnp.float32).reshape(*lead, kb, BLOCK, n)
@@ -137,6 +139,7 @@ class QuantizedActivations:
     return self.values.shape
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """The activations as a dtype array [..., K]."""
     *lead, k = self.values.shape
     q = self.values.astype(jnp.float32).reshape(*lead, k // BLOCK, BLOCK)
     return (q * self.d[..., None]).reshape(self.shape).astype(dtype)
@@ -201,7 +204,8 @@ def _quantize_iq4_nl(xb):
 
 @functools.partial(jax.jit, static_argnames="fmt")
 def quantize(w: jax.Array, fmt: str) -> QuantizedTensor:
-  """GGML block quantization of w [..., K, N] along K (fmt "q8_0" or "iq4_nl")."""
+  """GGML block quantization of w [..., K, N] along K (fmt "q8_0" or "iq4_nl"), K a multiple
+  of 32; the result's .shape is w's (see the module docstring for qs and d)."""
   if fmt not in FORMATS:
     raise ValueError(f"fmt={fmt!r}; expected one of {FORMATS}")
   _check_blocked(w, "w")
@@ -240,7 +244,9 @@ def to_ggml_blocks(qw: QuantizedTensor) -> np.ndarray:
 
 
 def dequantize(q, dtype=jnp.float32) -> jax.Array:
-  """The float array a quantized container stands for; plain arrays are cast to dtype."""
+  """The float array a quantized container stands for, in its logical shape (QuantizedTensor
+  [..., K, N], Int8Rows [..., C], QuantizedActivations [..., K]); plain arrays are cast to
+  dtype."""
   if hasattr(q, "dequantize"):
     return q.dequantize(dtype)
   return jnp.asarray(q, dtype)

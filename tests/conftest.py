@@ -1,39 +1,16 @@
-"""Shared test fixtures: tolerances, random inputs and the golden checkpoint."""
+"""Fixtures and hooks; what test files share otherwise is in helpers.py."""
 
 import os
-import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-GOLDEN_DIR = pathlib.Path(__file__).parent / "data" / "deepseek_v2_tiny"
+from helpers import GOLDEN_DIR
 
 # float32 means float32 on every backend: GPUs otherwise run float32 matmuls as TF32 (~1e-3),
 # which would hide real errors in the float32 parity tests.
 jax.config.update("jax_default_matmul_precision", "highest")
-
-# ‖out − ref‖ / ‖ref‖ bounds per compute dtype (METHOD.md's ranges for each precision).
-RTOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
-
-
-def rel_err(x, ref) -> float:
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  assert np.all(np.isfinite(x)), "output has NaN/inf"
-  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
-def run_chunks(attn, x, positions, chunks, max_len=None, cache_dtype=jnp.float32):
-  """Feeds x [B,T,D] to the module in consecutive chunks of the given sizes (e.g. a prefill of
-  n tokens then single-token decode steps: [n, 1, 1, ...]); returns (outputs [B,T,D], cache)."""
-  cache = attn.init_cache(x.shape[0], max_len or x.shape[1], cache_dtype)
-  ys, t = [], 0
-  for n in chunks:
-    y, cache = attn(x[:, t:t + n], positions[:, t:t + n], cache)
-    ys.append(y)
-    t += n
-  return jnp.concatenate(ys, axis=1), cache
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,6 +2,7 @@
 the module jits, differentiates and bridges to Linen, and decode updates the cache in place."""
 
 import dataclasses
+import inspect
 
 import flax.linen as nn
 from flax import traverse_util
@@ -15,7 +16,7 @@ from flax.nnx import bridge
 import mla_jax
 from mla_jax import rope
 from mla_jax.ops import reference
-from conftest import rel_err, run_chunks
+from helpers import rel_err, run_chunks
 import hlo
 
 # A small MLA shape with every feature of V2-Lite (YaRN, K != V) and one with q_lora (V3 style).
@@ -27,7 +28,7 @@ F32_TOL = 2e-5
 
 
 def make(cfg=TINY, mode="absorbed", seed=0, **kw):
-  return mla_jax.MLAttention(cfg, mode, backend="xla", rngs=nnx.Rngs(seed), **kw)
+  return mla_jax.MLAttention(cfg, mode=mode, backend="xla", rngs=nnx.Rngs(seed), **kw)
 
 
 def inputs(rng, cfg, B, T, start=None):
@@ -39,7 +40,7 @@ def inputs(rng, cfg, B, T, start=None):
 def reference_layer(attn, x, positions):
   """Independent float32 forward of one layer: one causal pass, decompressed per-head K/V."""
   cfg, p = attn.cfg, nnx.state(attn, nnx.Param)
-  dense = lambda layer, h: h @ layer["kernel"].value
+  dense = lambda layer, h: h @ layer["weight"][...].T
 
   def rms(h, w):
     return w * h / jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.rms_norm_eps)
@@ -48,15 +49,15 @@ def reference_layer(attn, x, positions):
   if cfg.q_lora_rank is None:
     q = dense(p["q_proj"], x)
   else:
-    q = dense(p["q_b_proj"], rms(dense(p["q_a_proj"], x), p["q_a_layernorm"]["weight"].value))
+    q = dense(p["q_b_proj"], rms(dense(p["q_a_proj"], x), p["q_a_layernorm"]["weight"][...]))
   q = q.reshape(B, T, cfg.num_heads, cfg.qk_head_dim)
   kv = dense(p["kv_a_proj_with_mqa"], x)
-  c_kv = rms(kv[..., :cfg.kv_lora_rank], p["kv_a_layernorm"]["weight"].value)
+  c_kv = rms(kv[..., :cfg.kv_lora_rank], p["kv_a_layernorm"]["weight"][...])
   cos, sin = rope.rope_tables(cfg, positions)
   q_rope = rope.apply_rope(q[..., cfg.qk_nope_head_dim:], cos[:, :, None], sin[:, :, None])
   k_rope = rope.apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin)
-  k_nope = jnp.einsum("btc,hkc->bthk", c_kv, p["kv_b_proj"]["wk_b"].value)
-  v = jnp.einsum("btc,hcv->bthv", c_kv, p["kv_b_proj"]["wv_b"].value)
+  k_nope = jnp.einsum("btc,hkc->bthk", c_kv, p["kv_b_proj"]["wk_b"][...])
+  v = jnp.einsum("btc,hcv->bthv", c_kv, p["kv_b_proj"]["wv_b"][...])
   k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3],
                                                                      cfg.qk_rope_head_dim))], -1)
   slots = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -140,18 +141,19 @@ def test_prefill_gradients_match_reference(mode, rng):
   want = nnx.grad(reference_loss, argnums=(0, 1))(attn, x)
   assert rel_err(got[1], want[1]) < 1e-4
   for (path, g), (_, w) in zip(nnx.to_flat_state(got[0]), nnx.to_flat_state(want[0])):
-    assert rel_err(g.value, w.value) < 1e-4, path
+    assert rel_err(g[...], w[...]) < 1e-4, path
 
 
 def test_drops_into_linen_through_bridge(rng):
   class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, cache):
-      y, cache = bridge.to_linen(mla_jax.MLAttention, TINY, "absorbed", "xla")(x, positions, cache)
+      attn = bridge.to_linen(mla_jax.MLAttention, TINY, mode="absorbed", backend="xla")
+      y, cache = attn(x, positions, cache)
       return x + y, cache
 
   x, pos = inputs(rng, TINY, 2, 5)
-  cache = make().init_cache(2, 8, jnp.float32)
+  cache = mla_jax.init_cache(TINY, 2, 8, mode="absorbed", dtype=jnp.float32)
   block = Block()
   variables = block.init(jax.random.key(1), x, pos, cache)
   out, _ = block.apply(variables, x, pos, cache)
@@ -161,7 +163,7 @@ def test_drops_into_linen_through_bridge(rng):
     param = attn
     for name in path:
       param = getattr(param, name)
-    param.value = value
+    param[...] = value
   assert rel_err(out - x, reference_layer(attn, x, pos)) < F32_TOL
 
 
@@ -177,6 +179,37 @@ def test_decode_updates_cache_in_place(mode, rng):
     _, cache = step(x, pos + t, cache)
   assert [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(cache)] == buffers
   np.testing.assert_array_equal(cache.lengths, [6, 6])
+
+
+def test_jit_step_follows_parameter_updates(rng):
+  """jit_step reads the module's Variables at every call: in-place writes show (a dtype change
+  recompiles); a replaced submodule does not, as its docstring says (build a new step)."""
+  attn = make()
+  step = mla_jax.jit_step(attn)
+  x, pos = inputs(rng, TINY, 2, 3)
+
+  def jitted_and_eager():
+    jitted, _ = step(x, pos, attn.init_cache(2, 4, jnp.float32))
+    eager, _ = attn(x, pos, attn.init_cache(2, 4, jnp.float32))
+    assert rel_err(jitted, eager) < F32_TOL
+    return jitted
+
+  before = jitted_and_eager()
+  attn.o_proj.weight[...] = 2 * attn.o_proj.weight[...]
+  assert rel_err(jitted_and_eager(), 2 * before) < F32_TOL
+  nnx.update(attn, nnx.state(make(seed=1), nnx.Param))
+  assert rel_err(jitted_and_eager(), before) > 0.1
+  attn.kv_b_proj.set_weight_format("bf16")
+  assert attn.kv_b_proj.wk_b[...].dtype == jnp.bfloat16
+  followed = jitted_and_eager()
+
+  attn.o_proj = nnx.Linear(TINY.num_heads * TINY.v_head_dim, TINY.hidden_size, use_bias=False,
+                           rngs=nnx.Rngs(2))
+  stale, _ = step(x, pos, attn.init_cache(2, 4, jnp.float32))
+  np.testing.assert_array_equal(stale, followed)
+  fresh, _ = mla_jax.jit_step(attn)(x, pos, attn.init_cache(2, 4, jnp.float32))
+  eager, _ = attn(x, pos, attn.init_cache(2, 4, jnp.float32))
+  assert rel_err(fresh, eager) < F32_TOL and rel_err(fresh, stale) > 0.1
 
 
 def compiled_decode_step(rng, mode, batch, max_len, cache_dtype=jnp.float32):
@@ -276,11 +309,67 @@ def test_bad_inputs_raise_value_error(bad, rng):
 
 def test_bad_construction_raises_value_error():
   with pytest.raises(ValueError, match="mode"):
-    mla_jax.MLAttention(TINY, "latent", rngs=nnx.Rngs(0))
+    mla_jax.MLAttention(TINY, mode="latent", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="backend"):
-    mla_jax.MLAttention(TINY, "absorbed", "tpu", rngs=nnx.Rngs(0))
+    mla_jax.MLAttention(TINY, mode="absorbed", backend="tpu", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="int8"):
     make(mode="standard").init_cache(1, 8, jnp.int8)
+  with pytest.raises(TypeError):  # mode and backend are keyword-only
+    mla_jax.MLAttention(TINY, "absorbed", rngs=nnx.Rngs(0))
+
+
+def test_signature_shows_the_constructor_arguments():
+  params = inspect.signature(mla_jax.MLAttention).parameters
+  assert list(params)[:3] == ["cfg", "mode", "backend"]
+  assert params["mode"].kind == params["backend"].kind == inspect.Parameter.KEYWORD_ONLY
+  assert params["mode"].default == "absorbed" and params["backend"].default == "auto"
+  assert list(inspect.signature(make()).parameters) == ["x", "positions", "cache"]  # __call__
+  load_params = inspect.signature(mla_jax.load_hf_attention).parameters
+  assert all(load_params[name].kind == inspect.Parameter.KEYWORD_ONLY
+             for name in ("mode", "dtype", "backend", "weight_format", "gemv_lowering"))
+
+
+@pytest.mark.parametrize("mode,dtype", [("absorbed", jnp.float32), ("absorbed", jnp.bfloat16),
+                                        ("absorbed", jnp.int8), ("standard", jnp.float32),
+                                        ("standard", jnp.bfloat16)])
+def test_init_cache_from_config_equals_the_modules(mode, dtype):
+  B, S, cfg = 3, 10, TINY_QLORA
+  cache = mla_jax.init_cache(cfg, B, S, mode=mode, dtype=dtype)
+  want = make(cfg, mode).init_cache(B, S, dtype)
+  assert type(cache) is type(want)
+  assert jax.tree.structure(cache) == jax.tree.structure(want)
+  for got, expected in zip(jax.tree.leaves(cache), jax.tree.leaves(want)):
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
+  assert (cache.batch_size, cache.max_len) == (B, S)
+  np.testing.assert_array_equal(cache.lengths, np.zeros(B, np.int32))
+  H, K, R, C, V = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, \
+      cfg.v_head_dim
+  if mode == "absorbed":
+    assert isinstance(cache, mla_jax.LatentCache)
+    assert cache.c_kv.shape == (B, S, C) and cache.k_rope.shape == (B, S, R)
+    assert isinstance(cache.c_kv, mla_jax.quant.Int8Rows) == (dtype == jnp.int8)
+  else:
+    assert isinstance(cache, mla_jax.KVCache)
+    assert cache.k.shape == (B, H, S, K + R) and cache.v.shape == (B, H, S, V)
+    assert cache.k.dtype == dtype
+
+
+def test_init_cache_default_dtype_is_bfloat16():
+  assert mla_jax.init_cache(TINY, 1, 4).c_kv.dtype == jnp.bfloat16
+  assert mla_jax.init_cache(TINY, 1, 4, mode="standard").v.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(batch_size=0), "batch_size"), (dict(max_len=-3), "max_len"),
+    (dict(batch_size=2.5), "batch_size"), (dict(mode="latent"), "mode"),
+    (dict(dtype=jnp.int32), "dtype"), (dict(dtype="no-such-dtype"), "dtype"),
+    (dict(dtype=None), "dtype"), (dict(mode="standard", dtype=jnp.int8), "dtype=int8")])
+def test_init_cache_bad_arguments_are_named(kwargs, name):
+  args = dict(batch_size=2, max_len=8, mode="absorbed", dtype=jnp.float32) | kwargs
+  with pytest.raises(ValueError, match=name):
+    mla_jax.init_cache(TINY, args["batch_size"], args["max_len"], mode=args["mode"],
+                       dtype=args["dtype"])
 
 
 def test_bfloat16_modes_agree_with_float32(rng):

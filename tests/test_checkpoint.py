@@ -11,7 +11,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import mla_jax
-from conftest import GOLDEN_DIR, rel_err
+from helpers import GOLDEN_DIR, rel_err
 
 LAYER = "model.layers.0.self_attn."
 
@@ -20,12 +20,12 @@ def hf_tensors(attn):
   """Independent statement of transformers' layout: Linear weights [out, in]; kv_b_proj rows
   head-major, each head's K key rows then its V value rows, columns over C."""
   p = nnx.state(attn, nnx.Param)
-  linear = lambda name: np.asarray(p[name]["kernel"].value).T
-  wk_b = np.asarray(p["kv_b_proj"]["wk_b"].value)                        # [H,K,C]
-  wv_b = np.asarray(p["kv_b_proj"]["wv_b"].value).transpose(0, 2, 1)     # [H,V,C]
+  linear = lambda name: np.asarray(p[name]["weight"][...])
+  wk_b = np.asarray(p["kv_b_proj"]["wk_b"][...])                        # [H,K,C]
+  wv_b = np.asarray(p["kv_b_proj"]["wv_b"][...]).transpose(0, 2, 1)     # [H,V,C]
   out = {
       "kv_a_proj_with_mqa.weight": linear("kv_a_proj_with_mqa"),
-      "kv_a_layernorm.weight": np.asarray(p["kv_a_layernorm"]["weight"].value),
+      "kv_a_layernorm.weight": np.asarray(p["kv_a_layernorm"]["weight"][...]),
       "kv_b_proj.weight": np.concatenate([wk_b, wv_b], axis=1).reshape(-1, wk_b.shape[-1]),
       "o_proj.weight": linear("o_proj"),
   }
@@ -33,7 +33,7 @@ def hf_tensors(attn):
     out["q_proj.weight"] = linear("q_proj")
   else:
     out["q_a_proj.weight"] = linear("q_a_proj")
-    out["q_a_layernorm.weight"] = np.asarray(p["q_a_layernorm"]["weight"].value)
+    out["q_a_layernorm.weight"] = np.asarray(p["q_a_layernorm"]["weight"][...])
     out["q_b_proj.weight"] = linear("q_b_proj")
   return {LAYER + k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
@@ -78,8 +78,8 @@ def test_golden_checkpoint_round_trips_through_hf_layout():
 def test_weight_format_on_load():
   loaded = mla_jax.load_hf_attention(GOLDEN_DIR, 0)
   bf16 = mla_jax.load_hf_attention(GOLDEN_DIR, 0, weight_format="bf16")
-  assert bf16.kv_b_proj.wk_b.value.dtype == bf16.kv_b_proj.wv_b.value.dtype == jnp.bfloat16
-  assert bf16.q_proj.kernel.value.dtype == jnp.float32
+  assert bf16.kv_b_proj.wk_b[...].dtype == bf16.kv_b_proj.wv_b[...].dtype == jnp.bfloat16
+  assert bf16.q_proj.weight[...].dtype == jnp.float32
   err = rel_err(outputs(bf16, np.random.default_rng(1)), outputs(loaded, np.random.default_rng(1)))
   assert 0 < err < 2e-2
   # The tiny checkpoint's wk_b contracts over 16 rows: not whole GGML blocks of 32.
@@ -112,7 +112,7 @@ def test_sharded_golden_checkpoint_matches_single_file(tmp_path, rng):
 
 def test_bfloat16_load():
   attn = mla_jax.load_hf_attention(GOLDEN_DIR, 0, dtype=jnp.bfloat16)
-  assert attn.o_proj.kernel.value.dtype == jnp.bfloat16
+  assert attn.o_proj.weight[...].dtype == jnp.bfloat16
 
 
 def test_missing_layer_is_named():

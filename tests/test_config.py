@@ -7,7 +7,7 @@ import math
 import pytest
 
 from mla_jax import MLAConfig
-from conftest import GOLDEN_DIR
+from helpers import GOLDEN_DIR
 
 # deepseek-ai/DeepSeek-V2-Lite config.json (transformers 4.x spelling).
 V2_LITE_HF = {

@@ -1,13 +1,14 @@
-"""The XLA CPU shard path (ops/decode_cpu.py) against the float32 reference."""
+"""The XLA CPU shard path (ops/decode/cpu.py) against the float32 reference."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import RTOL, rel_err
+from helpers import RTOL, rel_err
 from mla_jax import ops, quant
-from mla_jax.ops import decode_cpu
+from mla_jax.ops import decode
+from mla_jax.ops.decode import cpu
 
 FORMATS = ("bfloat16", "float16", "float32", "int8")
 
@@ -47,8 +48,8 @@ def test_matches_reference_ragged(rng, fmt, S, shard_size):
   lengths = [S, 0, int(rng.integers(1, S)), shard_size + 1 if shard_size < S else 1]
   args = _inputs(rng, fmt, B, H, S, C, R, lengths)
   sm_scale = float(rng.uniform(0.05, 0.2))
-  out, lse = ops.mla_decode(*args, sm_scale=sm_scale, impl="cpu", shard_size=shard_size,
-                            shards_per_step=2)
+  out, lse = ops.mla_decode(*args, sm_scale=sm_scale, impl="cpu",
+                            tuning=cpu.ShardTuning(shard_size, shards_per_step=2))
   _check(args, out, lse, fmt, sm_scale)
 
 
@@ -57,8 +58,8 @@ def test_default_shard_size_several_steps(rng, fmt):
   """The heuristic's sizes with an S that spans several steps and is no multiple of a shard,
   under jit with traced lengths; the loop stops at the longest row."""
   B, H, C, R = 2, 8, 128, 32
-  shard = decode_cpu.default_shard_size(H, C, R, jnp.dtype(fmt))
-  step = shard * decode_cpu.default_shards_per_step(shard, C, R, jnp.dtype(fmt))
+  shard = cpu.default_shard_size(H, C, R, jnp.dtype(fmt))
+  step = shard * cpu.default_shards_per_step(shard, C, R, jnp.dtype(fmt))
   S = 2 * step + shard // 2 + 3
   lengths = [S - 1, int(rng.integers(shard, 2 * shard))]
   args = _inputs(rng, fmt, B, H, S, C, R, lengths)
@@ -72,28 +73,27 @@ def test_default_shard_size_several_steps(rng, fmt):
 def test_shards_per_step_do_not_change_the_result(rng):
   S = 300
   args = _inputs(rng, "float32", 2, 4, S, 64, 16, [S, 123])
-  outs = [decode_cpu.mla_decode(*args, sm_scale=0.1, shard_size=32, shards_per_step=n)
-          for n in (1, 3)]
+  outs = [cpu.mla_decode(*args, sm_scale=0.1, tuning=cpu.ShardTuning(32, n)) for n in (1, 3)]
   for out, lse in outs:
     _check(args, out, lse, "float32", 0.1)
 
 
 def test_shard_size_heuristic_is_cache_aware():
-  sizes = {d: decode_cpu.default_shard_size(16, 512, 64, jnp.dtype(d))
+  sizes = {d: cpu.default_shard_size(16, 512, 64, jnp.dtype(d))
            for d in ("float32", "float16", "bfloat16", "int8")}
   assert sizes["float32"] < sizes["bfloat16"] and sizes["int8"] == sizes["bfloat16"]
   for d, size in sizes.items():
-    itemsize = decode_cpu.compute_dtype(d).itemsize
+    itemsize = cpu.compute_dtype(d).itemsize
     row = (512 + 64) * itemsize + 16 * (8 + itemsize)
     assert size & (size - 1) == 0
-    assert size * row <= decode_cpu.L2_FILL * decode_cpu.L2_BYTES < 2 * size * row
+    assert size * row <= cpu.L2_FILL * cpu.L2_BYTES < 2 * size * row
 
 
 def test_bad_arguments_raise(rng):
   args = _inputs(rng, "float32", 2, 4, 40, 64, 16, [40, 3])
   with pytest.raises(ValueError, match="shard_size"):
-    decode_cpu.mla_decode(*args, sm_scale=0.1, shard_size=0)
+    cpu.ShardTuning(shard_size=0, shards_per_step=1)
   with pytest.raises(ValueError, match="shards_per_step"):
-    decode_cpu.mla_decode(*args, sm_scale=0.1, shards_per_step=0)
+    cpu.ShardTuning(shard_size=64, shards_per_step=0)
   with pytest.raises(ValueError, match="k_rope"):
-    decode_cpu.mla_decode(*args[:3], args[3][:, :-1], args[4], sm_scale=0.1)
+    decode.mla_decode(*args[:3], args[3][:, :-1], args[4], sm_scale=0.1, impl="cpu")

@@ -1,5 +1,7 @@
-"""The experiment runner on a tiny MLA stack: end to end through the CLI, the table/JSON/plot it
-writes, the correctness gate (a perturbed implementation must fail it) and unavailable kernels."""
+"""The experiment runner: the tg sweep on a tiny MLA stack end to end through the CLI (the table,
+JSON and plot it writes, the correctness gate that a perturbed implementation must fail,
+unavailable kernels), the kernel benchmarks on a CPU in interpret mode, the help text, the shared
+harness and publishing results into a README."""
 
 import json
 import os
@@ -14,8 +16,8 @@ import numpy as np
 import pytest
 
 from configs import tg_sweep
-from experiments import model, report, sweep
-from experiments.timing import Progress
+from experiments import EXPERIMENTS, config_doc, harness, model, publish, report, sweep
+from experiments.progress import Progress
 from mla_jax import MLAttention
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -55,7 +57,8 @@ def rows_by(results):
 
 def parse_table(text):
   """First markdown table of text -> (header, rows) with cells stripped."""
-  lines = [l for l in text.split("\n\n")[0].splitlines() if l.startswith("|")]
+  blocks = [b for b in text.split("\n\n") if b.lstrip().startswith("|")]
+  lines = [l for l in blocks[0].splitlines() if l.startswith("|")]
   split = lambda l: [c.strip() for c in l.strip("|").split("|")]
   assert set(lines[1].replace("|", "").split()) <= {"---", "---:"}
   return split(lines[0]), [split(l) for l in lines[2:]]
@@ -66,16 +69,24 @@ def test_cli_end_to_end_writes_table_json_plot(tmp_path):
   cmd = [sys.executable, "-m", "experiments.main", "--config=configs/tg_sweep.py",
          "--config.num_layers=2", f"--config.mla_overrides={TINY}",
          "--config.prompt_lengths=(8,20)", "--config.n_gen=3", "--config.reps=2",
-         "--config.impls=standard/xla,absorbed/xla", "--config.compare=absorbed/xla vs standard/xla",
+         "--config.impls=standard/xla,absorbed/xla",
+         "--config.compare=absorbed/xla vs standard/xla",
          "--config.prefill_chunk=8", f"--workdir={workdir}"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  # JAX_PLATFORMS unset, so that jax probes for a TPU as it does for a user.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "tg3@pp20" in proc.stdout and "elapsed" in proc.stdout  # table and progress printed
+  assert "backend 'tpu'" not in proc.stdout + proc.stderr  # the TPU probe's log line is dropped
+  assert f"written: {workdir / 'tg_sweep.json'}" in proc.stdout  # says where it wrote
 
-  results = json.loads((workdir / "results.json").read_text())
-  assert results["status"] == "complete"
-  assert results["environment"]["device_kind"] and results["environment"]["jax"]
+  results = json.loads((workdir / "tg_sweep.json").read_text())
+  assert (results["name"], results["kind"], results["status"]) == ("tg_sweep", "tg_sweep",
+                                                                   "complete")
+  env = results["environment"]
+  assert env["device_kind"] and env["jax"] and env["jaxlib"] and env["flax"] and env["python"]
+  assert env["command"].startswith("python -m experiments.main --config=configs/tg_sweep.py")
+  assert env["git_commit"] and env["started_utc"]
   assert results["config"]["mla_overrides"] == TINY and results["mla_config"]["num_heads"] == 2
   cells = rows_by(results)
   for n in (8, 20):
@@ -87,7 +98,9 @@ def test_cli_end_to_end_writes_table_json_plot(tmp_path):
       assert row["pp_tps"] > 0
   assert results["implementations"]["absorbed/xla"]["gate_rel_err"] < 1e-3
 
-  header, table = parse_table((workdir / "table.md").read_text())
+  text = (workdir / "tg_sweep.md").read_text()
+  assert env["command"] in text and env["device_name"] in text  # the run above its table
+  header, table = parse_table(text)
   assert header == ["model", "test", "t/s (standard/xla)", "t/s (absorbed/xla)", "Speedup"]
   assert [r[1] for r in table] == ["tg3@pp8", "tg3@pp20"]
   for (n, std_cell, abs_cell, speedup), n_expected in zip([r[1:] for r in table], (8, 20)):
@@ -95,12 +108,13 @@ def test_cli_end_to_end_writes_table_json_plot(tmp_path):
     assert mean == pytest.approx(cells[(n_expected, "absorbed/xla")]["tg_tps_mean"], rel=1e-2)
     assert float(speedup) == pytest.approx(mean / float(std_cell.split("±")[0]), rel=2e-2)
 
-  image = matplotlib.image.imread(workdir / "plot.png")
+  image = matplotlib.image.imread(workdir / "tg_sweep.png")
   assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
 def test_gate_rejects_a_wrong_implementation(tmp_path, monkeypatch):
-  monkeypatch.setitem(model.LAYERS, "perturbed", lambda cfg, **kw: Perturbed(cfg, "absorbed", **kw))
+  monkeypatch.setitem(model.LAYERS, "perturbed",
+                      lambda cfg, **kw: Perturbed(cfg, mode="absorbed", **kw))
   config = tiny_config(impls="standard/xla,absorbed/xla,perturbed/xla",
                        compare="absorbed/xla vs standard/xla,perturbed/xla vs standard/xla")
   results = sweep.run(config, str(tmp_path), "tiny")
@@ -112,15 +126,15 @@ def test_gate_rejects_a_wrong_implementation(tmp_path, monkeypatch):
   info = results["implementations"]["perturbed/xla"]
   assert info["state"] == "failed" and info["gate_rel_err"] > info["gate_rtol"]
   assert results["implementations"]["absorbed/xla"]["gate_rel_err"] < info["gate_rtol"]
-  header, table = parse_table((tmp_path / "table.md").read_text())
+  header, table = parse_table((tmp_path / "tiny.md").read_text())
   column = header.index("t/s (perturbed/xla)")
   assert [r[column] for r in table] == ["failed", "failed"]
-  assert "perturbed/xla: failed; gate rel err" in (tmp_path / "table.md").read_text()
+  assert "perturbed/xla: failed; gate rel err" in (tmp_path / "tiny.md").read_text()
 
 
 def test_missing_kernel_and_unknown_option_are_reported_not_timed(tmp_path, monkeypatch):
   monkeypatch.setitem(model.LAYERS, "unwritten",
-                      lambda cfg, **kw: Unimplemented(cfg, "absorbed", **kw))
+                      lambda cfg, **kw: Unimplemented(cfg, mode="absorbed", **kw))
   config = tiny_config(impls="standard/xla,unwritten/xla,absorbed/xla:no_such_option=1",
                        compare="unwritten/xla vs standard/xla", prompt_lengths=(8,))
   results = sweep.run(config, str(tmp_path), "tiny")
@@ -149,7 +163,7 @@ def test_time_budget_skips_long_prompts(tmp_path):
   cells = rows_by(results)
   assert cells[(8, "standard/xla")]["status"] == "ok"
   assert cells[(1 << 20, "standard/xla")]["status"] == "skipped"
-  assert "skipped: time budget" in (tmp_path / "table.md").read_text()
+  assert "skipped: time budget" in (tmp_path / "tiny.md").read_text()
 
 
 def test_implementation_specs_and_pairs_parse():
@@ -187,5 +201,202 @@ def test_progress_predicts_prefill_quadratic_and_decode_linear():
 def test_gate_tolerance_follows_the_least_precise_dtype(dtype, cache, key):
   config = tiny_config(dtype=dtype)
   impl = model.Implementation.parse(f"absorbed/xla:cache={cache}", "float32")
-  assert sweep._gate_rtol(config, impl) == (key, config.gate_rtol[key])  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  assert sweep._gate_rtol(config, impl) == (key, config.gate_rtol[key])
   assert jnp.dtype(key)  # every key names a dtype
+
+
+def run_cli(*args, timeout=600):
+  proc = subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  return proc
+
+
+KERNEL_RUNS = {
+    "decode_kernels": ["--config.heads=(16,)", "--config.shapes=((2,64),)",
+                       "--config.interpret=True", "--config.reps=1", "--config.trials=1",
+                       "--config.min_trial_s=0", "--config.profile_runs=1",
+                       "--config.rotate_bytes=1"],
+    "batched_gemv": ["--config.heads=(2,)", "--config.batch_sizes=(1,)",
+                     "--config.products=((128,64),)", "--config.weight_formats=(\"q8_0\",)",
+                     "--config.timed=(\"pallas\",\"pallas_int8\",\"fma32\")",
+                     "--config.interpret=True", "--config.warmup=1", "--config.iters=1",
+                     "--config.repeats=1", "--config.rotate_bytes=1", "--config.max_chain=2",
+                     "--config.decode_len=32"],
+    "cpu_decode": ["--config.seq_lens=(128,)", "--config.formats=(\"bfloat16\",\"int8\")",
+                   "--config.seconds_per_case=0", "--config.min_rounds=1",
+                   "--config.partial_fills=((256,64),)", "--config.rotate_bytes=1",
+                   "--config.bandwidth_bytes=1048576", "--config.gemm_size=64"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_RUNS))
+def test_kernel_benchmark_runs_on_cpu_through_the_runner(name, tmp_path):
+  """Each benchmark config runs end to end on a CPU with the tiniest shapes (the Pallas kernels in
+  interpret mode): correct outputs, the kernel each variant ran, tables and goals written."""
+  proc = run_cli(f"--config=configs/{name}.py", *KERNEL_RUNS[name], f"--workdir={tmp_path}")
+  results = json.loads((tmp_path / f"{name}.json").read_text())
+  assert results["status"] == "complete" and results["rows"]
+  assert results["environment"]["command"] in (tmp_path / f"{name}.md").read_text()
+  assert f"written: {tmp_path / name}.json" in proc.stdout
+  text = (tmp_path / f"{name}.md").read_text()
+  assert "| goal | target | measured | holds? |" in text
+  rows = results["rows"]
+  if name == "decode_kernels":
+    assert [r["format"] for r in rows] == ["bf16", "int8"]
+    for r in rows:
+      assert "error" not in json.dumps(r), r
+      assert r["xla_plan"] == "xla" and r["pallas_plan"].startswith("pallas/triton")
+      assert r["pallas_rel_err"] < 2e-2 and r["xla_rel_err"] < 2e-2 and r["pallas_us"] > 0
+  elif name == "batched_gemv":
+    assert [r["path"] for r in rows] == ["xla", "pallas", "pallas_int8", "fma32"]
+    for r in rows:
+      assert "error" not in r, r
+      assert r["ok"] and r["us"] > 0 and r["kernels"] >= 1
+    fma = next(r for r in rows if r["path"] == "fma32")
+    assert "block_n=32" in fma["plan"] and "dot=False" in fma["plan"]
+    step = {r["path"]: r for r in results["decode_step"]}
+    assert set(step) == {"xla", "xla_gemv+pallas_decode", "fused_gemv+pallas_decode"}
+    assert all(r["rel_err"] < 2e-2 and "error" not in r for r in step.values())
+  else:
+    assert len(rows) == 2 and len(results["partial_fills"]) == 1
+    for r in rows + results["partial_fills"]:
+      assert max(r[f"{i}_rel_err"] for i in ("einsum", "head_parallel", "shard")) < 2e-2
+      assert r["plan"].startswith("cpu") and r["shard_ms"] > 0
+    assert (tmp_path / "cpu_decode.png").exists()
+
+
+def test_help_lists_config_fields_with_their_comments():
+  proc = subprocess.run([sys.executable, "-m", "experiments.main", "--helpfull",
+                         "--config=configs/tg_sweep_gpu.py"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=60)
+  text = proc.stdout
+  assert "--config.prompt_lengths" in text
+  assert "pp: prompt lengths N, one table row each" in text  # inherited from configs/tg_sweep.py
+  assert "attention layers in the stack (all of V2-Lite's)" in text  # its own comment
+  assert "layer/backend[:key=value...]" in text and "absorbed/pallas:cache=int8" in text
+  assert "--publish" in text
+  proc = subprocess.run([sys.executable, "-m", "experiments.main", "--help"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60)
+  for name, what in config_doc.available():
+    assert re.search(rf"configs/{name}\.py +{re.escape(what)}\n", proc.stdout), name
+
+
+def test_every_config_loads_by_path_and_documents_every_field():
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  names = [name for name, _ in config_doc.available()]
+  assert {"tg_sweep", "tg_sweep_gpu", "decode_kernels", "batched_gemv", "cpu_decode"} <= set(names)
+  for name in names:
+    path = str(ROOT / "configs" / f"{name}.py")
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", path, flag_values=values)
+    values(["prog"])
+    config = values.config
+    assert config.kind in EXPERIMENTS, name
+    assert config_doc.title(path), name
+    comments = config_doc.field_comments(path)
+    undocumented = [k for k in config.keys() if not comments.get(k)]
+    assert not undocumented, (name, undocumented)
+    assert "seed" in config, name  # fixed seeds: a rerun draws the same inputs
+
+
+def test_harness_error_rotation_and_goals():
+  ref = np.arange(1.0, 5.0)
+  assert harness.rel_err(ref * (1 + 1e-3), ref) == pytest.approx(1e-3)
+  assert np.isnan(harness.rel_err([1.0, np.nan, 3.0, 4.0], ref))
+  assert harness.num_sets(100, 1000, max_sets=64) == 10
+  assert harness.num_sets(10 ** 9, 1000, min_sets=4, max_sets=64) == 4
+  assert harness.num_sets(1, 10 ** 9, max_sets=64) == 64
+  rows = [{"H": 16, "fmt": "bf16", "path": "xla", "us": 4.0},
+          {"H": 16, "fmt": "bf16", "path": "pallas", "us": 2.0},
+          {"H": 16, "fmt": "q8_0", "path": "xla", "us": 9.0},
+          {"H": 16, "fmt": "q8_0", "path": "pallas", "us": 3.0}]
+  speedup = "min(other(r, path='xla')['us'] / r['us'] for r in rows(path='pallas'))"
+  assert harness.goal_value(speedup, rows, keys=("H", "fmt")) == 2.0
+  goals = [("a", "worst speedup", speedup, ">=", 2.0),
+           ("b", "q8_0 time", "row(fmt='q8_0', path='pallas')['us']", "<=", 2.5),
+           ("c", "absent", "row(fmt='iq4_nl', path='pallas')['us']", "<=", 1.0)]
+  _, table = parse_table(harness.goals_table(goals, rows, keys=("H", "fmt")))
+  assert [r[2:] for r in table] == [["2", "yes"], ["3", "no"], ["not in this run", "-"]]
+
+
+def test_timer_measures_wall_time_per_call_over_rotated_sets():
+  sets = harness.copies((jnp.ones((64, 64)),), 3)
+  calls = []
+  fn = lambda a: calls.append(1) or a @ a  # traced once per set of the fused call
+  timer = harness.Timer(fn, sets, ordered=True)
+  assert timer.calls_per_run == 3 and len(calls) == 3
+  us, samples = timer.wall(reps=2, trials=3)
+  assert len(samples) == 3 and us == sorted(samples)[1] and us > 0
+  assert timer.device() is None or jax_backend() == "gpu"
+  single = harness.Timer(lambda a: a + 1, sets, fused=False)
+  got = harness.interleave({"x": single, "y": harness.Timer(lambda a: a * 2, sets, fused=False)},
+                           rounds=2, calls_per_block=3)
+  assert {k: len(v) for k, v in got.items()} == {"x": 6, "y": 6}
+
+
+def jax_backend():
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.default_backend()
+
+
+def test_plan_variant_overrides_the_planned_tuning():
+  from mla_jax import ops  # pylint: disable=import-outside-toplevel
+  args = (jax_struct((1, 4, 64)), jax_struct((1, 4, 16)), jax_struct((1, 512, 64)),
+          jax_struct((1, 512, 16)), jax_struct((1,), jnp.int32))
+  default, _ = harness.plan_variant(ops.decode.plan, args, {"impl": "cpu"})
+  plan, options = harness.plan_variant(ops.decode.plan, args,
+                                       {"impl": "cpu", "tuning": {"shard_size": 64}})
+  assert plan.kernel == "cpu" and plan.tuning.shard_size == 64
+  assert options["tuning"] == plan.tuning
+  assert plan.tuning.shards_per_step == default.tuning.shards_per_step  # the rest as planned
+  with pytest.raises(ValueError, match="Mosaic GPU kernel needs a Hopper GPU"):
+    harness.plan_variant(ops.gemv.plan, (jax_struct((1, 2, 128)), jax_struct((2, 128, 64))),
+                         {"lowering": "mosaic"})
+
+
+def jax_struct(shape, dtype=jnp.bfloat16):
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def test_publish_copies_a_run_and_regenerates_index_and_readme(tmp_path):
+  workdir, results_dir = tmp_path / "run", tmp_path / "results"
+  config = tiny_config(impls="standard/xla,absorbed/xla", compare="absorbed/xla vs standard/xla",
+                       prompt_lengths=(8,), plot=False)
+  results = sweep.run(config, str(workdir), "tg_sweep")
+  readme = tmp_path / "README.md"
+  readme.write_text("# Title\n\nintro\n\n<!-- results:tg_sweep -->\nstale table\n"
+                    "<!-- /results:tg_sweep -->\n\nmiddle\n\n<!-- results:decode_kernels -->\n"
+                    "hand-written, no results file yet\n<!-- /results:decode_kernels -->\nend\n")
+  (results_dir).mkdir()
+  (results_dir / "tg_sweep.png").write_text("a plot of an older run")
+  written = publish.publish(str(workdir), "tg_sweep", str(results_dir), str(readme))
+  assert {os.path.basename(p) for p in written} == {"tg_sweep.json", "tg_sweep.md", "README.md"}
+  assert not (results_dir / "tg_sweep.png").exists()  # this run made none: no stale plot
+  assert json.loads((results_dir / "tg_sweep.json").read_text()) == json.loads(
+      json.dumps(results))
+
+  text = readme.read_text()
+  env = results["environment"]
+  run_line = (f"{env['device_name']}, commit {env['git_commit'][:10]}"
+              f"{' (dirty)' if env['git_dirty'] else ''}, {env['started_utc'][:10]}: "
+              f"`{env['command']}`")
+  assert text.startswith("# Title\n\nintro\n\n<!-- results:tg_sweep -->\n" + run_line + "\n\n|")
+  assert "stale table" not in text and "hand-written, no results file yet" in text
+  assert text.endswith("<!-- /results:decode_kernels -->\nend\n")
+  header, table = parse_table(text)
+  assert header[:4] == ["model", "test", "t/s (standard/xla)", "t/s (absorbed/xla)"]
+  assert [r[1] for r in table] == ["tg3@pp8"]
+  assert publish.update_readme(str(readme), str(results_dir)) == ["tg_sweep"]
+  assert readme.read_text() == text  # regenerating from the JSON changes nothing
+
+  index = (results_dir / "README.md").read_text()
+  _, lines = parse_table(index)
+  assert len(lines) == 1
+  assert lines[0][0] == "[tg_sweep](tg_sweep.md)" and lines[0][2] == f"`{env['command']}`"
+  assert lines[0][3:5] == [env["device_name"], env["started_utc"][:10]]
+  assert lines[0][5].startswith(env["git_commit"][:10])

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 import mla_jax
-from conftest import GOLDEN_DIR, rel_err, run_chunks
+from helpers import GOLDEN_DIR, rel_err, run_chunks
 
 PREFILL = 11  # cases.json: prefill 11 tokens, then 5 decode steps
 
-# Measured parity (float32, CPU): ~3e-7 relative in every case; the bound is the 1e-5.
+# Measured parity (float32, CPU): ~3e-7 relative in every case; the required bound is 1e-5.
 PARITY = 1e-5
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from mla_jax import ops, quant
 from mla_jax.ops import reference
-from conftest import RTOL, rel_err
+from helpers import RTOL, rel_err
 
 B, H, S, C, R = 3, 5, 70, 64, 16
 SCALE = 0.11

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from helpers import rel_err
 from mla_jax import quant
 
 TABLE = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                  np.float32)
-ROUND_TRIP = {"q8_0": 0.007, "iq4_nl": 0.09}  # the bounds, relative RMS on Gaussian data
+ROUND_TRIP = {"q8_0": 0.007, "iq4_nl": 0.09}  # required bounds, relative RMS on Gaussian data
 
 
 def _gaussian(rng, shape, scale=1.0):

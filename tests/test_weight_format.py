@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 
 import mla_jax
-from conftest import RTOL, rel_err, run_chunks
+from helpers import RTOL, rel_err, run_chunks
 from mla_jax import quant
-from mla_jax.ops import decode_gpu, gemv_gpu, gemv_mgpu
+from mla_jax.ops import device
+from mla_jax.ops.gemv import mosaic as gemv_mosaic, triton as gemv_triton
 
 # Contraction axes K (wk_b) and C (wv_b) hold whole GGML blocks of 32; N = C, V powers of two.
 SMALL = dataclasses.replace(mla_jax.MLAConfig.deepseek_v2_lite(), hidden_size=64, num_heads=4,
@@ -37,7 +38,7 @@ def _dequantized_twin(attn):
   graphdef, state = nnx.split(attn)
   twin = nnx.merge(graphdef, state)
   for param in (twin.kv_b_proj.wk_b, twin.kv_b_proj.wv_b):
-    param.value = quant.dequantize(param.value, jnp.float32)
+    param.set_value(quant.dequantize(param.get_value(), jnp.float32))
   return twin
 
 
@@ -45,7 +46,7 @@ def _dequantized_twin(attn):
                                           ("standard", "xla")])
 @pytest.mark.parametrize("fmt", ["bf16", "q8_0", "iq4_nl"])
 def test_quantized_module_matches_dequantized_weights(fmt, mode, backend, rng):
-  attn = mla_jax.MLAttention(SMALL, mode, backend, weight_format=fmt,
+  attn = mla_jax.MLAttention(SMALL, mode=mode, backend=backend, weight_format=fmt,
                              rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   x = jnp.asarray(rng.standard_normal((2, PREFILL + DECODE, SMALL.hidden_size)), jnp.float32)
   positions = jnp.asarray(rng.integers(0, 500, (2, 1)) + np.arange(PREFILL + DECODE), jnp.int32)
@@ -57,14 +58,14 @@ def test_quantized_module_matches_dequantized_weights(fmt, mode, backend, rng):
 def test_pallas_decode_gets_the_quantized_weights(monkeypatch, rng):
   """...and, for wk_b, the whole query [B,H,K+R], whose q_nope columns the kernel reads in place."""
   seen = []
-  kernel = gemv_gpu.batched_gemv
+  kernel = gemv_triton.batched_gemv
 
   def spy(x, w, **kw):
     seen.append((type(w), x.shape[-1]))
     return kernel(x, w, **kw)
 
-  monkeypatch.setattr(gemv_gpu, "batched_gemv", spy)
-  attn = mla_jax.MLAttention(SMALL, "absorbed", "pallas", weight_format="iq4_nl",
+  monkeypatch.setattr(gemv_triton, "batched_gemv", spy)
+  attn = mla_jax.MLAttention(SMALL, mode="absorbed", backend="pallas", weight_format="iq4_nl",
                              rngs=nnx.Rngs(0))
   x = jnp.asarray(rng.standard_normal((1, 1, SMALL.hidden_size)), jnp.float32)
   attn(x, jnp.zeros((1, 1), jnp.int32), attn.init_cache(1, 4, jnp.float32))
@@ -74,11 +75,11 @@ def test_pallas_decode_gets_the_quantized_weights(monkeypatch, rng):
 
 def test_weight_formats_store_what_they_say():
   default = mla_jax.MLAttention(SMALL, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
-  assert default.kv_b_proj.wk_b.value.dtype == jnp.float32
+  assert default.kv_b_proj.wk_b[...].dtype == jnp.float32
   for fmt, ratio in [("bf16", 2), ("q8_0", 4 * 32 / 34), ("iq4_nl", 4 * 32 / 18)]:
     attn = mla_jax.MLAttention(SMALL, weight_format=fmt, rngs=nnx.Rngs(0))
     for name in ("wk_b", "wv_b"):
-      w, w0 = getattr(attn.kv_b_proj, name).value, getattr(default.kv_b_proj, name).value
+      w, w0 = getattr(attn.kv_b_proj, name).get_value(), getattr(default.kv_b_proj, name)[...]
       assert w.shape == w0.shape
       assert w0.nbytes / w.nbytes == pytest.approx(ratio)
       assert rel_err(quant.dequantize(w), w0) <= 0.09
@@ -90,7 +91,8 @@ def test_bad_weight_format_raises():
 
 
 def test_quantized_module_jits(rng):
-  attn = mla_jax.MLAttention(SMALL, "absorbed", "xla", weight_format="q8_0", rngs=nnx.Rngs(0))
+  attn = mla_jax.MLAttention(SMALL, mode="absorbed", backend="xla", weight_format="q8_0",
+                             rngs=nnx.Rngs(0))
   step = mla_jax.jit_step(attn)
   x = jnp.asarray(rng.standard_normal((2, 1, SMALL.hidden_size)), jnp.float32)
   pos = jnp.asarray([[3], [7]], jnp.int32)
@@ -100,19 +102,19 @@ def test_quantized_module_jits(rng):
   assert jax.tree_util.tree_leaves(nnx.state(attn))  # quantized params are plain pytree leaves
 
 
-@pytest.mark.skipif(ON_GPU and not decode_gpu.is_hopper(), reason="Mosaic GPU: Hopper")
+@pytest.mark.skipif(ON_GPU and not device.is_hopper(), reason="Mosaic GPU: Hopper")
 @pytest.mark.parametrize("fmt", ["bf16", "q8_0", "iq4_nl"])
 def test_mosaic_gemv_in_the_module(fmt, monkeypatch, rng):
   """Both decode products run on the Mosaic kernel (interpreted on a CPU), and the module gives
   what backend="xla" gives on the same weights."""
   calls = []
-  kernel = gemv_mgpu.batched_gemv
-  monkeypatch.setattr(gemv_mgpu, "batched_gemv", lambda x, w, **kw: calls.append(w.shape) or
+  kernel = gemv_mosaic.batched_gemv
+  monkeypatch.setattr(gemv_mosaic, "batched_gemv", lambda x, w, **kw: calls.append(w.shape) or
                       kernel(x, w, **kw))
   seed = int(rng.integers(1 << 30))
   make = lambda backend, **kw: mla_jax.MLAttention(
-      MOSAIC, "absorbed", backend, dtype=jnp.bfloat16, weight_format=fmt, rngs=nnx.Rngs(seed),
-      **kw)
+      MOSAIC, mode="absorbed", backend=backend, dtype=jnp.bfloat16, weight_format=fmt,
+      rngs=nnx.Rngs(seed), **kw)
   x = jnp.asarray(rng.standard_normal((2, PREFILL + 1, MOSAIC.hidden_size)), jnp.float32)
   positions = jnp.asarray(rng.integers(0, 500, (2, 1)) + np.arange(PREFILL + 1), jnp.int32)
   chunks = [PREFILL, 1]

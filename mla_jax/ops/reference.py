@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from mla_jax import quant
+from mla_jax.ops.common import causal_visibility
 
 f32 = jnp.float32
 
@@ -62,12 +63,6 @@ def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
   visible = causal_visibility(q_slots, kv_lengths, k.shape[2])[:, :, None, :]
   out, _ = masked_softmax_apply(scores, visible, lambda p: jnp.einsum("bths,bhsv->bthv", p, v))
   return out
-
-
-def causal_visibility(q_slots, kv_lengths, num_slots):
-  """[B,T,S] bool: slot j visible to the query at q_slots[b,t] (see the module docstring)."""
-  j = jnp.arange(num_slots)[None, None, :]
-  return (j < jnp.asarray(kv_lengths)[:, None, None]) & (j <= jnp.asarray(q_slots)[:, :, None])
 
 
 def merge_partials(outs, lses):

@@ -7,10 +7,10 @@ j < kv_lengths[b] and j <= s_q.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from mla_jax import quant
+from mla_jax.ops.common import causal_visibility
 
 f32 = jnp.float32
 
@@ -31,11 +31,6 @@ def _dense(x, dtype):
   return quant.dequantize(x, dtype) if isinstance(x, quant.Int8Rows) else x
 
 
-def _visibility(q_slots, kv_lengths, num_slots):
-  j = jnp.arange(num_slots)[None, None, :]
-  return (j < kv_lengths[:, None, None]) & (j <= q_slots[:, :, None])
-
-
 def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale):
   """Absorbed decode as three einsums over the whole cache; out [B,H,C] in q_latent.dtype."""
   dtype = q_latent.dtype
@@ -54,7 +49,7 @@ def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_
   c_kv = _dense(c_kv, dtype)
   scores = (jnp.einsum("bthc,bsc->bths", q_latent, c_kv, preferred_element_type=f32)
             + jnp.einsum("bthr,bsr->bths", q_rope, k_rope, preferred_element_type=f32)) * sm_scale
-  visible = _visibility(q_slots, kv_lengths, c_kv.shape[1])[:, :, None, :]
+  visible = causal_visibility(q_slots, kv_lengths, c_kv.shape[1])[:, :, None, :]
   p, inv_l, _ = _softmax(scores, visible)
   out = jnp.einsum("bths,bsc->bthc", p.astype(c_kv.dtype), c_kv, preferred_element_type=f32)
   return (out * inv_l).astype(dtype)
@@ -69,7 +64,7 @@ def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
   inputs with an f32 result (DotThunk: BF16 x BF16 = F32).
   """
   dtype = q.dtype
-  visible = _visibility(q_slots, kv_lengths, k.shape[2])[:, None]  # [B,1,T,S]
+  visible = causal_visibility(q_slots, kv_lengths, k.shape[2])[:, None]  # [B,1,T,S]
   if q.shape[1] == 1:
     scores = jnp.einsum("bhd,bhsd->bhs", q[:, 0], k, preferred_element_type=f32)[:, :, None]
   else:

@@ -1,0 +1,121 @@
+"""What every op family shares: the impl names, the plan that a dispatcher reports, the argument
+checks, the causal visibility rule and a few integer and logarithm helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mla_jax import quant
+
+LOG2E = math.log2(math.e)  # softmax in base 2: exp(x) = 2^(x·log2 e)
+LN2 = math.log(2.0)
+
+DECODE_IMPLS = ("reference", "xla", "pallas", "cpu", "auto")
+GEMV_IMPLS = ("reference", "xla", "pallas", "auto")
+# What impl="auto" means on each platform (jax.default_backend()).
+AUTO_DECODE = {"gpu": "pallas", "cpu": "cpu"}
+AUTO_GEMV = {"gpu": "xla", "cpu": "xla"}
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def is_pow2(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def resolve_impl(impl: str, *, allowed=DECODE_IMPLS) -> str:
+  """Maps "auto" to the best implementation for the default backend."""
+  if impl not in allowed:
+    raise ValueError(f"impl={impl!r}; expected one of {allowed}")
+  if impl != "auto":
+    return impl
+  table = AUTO_DECODE if allowed is DECODE_IMPLS else AUTO_GEMV
+  return table.get(jax.default_backend(), "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a dispatcher runs: the impl, the kernel within it ("triton", "mosaic", "mosaic_heads",
+  "mosaic_int8", "cpu", "xla" or "reference") and the kernel's tuning (None for xla and
+  reference)."""
+
+  impl: str
+  kernel: str
+  tuning: object | None = None
+
+  def __str__(self) -> str:
+    name = self.impl if self.kernel == self.impl else f"{self.impl}/{self.kernel}"
+    if self.tuning is None:
+      return name
+    fields = " ".join(f"{f.name}={getattr(self.tuning, f.name)}"
+                      for f in dataclasses.fields(self.tuning))
+    return f"{name} {fields}"
+
+
+def check_tuning(tuning, expected: type, kernel: str):
+  """tuning, if it is an `expected`; a ValueError naming both if it is not."""
+  if not isinstance(tuning, expected):
+    raise ValueError(f"tuning={type(tuning).__name__}: kernel {kernel!r} takes a "
+                     f"{expected.__name__}")
+  return tuning
+
+
+def check_field(tuning, name: str, ok: bool, expected: str):
+  """A tuning dataclass's check of one field: a ValueError naming the field and what it expects."""
+  if not ok:
+    raise ValueError(f"{type(tuning).__name__}.{name}={getattr(tuning, name)!r}: "
+                     f"expected {expected}")
+
+
+def is_positive_int(v) -> bool:
+  return isinstance(v, int) and v >= 1
+
+
+def _shape_error(name, arr, expected):
+  return ValueError(f"{name}.shape={tuple(arr.shape)}; expected {expected}")
+
+
+def check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths):
+  """Validates mla_decode's shapes (arrays, quant.Int8Rows or jax.ShapeDtypeStruct); returns
+  (B, H, S, C, R)."""
+  if len(q_latent.shape) != 3:
+    raise _shape_error("q_latent", q_latent, "[B,H,C]")
+  B, H, C = q_latent.shape
+  if len(q_rope.shape) != 3 or tuple(q_rope.shape[:2]) != (B, H):
+    raise _shape_error("q_rope", q_rope, f"[B,H,R] with B={B}, H={H}")
+  R = q_rope.shape[2]
+  if len(c_kv.shape) != 3 or c_kv.shape[0] != B or c_kv.shape[2] != C:
+    raise _shape_error("c_kv", c_kv, f"[B,S,C] with B={B}, C={C}")
+  S = c_kv.shape[1]
+  if tuple(k_rope.shape) != (B, S, R):
+    raise _shape_error("k_rope", k_rope, f"[B,S,R]=({B}, {S}, {R})")
+  if tuple(lengths.shape) != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths.shape={tuple(lengths.shape)} dtype={lengths.dtype}; "
+                     f"expected [B]=({B},) integer")
+  return B, H, S, C, R
+
+
+def check_gemv_args(x, w):
+  """Validates batched_gemv's shapes: x [B,H,K'] and w [H,K,N] with K <= K'."""
+  if len(x.shape) != 3:
+    raise _shape_error("x", x, "[B,H,K'] (K' >= K of w)")
+  if len(w.shape) != 3 or w.shape[0] != x.shape[1] or w.shape[1] > x.shape[2]:
+    raise _shape_error("w", w, f"[H,K,N] with H={x.shape[1]} and K <= {x.shape[2]}")
+
+
+def cache_dtype(c_kv):
+  """int8 for a quant.Int8Rows cache, else the array's dtype."""
+  return jnp.dtype(jnp.int8 if isinstance(c_kv, quant.Int8Rows) else c_kv.dtype)
+
+
+def causal_visibility(q_slots, kv_lengths, num_slots):
+  """[B,T,S] bool: key slot j is visible to the query at cache slot q_slots[b,t] iff
+  j < kv_lengths[b] and j <= q_slots[b,t]."""
+  j = jnp.arange(num_slots)[None, None, :]
+  return (j < jnp.asarray(kv_lengths)[:, None, None]) & (j <= jnp.asarray(q_slots)[:, :, None])

@@ -1,0 +1,218 @@
+"""Absorbed MLA decode for XLA CPU: split-KV over cache shards, each shard's work as GEMMs.
+
+FlashDecoding (Dao et al. 2023) splits along the cache instead of along the heads: every query
+head reads the same latent cache (DeepSeek-V2 §2.1 absorption makes decode multi-query), so one
+shard of S_p cache rows serves all H heads with GEMMs,
+
+  scores [H,S_p] = q_latent [H,C]·c_kvᵀ [C,S_p] + q_rope [H,R]·k_ropeᵀ [R,S_p]
+  o_p    [H,C]   = softmax(scores) [H,S_p]·c_kv [S_p,C],
+
+and returns (o_p, lse_p); `ops.merge_partials` combines the shards. A loop visits the cache in
+steps of several shards, `jax.vmap`-ed over the shards, so each step's batched GEMMs spread the
+shards over the cores. A step first copies its rows into one buffer (XLA's dynamic-slice; the
+int8→bfloat16 and float16→float32 casts fuse into that copy) that both products then read from
+cache. Steps past the longest row are skipped (`lax.cond`): an empty tail of the cache is never
+read.
+
+What XLA CPU makes of it (jax 0.11): every dot is a YNNPACK fusion; the whole-cache einsum
+(impl="xla") computes its value product [H,S]·[S,C] as one GEMM with a K=S reduction, which gets
+slower per FLOP as S grows, while the per-shard GEMMs keep K = S_p. See docs/cpu_decode.md.
+
+Sizes (ShardTuning, from `default_shard_size` and `default_shards_per_step`): a shard's working
+set (its rows in the compute dtype plus its [H,S_p] scores and probabilities) fits in L2_FILL of
+one core's L2; a step's rows fit in L3_FILL of the L3. Few large steps are faster than many small ones: each
+step's GEMMs end with the cores waiting for each other.
+
+A quant.Int8Rows cache is cast to bfloat16 per step (exact: |q| <= 127) and its per-token scale
+multiplies the scores and the probabilities, so no dequantized copy of the cache is ever made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mla_jax import quant
+from mla_jax.ops.common import check_field, is_positive_int
+from mla_jax.ops.merge import merge_partials
+
+f32 = jnp.float32
+MASK_VALUE = -jnp.inf
+
+L2_FILL = 0.75  # share of one core's L2 that a shard's working set may take
+L3_FILL = 0.25  # share of the shared L3 that one loop step's rows may take
+MIN_SHARD, MAX_SHARD = 64, 4096
+
+
+def _cache_bytes(index: int, fallback: int) -> int:
+  """Size of cache level `index` of cpu0 from sysfs (Linux: 2 is L2, 3 is L3), else fallback."""
+  try:
+    with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size", encoding="ascii") as f:
+      text = f.read().strip()
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+    return int(text.rstrip("KM")) * scale
+  except (OSError, ValueError):
+    return fallback
+
+
+L2_BYTES = _cache_bytes(2, 1 << 20)
+L3_BYTES = _cache_bytes(3, 8 << 20)
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTuning:
+  """How the cache is cut: shards of shard_size rows (S_p), shards_per_step of them per loop step.
+  A cache of at most shard_size·shards_per_step rows runs as one shard of all its rows."""
+
+  shard_size: int
+  shards_per_step: int
+
+  def __post_init__(self):
+    check_field(self, "shard_size", is_positive_int(self.shard_size), "an integer >= 1")
+    check_field(self, "shards_per_step", is_positive_int(self.shards_per_step), "an integer >= 1")
+
+
+def compute_dtype(cache_dtype):
+  """The dtype a shard's rows are cast to: YNNPACK has bfloat16 and float32 GEMMs, not int8 ×
+  bfloat16 or float16 ones."""
+  cache_dtype = jnp.dtype(cache_dtype)
+  if cache_dtype == jnp.int8:
+    return jnp.dtype(jnp.bfloat16)
+  if cache_dtype == jnp.float16:
+    return jnp.dtype(f32)
+  return cache_dtype
+
+
+def _pow2_floor(x: float) -> int:
+  return 1 << max(0, int(x).bit_length() - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def default_shard_size(num_heads: int, kv_lora_rank: int, rope_dim: int, cache_dtype) -> int:
+  """Largest power of two S_p with S_p·(bytes of one row's working set) <= L2_FILL·L2_BYTES.
+
+  A row's working set: its c_kv and k_rope in the compute dtype plus H float32 scores, H float32
+  and H compute-dtype probabilities. bfloat16 and int8 caches give 512 rows on a 1 MiB L2,
+  float32 and float16 ones 256.
+  """
+  itemsize = compute_dtype(cache_dtype).itemsize
+  row = (kv_lora_rank + rope_dim) * itemsize + num_heads * (4 + 4 + itemsize)
+  return max(MIN_SHARD, min(MAX_SHARD, _pow2_floor(L2_FILL * L2_BYTES / row)))
+
+
+@functools.lru_cache(maxsize=None)
+def default_shards_per_step(shard_size: int, kv_lora_rank: int, rope_dim: int,
+                            cache_dtype) -> int:
+  """Largest power of two g (at least CORES) with g·shard_size rows in the compute dtype within
+  L3_FILL of L3: few, large steps (each step's GEMMs synchronise the cores) whose rows still stay
+  in L3 between the two products. 8 shards of 512 bfloat16 rows (4096 rows) on a 32 MiB L3."""
+  row = (kv_lora_rank + rope_dim) * compute_dtype(cache_dtype).itemsize
+  return max(CORES, _pow2_floor(L3_FILL * L3_BYTES / (row * shard_size)))
+
+
+def choose_tuning(H: int, C: int, R: int, cache_dtype) -> ShardTuning:
+  """The cache-aware sizes: default_shard_size, then default_shards_per_step."""
+  cache_dtype = jnp.dtype(cache_dtype)
+  shard_size = default_shard_size(H, C, R, cache_dtype)
+  return ShardTuning(shard_size, default_shards_per_step(shard_size, C, R, cache_dtype))
+
+
+def _dot(a, b, contract_a, contract_b):
+  return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                         preferred_element_type=f32)
+
+
+def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_scale):
+  """One shard's partial softmax: rows j with lo <= j < hi are visible.
+
+  scale_S is the int8 cache's per-row scale or None. Returns o_p [H,C] float32 (normalised within
+  the shard) and lse_p [H] float32; a shard with no visible row gives o_p = 0, lse_p = -inf.
+  """
+  scores = _dot(q_latent_HC, c_kv_SC, 1, 1)  # [H,S_p]
+  if scale_S is not None:
+    scores = scores * scale_S[None, :]
+  scores = (scores + _dot(q_rope_HR, k_rope_SR, 1, 1)) * sm_scale
+  j = jnp.arange(c_kv_SC.shape[0])
+  visible = (j >= lo) & (j < hi)
+  scores = jnp.where(visible[None, :], scores, MASK_VALUE)
+  m = jnp.max(scores, axis=1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(scores - m)  # masked rows: exp(-inf) = 0
+  l = jnp.sum(p, axis=1, keepdims=True)
+  if scale_S is not None:
+    p = p * scale_S[None, :]
+  o = _dot(p.astype(c_kv_SC.dtype), c_kv_SC, 1, 0)  # [H,C]
+  nonempty = l > 0
+  l_safe = jnp.where(nonempty, l, 1.0)
+  return o / l_safe, jnp.where(nonempty, m + jnp.log(l_safe), MASK_VALUE)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "tuning"))
+def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuning: ShardTuning):
+  """Absorbed MLA decode over cache shards: out [B,H,C] in q_latent.dtype, lse [B,H] float32.
+
+  q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (bfloat16, float16, float32 or quant.Int8Rows),
+  k_rope [B,S,R], lengths [B].
+  """
+  B, H, C = q_latent.shape
+  S, R = k_rope.shape[1:]
+  if isinstance(c_kv, quant.Int8Rows):
+    values, scales = c_kv.values, c_kv.scales
+  else:
+    values, scales = c_kv, None
+  dtype = compute_dtype(values.dtype)
+  lengths = jnp.minimum(lengths.astype(jnp.int32), S)
+  shard_size, shards_per_step = tuning.shard_size, tuning.shards_per_step
+
+  if S <= shard_size * shards_per_step:
+    # A cache that fits in one step is one shard: its GEMMs already run from cache and the split
+    # would only add the copies and the merge (measured 10-40% slower at S = 2048 and 4096).
+    shard_size, shards_per_step = S, 1
+  S_p = shard_size
+  g = min(shards_per_step, S // S_p)
+  W = g * S_p  # rows per step
+  num_steps = -(-S // W)
+  shard = functools.partial(_shard, sm_scale=sm_scale)
+  in_scale = None if scales is None else 0
+  over_shards = jax.vmap(shard, (0, 0, 0, in_scale, 0, 0, 0))
+  over_batch = jax.vmap(over_shards, (0, 0, 0, in_scale, 0, None, 0))
+  # The queries are copied per shard: with an unbatched q, XLA folds the shards into one wide
+  # score GEMM and transposes the whole step's c_kv for it.
+  q = jnp.broadcast_to(q_latent.astype(dtype)[:, None], (B, g, H, C))
+  q_r = jnp.broadcast_to(q_rope.astype(dtype)[:, None], (B, g, H, R))
+
+  def step(i):
+    """Shards i·g .. i·g+g-1; the last step slides back to stay inside the cache and masks the
+    rows that the step before it covered."""
+    start = jnp.minimum(i * W, S - W)
+
+    def rows(x):
+      if W < S:
+        x = lax.dynamic_slice_in_dim(x, start, W, axis=1)
+      return x.reshape((B, g, S_p) + x.shape[2:])
+
+    scales_i = None if scales is None else rows(scales)
+    first = start + jnp.arange(g) * S_p  # cache row of each shard's row 0
+    lo = i * W - first
+    hi = lengths[:, None] - first[None, :]
+    return over_batch(q, q_r, rows(values).astype(dtype), scales_i, rows(k_rope).astype(dtype),
+                      lo, hi)  # [B,g,H,C], [B,g,H]
+
+  if num_steps == 1:  # one shard: its partial result is the result
+    o, lse = step(0)
+    return o[:, 0].astype(q_latent.dtype), lse[:, 0]
+  live_steps = (jnp.max(lengths) + W - 1) // W
+  empty = (jnp.zeros((B, g, H, C), f32), jnp.full((B, g, H), MASK_VALUE, f32))
+  o, lse = lax.map(lambda i: lax.cond(i < live_steps, step, lambda _: empty, i),
+                   jnp.arange(num_steps))  # [steps,B,g,H,C], [steps,B,g,H]
+  o = jnp.moveaxis(o, 2, 1).reshape(num_steps * g, B, H, C)
+  lse = jnp.moveaxis(lse, 2, 1).reshape(num_steps * g, B, H)
+  out, lse = merge_partials(o, lse)
+  return out.astype(q_latent.dtype), lse
+

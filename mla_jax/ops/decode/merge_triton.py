@@ -1,0 +1,106 @@
+"""The split-KV decode's merge of partials (FlashDecoding, Dao et al. 2023) as one small Pallas
+kernel with the Triton lowering; ops/merge.py has the math.
+
+Every split-KV kernel writes partials o_p [P, B, N, C] and lse_p [P, B, N]. A program merges, for
+one sequence, block_n heads and block_c columns over all P pieces, walking P in steps of `chunk`:
+
+  lse = logsumexp_p(lse_p),   out = Σ_p exp(lse_p − lse) · o_p,
+
+a head whose pieces are all empty gives out = 0 and lse = -inf. Each caller picks the launch
+(MergeLaunch) that suits its partials: the Triton decode one head and narrow column blocks per
+program, the Mosaic decodes blocks of heads with 64 columns (a contiguous partial row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from mla_jax.ops.common import next_pow2
+from mla_jax.ops.merge import merge_partials
+
+MERGES = ("pallas", "xla")  # the merge kernel below, or ops.merge_partials
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeLaunch:
+  """Grid of the merge: a program per (block_n of the first `heads` heads, block_c columns, b),
+  `chunk` pieces per step; heads_outer puts the head blocks on the grid's first axis (else the
+  column blocks). `name` is the kernel's name in profiles."""
+
+  heads: int
+  block_n: int
+  block_c: int
+  chunk: int
+  heads_outer: bool
+  name: str
+
+
+def _merge_kernel(lse_parts_ref,  # [P, block_n]
+                  o_parts_ref,    # [P, block_n, block_c]
+                  out_ref,        # [block_n, block_c]
+                  lse_ref,        # [block_n]
+                  *, num_pieces: int, chunk: int):
+  P_pad = next_pow2(num_pieces)
+  lse_p = pltriton.load(lse_parts_ref.at[pl.ds(0, P_pad), :],
+                        mask=(jnp.arange(P_pad) < num_pieces)[:, None], other=-jnp.inf)
+  m = jnp.max(lse_p, axis=0)
+  m = jnp.where(m > -jnp.inf, m, 0.0)
+  l = jnp.sum(jnp.exp(lse_p - m[None, :]), axis=0)
+
+  def body(i, acc):
+    valid = i * chunk + jnp.arange(chunk) < num_pieces
+    rows = pl.ds(i * chunk, chunk)
+    w = jnp.exp(pltriton.load(lse_parts_ref.at[rows, :], mask=valid[:, None], other=-jnp.inf)
+                - m[None, :])                                            # [chunk, block_n]
+    o = pltriton.load(o_parts_ref.at[rows, :, :], mask=valid[:, None, None],
+                      other=0.0).astype(jnp.float32)                     # [chunk, block_n, block_c]
+    return acc + jnp.sum(w[:, :, None] * o, axis=0)
+
+  acc = jax.lax.fori_loop(0, pl.cdiv(num_pieces, chunk), body,
+                          jnp.zeros(o_parts_ref.shape[1:], jnp.float32))
+  safe_l = jnp.where(l > 0, l, 1.0)
+  out_ref[...] = (acc / safe_l[:, None]).astype(out_ref.dtype)
+  lse_ref[...] = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+
+
+def merge_pieces(o_parts, lse_parts, out_dtype, *, launch: MergeLaunch, interpret: bool = False):
+  """Partials o_p [P, B, N, C] and lse_p [P, B, N] -> out [B, heads, C] in out_dtype and
+  lse [B, heads] float32, for the first launch.heads heads."""
+  P, B, _, C = o_parts.shape
+  heads, block_n, block_c = launch.heads, launch.block_n, launch.block_c
+  if launch.heads_outer:
+    grid = (heads // block_n, C // block_c, B)
+    index = lambda f: lambda n, c, b: f(n, c, b)
+  else:
+    grid = (C // block_c, heads // block_n, B)
+    index = lambda f: lambda c, n, b: f(n, c, b)
+  return pl.pallas_call(
+      functools.partial(_merge_kernel, num_pieces=P, chunk=launch.chunk),
+      grid=grid,
+      in_specs=[pl.BlockSpec((P, None, block_n), index(lambda n, c, b: (0, b, n))),
+                pl.BlockSpec((P, None, block_n, block_c), index(lambda n, c, b: (0, b, n, c)))],
+      out_specs=[pl.BlockSpec((None, block_n, block_c), index(lambda n, c, b: (b, n, c))),
+                 pl.BlockSpec((None, block_n), index(lambda n, c, b: (b, n)))],
+      out_shape=[jax.ShapeDtypeStruct((B, heads, C), out_dtype),
+                 jax.ShapeDtypeStruct((B, heads), jnp.float32)],
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name=launch.name,
+  )(lse_parts, o_parts)
+
+
+def merge_heads(o_parts, lse_parts, H: int, out_dtype, *, merge: str, launch: MergeLaunch,
+                interpret: bool = False):
+  """The first H heads of the merged partials: out [B, H, C] in out_dtype, lse [B, H]. merge:
+  "pallas" (merge_pieces with `launch`) or "xla" (ops.merge_partials)."""
+  if merge == "xla":
+    out, lse = merge_partials(o_parts[:, :, :H].astype(jnp.float32), lse_parts[:, :, :H])
+    return out.astype(out_dtype), lse
+  out, lse = merge_pieces(o_parts, lse_parts, out_dtype, launch=launch, interpret=interpret)
+  return out[:, :H], lse[:, :H]

@@ -1,0 +1,66 @@
+"""The batched GEMV family, y[b,h] = x[b,h,:K] · w[h] (the absorbed decode's two products): this
+module is its one dispatcher. `plan` names the kernel and tuning that `batched_gemv` runs:
+
+  impl "reference" | "xla"  ops/reference.py, ops/xla.py
+  impl "pallas"             lowering "triton" (triton.py, the default) or "mosaic" (mosaic.py)
+
+The Mosaic kernel takes less GPU time at every benchmark shape, but XLA launches it outside its
+CUDA graphs, which costs 2-5 µs of host time per call: more than it saves where the step is
+launch-bound, as small-batch decoding is (docs/batched_gemv.md). So Triton is the default and
+Mosaic runs on request.
+"""
+
+from __future__ import annotations
+
+from mla_jax.ops import device, reference, xla
+from mla_jax.ops.common import (GEMV_IMPLS, Plan, check_gemv_args, check_tuning,
+                                resolve_impl)
+from mla_jax.ops.gemv import mosaic, triton
+
+LOWERINGS = ("triton", "mosaic")
+_KERNELS = {"triton": (triton, triton.TritonGemvTuning),
+            "mosaic": (mosaic, mosaic.MosaicGemvTuning)}
+
+
+def plan(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
+         interpret: bool = False) -> Plan:
+  """What batched_gemv runs for these arguments (arrays or jax.ShapeDtypeStruct; w may be a
+  quant.QuantizedTensor): only shapes and dtypes are read. lowering (impl "pallas" only):
+  "triton", "mosaic" or None (Triton). tuning: the chosen kernel's tuning dataclass, or None for
+  its choose_tuning. interpret does not change the plan; it is here so that plan and
+  batched_gemv take the same arguments."""
+  del interpret
+  check_gemv_args(x, w)
+  impl = resolve_impl(impl, allowed=GEMV_IMPLS)
+  if impl != "pallas":
+    if lowering is not None or tuning is not None:
+      raise ValueError(f"lowering={lowering!r}, tuning={tuning!r}: impl={impl!r} takes neither")
+    return Plan(impl, impl)
+  if lowering not in (None, *LOWERINGS):
+    raise ValueError(f"lowering={lowering!r}: expected None or one of {LOWERINGS}")
+  kernel = lowering or "triton"
+  module, tuning_type = _KERNELS[kernel]
+  reason = module.unsupported(x, w)
+  if reason is not None:
+    raise ValueError(f"lowering={kernel!r}: {reason}")
+  if tuning is None:
+    B, H, _ = x.shape
+    _, K, N = w.shape
+    fmt = getattr(w, "fmt", None)
+    tuning = (triton.choose_tuning(B, H, K, N, fmt) if kernel == "triton"
+              else mosaic.choose_tuning(B, H, K, N, fmt, num_sms=device.num_sms()))
+  return Plan(impl, kernel, check_tuning(tuning, tuning_type, kernel))
+
+
+def batched_gemv(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
+                 interpret: bool = False):
+  """y[b,h] = x[b,h,:K] · w[h]: x [B,H,K'] with K' >= K, w [H,K,N] array or
+  quant.QuantizedTensor -> [B,H,N]. Only the first K columns of x are used: pass the whole query
+  [B,H,K+R] for q_nope and the Pallas kernels read them in place. Runs what plan() names;
+  interpret: run a Pallas kernel in interpret mode (on a CPU)."""
+  p = plan(x, w, impl=impl, lowering=lowering, tuning=tuning)
+  if p.kernel == "reference":
+    return reference.batched_gemv(x[..., :w.shape[1]], w)
+  if p.kernel == "xla":
+    return xla.batched_gemv(x[..., :w.shape[1]], w)
+  return _KERNELS[p.kernel][0].batched_gemv(x, w, tuning=p.tuning, interpret=interpret)

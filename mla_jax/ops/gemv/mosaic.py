@@ -1,0 +1,311 @@
+"""Fused batched GEMV on Hopper: Pallas with the Mosaic GPU lowering (TMA + wgmma).
+
+Same product as ops/gemv/triton.py, y[b,h] = x[b,h,:K] · w[h] for all heads and batch rows in one
+launch, laid out for the tensor cores' warpgroup MMA, whose M is at least 64. The batch (1-64
+rows) cannot fill M, so the product is swapped (the "swap AB" of small-batch GEMMs): a
+64-column slice of the weights is the M operand and the batch rows are N,
+
+  yᵀ[n, b] = Σ_k w[k, n] · x[b, k]  =  (w-slice)ᵀ [64, K] · xᵀ [K, Bp],
+
+Bp = B rounded up to a power of two >= 8 (wgmma's N). Rows past B are never read from or written
+to memory: TMA fills out-of-bounds rows of x with zeros and drops those of y (which needs B <= 8
+or a multiple of 8: TMA's row tiles).
+
+A program owns one head, 64 output columns and Bp batch rows; its contraction is split between
+`warpgroups` warpgroups (split-K inside the program: more loads in flight and more arithmetic
+in parallel where the grid is small), whose partial sums meet in shared memory at the end. Each
+warpgroup streams its weights in chunks of 64 contraction rows (two GGML blocks) through its
+own ring of `stages` shared-memory slots: TMA loads chunk c + stages as soon as chunk c's
+products are done. x arrives with each chunk, one [Bp, 32] tile per GGML block (the operand
+layout that lets a block's product be scaled on its own).
+
+Quantized weights (quant.QuantizedTensor) never reach HBM as floats. Each chunk is decoded
+exactly to the activation dtype, each block's product goes to its own accumulator, and is scaled
+by the block's float16 d per output column before it is added: y = Σ_blocks d_kb · (q_kb · x_kb).
+- q8_0: each block goes from the int8 tile straight into wgmma's A operand registers
+  (ops/mosaic/q8_0_registers.py: a transposing ldmatrix, then integer and packed-float ops),
+  not through shared memory. Its rows come in a permuted column order, which the block scales and the output
+  tile follow.
+- iq4_nl: decoded into shared memory. A chunk is 128 rows (4 blocks), so that its packed bytes
+  fill a [64, 64] tile. Byte permutes look the 4-bit indices up in the table
+  (ops/mosaic/iq4_nl_prmt.py) into two tiles, the low nibbles (each block's rows 0-15) and the high
+  nibbles (rows 16-31). x then arrives in [Bp, 16] half-block tiles, and each half block is one
+  K=16 product.
+
+Every tile is read in place: x from any [B, H, K'] array with K' >= K (the whole query), the
+weights as stored. The Triton kernel (ops/gemv/triton.py) stays the default and the portable
+path, and serves what this one does not (see unsupported()); ops.gemv's dispatcher runs this one
+with lowering="mosaic", and says why it is not the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from mla_jax import quant
+from mla_jax.ops.common import check_field, is_positive_int, next_pow2
+from mla_jax.ops.mosaic import iq4_nl_prmt, q8_0_registers
+from mla_jax.ops.mosaic.common import accumulate, interpret_params, smem
+
+BLOCK = quant.BLOCK
+_TN = 64       # output columns per program: the wgmma M
+_TK = 2 * BLOCK  # contraction rows per chunk (iq4_nl: 2 * _TK)
+STAGES = 4     # chunks in flight per warpgroup
+_MAX_BLOCK_B = 64
+_SWIZZLE = 64  # bytes: of the weight and output tiles (and of x's [Bp, 32] 16-bit block tiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGemvTuning:
+  """Pipelining and split-K of the Mosaic GEMV."""
+
+  stages: int = STAGES  # chunks in flight per warpgroup (at most its chunks)
+  warpgroups: int = 1   # warpgroups that split a program's contraction (must divide its chunks)
+
+  def __post_init__(self):
+    check_field(self, "stages", is_positive_int(self.stages), "an integer >= 1")
+    check_field(self, "warpgroups", is_positive_int(self.warpgroups), "an integer >= 1")
+
+
+def block_rows(B: int) -> int:
+  """Batch rows per program: B rounded up to a power of two, at least wgmma's N of 8."""
+  return min(max(8, next_pow2(B)), _MAX_BLOCK_B)
+
+
+def choose_warpgroups(programs: int, chunks: int, Bp: int, quantized: bool, num_sms: int) -> int:
+  """Warpgroups that split a program's `chunks` (H200 sweeps, docs/batched_gemv.md). Two:
+  - from 4 chunks up where the grid has fewer programs than SMs (H=16, K=512: bf16 2.8 vs 3.5
+    µs, q8_0 3.9 vs 4.6, iq4_nl's 4 chunks 3.4-3.8 vs 3.6-4.4);
+  - from 8 chunks up for a quantized conversion at a few batch rows (H=128, K=512, q8_0's 8
+    chunks: 4.9 vs 5.3 µs at B=1, 5.3 vs 5.5 at B=8; iq4_nl's 4 chunks ran faster on one
+    warpgroup, 5.6-5.7 vs 6.0 at B=1 in three runs).
+  Elsewhere one: the second warpgroup's tiles and partial sums halve the programs an SM holds
+  (H=128, K=512, B=64: 11.2-11.5 vs 8.5-9.4 µs); at K=128 one chunk each was slower."""
+  few_programs = programs < num_sms and chunks >= 4
+  conversion = quantized and Bp <= 8 and chunks >= 8
+  return 2 if chunks % 2 == 0 and (few_programs or conversion) else 1
+
+
+def _chunk_rows(fmt: str | None) -> int:
+  """Contraction rows per chunk: iq4_nl's packed bytes fill a 64-row tile at 128 rows."""
+  return 2 * _TK if fmt == "iq4_nl" else _TK
+
+
+def _x_width(fmt: str | None) -> int:
+  """Columns of x per tile: a GGML block, or half of one for iq4_nl's nibble halves."""
+  return BLOCK // 2 if fmt == "iq4_nl" else BLOCK
+
+
+def unsupported(x, w) -> str | None:
+  """Why this kernel cannot take these arguments, or None if it can."""
+  K, N = w.shape[1:]
+  dtype = jnp.dtype(x.dtype)
+  if dtype not in (jnp.bfloat16, jnp.float16):
+    return f"x.dtype={x.dtype}: the wgmma operands must be bfloat16 or float16"
+  fmt = getattr(w, "fmt", None)
+  if fmt is None and jnp.dtype(w.dtype) != dtype:
+    return f"w.dtype={w.dtype}, x.dtype={x.dtype}: a float w must have x's dtype"
+  if K % _chunk_rows(fmt) or N % _TN:
+    return (f"w.shape={tuple(w.shape)}: K must be a multiple of {_chunk_rows(fmt)} and N of "
+            f"{_TN}")
+  B, _, Kx = x.shape
+  if Kx % _x_width(fmt):
+    return (f"x.shape={tuple(x.shape)}: x's row length must be a multiple of {_x_width(fmt)} "
+            "(x's TMA tiles)")
+  if B > 8 and B % 8:
+    return f"x.shape={tuple(x.shape)}: B must be at most 8 or a multiple of 8 (TMA row tiles)"
+  return None
+
+
+def choose_tuning(B: int, H: int, K: int, N: int, fmt: str | None, *,
+                  num_sms: int) -> MosaicGemvTuning:
+  """STAGES chunks in flight; choose_warpgroups for the grid of these shapes."""
+  Bp = block_rows(B)
+  programs = H * (N // _TN) * pl.cdiv(B, Bp)
+  return MosaicGemvTuning(warpgroups=choose_warpgroups(programs, K // _chunk_rows(fmt), Bp,
+                                                       bool(fmt), num_sms))
+
+
+class _Scratch(NamedTuple):
+  x_smem: Any           # [W, stages, tk / xw, Bp, xw] x tiles of each chunk
+  w_smem: Any = None    # [W, stages, tk, TN] float weights (None for quantized ones)
+  qs_smem: Any = None   # [W, stages, rows stored per chunk, TN] quantized values
+  d_smem: Any = None    # [W, stages, blocks, TN] float16 block scales
+  conv_smem: Any = None  # iq4_nl: [W, 2, TK, TN] decoded nibble halves; interpreted q8_0:
+                         # [W, blocks, TN, 32] A operands
+  y_smem: Any = None    # [Bp, TN] the output tile
+  bars: Any = None      # [W·stages]: a chunk's copies landed
+  red_smem: Any = None  # [W - 1, TN, Bp] float32 split-K partial sums (W > 1)
+  red_bar: Any = None   # the partial sums written (W > 1)
+
+
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
+def batched_gemv(x, w, *, tuning: MosaicGemvTuning, interpret: bool = False):
+  """y [B,H,N] = x[..., :K] · w per head, in x's dtype; arguments as ops.batched_gemv (see
+  unsupported() for what this kernel takes). `interpret`: run in Mosaic GPU's interpret mode (on
+  a CPU)."""
+  B, H, _ = x.shape
+  _, K, N = w.shape
+  dtype, Bp = x.dtype, block_rows(B)
+  fmt = getattr(w, "fmt", None)
+  tk = _chunk_rows(fmt)
+  xw = _x_width(fmt)
+  blocks = tk // BLOCK  # GGML blocks per chunk
+  chunks = K // tk
+  W = tuning.warpgroups
+  if chunks % W:
+    raise ValueError(f"warpgroups={W}: must divide the {chunks} chunks of {tk} rows of K={K}")
+  per_wg = chunks // W
+  stages = min(tuning.stages, per_wg)
+
+  def kernel(x_ref,  # [B, H, K']
+             *refs,  # w_ref [H, K, N], or qs_ref and d_ref (quant.QuantizedTensor); y_ref [B, H, N]
+             scratch: _Scratch):
+    *w_refs, y_ref = refs
+    x_smem, qs_smem, d_smem, conv_smem = (scratch.x_smem, scratch.qs_smem, scratch.d_smem,
+                                          scratch.conv_smem)
+    h, j, i = lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    rows, cols = pl.ds(i * Bp, Bp), pl.ds(j * _TN, _TN)
+    first = wg * per_wg  # this warpgroup's chunks: [first, first + per_wg)
+
+    def fetch(c, slot):
+      bar = scratch.bars.at[wg * stages + slot]
+      for piece in range(tk // xw):
+        plgpu.copy_gmem_to_smem(x_ref.at[rows, h, pl.ds(c * tk + piece * xw, xw)],
+                                x_smem.at[wg, slot, piece], bar)
+      if fmt:
+        packed = qs_smem.shape[2]  # stored rows per chunk (iq4_nl: two weights a byte)
+        plgpu.copy_gmem_to_smem(w_refs[0].at[h, pl.ds(c * packed, packed), cols],
+                                qs_smem.at[wg, slot], bar)
+        plgpu.copy_gmem_to_smem(w_refs[1].at[h, pl.ds(blocks * c, blocks), cols],
+                                d_smem.at[wg, slot], bar)
+      else:
+        plgpu.copy_gmem_to_smem(w_refs[0].at[h, pl.ds(c * tk, tk), cols],
+                                scratch.w_smem.at[wg, slot], bar)
+
+    def dense_step(slot, acc):
+      def products(acc_ref):
+        for kb in range(blocks):
+          plgpu.wgmma(acc_ref, scratch.w_smem.at[wg, slot, pl.ds(kb * BLOCK, BLOCK)].T,
+                      x_smem.at[wg, slot, kb].T)
+      return accumulate(acc, products, interpret)
+
+    def decode(slot):
+      """The chunk's weights decoded; per block, its (wgmma A operand, x tile) pairs."""
+      if fmt == "q8_0":  # in registers, rows in q8_0_registers.COLUMNS' order
+        blocks_a = [q8_0_registers.a_operand(qs_smem.at[wg, slot, pl.ds(kb * BLOCK, BLOCK)], dtype,
+                                             conv_smem.at[wg, kb] if interpret else None)
+                    for kb in range(blocks)]
+        if interpret:
+          plgpu.commit_smem()
+        return [[(a, x_smem.at[wg, slot, kb])] for kb, a in enumerate(blocks_a)]
+      conv = conv_smem.at[wg]
+      packed = plgpu.load(qs_smem.at[wg, slot], layout=plgpu.Layout.WGMMA_8BIT)
+      for nibbles, values in enumerate(iq4_nl_prmt.decode(packed, dtype, interpret)):
+        conv.at[nibbles][...] = values  # row 16·kb + r: block kb's row r (+ 16 if high)
+      plgpu.commit_smem()
+      half = BLOCK // 2
+      return [[(conv.at[nibbles, pl.ds(kb * half, half)].T, x_smem.at[wg, slot, 2 * kb + nibbles])
+               for nibbles in range(2)] for kb in range(blocks)]
+
+    def scales(slot, kb):
+      """Block kb's scales, one per row of the products' accumulators."""
+      if fmt == "q8_0":
+        return q8_0_registers.row_scales(d_smem.at[wg, slot, kb], interpret)
+      return plgpu.load(d_smem.at[wg, slot, kb], layout=plgpu.Layout.WGMMA.reduce(1))
+
+    def quantized_step(slot, acc):
+      operands = decode(slot)
+      for pair in range(0, blocks, 2):  # two blocks' accumulators at a time
+
+        def products(*parts):
+          for part, kb in zip(parts, (pair, pair + 1)):
+            for w_operand, x_tile in operands[kb]:
+              plgpu.wgmma(part, w_operand, x_tile.T)
+          return tuple(part[...] for part in parts)
+
+        parts = pl.run_scoped(products, plgpu.ACC((_TN, Bp), jnp.float32),
+                              plgpu.ACC((_TN, Bp), jnp.float32))
+        for kb, part in zip((pair, pair + 1), parts):
+          d = scales(slot, kb).astype(jnp.float32)
+          acc = acc + part * lax.broadcast_in_dim(d, part.shape, [0])
+      return acc
+
+    for slot in range(stages):
+      fetch(first + slot, slot)
+
+    def step(c, acc):
+      slot = lax.rem(c, stages)
+      plgpu.barrier_wait(scratch.bars.at[wg * stages + slot])
+      acc = (quantized_step if fmt else dense_step)(slot, acc)
+      pl.when(c + stages < per_wg)(lambda: fetch(first + c + stages, slot))  # the slot is free
+      return acc
+
+    acc = lax.fori_loop(0, per_wg, step,
+                        plgpu.layout_cast(jnp.zeros((_TN, Bp), jnp.float32), plgpu.Layout.WGMMA))
+
+    if W > 1:  # the split-K partial sums meet in warpgroup 0
+      @pl.when(wg > 0)
+      def _hand_over():
+        scratch.red_smem.at[wg - 1][...] = acc
+        plgpu.barrier_arrive(scratch.red_bar)
+
+    @pl.when(wg == 0)
+    def _store():
+      total = acc
+      if W > 1:
+        plgpu.barrier_wait(scratch.red_bar)
+        for other in range(W - 1):
+          total = total + plgpu.load(scratch.red_smem.at[other], layout=plgpu.Layout.WGMMA)
+      if fmt == "q8_0":
+        q8_0_registers.store_rows(total, scratch.y_smem, interpret)
+      else:
+        scratch.y_smem.T[...] = plgpu.layout_cast(total.astype(dtype),
+                                                  plgpu.Layout.WGMMA_TRANSPOSED)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(scratch.y_smem, y_ref.at[rows, h, cols])
+      plgpu.wait_smem_to_gmem(0)
+
+  swizzle = xw * jnp.dtype(dtype).itemsize  # of x's tiles, which the weight tiles must share
+  common = dict(
+      x_smem=smem((W, stages, tk // xw, Bp, xw), dtype, swizzle),
+      y_smem=plgpu.SMEM((Bp, _TN), dtype) if fmt == "q8_0" else smem((Bp, _TN), dtype, _SWIZZLE),
+      # a chunk's x tiles (tk / xw copies), then its qs and d, or its float weights
+      bars=plgpu.Barrier(num_arrivals=tk // xw + (2 if fmt else 1), num_barriers=W * stages))
+  if W > 1:
+    common.update(red_smem=smem((W - 1, _TN, Bp), jnp.float32),
+                  red_bar=plgpu.Barrier(num_arrivals=W - 1))  # each warpgroup but the first
+  if fmt:
+    operands = (w.qs, w.d)
+    conv_smem = None
+    if fmt == "iq4_nl":  # the low and high nibbles' decoded tiles
+      conv_smem = smem((W, 2, _TK, _TN), dtype, swizzle)
+    elif interpret:
+      conv_smem = smem((W, blocks, _TN, BLOCK), dtype, swizzle)
+    scratch = _Scratch(qs_smem=smem((W, stages, _TK, _TN), w.qs.dtype, _SWIZZLE),
+                       d_smem=plgpu.SMEM((W, stages, blocks, _TN), w.d.dtype),
+                       conv_smem=conv_smem, **common)
+  else:
+    operands = (w,)
+    scratch = _Scratch(w_smem=smem((W, stages, tk, _TN), dtype, swizzle), **common)
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((B, H, N), dtype),
+      grid=(H, N // _TN, pl.cdiv(B, Bp)),
+      grid_names=("h", "n", "b"),
+      num_threads=W,
+      thread_name="wg",
+      scratch_types={"scratch": scratch},
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      kernel_name="mla_batched_gemv_mgpu",
+      interpret=interpret_params(interpret),
+  )(x, *operands)

@@ -1,0 +1,273 @@
+"""Fused batched GEMV over all heads (Pallas, Triton lowering): y[b,h] = x[b,h,:K] · w[h].
+
+The absorbed decode step (DeepSeek-V2 §2.1) does two small products per head, q_latent =
+q_nope·wk_b [H,K,C] and out = o_latent·wv_b [H,C,V]. Run as H separate GEMVs, each with its own
+copy of the strided q_nope row and its own activation quantization, that is 3H launches, which
+cost more than the work (the CUDA result this follows made MLA generation 31% faster by fusing
+them). Here one launch covers every head and batch row:
+
+- grid (H, N / block_n, ceil(B / block_b)); a program owns [block_b, block_n] outputs of one head
+  and walks K in GGML blocks of 32 rows;
+- x is read in place from any [B, H, K'] array with K' >= K (the whole query q [B,H,K+R] for
+  q_nope): only the first K columns are loaded, rows past B are masked;
+- quantized weights (quant.QuantizedTensor: q8_0, iq4_nl) are decoded in registers, one block at a
+  time: the partial product of a block is scaled by its float16 d after the dot, so the weights
+  never reach HBM as floats. IQ4_NL's table lookup is a degree-4 polynomial of the 4-bit index,
+  rounded, exact on all 16 entries (the table is smooth; a register gather is not expressible).
+  The 4-bit indices become floats, and the polynomial is rounded, by the magic-number trick
+  (the float32 bits of 1.5·2^23 + i): integer and float adds, not the conversion unit, which on
+  Hopper retires 16 results per clock per SM against 64-128 for adds (CUDA guide, arithmetic
+  instructions); so do q8_0's int8 values on the way to the tensor-core dot;
+- `int8=True` (q8_0) quantizes each x block to Q8_1 (quant.quantize_q8_1's arithmetic) in
+  registers and dots int8·int8 -> int32 on the tensor cores, so activation quantization costs no
+  launch either;
+- `dot=False` (one batch row per program) accumulates x·w elementwise into a [32, block_n] tile
+  and reduces it once at the end, instead of padding B to Triton's minimum dot of 16 rows;
+- the K loop is a pipelined loop (Triton's num_stages), not unrolled: on the H200 the pipelined
+  loop measured up to 2x faster than a fully unrolled one at K=512 (docs/batched_gemv.md).
+
+ops/gemv/mosaic.py is the Hopper kernel of the same product; ops.gemv's dispatcher runs it on
+request (lowering="mosaic") and says why this one stays the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from mla_jax import quant
+from mla_jax.ops.common import check_field, is_pow2, is_positive_int, next_pow2
+
+BLOCK = quant.BLOCK
+HALF = BLOCK // 2
+MIN_DOT = 16  # Triton's minimum dot extent per dimension
+MAX_BLOCK_B = 64
+
+# 1.5·2^23: float32 values in [2^23, 2^24) have unit spacing, so the float whose bits are
+# MAGIC_BITS + i is MAGIC + i for every integer |i| < 2^22, and MAGIC + v rounds v to an integer.
+_MAGIC = 12582912.0
+_MAGIC_BITS = 0x4B400000
+# IQ4_NL_VALUES[i] == round(-127 + i·(c3 + i·(c2 + i·(c1 + i·c0)))) for i in 0..15: the minimax
+# fit with the constant pinned to the integer IQ4_NL_VALUES[0] (max error 0.44, scipy linprog),
+# so that the rounding add of MAGIC merges into the last coefficient exactly.
+_IQ4_POLY = (0.00144801846, 0.0362732496, -1.43856375, 24.5005993)
+_IQ4_CONST = quant.IQ4_NL_VALUES[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonGemvTuning:
+  """Tuning knobs; `choose_tuning` picks them per shape from the H200 sweep in
+  docs/batched_gemv.md."""
+
+  block_n: int = 128  # output columns per program
+  block_b: int | None = None  # batch rows per program (dot); None: next power of two >= B
+  dot: bool = True  # tensor-core dot (pads block_b to 16) or, per batch row, FMA into [32, n]
+  int8: bool = False  # Q8_1 activations, int8 dot (q8_0 weights with dot=True only)
+  num_warps: int = 4
+  num_stages: int = 3  # Triton software pipelining depth of the K loop
+  unroll: bool = False  # unroll the K loop fully (all loads in flight, no pipelining)
+  block_k: int = 1  # GGML blocks of 32 rows per step of the (pipelined) K loop
+
+  def __post_init__(self):
+    check_field(self, "block_n", isinstance(self.block_n, int) and is_pow2(self.block_n),
+                "a power of two")
+    check_field(self, "block_b", self.block_b is None or (isinstance(self.block_b, int)
+                                                          and is_pow2(self.block_b)),
+                "None or a power of two")
+    check_field(self, "num_warps", isinstance(self.num_warps, int) and is_pow2(self.num_warps),
+                "a power of two")
+    check_field(self, "num_stages", is_positive_int(self.num_stages), "an integer >= 1")
+    check_field(self, "block_k", is_positive_int(self.block_k), "an integer >= 1")
+    check_field(self, "int8", not self.int8 or self.dot, "False unless dot=True")
+
+
+def choose_tuning(B: int, H: int, K: int, N: int, fmt: str | None) -> TritonGemvTuning:
+  """The configuration used when none is given: rules read off the H200 sweep of every variant
+  at every benchmark shape (docs/results/gemv_sweep.json, summarised in docs/batched_gemv.md),
+  kept only where a rule won by more than the ~5% run-to-run noise.
+
+  - Many heads fill the GPU with wider column blocks: block_n 64 at H >= 64, else 32.
+  - Long contractions (K > N, the wv_b product) move 4 GGML blocks per pipelined step, so each
+    step's loads are large enough to stream (bf16, and q8_0 at B >= 64); short ones (K < N, the
+    wk_b product) 2 blocks for bf16 at few heads.
+  - Quantized weights with one batch row and many heads skip the 16-row padding of the tensor-core
+    dot (dot=False): for the short contraction 4 blocks per step (q8_0 128 columns, iq4_nl 64),
+    for the long one 32 columns with the whole K in one step and 8 warps (sweeps
+    docs/results/gemv_sweep_k512.json and, for the warps, docs/results/gemv_sweep_warps.json).
+  - q8_0 with a few batch rows and many heads, short contraction: 128-column blocks
+    (docs/results/gemv_sweep_magic.json: 6.9 vs 7.8 µs at H=128, B=8; slower at B=64 and H=16).
+  """
+  block_n = min(64 if H >= 64 else 32, N)
+  if fmt is None:
+    if K > N:
+      return TritonGemvTuning(block_n=block_n, block_k=4)
+    return TritonGemvTuning(block_n=block_n, block_k=1 if H >= 64 else 2)
+  if K < N and H >= 64 and B == 1:
+    return TritonGemvTuning(block_n=min(128 if fmt == "q8_0" else 64, N), dot=False, block_k=4)
+  if K > N and H >= 64 and B == 1:
+    return TritonGemvTuning(block_n=min(32, N), dot=False, block_k=16, num_warps=8)
+  if K < N and fmt == "q8_0" and H >= 64 and B <= 8:
+    return TritonGemvTuning(block_n=min(128, N))
+  if K > N and fmt == "q8_0" and B >= 64:
+    return TritonGemvTuning(block_n=block_n, block_k=4)
+  return TritonGemvTuning(block_n=block_n if K < N else min(32, N))
+
+
+def _int_to_f32(i):
+  """Exact float32 of small integers (|i| < 2^22, e.g. int8 or 4-bit), without a conversion."""
+  return _unbias(i.astype(jnp.int32) + _MAGIC_BITS)
+
+
+def _unbias(bits):
+  """The integer i, as float32, from the bits of MAGIC + i."""
+  return jax.lax.bitcast_convert_type(bits, jnp.float32) - _MAGIC
+
+
+def _iq4_nl_values(idx):
+  """Table lookup IQ4_NL_VALUES[idx] for 4-bit indices, as float32 (exact).
+
+  The last Horner step adds MAGIC + IQ4_NL_VALUES[0], which rounds the polynomial to an
+  integer; its bits pass through a no-op AND (the sign bit is clear) so that compilers that
+  reassociate floats (XLA:CPU, which runs interpret mode, does) cannot fold the add of MAGIC
+  and its subtraction into one add of the unrounded value."""
+  t = _int_to_f32(idx)
+  acc = jnp.full(t.shape, _IQ4_POLY[0], jnp.float32)
+  for c in _IQ4_POLY[1:]:
+    acc = acc * t + c
+  rounded = acc * t + (_MAGIC + _IQ4_CONST)
+  return _unbias(jax.lax.bitcast_convert_type(rounded, jnp.int32) & 0x7FFFFFFF)
+
+
+def _as_dot_operand(w, dtype):
+  """A weight tile as the dot's dtype; q8_0's int8 goes through its exact float32
+  (`_int_to_f32`): on the H200 that made the tensor-core path up to 1.5x faster than int8 ->
+  bfloat16 directly, while the FMA path, which needs float32 anyway, is faster with the plain
+  conversion (docs/batched_gemv.md)."""
+  return (_int_to_f32(w) if jnp.issubdtype(w.dtype, jnp.integer) else w).astype(dtype)
+
+
+def _aligned(v, m):
+  return v if isinstance(v, int) else pl.multiple_of(v, m)
+
+
+def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, unroll,
+                 compute_dtype):
+  # x_ref: [B, H, K'] (K' >= K; columns [0, K) are read in place)
+  # dense:  w_ref [H, K, N]
+  # q8_0:   qs_ref int8 [H, K, N], d_ref float16 [H, K/32, N]
+  # iq4_nl: qs_ref uint8 [H, K/2, N], d_ref float16 [H, K/32, N]
+  # o_ref:  [B, H, N]
+  *w_refs, o_ref = refs
+  h, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  rows = pl.ds(i * block_b, block_b)
+  cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
+  row_ok = (i * block_b + jnp.arange(block_b)) < B  # [block_b]
+
+  def load_x(k0, width):  # [block_b, width]
+    mask = jnp.broadcast_to(row_ok[:, None], (block_b, width))
+    return pltriton.load(x_ref.at[rows, h, pl.ds(k0, width)], mask=mask, other=0.0)
+
+  def weight_block(kb):
+    """Block kb of w: ([(row offset in the block, rows [r, block_n])], d [1, block_n] or None)."""
+    k0 = _aligned(kb * BLOCK, BLOCK)
+    if fmt is None:
+      return [(0, w_refs[0][h, pl.ds(k0, BLOCK), cols])], None  # [32, block_n]
+    qs_ref, d_ref = w_refs
+    d = d_ref[h, kb, cols].astype(jnp.float32)[None, :]  # [1, block_n]
+    if fmt == "q8_0":
+      return [(0, qs_ref[h, pl.ds(k0, BLOCK), cols])], d  # int8 [32, block_n]
+    packed = qs_ref[h, pl.ds(_aligned(kb * HALF, HALF), HALF), cols]  # uint8 [16, block_n]
+    return [(0, _iq4_nl_values(packed & 0xF)), (HALF, _iq4_nl_values(packed >> 4))], d
+
+  def dot_body(kb, acc):  # acc: [block_b, block_n] float32
+    k0 = kb * BLOCK
+    parts, d = weight_block(kb)
+    if int8:  # Q8_1 activation block (quant.quantize_q8_1's arithmetic), int8 x int8 -> int32
+      x = load_x(k0, BLOCK).astype(jnp.float32)  # [block_b, 32]
+      d_x, inv = quant.q8_block_scale(jnp.max(jnp.abs(x), axis=1, keepdims=True))
+      x_q = quant.round_half_away(x * inv).astype(jnp.int8)
+      part = jax.lax.dot(x_q, parts[0][1], preferred_element_type=jnp.int32)
+      return acc + part.astype(jnp.float32) * d_x * d
+    part = sum(jax.lax.dot(load_x(k0 + off, q.shape[0]).astype(compute_dtype),
+                           _as_dot_operand(q, compute_dtype), preferred_element_type=jnp.float32)
+               for off, q in parts)
+    return acc + (part if d is None else part * d)
+
+  def fma_body(kb, acc):  # one batch row; acc: [rows of a part, block_n] float32
+    k0 = kb * BLOCK
+    parts, d = weight_block(kb)
+    part = sum(x_ref[i, h, pl.ds(k0 + off, q.shape[0])].astype(jnp.float32)[:, None]
+               * q.astype(jnp.float32) for off, q in parts)
+    return acc + (part if d is None else part * d)
+
+  body = dot_body if dot else fma_body
+  acc_rows = block_b if dot else (HALF if fmt == "iq4_nl" else BLOCK)
+  acc = jnp.zeros((acc_rows, block_n), jnp.float32)
+  if unroll:  # every block's loads are issued before the first is used
+    for kb in range(K // BLOCK):
+      acc = body(kb, acc)
+  else:  # Triton pipelines the loads of the next num_stages steps (cp.async)
+    def step(ks, acc):
+      for sub in range(block_k):
+        acc = body(ks * block_k + sub, acc)
+      return acc
+    acc = jax.lax.fori_loop(0, K // BLOCK // block_k, step, acc)
+  if not dot:
+    acc = jnp.sum(acc, axis=0, keepdims=True)  # [1, block_n]
+  mask = jnp.broadcast_to(row_ok[:, None], (block_b, block_n))
+  pltriton.store(o_ref.at[rows, h, cols], acc.astype(o_ref.dtype), mask=mask)
+
+
+def unsupported(x, w) -> str | None:
+  """Why this kernel cannot take these arguments (shapes as common.check_gemv_args), or None."""
+  _, K, N = w.shape
+  if K % BLOCK or N % BLOCK or N & (N - 1):
+    return f"w.shape={tuple(w.shape)}; expected K, N multiples of {BLOCK}, N a power of 2"
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return f"x.dtype={x.dtype}; expected a float dtype"
+  if not isinstance(w, quant.QuantizedTensor) and not jnp.issubdtype(w.dtype, jnp.floating):
+    return f"w.dtype={w.dtype}; expected a float array or quant.QuantizedTensor"
+  return None
+
+
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
+def batched_gemv(x, w, *, tuning: TritonGemvTuning, interpret: bool = False):
+  """y [B,H,N] = x[..., :K] · w per head, in one kernel launch; y has x's dtype.
+
+  x: [B,H,K'] with K' >= K, e.g. the whole query [B,H,K+R] (only x[..., :K] is read, in place).
+  w: [H,K,N] float array (bf16/f16/f32) or quant.QuantizedTensor ("q8_0"/"iq4_nl"); K and N
+  multiples of 32, N a power of two (see unsupported()). interpret: Pallas' interpret mode.
+  """
+  B, H, _ = x.shape
+  _, K, N = w.shape
+  quantized = isinstance(w, quant.QuantizedTensor)
+  fmt = w.fmt if quantized else None
+  if tuning.int8 and fmt != "q8_0":
+    raise ValueError(f"{tuning=}: int8=True needs q8_0 weights and dot=True (Triton's int8 dot "
+                     "needs K >= 32 and an IQ4_NL block splits into two 16-row nibble halves)")
+  block_n = min(tuning.block_n, N)
+  block_b = 1
+  if tuning.dot:
+    block_b = max(min(tuning.block_b or next_pow2(B), MAX_BLOCK_B), MIN_DOT)
+    block_n = max(block_n, MIN_DOT)
+  compute_dtype = x.dtype if quantized else jnp.promote_types(x.dtype, w.dtype)
+  kernel = functools.partial(
+      _gemv_kernel, fmt=fmt, B=B, K=K, block_b=block_b, block_n=block_n,
+      block_k=math.gcd(tuning.block_k, K // BLOCK), dot=tuning.dot,
+      int8=tuning.int8, unroll=tuning.unroll, compute_dtype=compute_dtype)
+  w_args = (w.qs, w.d) if quantized else (w,)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((B, H, N), x.dtype),
+      grid=(H, N // block_n, pl.cdiv(B, block_b)),
+      compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
+                                              num_stages=tuning.num_stages),
+      interpret=interpret,
+      name="mla_batched_gemv",
+  )(x, *w_args)

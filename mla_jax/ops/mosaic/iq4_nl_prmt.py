@@ -1,0 +1,161 @@
+"""IQ4_NL decoding by byte permutes, for the Mosaic GPU GEMV (ops/gemv/mosaic.py).
+
+An IQ4_NL weight is d·T[i]: i is a 4-bit index into the 16-entry table T (quant.IQ4_NL_VALUES).
+Mosaic GPU has no register gather. Like ggml's CUDA kernels (`get_int_from_table_16`), the table
+lives in registers and PTX's `prmt` looks it up. prmt is a byte permute: it picks 4 bytes out of
+8 by four 3-bit selectors, so it looks up 4 indices per instruction.
+
+The table here holds the two bytes of each entry's float16 or bfloat16 encoding, not int8 values.
+The encoding is exact, because |T| <= 127 fits in 8 significant bits. So the lookup writes the
+activations' dtype directly, with no integer-to-float conversion afterwards.
+
+One 32-bit word q of packed bytes (4 columns) holds 8 indices: nibble 2c is column c's low
+nibble (a block's elements 0-15) and nibble 2c+1 its high nibble (elements 16-31). For each
+byte of the encoding:
+
+- prmt(T[0:4], T[4:8], q & 0x7777) picks that byte of entries 0-7 for nibbles 0-3;
+- prmt(T[8:12], T[12:16], q & 0x7777) picks it from entries 8-15;
+- a third prmt chooses, byte by byte, between the two by bit 3 of the index: its selector is
+  0x3210 plus 4 where bit 3 is set.
+
+The same three prmt with q >> 16 serve nibbles 4-7. Four more prmt then interleave the low and
+high bytes into pairs of 16-bit floats, split into the low-nibble and high-nibble halves. That is
+22 integer instructions for 8 weights. The selectors are masked to 3 bits, because a selector's
+bit 3 asks prmt to replicate the sign.
+
+`decode_words` writes the sequence once, over an `ops` namespace that is either PTX on registers
+(`decode`, compiled) or jnp on uint32 arrays (`decode`, interpreted, and the CPU tests).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, llvm, vector
+
+from mla_jax import quant
+
+# prmt selectors: byte k of the result is byte sel_k of the 8 bytes {b, a} (a = bytes 0-3).
+_INDEX_BITS = 0x77777777  # each index's selector bits, its bit 3 cleared
+_HIGH_BITS = 0x88888888  # each index's bit 3
+_IDENTITY = 0x32103210  # bytes 0-3 of a; + 4 (bit 3 >> 1) takes the same byte of b
+_EVEN, _ODD = 0x6240, 0x7351  # {lo(n0), hi(n0), lo(n2), hi(n2)}: the 16-bit floats of nibbles 0, 2
+
+
+def table_words(dtype) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """The table as two sets of four 32-bit words, low bytes and high bytes of each entry's encoding
+  in `dtype` (float16 or bfloat16); byte k of word w belongs to entry 4w + k."""
+  bits = np.asarray(quant.IQ4_NL_VALUES, np.float32).astype(jnp.dtype(dtype)).view(np.uint16)
+  words = lambda b: tuple(int(w) for w in b.astype(np.uint8).view("<u4"))
+  return words(bits & 0xFF), words(bits >> 8)
+
+
+def decode_words(q, ops, tables):
+  """The 16-bit floats of q's 8 indices: (low nibbles of columns 0-1, of columns 2-3, high nibbles
+  of columns 0-1, of columns 2-3), each a 32-bit word holding two floats."""
+  index = ops.and_(q, _INDEX_BITS)
+  pick = ops.or_(ops.shr(ops.and_(q, _HIGH_BITS), 1), _IDENTITY)
+  halves = []
+  for shift in (0, 16):
+    i, s = ops.shr(index, shift), ops.shr(pick, shift)
+    lo_byte, hi_byte = (ops.prmt(ops.prmt(t[0], t[1], i), ops.prmt(t[2], t[3], i), s)
+                        for t in tables)
+    halves.append((lo_byte, hi_byte))
+  return tuple(ops.prmt(lo_byte, hi_byte, order)
+               for order in (_EVEN, _ODD) for lo_byte, hi_byte in halves)
+
+
+class _JnpOps:
+  """decode_words' operations on uint32 arrays (prmt emulated byte by byte)."""
+
+  @staticmethod
+  def _u32(v):
+    return jnp.asarray(v, jnp.uint32)
+
+  def and_(self, a, b):
+    return self._u32(a) & self._u32(b)
+
+  def or_(self, a, b):
+    return self._u32(a) | self._u32(b)
+
+  def shr(self, a, n):
+    return self._u32(a) >> n
+
+  def prmt(self, a, b, sel):
+    a, b, sel = self._u32(a), self._u32(b), self._u32(sel)
+    out = jnp.zeros(jnp.broadcast_shapes(a.shape, b.shape, sel.shape), jnp.uint32)
+    for k in range(4):
+      s = (sel >> (4 * k)) & 7
+      byte = (jnp.where(s < 4, a, b) >> (8 * (s & 3))) & 0xFF
+      out = out | (byte << (8 * k))
+    return out
+
+
+class _PtxOps:
+  """decode_words' operations on i32 registers."""
+
+  def __init__(self):
+    self.i32 = ir.IntegerType.get_signless(32)
+
+  def _value(self, v):
+    if isinstance(v, ir.Value):
+      return v
+    return mgpu_utils.c(v - (1 << 32) if v >= 1 << 31 else v, self.i32)  # i32 is signed
+
+  def and_(self, a, b):
+    return arith.andi(self._value(a), self._value(b))
+
+  def or_(self, a, b):
+    return arith.ori(self._value(a), self._value(b))
+
+  def shr(self, a, n):
+    return a if n == 0 else arith.shrui(self._value(a), self._value(n))
+
+  def prmt(self, a, b, sel):
+    return llvm.inline_asm(self.i32, [self._value(a), self._value(b), self._value(sel)],
+                           "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r")
+
+
+def _decode_interpreted(packed, dtype):
+  rows, cols = packed.shape
+  q = lax.bitcast_convert_type(packed.reshape(rows, cols // 4, 4), jnp.uint32)
+  lo01, lo23, hi01, hi23 = decode_words(q, _JnpOps(), table_words(dtype))
+  as_floats = lambda a, b: lax.bitcast_convert_type(
+      jnp.stack([a, b], axis=-1), dtype).reshape(rows, cols)
+  return as_floats(lo01, lo23), as_floats(hi01, hi23)
+
+
+def _decode_compiled(packed, dtype):
+  layout = plgpu.Layout.WGMMA_8BIT
+  out = plgpu.ShapeDtypeStruct(packed.shape, dtype, layout=layout)
+
+  @plgpu.inline_mgpu(arg_types=(layout,), return_type=(out, out))
+  def decode(ctx, arr):
+    del ctx
+    ops = _PtxOps()
+    tables = table_words(dtype)
+    float_type = mgpu_utils.dtype_to_ir_type(jnp.dtype(dtype))
+    lo, hi = np.empty_like(arr.registers), np.empty_like(arr.registers)
+    for idx, reg in np.ndenumerate(arr.registers):  # vector<4 x i8>: 4 columns of a row
+      lo01, lo23, hi01, hi23 = decode_words(mgpu_utils.bitcast(reg, ops.i32), ops, tables)
+      for regs, words in ((lo, (lo01, lo23)), (hi, (hi01, hi23))):
+        pair = vector.from_elements(ir.VectorType.get((2,), ops.i32), list(words))
+        regs[idx] = vector.bitcast(ir.VectorType.get((4,), float_type), pair)
+    return tuple(mgpu.FragmentedArray(_registers=r, _layout=arr.layout, _is_signed=None)
+                 for r in (lo, hi))
+
+  return decode(packed)
+
+
+def decode(packed: jax.Array, dtype, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """IQ4_NL indices, packed two to a byte (quant's layout), as table values in `dtype`: (the low
+  nibbles, the high nibbles), each of packed's shape. Inside a Mosaic GPU kernel, `packed` is a
+  uint8 array loaded with the WGMMA_8BIT layout; `interpret`: Mosaic GPU's interpret mode."""
+  return (_decode_interpreted if interpret else _decode_compiled)(packed, dtype)

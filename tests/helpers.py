@@ -1,0 +1,96 @@
+"""What the test files share: tolerances, error measures, random inputs and oracles."""
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mla_jax import quant
+from mla_jax.ops import decode, reference
+
+GOLDEN_DIR = pathlib.Path(__file__).parent / "data" / "deepseek_v2_tiny"
+
+# ‖out − ref‖ / ‖ref‖ bounds per compute dtype (METHOD.md's ranges for each precision).
+RTOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+R = 64  # rope columns: what follows q_nope in the query (the GEMV reads x as a strided view)
+
+
+def rel_err(x, ref) -> float:
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  assert np.all(np.isfinite(x)), "output has NaN/inf"
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def run_chunks(attn, x, positions, chunks, max_len=None, cache_dtype=jnp.float32):
+  """Feeds x [B,T,D] to the module in consecutive chunks of the given sizes (e.g. a prefill of
+  n tokens then single-token decode steps: [n, 1, 1, ...]); returns (outputs [B,T,D], cache)."""
+  cache = attn.init_cache(x.shape[0], max_len or x.shape[1], cache_dtype)
+  ys, t = [], 0
+  for n in chunks:
+    y, cache = attn(x[:, t:t + n], positions[:, t:t + n], cache)
+    ys.append(y)
+    t += n
+  return jnp.concatenate(ys, axis=1), cache
+
+
+def decode_inputs(rng, B, H, S, fmt, *, C=512, R=64, q_dtype=None, logit_scale=1.0):
+  """Fresh normal decode inputs (q_latent, q_rope, c_kv, k_rope); fmt is the cache format
+  ("int8": a quant.Int8Rows), queries use q_dtype (bf16 for int8)."""
+  cache_dtype = jnp.bfloat16 if fmt == "int8" else jnp.dtype(fmt)
+  q_dtype = q_dtype or cache_dtype
+  normal = lambda *shape: rng.standard_normal(shape, np.float32)
+  q_latent = jnp.asarray(normal(B, H, C) * logit_scale, q_dtype)
+  q_rope = jnp.asarray(normal(B, H, R) * logit_scale, q_dtype)
+  c_kv = jnp.asarray(normal(B, S, C), cache_dtype)
+  if fmt == "int8":
+    c_kv = quant.quantize_rows(c_kv)
+  k_rope = jnp.asarray(normal(B, S, R), cache_dtype)
+  return q_latent, q_rope, c_kv, k_rope
+
+
+def check_decode(out, lse, q_latent, q_rope, c_kv, k_rope, lengths, sm_scale, tol):
+  """out and lse against the float32 reference: per row within tol; length 0 gives 0 and -inf."""
+  with jax.default_matmul_precision("highest"):  # no TF32 in the oracle on a GPU
+    ref_out, ref_lse = reference.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths,
+                                            sm_scale=sm_scale)
+  assert out.shape == ref_out.shape and out.dtype == q_latent.dtype
+  assert lse.shape == ref_lse.shape and lse.dtype == jnp.float32
+  lengths = np.asarray(lengths)
+  lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+  assert not np.any(np.isnan(lse))
+  empty = lengths == 0
+  assert np.all(np.isneginf(lse[empty])), "length 0 must give lse = -inf"
+  assert np.all(np.asarray(out, np.float32)[empty] == 0), "length 0 must give out = 0"
+  np.testing.assert_allclose(lse[~empty], ref_lse[~empty], rtol=tol, atol=tol)
+  for b in np.flatnonzero(~empty):  # per row, so that a short row's error is not diluted
+    assert rel_err(out[b], ref_out[b]) <= tol, f"row {b} (length {lengths[b]})"
+
+
+def pallas_decode(*args, sm_scale, lowering, interpret, kernel=None, **overrides):
+  """decode.mla_decode(impl="pallas") with the plan's tuning, the fields in overrides that are
+  not None replaced; kernel: the Pallas kernel that the plan must name."""
+  plan = decode.plan(*args, impl="pallas", lowering=lowering, interpret=interpret)
+  assert kernel is None or plan.kernel == kernel, plan
+  overrides = {name: value for name, value in overrides.items() if value is not None}
+  return decode.mla_decode(*args, sm_scale=sm_scale, impl="pallas", lowering=lowering,
+                           tuning=dataclasses.replace(plan.tuning, **overrides),
+                           interpret=interpret)
+
+
+def decode_tol(fmt, q_dtype=None):
+  dtype = jnp.dtype(q_dtype or (jnp.bfloat16 if fmt == "int8" else fmt))
+  return {jnp.dtype(k): v for k, v in RTOL.items()}[dtype]
+
+
+def gemv_weights(rng, H, K, N, fmt):
+  """Fresh weights [H,K,N]: bfloat16 ("bf16") or a quant.QuantizedTensor of that format."""
+  w = jnp.asarray(rng.standard_normal((H, K, N)) * K ** -0.5, jnp.float32)
+  return w.astype(jnp.bfloat16) if fmt == "bf16" else quant.quantize(w, fmt)
+
+
+def gemv_oracle(x, w):
+  """reference.batched_gemv in true float32 (XLA:GPU's default f32 dot is TF32)."""
+  with jax.default_matmul_precision("float32"):
+    return reference.batched_gemv(x, w)

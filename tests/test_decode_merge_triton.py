@@ -1,0 +1,49 @@
+"""The Triton merge of split-KV partials (ops/decode/merge_triton.py) against ops.merge_partials,
+with the launch of each decode that uses it: one head per program (the Triton decode's) and blocks
+of heads (the Mosaic decodes'). Interpreted without a GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mla_jax.ops import merge_partials
+from mla_jax.ops.decode import merge_triton, mosaic_common, triton
+
+ON_GPU = jax.default_backend() == "gpu"
+LAUNCHES = {"triton": triton.merge_launch, "mosaic": mosaic_common.merge_launch}
+
+
+@pytest.mark.parametrize("launch", sorted(LAUNCHES))
+@pytest.mark.parametrize("P,B,C,N", [(5, 2, 64, 16), (128, 1, 512, 16), (3, 3, 128, 32),
+                                     (2, 64, 512, 16)])
+def test_merge_pieces_equals_merge_partials(rng, P, B, C, N, launch):
+  """Partials [P,B,N,C]; empty pieces (lse -inf), and one head with no piece at all."""
+  o_parts = jnp.asarray(rng.standard_normal((P, B, N, C)), jnp.float32)
+  lse_parts = np.asarray(rng.standard_normal((P, B, N)) * 3, np.float32)
+  lse_parts[0, 0, :] = -np.inf
+  lse_parts[:, B - 1, N // 2] = -np.inf
+  out, lse = merge_triton.merge_pieces(o_parts, jnp.asarray(lse_parts), jnp.float32,
+                                       launch=LAUNCHES[launch](P, B, N, C), interpret=not ON_GPU)
+  ref_out, ref_lse = merge_partials(o_parts, jnp.asarray(lse_parts))
+  assert out.shape == (B, N, C) and lse.shape == (B, N)
+  assert not np.any(np.isnan(np.asarray(out)))
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+  finite = np.isfinite(ref_lse)
+  np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=1e-6)
+
+
+@pytest.mark.parametrize("merge", merge_triton.MERGES)
+def test_merge_heads_returns_the_first_heads(rng, merge):
+  """Partials of padded heads: only the first H come back, from either merge."""
+  P, B, N, C, H = 3, 2, 16, 64, 5
+  o_parts = jnp.asarray(rng.standard_normal((P, B, N, C)), jnp.float32)
+  lse_parts = jnp.asarray(rng.standard_normal((P, B, N)), jnp.float32)
+  out, lse = merge_triton.merge_heads(o_parts, lse_parts, H, jnp.bfloat16, merge=merge,
+                                      launch=mosaic_common.merge_launch(P, B, N, C),
+                                      interpret=not ON_GPU)
+  ref_out, ref_lse = merge_partials(o_parts[:, :, :H], lse_parts[:, :, :H])
+  assert out.shape == (B, H, C) and out.dtype == jnp.bfloat16 and lse.shape == (B, H)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(lse, ref_lse, rtol=1e-6)

@@ -1,0 +1,166 @@
+"""The Mosaic GPU batched GEMV (ops/gemv/mosaic.py).
+
+Its numerics run compiled on a Hopper GPU (`gpu` tests over many shapes) and, in CI, in Mosaic
+GPU's interpret mode on a few small ones. CI also checks that it lowers through Mosaic GPU for
+CUDA (layouts, swizzles and shared memory are checked there), what it refuses, and the dispatch
+rules of ops.gemv.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from helpers import R, RTOL, gemv_oracle, gemv_weights, rel_err
+from mla_jax import quant
+from mla_jax.ops import gemv
+from mla_jax.ops.gemv import mosaic, triton
+
+ON_GPU = jax.default_backend() == "gpu"
+FORMATS = ["bf16", "q8_0", "iq4_nl"]
+
+
+def _mosaic(x, w, interpret=False, **overrides):
+  """The Mosaic kernel through the dispatcher, its default tuning with some fields overridden
+  (warpgroups=None keeps the default)."""
+  plan = gemv.plan(x, w, impl="pallas", lowering="mosaic")
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  return gemv.batched_gemv(x, w, impl="pallas", lowering="mosaic", interpret=interpret,
+                           tuning=dataclasses.replace(plan.tuning, **overrides))
+
+
+def _args(B, H, K, N, fmt, dtype=jnp.bfloat16):
+  x = jax.ShapeDtypeStruct((B, H, K + R), dtype)
+  if fmt == "bf16":
+    return x, jax.ShapeDtypeStruct((H, K, N), dtype)
+  qs = (H, K, N) if fmt == "q8_0" else (H, K // 2, N)
+  return x, quant.QuantizedTensor(
+      jax.ShapeDtypeStruct(qs, jnp.int8 if fmt == "q8_0" else jnp.uint8),
+      jax.ShapeDtypeStruct((H, K // 32, N), jnp.float16), fmt)
+
+
+@pytest.mark.parametrize("B,H,K,N,fmt,warpgroups", [
+    (1, 128, 512, 128, "q8_0", None), (64, 128, 512, 128, "bf16", None),
+    (8, 16, 128, 512, "q8_0", None), (128, 2, 256, 64, "bf16", 4), (3, 1, 64, 128, "q8_0", 1),
+    (1, 128, 512, 128, "iq4_nl", None), (64, 128, 128, 512, "iq4_nl", None),
+    (8, 2, 512, 64, "iq4_nl", 4)])
+def test_kernel_lowers_for_cuda(B, H, K, N, fmt, warpgroups):
+  """Mosaic GPU lowers the kernel on any host: a layout, swizzle or shared-memory error shows
+  here (B=64: the largest x tiles and accumulators; B=128: two batch blocks)."""
+  x, w = _args(B, H, K, N, fmt)
+  lowered = jax.jit(lambda x, w: _mosaic(x, w, warpgroups=warpgroups)).trace(x, w).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("width", [136, 144, 160, 192])
+def test_refusals_agree_with_the_lowering(width, fmt):
+  """unsupported() accepts exactly the x row lengths that Mosaic GPU's TMA takes (x [1,2,width],
+  K=128): a refusal that is too loose fails to compile on the GPU (a 144-column query did)."""
+  x, w = _args(1, 2, 128, 64, fmt)
+  x = jax.ShapeDtypeStruct((1, 2, width), x.dtype)
+  accepted = mosaic.unsupported(x, w) is None
+  tuning = mosaic.choose_tuning(1, 2, 128, 64, getattr(w, "fmt", None), num_sms=132)
+  try:
+    jax.jit(lambda x, w: mosaic.batched_gemv(x, w, tuning=tuning)).trace(x, w).lower(
+        lowering_platforms=("cuda",))
+    lowers = True
+  except ValueError as err:
+    assert "tiling" in str(err)
+    lowers = False
+  assert accepted == lowers
+
+
+def test_what_it_refuses():
+  x, w = _args(1, 2, 128, 64, "bf16")
+  assert mosaic.unsupported(x, w) is None
+  assert mosaic.unsupported(*_args(1, 2, 128, 64, "iq4_nl")) is None
+  assert "multiple of 128" in mosaic.unsupported(*_args(1, 2, 64, 64, "iq4_nl"))
+  assert "float32" in mosaic.unsupported(*_args(1, 2, 128, 64, "bf16", jnp.float32))
+  assert "multiple of 64" in mosaic.unsupported(*_args(1, 2, 96, 64, "bf16"))
+  assert "multiple of 64" in mosaic.unsupported(*_args(1, 2, 128, 32, "bf16"))
+  assert "x's dtype" in mosaic.unsupported(x, jax.ShapeDtypeStruct(w.shape, jnp.float16))
+  assert "multiple of 8" in mosaic.unsupported(*_args(12, 2, 128, 64, "bf16"))
+  x144 = jax.ShapeDtypeStruct((1, 2, 144), jnp.bfloat16)  # K + 16 rope columns
+  assert "multiple of 32" in mosaic.unsupported(x144, w)
+  assert mosaic.unsupported(x144, _args(1, 2, 128, 64, "iq4_nl")[1]) is None
+  with pytest.raises(ValueError, match="must divide"):
+    jax.jit(lambda x, w: _mosaic(x, w, warpgroups=3)).trace(x, w)
+  for options in (dict(warpgroups=0), dict(stages=0)):
+    with pytest.raises(ValueError, match=">= 1"):
+      mosaic.MosaicGemvTuning(**options)
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret mode: the CPU's test (the gpu tests cover these)")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("B,H,K,N,warpgroups,dtype", [
+    (1, 2, 128, 64, None, jnp.bfloat16), (3, 1, 256, 128, 2, jnp.float16),
+    (16, 2, 128, 64, 1, jnp.bfloat16), (72, 1, 128, 64, None, jnp.bfloat16)])
+def test_interpreted(B, H, K, N, warpgroups, dtype, fmt, rng):
+  """Every path in interpret mode: the q8_0 conversion, the iq4_nl lookup (emulated byte
+  permutes) and half-block products, per-block scales, split-K across warpgroups, TMA's zero
+  rows past B (B=3, 72: a partial second batch block)."""
+  _check(rng, B, H, K, N, fmt, dtype, warpgroups=warpgroups, interpret=True)
+
+
+def test_dispatch_rules(rng, monkeypatch):
+  x = jnp.asarray(rng.standard_normal((2, 2, 128 + R)), jnp.bfloat16)
+  w = gemv_weights(rng, 2, 128, 64, "q8_0")
+  run = lambda x, w, **k: gemv.batched_gemv(x, w, impl="pallas", interpret=not ON_GPU, **k)
+  with pytest.raises(ValueError, match="lowering="):
+    run(x, w, lowering="cuda")
+  with pytest.raises(ValueError, match="TritonGemvTuning.*MosaicGemvTuning"):
+    run(x, w, lowering="mosaic", tuning=triton.TritonGemvTuning())
+  with pytest.raises(ValueError, match="multiple of 128"):
+    run(x, gemv_weights(rng, 2, 64, 64, "iq4_nl"), lowering="mosaic")
+  calls = []
+  monkeypatch.setattr(mosaic, "batched_gemv", lambda *a, **k: calls.append(a) or a[0])
+  run(x, w)
+  assert not calls, "Triton is the default"
+  run(x, w, lowering="mosaic")
+  assert len(calls) == 1
+
+
+def _check(rng, B, H, K, N, fmt, dtype=jnp.bfloat16, **options):
+  """x is read in place from a [B, H, K+R] query; the output buffer is poisoned first."""
+  q = jnp.asarray(rng.standard_normal((B, H, K + R)), dtype)
+  w = gemv_weights(rng, H, K, N, fmt)
+  if fmt == "bf16":
+    w = w.astype(dtype)
+  jnp.full((B, H, N), jnp.nan, dtype).block_until_ready()
+  y = _mosaic(q, w, **options)
+  assert y.shape == (B, H, N) and y.dtype == dtype
+  assert rel_err(y, gemv_oracle(q[..., :K], w)) <= RTOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("B", [1, 3, 8, 64, 72])
+@pytest.mark.parametrize("H,K,N", [(1, 128, 64), (16, 128, 512), (128, 512, 128)])
+def test_matches_reference(H, K, N, B, dtype, fmt, rng):
+  _check(rng, B, H, K, N, fmt, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("warpgroups,stages", [(1, 1), (1, 8), (2, 1), (4, 2), (8, 1)])
+def test_warpgroups_and_stages(warpgroups, stages, fmt, rng):
+  _check(rng, 5, 3, 1024, 128, fmt, warpgroups=warpgroups, stages=stages)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
+def test_large_values_and_scales(fmt, rng):
+  """Scales spanning float16's range and large activations: the per-block scaling stays in
+  float32 after the product."""
+  H, K, N = 4, 256, 64
+  w = jnp.asarray(rng.standard_normal((H, K, N)), jnp.float32)
+  w = w * jnp.exp2(jnp.asarray(rng.integers(-12, 12, (H, K // 32, 1)), jnp.float32)
+                   ).repeat(32, axis=1)
+  qw = quant.quantize(w, fmt)
+  x = jnp.asarray(rng.standard_normal((2, H, K)) * 300, jnp.bfloat16)
+  y = _mosaic(x, qw)
+  assert rel_err(y, gemv_oracle(x, qw)) <= RTOL[jnp.bfloat16]

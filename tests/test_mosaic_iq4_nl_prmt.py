@@ -1,0 +1,86 @@
+"""IQ4_NL decoding by byte permutes (ops/mosaic/iq4_nl_prmt.py).
+
+On the CPU: the permute sequence, run on every byte value with prmt emulated, gives the table
+entries of both nibbles, and the emulated prmt follows PTX's definition. On a Hopper GPU, the
+kernel test runs the same sequence as PTX, compiled by Mosaic GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from mla_jax import quant
+from mla_jax.ops import device
+from mla_jax.ops.mosaic import iq4_nl_prmt
+from mla_jax.ops.mosaic.common import interpret_params, smem
+
+ON_GPU = jax.default_backend() == "gpu"
+TABLE = np.asarray(quant.IQ4_NL_VALUES, np.float32)
+DTYPES = [jnp.bfloat16, jnp.float16]
+
+
+def _every_byte(rows=64, cols=64):
+  """A [rows, cols] uint8 tile holding every byte value, in a shuffled order."""
+  values = np.random.default_rng(0).permutation(np.arange(rows * cols) % 256)
+  return values.reshape(rows, cols).astype(np.uint8)
+
+
+def _check(lo, hi, packed, dtype):
+  assert lo.dtype == hi.dtype == dtype and lo.shape == hi.shape == packed.shape
+  np.testing.assert_array_equal(np.asarray(lo, np.float32), TABLE[packed & 15])
+  np.testing.assert_array_equal(np.asarray(hi, np.float32), TABLE[packed >> 4])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_byte_interpreted(dtype):
+  packed = _every_byte()
+  _check(*iq4_nl_prmt.decode(jnp.asarray(packed), dtype, interpret=True), packed, dtype)
+
+
+def test_table_words_encode_the_table():
+  for dtype in DTYPES:
+    low, high = iq4_nl_prmt.table_words(dtype)
+    lo_bytes = np.asarray(low, "<u4").view(np.uint8).astype(np.uint16)
+    hi_bytes = np.asarray(high, "<u4").view(np.uint8).astype(np.uint16)
+    encoded = (lo_bytes | hi_bytes << 8).view(jnp.dtype(dtype))
+    np.testing.assert_array_equal(encoded.astype(np.float32), TABLE)
+
+
+def test_emulated_prmt_follows_ptx():
+  """PTX ISA, prmt (default mode): byte k of the result is byte c[4k+2:4k] of {b, a}."""
+  prmt = iq4_nl_prmt._JnpOps().prmt
+  a, b = 0x03020100, 0x07060504
+  for sel in (0x3210, 0x7654, 0x0123, 0x4567, 0x6240, 0x7351, 0x1111, 0x5050):
+    expected = sum(((sel >> (4 * k)) & 7) << (8 * k) for k in range(4))
+    assert int(prmt(a, b, sel)) == expected, hex(sel)
+
+
+@pytest.mark.skipif(ON_GPU and not device.is_hopper(), reason="Mosaic GPU: Hopper")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_byte_in_a_kernel(dtype):
+  """Inside a Mosaic GPU kernel, on the tiles and layout the GEMV uses: the PTX sequence on a
+  Hopper GPU, the emulated one in interpret mode on a CPU."""
+  packed = _every_byte()
+
+  def kernel(packed_ref, lo_ref, hi_ref, packed_smem, lo_smem, hi_smem, bar):
+    plgpu.copy_gmem_to_smem(packed_ref, packed_smem, bar)
+    plgpu.barrier_wait(bar)
+    tile = plgpu.load(packed_smem, layout=plgpu.Layout.WGMMA_8BIT)
+    lo_smem[...], hi_smem[...] = iq4_nl_prmt.decode(tile, dtype, interpret=not ON_GPU)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(lo_smem, lo_ref)
+    plgpu.copy_smem_to_gmem(hi_smem, hi_ref)
+    plgpu.wait_smem_to_gmem(0)
+
+  out = jax.ShapeDtypeStruct(packed.shape, dtype)
+  decoded = smem(packed.shape, dtype, swizzle=32)  # the GEMV's iq4_nl tiles
+  lo, hi = plgpu.kernel(
+      kernel, out_type=(out, out),
+      scratch_types=[smem(packed.shape, jnp.uint8, swizzle=64), decoded, decoded,
+                     plgpu.Barrier(num_arrivals=1)],  # the one copy of the packed tile
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=interpret_params(not ON_GPU),
+  )(jnp.asarray(packed))
+  _check(lo, hi, packed, dtype)
