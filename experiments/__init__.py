@@ -12,4 +12,5 @@ EXPERIMENTS = {
     "decode_kernels": "experiments.bench_decode",
     "batched_gemv": "experiments.bench_gemv",
     "cpu_decode": "experiments.bench_cpu_decode",
+    "decode_step": "experiments.decode_step",
 }

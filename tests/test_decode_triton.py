@@ -44,6 +44,20 @@ def test_ragged_lengths_every_format(rng, fmt, H):
   check_decode(out, lse, *args, lengths, sm_scale, decode_tol(fmt))
 
 
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+def test_one_piece_needs_no_merge(rng, fmt):
+  """num_splits=1: the piece's partial is the result (no merge kernel), empty rows included."""
+  B = len(LENGTHS_SMALL)
+  args = decode_inputs(rng, B, 16, S_SMALL, fmt)
+  lengths = jnp.asarray(rng.permutation(LENGTHS_SMALL), jnp.int32)
+  out, lse = _decode(*args, lengths, sm_scale=0.07, block_s=BLOCK_S, num_splits=1)
+  check_decode(out, lse, *args, lengths, 0.07, decode_tol(fmt))
+  for num_splits, launches in ((1, 1), (2, 2)):  # the split kernel, then the merge if P > 1
+    jaxpr = jax.make_jaxpr(functools.partial(_decode, sm_scale=0.07, block_s=BLOCK_S,
+                                             num_splits=num_splits))(*args, lengths)
+    assert str(jaxpr).count("pallas_call[") == launches
+
+
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
 def test_large_logits(rng, fmt):
   """Logits of a few hundred: one entry dominates each row; no overflow, no NaN."""

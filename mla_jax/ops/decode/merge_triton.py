@@ -98,7 +98,11 @@ def merge_pieces(o_parts, lse_parts, out_dtype, *, launch: MergeLaunch, interpre
 def merge_heads(o_parts, lse_parts, H: int, out_dtype, *, merge: str, launch: MergeLaunch,
                 interpret: bool = False):
   """The first H heads of the merged partials: out [B, H, C] in out_dtype, lse [B, H]. merge:
-  "pallas" (merge_pieces with `launch`) or "xla" (ops.merge_partials)."""
+  "pallas" (merge_pieces with `launch`) or "xla" (ops.merge_partials). A single piece is its
+  own result (an empty one is o = 0, lse = -inf, as the merge would give): no merge runs, which
+  saves a launch per layer at short caches."""
+  if o_parts.shape[0] == 1:
+    return o_parts[0, :, :H].astype(out_dtype), lse_parts[0, :, :H]
   if merge == "xla":
     out, lse = merge_partials(o_parts[:, :, :H].astype(jnp.float32), lse_parts[:, :, :H])
     return out.astype(out_dtype), lse

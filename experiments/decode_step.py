@@ -1,0 +1,252 @@
+"""The whole decode step: a token through an AttentionStack, against the bytes it must move.
+
+For every implementation (experiments/model.py's spec grammar) the stack is built once with
+random weights. A correctness gate runs first: a real prefill of gate_prompt_len tokens, then
+one decode step, compared with the same weights in float32 on standard/xla. Then, for every
+(batch, prompt length), the caches are filled with random entries at that length (a prefill of
+65536 tokens through 27 layers would take longer than the timing) and:
+- us_per_token: generate.decode_loop_fn's n_gen steps inside one jit, median over reps;
+- us_per_token_dispatch: one jitted step a call (mla_jax.jit_step), dispatch_steps calls
+  enqueued and waited for once;
+- floor_us: (weight bytes + cache bytes one step reads) / floor_tbps;
+- kernels_per_layer: the kernels the compiled single step launches (fusions, custom calls and
+  other non-trivial instructions of its entry computation), over the layers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import mla_jax
+from mla_jax import quant
+from mla_jax.stack import fill_caches
+
+from experiments import harness, model
+
+KIND = "decode_step"
+# Instructions of an optimised HLO entry computation that launch nothing.
+_NO_KERNEL = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant"}
+
+
+def _stack(impl: model.Implementation, cfg, *, dtype, param_dtype, seed: int):
+  return mla_jax.AttentionStack(cfg, mode=impl.layer, backend=impl.backend, dtype=dtype,
+                                param_dtype=param_dtype, rngs=nnx.Rngs(seed),
+                                **dict(impl.options))
+
+
+def _as_float32(stack, cfg, seed):
+  """A float32 standard/xla stack holding `stack`'s weights (dequantized): the gate's oracle."""
+  ref = mla_jax.AttentionStack(cfg, mode="standard", backend="xla", dtype=jnp.float32,
+                               param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+  is_q = lambda v: isinstance(v, quant.QuantizedTensor)
+  state = jax.tree.map(lambda v: quant.dequantize(v, jnp.float32),
+                       nnx.state(stack, nnx.Param), is_leaf=is_q)
+  nnx.update(ref, state)
+  return ref
+
+
+def weight_bytes(stack) -> int:
+  leaves = jax.tree.leaves(nnx.state(stack, nnx.Param))
+  return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in leaves)
+
+
+def cache_read_bytes(caches, length: int) -> int:
+  """Bytes one decode step reads from the caches: `length` valid rows of every array."""
+  total = 0
+  for cache in caches:
+    arrays = [a for a in jax.tree.leaves(cache) if a.ndim >= 2]
+    for a in arrays:
+      seq_axis = 2 if isinstance(cache, mla_jax.KVCache) else 1
+      total += int(np.prod(a.shape)) // a.shape[seq_axis] * length * a.dtype.itemsize
+  return total
+
+
+def kernels(compiled_text: str) -> collections.Counter:
+  """Instruction kinds of the compiled entry computation that launch a kernel."""
+  entry = compiled_text[compiled_text.index("\nENTRY"):]
+  body = entry[:entry.index("\n}")]
+  ops = re.findall(r"= \S+ ([a-z][\w-]*)\(", body)
+  return collections.Counter(op for op in ops if op not in _NO_KERNEL)
+
+
+def _gate(config, stack, cfg, impl, key) -> dict:
+  B, P = config.batch_sizes[0], config.gate_prompt_len
+  kx, kt = jax.random.split(key)
+  dtype = jnp.dtype(config.dtype)
+  x = jax.random.normal(kx, (B, P, cfg.hidden_size), jnp.float32)
+  tok = jax.random.normal(kt, (B, 1, cfg.hidden_size), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  tok_pos = jnp.full((B, 1), P, jnp.int32)
+  ref = _as_float32(stack, cfg, config.seed)
+
+  def run(module, x, tok, cache_dtype):
+    caches = module.init_cache(B, P + 1, dtype=cache_dtype)
+    _, caches = jax.jit(lambda x, p, c: module(x, p, c))(x, pos, caches)
+    y, _ = jax.jit(lambda x, p, c: module(x, p, c))(tok, tok_pos, caches)
+    return y
+
+  y = run(stack, x.astype(dtype), tok.astype(dtype), jnp.dtype(impl.cache_dtype))
+  y_ref = run(ref, x, tok, jnp.float32)
+  tol_key = "int8" if impl.cache_dtype == "int8" else config.dtype
+  err = harness.rel_err(y, y_ref)
+  return {"gate_rel_err": err, "gate_rtol": config.gate_rtol[tol_key],
+          "gate_ok": bool(err <= config.gate_rtol[tol_key])}
+
+
+def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
+  cfg = stack.cfg
+  dtype = jnp.dtype(config.dtype)
+  max_len = S + config.n_gen + 1
+  caches = fill_caches(stack.init_cache(B, max_len, dtype=jnp.dtype(impl.cache_dtype)), S, key)
+  x = jax.random.normal(key, (B, 1, cfg.hidden_size), jnp.float32).astype(dtype)
+  pos = jnp.full((B, 1), S, jnp.int32)
+  reset = lambda caches: [dataclasses.replace(c, lengths=jnp.full_like(c.lengths, S))
+                          for c in caches]
+  row = {"impl": impl.name, "batch": B, "prompt_len": S}
+
+  graphdef, state = nnx.split(stack)
+  step = jax.jit(lambda state, x, p, c: nnx.merge(graphdef, state)(x, p, c), donate_argnums=(3,))
+  compiled = step.lower(state, x, pos, caches).compile()
+  counts = kernels(compiled.as_text())
+  row["kernels_per_layer"] = sum(counts.values()) / cfg.num_layers
+  row["kernel_kinds"] = dict(counts)
+
+  loop = mla_jax.decode_loop_fn(stack, config.n_gen)
+  _, caches = loop(x, pos, reset(caches))  # compiles
+  samples = []
+  for _ in range(config.reps):
+    caches = reset(caches)
+    jax.block_until_ready(caches)
+    start = time.perf_counter()
+    ys, caches = loop(x, pos, caches)
+    jax.block_until_ready((ys, caches))
+    samples.append((time.perf_counter() - start) / config.n_gen * 1e6)
+  row["us_per_token"] = float(np.median(samples))
+  row["us_per_token_samples"] = samples
+
+  caches = reset(caches)
+  y, caches = compiled(state, x, pos, caches)  # warm
+  caches = reset(caches)
+  jax.block_until_ready(caches)
+  start = time.perf_counter()
+  p = pos
+  for _ in range(config.dispatch_steps):
+    y, caches = compiled(state, y, p, caches)
+    p = p + 1
+  jax.block_until_ready((y, caches))
+  row["us_per_token_dispatch"] = (time.perf_counter() - start) / config.dispatch_steps * 1e6
+
+  row["weight_bytes"] = floor_bytes_w
+  row["cache_bytes"] = cache_read_bytes(caches, S)
+  row["floor_us"] = (floor_bytes_w + row["cache_bytes"]) / config.floor_tbps / 1e6
+  row["x_floor"] = row["us_per_token"] / row["floor_us"]
+  return row
+
+
+def _fits(config, cfg, impl, B, S) -> str | None:
+  """Why (impl, B, S) is not run, or None: caches larger than config.max_cache_gb."""
+  if impl.layer == "standard":
+    per_token = cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 2
+  else:
+    per_token = cfg.kv_lora_rank + cfg.qk_rope_head_dim * 2 + (
+        4 if impl.cache_dtype == "int8" else cfg.kv_lora_rank)
+  gb = cfg.num_layers * B * (S + config.n_gen + 1) * per_token / 1e9
+  if gb > config.max_cache_gb:
+    return f"caches of {gb:.0f} GB exceed max_cache_gb={config.max_cache_gb}"
+  return None
+
+
+def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
+  """Gates and times every (implementation, batch, prompt length); writes <name>.json/.md."""
+  results = harness.new_results(config, name, KIND, title)
+  cfg = model.mla_config(config.preset, config.num_layers, config.mla_overrides)
+  dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+  key = jax.random.key(config.seed)
+  start = time.perf_counter()
+  try:
+    for spec in config.impls.split(","):
+      impl = model.Implementation.parse(spec, config.cache_dtype)
+      stack = _stack(impl, cfg, dtype=dtype, param_dtype=param_dtype, seed=config.seed)
+      key, sub = jax.random.split(key)
+      gate = _gate(config, stack, cfg, impl, sub)
+      print(f"{impl.name}: gate rel err {gate['gate_rel_err']:.2e} "
+            f"({'ok' if gate['gate_ok'] else 'FAILED'})", flush=True)
+      w_bytes = weight_bytes(stack)
+      for B in config.batch_sizes:
+        for S in config.prompt_lengths:
+          row = {"impl": impl.name, "batch": B, "prompt_len": S, **gate}
+          reason = _fits(config, cfg, impl, B, S) or (None if gate["gate_ok"] else
+                                                       "failed the correctness gate")
+          if reason is None:
+            key, sub = jax.random.split(key)
+            try:
+              row.update(_time(config, stack, impl, B, S, sub, w_bytes))
+            except Exception as err:  # pylint: disable=broad-except  # a failure is a result
+              reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+          if reason is not None:
+            row["skipped"] = reason
+          results["rows"].append(row)
+          print(_line(row), flush=True)
+          write(workdir, results)
+      del stack
+    results["status"] = "complete"
+  except KeyboardInterrupt:
+    results["status"] = "interrupted"
+  results["elapsed_s"] = time.perf_counter() - start
+  write(workdir, results)
+  return results
+
+
+def _line(r: dict) -> str:
+  if "skipped" in r:
+    return f"{r['impl']} B={r['batch']} pp{r['prompt_len']}: skipped ({r['skipped']})"
+  return (f"{r['impl']} B={r['batch']} pp{r['prompt_len']}: {r['us_per_token']:.1f} µs/token "
+          f"(floor {r['floor_us']:.1f}, {r['x_floor']:.2f}x), dispatched "
+          f"{r['us_per_token_dispatch']:.1f}, {r['kernels_per_layer']:.1f} kernels/layer")
+
+
+def table(results: dict) -> str:
+  header = ["impl", "B", "prompt", "µs/token", "floor µs", "× floor", "kernels/layer",
+            "µs/token dispatched", "gate rel err"]
+  rows = []
+  for r in results["rows"]:
+    f = lambda k, spec=".1f": harness.fmt(r.get(k), spec)
+    if "skipped" in r:
+      rows.append([r["impl"], r["batch"], r["prompt_len"], "skipped: " + r["skipped"][:60],
+                   "", "", "", "", f("gate_rel_err", ".1e")])
+      continue
+    rows.append([r["impl"], r["batch"], r["prompt_len"], f("us_per_token"), f("floor_us"),
+                 f("x_floor", ".2f"), f("kernels_per_layer"), f("us_per_token_dispatch"),
+                 f("gate_rel_err", ".1e")])
+  return harness.md_table(header, rows, "lrr" + "r" * (len(header) - 3))
+
+
+def markdown(results: dict) -> str:
+  c = results["config"]
+  lines = [table(results), "",
+           f"µs/token: wall time of {c['n_gen']} decode steps inside one jit "
+           f"(generate.decode_loop_fn), median of {c['reps']} reps, over {c['n_gen']}; "
+           f"dispatched: {c['dispatch_steps']} single-step jitted calls enqueued, over "
+           f"{c['dispatch_steps']}; floor: (weight bytes + cache bytes read) / "
+           f"{c['floor_tbps']} TB/s; kernels/layer: kernels of the compiled single step over "
+           f"{c['num_layers']} layers; gate: one decode step after a {c['gate_prompt_len']}-token "
+           "prefill against the same weights in float32 on standard/xla."]
+  goals = c.get("goals")
+  if goals:
+    lines += ["", harness.goals_table(goals, results["rows"], ("impl", "batch", "prompt_len"))]
+  return "\n".join(lines) + "\n"
+
+
+plot = None  # no plot: the table is the result
+
+
+def write(workdir: str, results: dict) -> list[str]:
+  return harness.write(workdir, results, markdown=markdown)
