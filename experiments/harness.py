@@ -308,10 +308,12 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 
 def environment() -> dict:
-  """Where, when and with what a run ran. Outside a git checkout (a copy on a device machine)
-  the commit comes from $MLA_JAX_GIT_COMMIT."""
+  """Where, when and with what a run ran. $MLA_JAX_GIT_COMMIT names the commit of a copied tree
+  (a device machine's copy, whose git history may be absent or stale): it wins over git, and the
+  dirty flag is then unknown (None)."""
   device = jax.devices()[0]
-  commit = _git("rev-parse", "HEAD") or os.environ.get("MLA_JAX_GIT_COMMIT")
+  copied = os.environ.get("MLA_JAX_GIT_COMMIT")
+  commit = copied or _git("rev-parse", "HEAD")
   return {
       "platform": device.platform,
       "device_kind": device.device_kind,
@@ -323,7 +325,8 @@ def environment() -> dict:
       "flax": _version("flax"),
       "python": platform.python_version(),
       "git_commit": commit,
-      "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+      "git_dirty": (bool(_git("status", "--porcelain", "--untracked-files=no"))
+                    if commit and not copied else None),
       "command": command_line(),
       "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
