@@ -10,8 +10,9 @@ Two modes share one set of parameters (names follow transformers' DeepseekV2Atte
 
 Calling convention: `y, cache = attn(x, positions, cache)` with x [B,T,D] and positions [B,T]
 int32; T>1 is a (possibly chunked) prefill, T==1 a decode step. Padding tokens have position -1
-and must come after a row's real tokens: they are not cached and their outputs are 0. This is
-how a batch whose rows have different lengths is fed.
+and may sit anywhere in a row (left padding, as transformers pads batched generation, included):
+they are not cached, their outputs are 0, and a row's real tokens take consecutive cache slots in
+their order. This is how a batch whose rows have different lengths is fed.
 
 Weight formats (`weight_format`): only kv_b_proj's wk_b and wv_b, the weights of the two batched
 GEMVs of absorbed decoding, change format. None (the default) keeps them in param_dtype like every
@@ -140,8 +141,9 @@ class MLAttention(nnx.Module):
   def __call__(self, x, positions, cache):
     """x [B,T,D], positions [B,T] int (-1 = padding), cache -> (y [B,T,D], updated cache).
 
-    The cache is the LatentCache (absorbed) or KVCache (standard) of init_cache; row b's new
-    tokens go to slots lengths[b], lengths[b]+1, ...; y is 0 at padding positions.
+    The cache is the LatentCache (absorbed) or KVCache (standard) of init_cache; row b's real
+    (non-padding) tokens go, in order, to slots lengths[b], lengths[b]+1, ...; y is 0 at padding
+    positions, wherever they are.
     """
     self._check_inputs(x, positions, cache)
     cfg = self.cfg
@@ -149,7 +151,8 @@ class MLAttention(nnx.Module):
     x = x.astype(self.dtype)
     valid = positions >= 0
     num_new = jnp.sum(valid, axis=1, dtype=jnp.int32)
-    q_slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    rank, pack = _real_tokens_first(valid)
+    q_slots = cache.lengths[:, None] + rank
 
     q = self._query(x).reshape(B, T, cfg.num_heads, cfg.qk_head_dim)  # [q_nope | q_rope]
     q_rope = q[..., cfg.qk_nope_head_dim:]
@@ -160,7 +163,7 @@ class MLAttention(nnx.Module):
     k_rope = rope.apply_rope(k_rope, cos, sin)
 
     attend = self._absorbed if self.mode == "absorbed" else self._standard
-    heads, cache = attend(q, q_rope, c_kv, k_rope, q_slots, num_new, cache)
+    heads, cache = attend(q, q_rope, pack(c_kv), pack(k_rope), q_slots, num_new, cache)
     y = self.o_proj(heads.reshape(B, T, cfg.num_heads * cfg.v_head_dim).astype(self.dtype))
     _raise_if_overflow(cache)
     return jnp.where(valid[..., None], y, 0).astype(self.dtype), cache
@@ -237,6 +240,25 @@ class MLAttention(nnx.Module):
                        f"{expected.__name__} from init_cache")
     if cache.batch_size != x.shape[0]:
       raise ValueError(f"cache batch {cache.batch_size} != x.shape[0]={x.shape[0]}")
+
+
+def _real_tokens_first(valid):
+  """Where a chunk's tokens go when padding may sit anywhere in a row. valid [B,T] bool ->
+  (rank [B,T] int32: a real token's index among its row's real tokens, 0 for padding;
+  pack: x [B,T,...] -> x with each row's real tokens moved to the front, in order).
+
+  The cache appends a row's first num_new tokens (cache._append), so packing what goes into the
+  cache and giving each query the slot of its rank keeps real tokens contiguous and causal.
+  """
+  if valid.shape[1] == 1:  # a decode step: one token, nothing to move
+    return jnp.zeros(valid.shape, jnp.int32), lambda x: x
+  rank = jnp.where(valid, jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+  order = jnp.argsort(~valid, axis=1, stable=True)  # real tokens first, each group in order
+
+  def pack(x):
+    return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+
+  return rank, pack
 
 
 def _check_gemv_lowering(gemv_lowering: str, backend: str, dtype):

@@ -85,16 +85,23 @@ def in_place_writes(text: str, shapes: list[str]) -> dict[str, str]:
   """For each output array shape (e.g. "f32[1,4,4096,24]"), how the entry computation produces
   it: "in place" when it is a dynamic-update-slice or scatter (bare or as a fusion's root) whose
   updated operand is an entry parameter, as XLA writes such an update into the donated buffer;
-  otherwise a description of the producer (a copy, a fusion with another root, ...)."""
+  otherwise a description of the producer (a copy, a fusion with another root, ...). Each shape
+  must belong to one output; all_writes takes outputs that share a shape."""
+  found = {}
+  for shape, described in all_writes(text, shapes).items():
+    assert len(described) == 1, f"{len(described)} outputs of shape {shape}"
+    found[shape] = described[0]
+  return found
+
+
+def all_writes(text: str, shapes: list[str]) -> dict[str, list[str]]:
+  """For each shape, how the entry computation produces every output of that shape (as
+  in_place_writes describes one): one description per output, e.g. one per layer's cache."""
   computations, roots, entry = parse(text)
   body = computations[entry]
   outputs = _outputs(body, roots[entry])
-  found = {}
-  for shape in shapes:
-    producers = [i for i in outputs if i.shape.split("{")[0] == shape]
-    assert len(producers) == 1, f"{len(producers)} outputs of shape {shape}"
-    found[shape] = _describe(producers[0], body, computations, roots)
-  return found
+  return {shape: [_describe(i, body, computations, roots) for i in outputs
+                  if i.shape.split("{")[0] == shape] for shape in shapes}
 
 
 def _outputs(body, root_name) -> list[Instruction]:
