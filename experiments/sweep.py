@@ -94,6 +94,7 @@ class Sweep:
     self.dtype = jnp.dtype(config.dtype)
     self.param_dtype = jnp.dtype(config.param_dtype)
     self.cfg = model.mla_config(config.preset, config.num_layers, config.mla_overrides)
+    _check_sizes(config)
     parse = lambda spec: model.Implementation.parse(spec, config.cache_dtype)
     self.impls = [parse(s) for s in config.impls.split(",") if s.strip()]
     self.reference = parse(config.gate_reference)
@@ -317,6 +318,16 @@ class Sweep:
     self.results["implementations"] = {
         name: dataclasses.asdict(s) for name, s in self.status.items()}
     report.write(self.workdir, self.results, plot_too=self.config.plot and not partial)
+
+
+def _check_sizes(config):
+  """Refuses a config whose sizes cannot run, naming the field, before anything is built."""
+  lengths = list(config.prompt_lengths)
+  if not lengths or any(int(n) != n or n < 1 for n in lengths):
+    raise ValueError(f"config.prompt_lengths={tuple(lengths)}: expected positive integers")
+  for field in ("n_gen", "reps", "batch_size", "num_layers"):
+    if int(config[field]) < 1:
+      raise ValueError(f"config.{field}={config[field]}: expected >= 1")
 
 
 def _compile(compile_fn, *args):

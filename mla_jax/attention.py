@@ -229,8 +229,8 @@ class MLAttention(nnx.Module):
 
   def _check_inputs(self, x, positions, cache):
     D = self.cfg.hidden_size
-    if x.ndim != 3 or x.shape[-1] != D:
-      raise ValueError(f"x.shape={tuple(x.shape)}; expected [B,T,D] with D={D}")
+    if x.ndim != 3 or x.shape[-1] != D or min(x.shape) < 1:
+      raise ValueError(f"x.shape={tuple(x.shape)}; expected [B,T,D] with D={D}, B >= 1, T >= 1")
     if positions.shape != x.shape[:2] or not jnp.issubdtype(positions.dtype, jnp.integer):
       raise ValueError(f"positions.shape={tuple(positions.shape)} dtype={positions.dtype}; "
                        f"expected [B,T]={tuple(x.shape[:2])} integer")

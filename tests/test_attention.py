@@ -322,14 +322,15 @@ def test_cache_overflow_is_detected(rng):
     cache.check()
 
 
-@pytest.mark.parametrize("bad", ["x_width", "positions_shape", "positions_dtype", "cache_kind",
-                                 "cache_batch"])
+@pytest.mark.parametrize("bad", ["x_width", "x_empty", "positions_shape", "positions_dtype",
+                                 "cache_kind", "cache_batch"])
 def test_bad_inputs_raise_value_error(bad, rng):
   attn = make()
   x, pos = inputs(rng, TINY, 2, 3)
   cache = attn.init_cache(2, 8, jnp.float32)
   args = {
       "x_width": (x[..., :-1], pos, cache),
+      "x_empty": (x[:, :0], pos[:, :0], cache),  # T=0: no token
       "positions_shape": (x, pos[:, :2], cache),
       "positions_dtype": (x, pos.astype(jnp.float32), cache),
       "cache_kind": (x, pos, make(mode="standard").init_cache(2, 8, jnp.float32)),

@@ -172,8 +172,9 @@ def test_implementation_specs_and_pairs_parse():
   assert impl.options == (("weight_format", "q8_0"),)
   assert impl.prefill_key == model.Implementation.parse(
       "absorbed/xla:weight_format=q8_0:cache=int8", "float32").prefill_key
-  for bad in ("absorbed", "absorbed/xla:cache", "/xla"):
-    with pytest.raises(ValueError):
+  for bad in ("absorbed", "absorbed/xla:cache", "/xla", "absorbd/xla", "absorbed/pallsa",
+              "absorbed/xla:cache=int9"):
+    with pytest.raises(ValueError, match="implementation"):
       model.Implementation.parse(bad, "bfloat16")
   names = ["standard/xla", "absorbed/xla"]
   assert report.parse_pairs("absorbed/xla vs standard/xla", names) == [tuple(names[::-1])]
@@ -181,6 +182,20 @@ def test_implementation_specs_and_pairs_parse():
     report.parse_pairs("absorbed/cpu vs standard/xla", names)
   cfg = model.mla_config("deepseek_v2_lite", 3, "num_heads=4,q_lora_rank=None")
   assert (cfg.num_layers, cfg.num_heads, cfg.q_lora_rank, cfg.hidden_size) == (3, 4, None, 2048)
+
+
+@pytest.mark.parametrize("fields,name", [(dict(impls="standard/xla,absorbd/xla"), "absorbd"),
+                                         (dict(prompt_lengths=(8, -24)), "prompt_lengths"),
+                                         (dict(n_gen=0), "n_gen")])
+def test_the_runner_refuses_a_config_that_cannot_run(tmp_path, fields, name):
+  """A mistyped implementation or an impossible size stops the run with an error naming it
+  (exit status 1), before anything is built or timed."""
+  overrides = [f"--config.{k}={v}".replace(" ", "") for k, v in fields.items()]
+  proc = subprocess.run([sys.executable, "-m", "experiments.main", "--config=configs/tg_sweep.py",
+                         f"--workdir={tmp_path}", *overrides], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "ValueError" in proc.stderr and name in proc.stderr.splitlines()[-1]
 
 
 def test_progress_predicts_prefill_quadratic_and_decode_linear():

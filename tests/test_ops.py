@@ -1,5 +1,6 @@
 """Reference ops against float64 numpy, the XLA impls against the reference, and the merge."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -131,3 +132,34 @@ def test_unknown_impl_raises(rng):
     ops.batched_gemv(jnp.ones((2, 3, 4)), jnp.ones((3, 5, 6)))
   with pytest.raises(ValueError, match="w.shape"):
     ops.batched_gemv(jnp.ones((2, 3, 4)), jnp.ones((2, 4, 6)))
+
+
+IMPLS = ("reference", "xla", "cpu", "pallas")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode_refuses_lengths_outside_the_cache(rng, impl):
+  """Outside jit a length below 0 or above S raises, naming lengths; under jit it is clamped."""
+  q, qr, c, kr, _ = decode_inputs(rng)
+  options = {"interpret": True} if impl == "pallas" else {}
+  for lengths in ((0, -1, 5), (0, S + 1, 5)):
+    with pytest.raises(ValueError, match="lengths"):
+      ops.mla_decode(q, qr, c, kr, jnp.asarray(lengths, jnp.int32), sm_scale=SCALE, impl=impl,
+                     **options)
+  jitted = jax.jit(lambda lengths: ops.mla_decode(q, qr, c, kr, lengths, sm_scale=SCALE,
+                                                  impl=impl, **options))
+  out, _ = jitted(jnp.asarray((0, S + 7, 5), jnp.int32))
+  want, _ = jitted(jnp.asarray((0, S, 5), jnp.int32))
+  assert rel_err(out[1], want[1]) < 1e-6
+
+
+@pytest.mark.parametrize("arg,shapes", [
+    ("q_latent", dict(B=0)), ("q_latent", dict(H=0)), ("c_kv", dict(S=0))])
+def test_decode_refuses_empty_sizes(arg, shapes):
+  """An empty batch, no heads or an empty cache is refused with a ValueError naming the array."""
+  sizes = dict(B=2, H=4, S=8, C=32, R=16) | shapes
+  b, h, s, c, r = (sizes[k] for k in "BHSCR")
+  z = lambda *shape: jnp.zeros(shape, jnp.float32)
+  with pytest.raises(ValueError, match=arg):
+    ops.mla_decode(z(b, h, c), z(b, h, r), z(b, s, c), z(b, s, r), jnp.zeros((b,), jnp.int32),
+                   sm_scale=SCALE, impl="xla")

@@ -8,6 +8,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mla_jax import quant
 
@@ -98,7 +99,23 @@ def check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths):
   if tuple(lengths.shape) != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(f"lengths.shape={tuple(lengths.shape)} dtype={lengths.dtype}; "
                      f"expected [B]=({B},) integer")
+  if min(B, H, C, R) < 1:
+    raise _shape_error("q_rope" if R < 1 else "q_latent", q_rope if R < 1 else q_latent,
+                       "every size >= 1")
+  if S < 1:
+    raise _shape_error("c_kv", c_kv, "[B,S,C] with S >= 1 (a cache of at least one slot)")
   return B, H, S, C, R
+
+
+def check_lengths(lengths, S: int):
+  """Outside jit, lengths are concrete: raises ValueError unless 0 <= lengths[b] <= S. Under jit
+  they are not, and the kernels take min(max(lengths[b], 0), S) rows (documented, not checked)."""
+  if isinstance(lengths, jax.core.Tracer):
+    return
+  values = np.asarray(lengths)
+  if values.min() < 0 or values.max() > S:
+    raise ValueError(f"lengths={values.tolist()}: expected 0 <= lengths[b] <= S={S} (valid "
+                     "entries of row b are [0, lengths[b]))")
 
 
 def check_gemv_args(x, w):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from mla_jax import quant
 from mla_jax.ops import device, reference, xla
 from mla_jax.ops.common import (DECODE_IMPLS, Plan, cache_dtype, check_decode_args,
-                                check_tuning, resolve_impl)
+                                check_lengths, check_tuning, resolve_impl)
 from mla_jax.ops.decode import cpu, mosaic, mosaic_common, mosaic_heads, mosaic_int8, triton
 
 LOWERINGS = ("triton", "mosaic")
@@ -108,9 +108,11 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, impl
   """Absorbed MLA decode: out [B,H,C] (float32 for impl "reference", else q_latent.dtype), lse
   [B,H] float32 (natural log). q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] or a
   quant.Int8Rows, k_rope [B,S,R], lengths [B] (valid entries of row b are [0, lengths[b])).
-  Runs what plan() names; interpret: run a Pallas kernel in interpret mode (on a CPU)."""
+  Runs what plan() names; interpret: run a Pallas kernel in interpret mode (on a CPU).
+  Outside jit, lengths outside [0, S] raise ValueError; under jit they are clamped to it."""
   p = plan(q_latent, q_rope, c_kv, k_rope, lengths, impl=impl, lowering=lowering, tuning=tuning,
            interpret=interpret)
+  check_lengths(lengths, k_rope.shape[1])
   if p.kernel == "reference":
     return reference.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale)
   if p.kernel == "xla":
