@@ -4,7 +4,7 @@ The attention half of a DeepSeek decoder: each layer reads its input through an 
 (input_layernorm) and adds its output to the residual. Without the norm a random-weight stack is
 ill-conditioned: the residual grows, softmaxes sharpen, and rounding differences grow layer by
 layer (bf16 standard vs absorbed decode outputs differed by 30% after 27 layers; with it, ~2%).
-The stack is what the experiments time, and what `generate.decode_loop` runs.
+The decode-step benchmark (configs/decode_step_gpu.py) times it through `generate.decode_loop_fn`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ steps of several shards, `jax.vmap`-ed over the shards, so each step's batched G
 shards over the cores. A step first copies its rows into one buffer (XLA's dynamic-slice; the
 int8→bfloat16 and float16→float32 casts fuse into that copy) that both products then read from
 cache. Steps past the longest row are skipped (`lax.cond`): an empty tail of the cache is never
-read.
+read. The last S mod W rows (W rows a step) are one shard of their own, so no row is read twice:
+a module's cache is a little longer than the prompt (max_len = prompt + new tokens), and a last
+step that slid back to stay inside the cache re-read nearly a whole step (at S = 2080 with 2048
+rows a step, twice the work).
 
 What XLA CPU makes of it (jax 0.11): every dot is a YNNPACK fusion; the whole-cache einsum
 (impl="xla") computes its value product [H,S]·[S,C] as one GEMM with a K=S reduction, which gets
@@ -177,42 +180,45 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuni
   S_p = shard_size
   g = min(shards_per_step, S // S_p)
   W = g * S_p  # rows per step
-  num_steps = -(-S // W)
+  num_steps, tail = divmod(S, W)  # whole steps, then the last S % W rows as one shard
   shard = functools.partial(_shard, sm_scale=sm_scale)
   in_scale = None if scales is None else 0
   over_shards = jax.vmap(shard, (0, 0, 0, in_scale, 0, 0, 0))
   over_batch = jax.vmap(over_shards, (0, 0, 0, in_scale, 0, None, 0))
-  # The queries are copied per shard: with an unbatched q, XLA folds the shards into one wide
-  # score GEMM and transposes the whole step's c_kv for it.
-  q = jnp.broadcast_to(q_latent.astype(dtype)[:, None], (B, g, H, C))
-  q_r = jnp.broadcast_to(q_rope.astype(dtype)[:, None], (B, g, H, R))
 
-  def step(i):
-    """Shards i·g .. i·g+g-1; the last step slides back to stay inside the cache and masks the
-    rows that the step before it covered."""
-    start = jnp.minimum(i * W, S - W)
+  def span(start, rows, shards):
+    """Partials of cache rows [start, start + rows) in `shards` equal shards: [B,shards,H,C],
+    [B,shards,H]."""
+    def cut(x):
+      if rows < S:
+        x = lax.dynamic_slice_in_dim(x, start, rows, axis=1)
+      return x.reshape((B, shards, rows // shards) + x.shape[2:])
 
-    def rows(x):
-      if W < S:
-        x = lax.dynamic_slice_in_dim(x, start, W, axis=1)
-      return x.reshape((B, g, S_p) + x.shape[2:])
+    # The queries are copied per shard: with an unbatched q, XLA folds the shards into one wide
+    # score GEMM and transposes the whole step's c_kv for it.
+    q = jnp.broadcast_to(q_latent.astype(dtype)[:, None], (B, shards, H, C))
+    q_r = jnp.broadcast_to(q_rope.astype(dtype)[:, None], (B, shards, H, R))
+    first = start + jnp.arange(shards) * (rows // shards)  # cache row of each shard's row 0
+    return over_batch(q, q_r, cut(values).astype(dtype), None if scales is None else cut(scales),
+                      cut(k_rope).astype(dtype), jnp.zeros((shards,), jnp.int32),
+                      lengths[:, None] - first[None, :])
 
-    scales_i = None if scales is None else rows(scales)
-    first = start + jnp.arange(g) * S_p  # cache row of each shard's row 0
-    lo = i * W - first
-    hi = lengths[:, None] - first[None, :]
-    return over_batch(q, q_r, rows(values).astype(dtype), scales_i, rows(k_rope).astype(dtype),
-                      lo, hi)  # [B,g,H,C], [B,g,H]
-
-  if num_steps == 1:  # one shard: its partial result is the result
-    o, lse = step(0)
+  if num_steps == 1 and not tail:  # one shard: its partial result is the result
+    o, lse = span(0, S, 1)
     return o[:, 0].astype(q_latent.dtype), lse[:, 0]
-  live_steps = (jnp.max(lengths) + W - 1) // W
-  empty = (jnp.zeros((B, g, H, C), f32), jnp.full((B, g, H), MASK_VALUE, f32))
-  o, lse = lax.map(lambda i: lax.cond(i < live_steps, step, lambda _: empty, i),
-                   jnp.arange(num_steps))  # [steps,B,g,H,C], [steps,B,g,H]
+  longest = jnp.max(lengths)
+  empty = lambda shards: (jnp.zeros((B, shards, H, C), f32),
+                          jnp.full((B, shards, H), MASK_VALUE, f32))
+  o, lse = lax.map(lambda i: lax.cond(i * W < longest, lambda: span(i * W, W, g),
+                                      lambda: empty(g)),
+                   jnp.arange(num_steps))  # [steps,B,g,H,C], [steps,B,g,H]; empty past the rows
   o = jnp.moveaxis(o, 2, 1).reshape(num_steps * g, B, H, C)
   lse = jnp.moveaxis(lse, 2, 1).reshape(num_steps * g, B, H)
+  if tail:  # the last rows as their own shard: no step re-reads rows that another step read
+    o_t, lse_t = lax.cond(num_steps * W < longest, lambda: span(num_steps * W, tail, 1),
+                          lambda: empty(1))
+    o = jnp.concatenate([o, jnp.moveaxis(o_t, 1, 0)])
+    lse = jnp.concatenate([lse, jnp.moveaxis(lse_t, 1, 0)])
   out, lse = merge_partials(o, lse)
   return out.astype(q_latent.dtype), lse
 
