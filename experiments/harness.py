@@ -49,6 +49,11 @@ from mla_jax.ops import device
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
+class ConfigError(ValueError):
+  """A config value that cannot run, found before anything runs: the runner prints the message
+  as one line and exits with status 1."""
+
+
 # ---------------------------------------------------------------------------- input rotation
 
 

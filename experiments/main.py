@@ -56,7 +56,11 @@ def main(argv):
   module = importlib.import_module(EXPERIMENTS[config.kind])
   from experiments import harness, publish  # pylint: disable=import-outside-toplevel
   signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill keeps finished rows too
-  module.run(config, workdir, name=name, title=config_doc.title(path))
+  try:
+    module.run(config, workdir, name=name, title=config_doc.title(path))
+  except harness.ConfigError as err:
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    return 1
   written = [p for p in harness.paths(workdir, name).values() if os.path.exists(p)]
   print(f"\nwritten: {', '.join(written)}", flush=True)
   if _PUBLISH.value:

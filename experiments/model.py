@@ -31,6 +31,8 @@ from flax import nnx
 
 from mla_jax import MLAConfig, MLAttention, attention
 
+from experiments import harness
+
 # layer name -> constructor(cfg, backend, *, dtype, param_dtype, rngs, **options) -> module with
 # MLAttention's calling convention and init_cache.
 LAYERS: dict[str, Callable[..., nnx.Module]] = {
@@ -87,22 +89,24 @@ class Implementation:
     head, _, tail = spec.strip().partition(":")
     layer, slash, backend = head.partition("/")
     if not slash or not layer or not backend:
-      raise ValueError(f"implementation {spec!r}: expected 'layer/backend[:key=value...]'")
+      raise harness.ConfigError(
+          f"implementation {spec!r}: expected 'layer/backend[:key=value...]'")
     if layer not in LAYERS:
-      raise ValueError(f"implementation {spec!r}: layer {layer!r}; expected one of "
-                       f"{sorted(LAYERS)} (or a name given to register_layer)")
+      raise harness.ConfigError(f"implementation {spec!r}: layer {layer!r}; expected one of "
+                                f"{sorted(LAYERS)} (or a name given to register_layer)")
     if layer in ("standard", "absorbed") and backend not in attention.BACKENDS:
-      raise ValueError(f"implementation {spec!r}: backend {backend!r}; expected one of "
-                       f"{attention.BACKENDS}")
+      raise harness.ConfigError(f"implementation {spec!r}: backend {backend!r}; expected one "
+                                f"of {attention.BACKENDS}")
     try:
       options = parse_options(tail, sep=":")
     except ValueError as err:
-      raise ValueError(f"implementation {spec!r}: {err}") from err
+      raise harness.ConfigError(f"implementation {spec!r}: {err}") from err
     cache_dtype = str(options.pop("cache", default_cache_dtype))
     try:
       jnp.dtype(cache_dtype)
     except TypeError as err:
-      raise ValueError(f"implementation {spec!r}: cache={cache_dtype!r} is no dtype") from err
+      raise harness.ConfigError(
+          f"implementation {spec!r}: cache={cache_dtype!r} is no dtype") from err
     return cls(spec.strip(), layer, backend, cache_dtype, tuple(sorted(options.items())))
 
   @property

@@ -324,10 +324,11 @@ def _check_sizes(config):
   """Refuses a config whose sizes cannot run, naming the field, before anything is built."""
   lengths = list(config.prompt_lengths)
   if not lengths or any(int(n) != n or n < 1 for n in lengths):
-    raise ValueError(f"config.prompt_lengths={tuple(lengths)}: expected positive integers")
+    raise harness.ConfigError(f"config.prompt_lengths={tuple(lengths)}: expected positive "
+                              "integers")
   for field in ("n_gen", "reps", "batch_size", "num_layers"):
     if int(config[field]) < 1:
-      raise ValueError(f"config.{field}={config[field]}: expected >= 1")
+      raise harness.ConfigError(f"config.{field}={config[field]}: expected >= 1")
 
 
 def _compile(compile_fn, *args):

@@ -174,7 +174,7 @@ def test_implementation_specs_and_pairs_parse():
       "absorbed/xla:weight_format=q8_0:cache=int8", "float32").prefill_key
   for bad in ("absorbed", "absorbed/xla:cache", "/xla", "absorbd/xla", "absorbed/pallsa",
               "absorbed/xla:cache=int9"):
-    with pytest.raises(ValueError, match="implementation"):
+    with pytest.raises(harness.ConfigError, match="implementation"):
       model.Implementation.parse(bad, "bfloat16")
   names = ["standard/xla", "absorbed/xla"]
   assert report.parse_pairs("absorbed/xla vs standard/xla", names) == [tuple(names[::-1])]
@@ -194,8 +194,10 @@ def test_the_runner_refuses_a_config_that_cannot_run(tmp_path, fields, name):
   proc = subprocess.run([sys.executable, "-m", "experiments.main", "--config=configs/tg_sweep.py",
                          f"--workdir={tmp_path}", *overrides], cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
-  assert proc.returncode != 0
-  assert "ValueError" in proc.stderr and name in proc.stderr.splitlines()[-1]
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and name in last
 
 
 def test_progress_predicts_prefill_quadratic_and_decode_linear():

@@ -113,9 +113,10 @@ def check_lengths(lengths, S: int):
   if isinstance(lengths, jax.core.Tracer):
     return
   values = np.asarray(lengths)
-  if values.min() < 0 or values.max() > S:
-    raise ValueError(f"lengths={values.tolist()}: expected 0 <= lengths[b] <= S={S} (valid "
-                     "entries of row b are [0, lengths[b]))")
+  bad = np.flatnonzero((values < 0) | (values > S))
+  if bad.size:
+    raise ValueError(f"lengths[{bad[0]}]={values[bad[0]]}: expected 0 <= lengths[b] <= S={S} "
+                     "(valid entries of row b are [0, lengths[b]))")
 
 
 def check_gemv_args(x, w):
