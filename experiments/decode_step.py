@@ -16,7 +16,6 @@ one decode step, compared with the same weights in float32 on standard/xla. Then
 from __future__ import annotations
 
 import collections
-import dataclasses
 import re
 import time
 
@@ -108,8 +107,6 @@ def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
   caches = fill_caches(stack.init_cache(B, max_len, dtype=jnp.dtype(impl.cache_dtype)), S, key)
   x = jax.random.normal(key, (B, 1, cfg.hidden_size), jnp.float32).astype(dtype)
   pos = jnp.full((B, 1), S, jnp.int32)
-  reset = lambda caches: [dataclasses.replace(c, lengths=jnp.full_like(c.lengths, S))
-                          for c in caches]
   row = {"impl": impl.name, "batch": B, "prompt_len": S}
 
   graphdef, state = nnx.split(stack)
@@ -120,10 +117,10 @@ def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
   row["kernel_kinds"] = dict(counts)
 
   loop = mla_jax.decode_loop_fn(stack, config.n_gen)
-  _, caches = loop(x, pos, reset(caches))  # compiles
+  _, caches = loop(x, pos, model.with_lengths(caches, S))  # compiles
   samples = []
   for _ in range(config.reps):
-    caches = reset(caches)
+    caches = model.with_lengths(caches, S)
     jax.block_until_ready(caches)
     start = time.perf_counter()
     ys, caches = loop(x, pos, caches)
@@ -132,9 +129,9 @@ def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
   row["us_per_token"] = float(np.median(samples))
   row["us_per_token_samples"] = samples
 
-  caches = reset(caches)
+  caches = model.with_lengths(caches, S)
   y, caches = compiled(state, x, pos, caches)  # warm
-  caches = reset(caches)
+  caches = model.with_lengths(caches, S)
   jax.block_until_ready(caches)
   start = time.perf_counter()
   p = pos

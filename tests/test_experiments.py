@@ -421,3 +421,23 @@ def test_publish_copies_a_run_and_regenerates_index_and_readme(tmp_path):
   assert lines[0][0] == "[tg_sweep](tg_sweep.md)" and lines[0][2] == f"`{env['command']}`"
   assert lines[0][3:5] == [env["device_name"], env["started_utc"][:10]]
   assert lines[0][5].startswith(env["git_commit"][:10])
+
+
+def test_decode_step_runs_gated_and_counts_kernels(tmp_path):
+  """The decode-step benchmark on a CPU-sized stack: the gate passes against float32, every row
+  has a time, a floor from the weight and cache bytes, and the compiled step's kernels."""
+  from configs import decode_step_gpu  # pylint: disable=import-outside-toplevel
+  from experiments import decode_step  # pylint: disable=import-outside-toplevel
+  config = decode_step_gpu.get_config()
+  config.update(dict(num_layers=2, mla_overrides=TINY, impls="absorbed/xla", batch_sizes=(1,),
+                     prompt_lengths=(40,), n_gen=3, reps=2, dispatch_steps=2, gate_prompt_len=8,
+                     dtype="float32", param_dtype="float32", cache_dtype="float32"))
+  results = decode_step.run(config, str(tmp_path), name="tiny")
+  [row] = results["rows"]
+  assert results["status"] == "complete" and "skipped" not in row, row
+  assert row["gate_ok"] and 0 < row["gate_rel_err"] < 1e-3
+  assert row["us_per_token"] > 0 and row["us_per_token_dispatch"] > 0
+  assert row["cache_bytes"] == 2 * 40 * (32 + 8) * 4  # 2 layers, 40 rows of c_kv and k_rope
+  assert row["floor_us"] == pytest.approx((row["weight_bytes"] + row["cache_bytes"]) / 4e6)
+  assert row["kernels_per_layer"] >= 1
+  assert "| absorbed/xla | 1 | 40 |" in (tmp_path / "tiny.md").read_text()
