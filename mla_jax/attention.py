@@ -21,8 +21,12 @@ other parameter; "bf16" stores them as bfloat16; "q8_0" / "iq4_nl" store them as
 backend="pallas" decodes quantized blocks inside the fused GEMV kernel (ops/gemv/triton.py); every
 other path (xla/cpu decode, prefill, standard mode) dequantizes them first.
 
-`gemv_lowering` picks that kernel (backend="pallas" only): "triton", the default, or "mosaic",
-the Hopper kernel of ops/gemv/mosaic.py. The Mosaic kernel takes less GPU time but more host time
+Absorbed decode steps on the Pallas backend run as absorbed_step.py says: one kernel
+(ops/latent_update.py) absorbs a float wk_b into the query and does the rope, the kv norm and the
+cache write; the batched GEMV kernel applies wv_b (and a quantized wk_b).
+
+`gemv_lowering` picks that GEMV kernel (backend="pallas" only): "triton", the default, or
+"mosaic", the Hopper kernel of ops/gemv/mosaic.py, which then absorbs wk_b too. The Mosaic kernel takes less GPU time but more host time
 per launch (docs/batched_gemv.md), and needs bfloat16/float16 activations (`dtype`) with weights
 in a GGML format or in that dtype; that kernel file's `unsupported` names what else it refuses.
 """
@@ -35,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import ops, quant, rope
+from mla_jax import absorbed_step, ops, quant, rope
 from mla_jax.cache import MODES, KVCache, LatentCache, init_cache
 from mla_jax.config import MLAConfig
 from mla_jax.layers import InitSignature, Linear, RMSNorm
@@ -146,27 +150,37 @@ class MLAttention(nnx.Module):
     positions, wherever they are.
     """
     self._check_inputs(x, positions, cache)
-    cfg = self.cfg
     B, T, _ = x.shape
     x = x.astype(self.dtype)
+    if absorbed_step.supported(self, x):  # docs/decode_step.md
+      heads, cache = absorbed_step.decode_step(self, x[:, 0], positions[:, 0], cache)
+      heads = heads[:, None]
+    else:
+      heads, cache = self._attend(self._query(x), self.kv_a_proj_with_mqa(x), positions, cache)
+    y = self.o_proj(heads.reshape(B, T, -1).astype(self.dtype))
+    _raise_if_overflow(cache)
+    return jnp.where(positions[..., None] >= 0, y, 0).astype(self.dtype), cache
+
+  def _attend(self, q, kv, positions, cache):
+    """The attention between the projections: q [B,T,H·(K+R)] and kv [B,T,C+R] (their outputs)
+    -> (heads [B,T,H,V], cache), on XLA but for absorbed decode's kernels (backend)."""
+    cfg = self.cfg
+    B, T = positions.shape
     valid = positions >= 0
     num_new = jnp.sum(valid, axis=1, dtype=jnp.int32)
     rank, pack = _real_tokens_first(valid)
     q_slots = cache.lengths[:, None] + rank
 
-    q = self._query(x).reshape(B, T, cfg.num_heads, cfg.qk_head_dim)  # [q_nope | q_rope]
+    q = q.reshape(B, T, cfg.num_heads, cfg.qk_head_dim)  # [q_nope | q_rope]
     q_rope = q[..., cfg.qk_nope_head_dim:]
-    c_kv, k_rope = jnp.split(self.kv_a_proj_with_mqa(x), [cfg.kv_lora_rank], axis=-1)
+    c_kv, k_rope = jnp.split(kv, [cfg.kv_lora_rank], axis=-1)
     c_kv = self.kv_a_layernorm(c_kv)
     cos, sin = rope.rope_tables(cfg, positions)
     q_rope = rope.apply_rope(q_rope, cos[:, :, None], sin[:, :, None])
     k_rope = rope.apply_rope(k_rope, cos, sin)
 
     attend = self._absorbed if self.mode == "absorbed" else self._standard
-    heads, cache = attend(q, q_rope, pack(c_kv), pack(k_rope), q_slots, num_new, cache)
-    y = self.o_proj(heads.reshape(B, T, cfg.num_heads * cfg.v_head_dim).astype(self.dtype))
-    _raise_if_overflow(cache)
-    return jnp.where(valid[..., None], y, 0).astype(self.dtype), cache
+    return attend(q, q_rope, pack(c_kv), pack(k_rope), q_slots, num_new, cache)
 
   def _query(self, x):
     if self.cfg.q_lora_rank is None:

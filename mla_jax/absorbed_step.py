@@ -1,0 +1,78 @@
+"""MLAttention's absorbed decode step (T == 1) on the Pallas backend.
+
+A B=1 token is launch-bound: every kernel costs ~1.7 µs inside a CUDA graph whatever its size,
+and XLA ran the absorbed step as about 16 kernels a layer (docs/decode_step.md). Between the
+projections, XLA ran the kv norm, both ropes (with their cos/sin tables), the two cache writes,
+the length bookkeeping and the absorption of wk_b as some ten small fusions. Here a layer is
+
+  projections  q_proj (or q_a_proj, q_a_layernorm, q_b_proj) and kv_a_proj_with_mqa on XLA: in
+               transformers' [out, in] layout XLA reads the weights once, and a Triton GEMV
+               measured slower (docs/decode_step.md)
+  bookkeeping  one XLA fusion: the token's cache slot, the new lengths and overflow flags
+  latent       ops/latent_update.py, one launch: wk_b absorbed into the query, rope of q and k,
+               the kv norm and the cache write in place
+  attention    ops.mla_decode's split-KV kernel (and its merge when the split has pieces)
+  values       ops.batched_gemv with wv_b
+  projection   o_proj on XLA
+
+Quantized wk_b (weight_format "q8_0"/"iq4_nl"), or gemv_lowering="mosaic", leaves the absorption
+of wk_b to ops.batched_gemv (that lowering's kernel), and the latent kernel does the rest. The arithmetic, and so the result, is the module's other path's:
+the same roundings, checked in tests/test_absorbed_step.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from mla_jax import ops, quant, rope
+from mla_jax.ops import latent_update
+from mla_jax.ops.common import resolve_impl
+
+
+def supported(module, x) -> bool:
+  """Whether module's call on x [B,T,D] runs here: absorbed mode, T == 1, the Pallas backend
+  (backend "pallas", or "auto" on a GPU), and sizes the latent kernel takes."""
+  cfg = module.cfg
+  if module.mode != "absorbed" or x.shape[1] != 1 or resolve_impl(module.backend) != "pallas":
+    return False
+  return latent_update.unsupported(
+      x.shape[0], cfg.num_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+      latent_update.choose_tuning(cfg.kv_lora_rank)) is None
+
+
+def decode_step(module, x, positions, cache):
+  """x [B,D] in the module's dtype, positions [B] -> (heads [B,H,V], cache)."""
+  cfg = module.cfg
+  B, H = x.shape[0], cfg.num_heads
+  S = cache.max_len
+  valid = positions >= 0
+  slots = jnp.where(valid & (cache.lengths < S), cache.lengths, -1)
+  total = cache.lengths + valid
+  wk_b, wv_b = module.kv_b_proj.weights()
+  gemv_absorbs = isinstance(wk_b, quant.QuantizedTensor) or module.gemv_lowering != "triton"
+  int8 = isinstance(cache.c_kv, quant.Int8Rows)
+  values, scales = (cache.c_kv.values, cache.c_kv.scales) if int8 else (cache.c_kv, None)
+  q = module._query(x)
+  q_latent, q_rope, values, scales, k_rope = latent_update.latent_update(
+      q, module.kv_a_proj_with_mqa(x), positions, slots, module.kv_a_layernorm.weight[...],
+      jnp.asarray(rope.inv_freq(cfg)), None if gemv_absorbs else wk_b, values, scales,
+      cache.k_rope, num_heads=H, rope_scale=rope.attention_factor(cfg),
+      eps=module.kv_a_layernorm.eps, dtype=module.dtype,
+      tuning=latent_update.choose_tuning(cfg.kv_lora_rank),
+      interpret=jax.default_backend() != "gpu")
+  if gemv_absorbs:
+    q_latent = ops.batched_gemv(q.reshape(B, H, cfg.qk_head_dim), wk_b, impl=module._gemv_impl,
+                                **module._gemv_options)
+  cache = dataclasses.replace(cache, c_kv=quant.Int8Rows(values, scales) if int8 else values,
+                              k_rope=k_rope, lengths=jnp.minimum(total, S),
+                              overflow=cache.overflow | (total > S))
+  o_latent, _ = ops.mla_decode(q_latent, q_rope.astype(q_latent.dtype), cache.c_kv, cache.k_rope,
+                               cache.lengths, sm_scale=cfg.softmax_scale,
+                               impl=module._decode_impl,
+                               **module._kernel_options(module._decode_impl))
+  heads = ops.batched_gemv(o_latent.astype(q_latent.dtype), wv_b, impl=module._gemv_impl,
+                           **module._gemv_options)
+  return heads, cache

@@ -1,0 +1,209 @@
+"""What an absorbed decode step does between its projections and the split-KV attention, as one
+Pallas kernel (Triton lowering).
+
+From the projections' outputs q [B, H·(K+R)] and kv [B, C+R] (q_nope | q_rope per head, and
+c_kv | k_rope), one launch:
+- absorbs wk_b into the query, q_latent[b,h] = q_nope[b,h] · wk_b[h] [K, C] (DeepSeek-V2 §2.1.2),
+  on the tensor cores with the batch padded to 16 rows;
+- rotates q_rope (rope.py's YaRN rope on interleaved pairs, cos and sin computed in the kernel
+  from the position and the inverse frequencies, so no table is built per layer);
+- normalises c_kv (kv_a_layernorm), rotates k_rope, and writes both into the cache slot of the
+  token, in place (the cache buffers are aliased to the outputs); an int8 cache row is quantized
+  as quant.quantize_rows does (per-row scale max|x|/127, round to nearest even).
+
+XLA runs these as about ten small fusions a layer, each a launch (docs/decode_step.md). The grid is
+(H, C / block_c): program (h, j) owns columns j·block_c.. of head h's q_latent; the programs of
+head 0 also write the cache rows' column blocks (a loop over the batch), and those of column block
+0 rotate their head's q_rope and write k_rope. The arithmetic rounds where the module does: the
+norm to the module's dtype before its weight, rope in float32 rounded to the module's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from mla_jax.ops.common import check_field, is_pow2, next_pow2
+
+MIN_DOT = 16  # Triton's minimum dot extent per dimension
+MAX_BATCH = 64
+INT8_MAX = 127.0
+# 1.5·2^23: for |v| < 2^22, the float32 bits of v + MAGIC are MAGIC_BITS + round_even(v).
+_MAGIC = 12582912.0
+_MAGIC_BITS = 0x4B400000
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentTuning:
+  """block_c columns of q_latent per program."""
+
+  block_c: int = 64
+  num_warps: int = 4
+
+  def __post_init__(self):
+    for name in ("block_c", "num_warps"):
+      value = getattr(self, name)
+      check_field(self, name, isinstance(value, int) and is_pow2(value), "a power of two")
+    check_field(self, "block_c", self.block_c >= MIN_DOT, f">= {MIN_DOT} (Triton's dot)")
+
+
+def choose_tuning(C: int) -> LatentTuning:
+  """64 columns a program (8 programs a head at C=512), fewer if C is smaller."""
+  return LatentTuning(block_c=max(MIN_DOT, min(64, C)))
+
+
+def unsupported(B: int, H: int, K: int, C: int, R: int, tuning: LatentTuning) -> str | None:
+  """Why the kernel cannot take these sizes, or None if it can."""
+  if B > MAX_BATCH:
+    return f"B={B}: at most {MAX_BATCH} batch rows"
+  if not (is_pow2(K) and is_pow2(C) and is_pow2(R) and R >= 2 and K >= MIN_DOT):
+    return f"K={K}, C={C}, R={R}: expected powers of two (Triton blocks), K >= 16, R >= 2"
+  if C % tuning.block_c:
+    return f"C={C}: expected a multiple of block_c={tuning.block_c}"
+  return None
+
+
+def _round_even(v):
+  """round-to-nearest-even of float32 v (|v| < 2^22) as int32: the bits of v + MAGIC (a bitcast,
+  so that no compiler folds the add and the subtraction away)."""
+  return jax.lax.bitcast_convert_type(v + _MAGIC, jnp.int32) - _MAGIC_BITS
+
+
+def _kernel(pos_ref, slot_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, K, R, C, block_c,
+            absorb, int8, eps, rope_scale, dtype):
+  # pos_ref, slot_ref [B] int32 (slot -1: no write); q_ref [B, H·(K+R)] and qp_ref, the same
+  # array as [B, H·(K+R)/2, 2] (rope pairs); kv_ref [B, C+R] and kvp_ref [B, (C+R)/2, 2];
+  # g_ref [C]; freq_ref [R/2] float32; wk_ref [H, K, C] (absorb); then the aliased cache inputs
+  # (unused: the outputs are the same buffers); outputs q_latent [B, H, C] (absorb), q_rope
+  # [B, H, R/2, 2], c_kv [B, S, C], scales [B, S] (int8), k_rope [B, S, R/2, 2].
+  refs = list(refs)
+  wk_ref = refs.pop(0) if absorb else None
+  refs = refs[3 if int8 else 2:]
+  ql_ref = refs.pop(0) if absorb else None
+  qr_ref, c_ref, *rest = refs
+  s_ref, kr_ref = rest if int8 else (None, rest[0])
+  h, j = pl.program_id(0), pl.program_id(1)
+  Bp = max(MIN_DOT, next_pow2(B))
+  rows = pl.ds(0, Bp)
+  row_ok = jnp.arange(Bp) < B
+  half = R // 2
+  base = h * (K + R)
+
+  def rotate(even, odd, pos):
+    """rope.apply_rope on pairs (even, odd) [..., R/2] float32 at integer positions pos [...]."""
+    angles = pos.astype(jnp.float32)[..., None] * freq_ref[...]
+    cos, sin = jnp.cos(angles) * rope_scale, jnp.sin(angles) * rope_scale
+    return even * cos - odd * sin, even * sin + odd * cos
+
+  if absorb:
+    mask = jnp.broadcast_to(row_ok[:, None], (Bp, K))
+    q_nope = pltriton.load(q_ref.at[rows, pl.ds(base, K)], mask=mask, other=0.0)
+    cols = pl.ds(pl.multiple_of(j * block_c, block_c), block_c)
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+    q_latent = jax.lax.dot(q_nope.astype(dtype), wk_ref[h, :, cols].astype(dtype),
+                           precision=precision, preferred_element_type=jnp.float32)
+    pltriton.store(ql_ref.at[rows, h, cols], q_latent.astype(ql_ref.dtype),
+                   mask=jnp.broadcast_to(row_ok[:, None], (Bp, block_c)))
+
+  @pl.when(j == 0)
+  def _rotate_query():
+    mask = jnp.broadcast_to(row_ok[:, None], (Bp, half))
+    pos = pltriton.load(pos_ref.at[rows], mask=row_ok, other=0)
+    pairs = pl.ds(h * ((K + R) // 2) + K // 2, half)
+    even, odd = (pltriton.load(qp_ref.at[rows, pairs, jnp.int32(i)], mask=mask, other=0.0)
+                 .astype(jnp.float32) for i in (0, 1))
+    for i, part in enumerate(rotate(even, odd, pos)):
+      pltriton.store(qr_ref.at[rows, h, :, jnp.int32(i)], part.astype(dtype).astype(qr_ref.dtype), mask=mask)
+
+  @pl.when(h == 0)
+  def _write_cache():
+    cols = pl.ds(pl.multiple_of(j * block_c, block_c), block_c)
+
+    def norm(c, g, inv_rms):  # layers.RMSNorm's rounding, given the row's 1/rms
+      return ((c * inv_rms).astype(dtype).astype(jnp.float32)
+              * g.astype(dtype).astype(jnp.float32)).astype(dtype).astype(jnp.float32)
+
+    def write_row(b, carry):
+      slot = slot_ref[b]
+      ok = slot >= 0
+      at = jnp.maximum(slot, 0)
+      c_row = kv_ref[b, pl.ds(0, C)].astype(jnp.float32)
+      inv_rms = jax.lax.rsqrt(jnp.sum(c_row * c_row) / C + eps)
+      block = norm(kv_ref[b, cols].astype(jnp.float32), g_ref[cols], inv_rms)
+      if int8:  # quant.quantize_rows
+        scale = jnp.max(jnp.abs(norm(c_row, g_ref[pl.ds(0, C)], inv_rms))) / INT8_MAX
+        inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+        block = jnp.clip(_round_even(block * inv), -INT8_MAX, INT8_MAX)
+        pl.when((j == 0) & ok)(lambda: pltriton.store(
+            s_ref.at[b, pl.ds(at, 1)], jnp.full((1,), scale, jnp.float32)))
+      pltriton.store(c_ref.at[b, pl.ds(at, 1), cols], block.astype(c_ref.dtype)[None, :],
+                     mask=jnp.full((1, block_c), ok))
+
+      @pl.when((j == 0) & ok)
+      def _write_rope():
+        even, odd = (kvp_ref[b, pl.ds(C // 2, half), i].astype(jnp.float32) for i in (0, 1))
+        for i, part in enumerate(rotate(even, odd, pos_ref[b])):
+          kr_ref[b, at, :, i] = part.astype(dtype).astype(kr_ref.dtype)
+      return carry
+
+    jax.lax.fori_loop(0, B, write_row, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "rope_scale", "eps", "dtype",
+                                             "tuning", "interpret"))
+def latent_update(q, kv, positions, slots, kv_norm_weight, inv_freq, wk_b, c_kv, scales, k_rope,
+                  *, num_heads: int, rope_scale: float, eps: float, dtype, tuning: LatentTuning,
+                  interpret: bool = False):
+  """One launch of the kernel above: (q_latent [B,H,C] in dtype, or None when wk_b is None;
+  q_rope [B,H,R] in dtype; c_kv; scales; k_rope).
+
+  q [B, H·(K+R)] and kv [B, C+R]: the projections' outputs (H = num_heads). positions [B]: each
+  row's rope position. slots [B] int32: the cache slot of each row's token, -1 for none (padding,
+  a full row). kv_norm_weight [C]: kv_a_layernorm's weight (eps). inv_freq [R/2] float32 and
+  rope_scale: rope.inv_freq and rope.attention_factor. wk_b [H,K,C] or None (q_latent is then
+  left to the caller). c_kv [B,S,C] (a float array, or int8 values with scales [B,S] float32;
+  scales None otherwise) and k_rope [B,S,R]: updated in place under jit when donated.
+  """
+  B, S, C = c_kv.shape
+  R = k_rope.shape[-1]
+  H = num_heads
+  K = q.shape[1] // H - R
+  int8 = scales is not None
+  absorb = wk_b is not None
+  reason = unsupported(B, H, K, C, R, tuning)
+  if reason is not None:
+    raise ValueError(reason)
+  pairs = k_rope.reshape(B, S, R // 2, 2)  # the rope pairs as an axis: no strided access
+  cache = (c_kv, scales, pairs) if int8 else (c_kv, pairs)
+  operands = [positions.astype(jnp.int32), slots.astype(jnp.int32), q,
+              q.reshape(B, -1, 2), kv, kv.reshape(B, -1, 2), kv_norm_weight,
+              inv_freq.astype(jnp.float32)]
+  if absorb:
+    operands.append(wk_b)
+  out_shape = [jax.ShapeDtypeStruct((B, H, R // 2, 2), dtype), *(jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                                          for a in cache)]
+  if absorb:
+    out_shape.insert(0, jax.ShapeDtypeStruct((B, H, C), dtype))
+  first_out = 1 + int(absorb)  # the cache outputs follow q_latent and q_rope
+  aliases = {len(operands) + i: first_out + i for i in range(len(cache))}
+  kernel = functools.partial(
+      _kernel, B=B, K=K, R=R, C=C, block_c=tuning.block_c, absorb=absorb, int8=int8, eps=eps,
+      rope_scale=rope_scale, dtype=jnp.dtype(dtype))
+  outs = list(pl.pallas_call(
+      kernel,
+      out_shape=out_shape,
+      grid=(H, C // tuning.block_c),
+      input_output_aliases=aliases,
+      compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps, num_stages=1),
+      interpret=interpret,
+      name="mla_latent_update",
+  )(*operands, *cache))
+  q_latent = outs.pop(0) if absorb else None
+  q_rope, *cache = outs
+  c_kv, scales, pairs = cache if int8 else (cache[0], None, cache[1])
+  return q_latent, q_rope.reshape(B, H, R), c_kv, scales, pairs.reshape(B, S, R)

@@ -1,0 +1,142 @@
+"""ops/latent_update.py: the absorbed decode step's latent kernel against float32 oracles written
+here from the module's definitions (RMSNorm, rope, int8 rows), on fresh random inputs.
+
+On CPU the kernels run in interpret mode (small sizes); with a GPU the same tests run compiled,
+plus V2-Lite's and V3's head counts (marked gpu).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import RTOL, rel_err
+from mla_jax import quant
+from mla_jax.ops import latent_update as latent
+
+ON_GPU = jax.default_backend() == "gpu"
+EPS = 1e-6
+
+
+def rms_norm(x, w):
+  x = np.asarray(x, np.float64)
+  return np.asarray(w, np.float64) * x / np.sqrt(np.mean(x * x, -1, keepdims=True) + EPS)
+
+
+def rope_pairs(x, pos, inv_freq, scale):
+  """Interleaved-pair rotation of x [..., R] at positions pos [...] in float64."""
+  x = np.asarray(x, np.float64)
+  angle = np.asarray(pos, np.float64)[..., None] * np.asarray(inv_freq, np.float64)
+  cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
+  even, odd = x[..., 0::2], x[..., 1::2]
+  out = np.empty_like(x)
+  out[..., 0::2], out[..., 1::2] = even * cos - odd * sin, even * sin + odd * cos
+  return out
+
+
+def _latent_inputs(rng, B, H, K, C, R, S, dtype, int8):
+  q = jnp.asarray(rng.standard_normal((B, H * (K + R))), dtype)
+  kv = jnp.asarray(rng.standard_normal((B, C + R)), dtype)
+  g = jnp.asarray(rng.standard_normal(C), jnp.float32)
+  wk = jnp.asarray(rng.standard_normal((H, K, C)) / np.sqrt(K), dtype)
+  inv_freq = jnp.asarray(1.0 / 10000 ** (np.arange(0, R, 2) / R), jnp.float32)
+  if int8:
+    c = quant.Int8Rows(jnp.asarray(rng.integers(-127, 128, (B, S, C)), jnp.int8),
+                       jnp.asarray(rng.random((B, S)), jnp.float32))
+    k_rope = jnp.asarray(rng.standard_normal((B, S, R)), jnp.bfloat16)
+  else:
+    c = jnp.asarray(rng.standard_normal((B, S, C)), dtype)
+    k_rope = jnp.asarray(rng.standard_normal((B, S, R)), dtype)
+  return q, kv, g, wk, inv_freq, c, k_rope
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float_cache", "int8_cache"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("absorb", [True, False])
+def test_latent_update_matches_reference(absorb, dtype, int8, rng):
+  B, H, K, C, R, S = 4, 3, 16, 64, 8, 12
+  q, kv, g, wk, inv_freq, c, k_rope = _latent_inputs(rng, B, H, K, C, R, S, dtype, int8)
+  positions = jnp.asarray(rng.integers(0, 5000, B), jnp.int32)
+  slots = jnp.asarray([3, -1, 11, 0], jnp.int32)  # row 1 writes nothing (padding or full)
+  values, scales = (c.values, c.scales) if int8 else (c, None)
+  q_latent, q_rope, values2, scales2, k_rope2 = latent.latent_update(
+      q, kv, positions, slots, g, inv_freq, wk if absorb else None, values, scales, k_rope,
+      num_heads=H, rope_scale=1.25, eps=EPS, dtype=dtype, tuning=latent.LatentTuning(block_c=16),
+      interpret=not ON_GPU)
+  tol = RTOL[dtype]
+  qh = np.asarray(q, np.float64).reshape(B, H, K + R)
+  if absorb:
+    assert q_latent.shape == (B, H, C) and q_latent.dtype == dtype
+    assert rel_err(q_latent, np.einsum("bhk,hkc->bhc", qh[..., :K], np.asarray(wk, np.float64))) <= tol
+  else:
+    assert q_latent is None
+  assert rel_err(q_rope, rope_pairs(qh[..., K:], np.asarray(positions)[:, None], inv_freq,
+                                    1.25)) <= tol
+  c_new = rms_norm(np.asarray(kv)[:, :C], g)
+  k_new = rope_pairs(np.asarray(kv, np.float64)[:, C:], positions, inv_freq, 1.25)
+  written = np.zeros((B, S), bool)
+  for b, s in enumerate(np.asarray(slots)):
+    if s < 0:
+      continue
+    written[b, s] = True
+    if int8:
+      row = np.asarray(quant.Int8Rows(values2[b, s], scales2[b, s]).dequantize(), np.float64)
+      # int8 rounding: within half a step of the row, after the row's rounding to dtype
+      step = np.max(np.abs(c_new[b])) / 127
+      assert np.all(np.abs(row - c_new[b]) <= 0.5 * step * (1 + RTOL[dtype])
+                    + RTOL[dtype] * np.abs(c_new[b]))
+      assert np.max(np.abs(values2[b, s])) == 127
+    else:
+      assert rel_err(values2[b, s], c_new[b]) <= tol
+    assert rel_err(k_rope2[b, s], k_new[b]) <= RTOL[jnp.bfloat16 if int8 else dtype]
+  untouched = ~written
+  np.testing.assert_array_equal(np.asarray(values2)[untouched], np.asarray(values)[untouched])
+  np.testing.assert_array_equal(np.asarray(k_rope2)[untouched], np.asarray(k_rope)[untouched])
+  if int8:
+    np.testing.assert_array_equal(np.asarray(scales2)[untouched], np.asarray(scales)[untouched])
+
+
+def test_latent_int8_row_equals_quantize_rows(rng):
+  """The kernel's int8 row is quant.quantize_rows of the normalised row, bit for bit."""
+  B, H, K, C, R, S = 2, 2, 16, 64, 8, 4
+  q, kv, g, wk, inv_freq, c, k_rope = _latent_inputs(rng, B, H, K, C, R, S, jnp.float32, True)
+  slots = jnp.asarray([1, 2], jnp.int32)
+  _, _, values, scales, _ = latent.latent_update(
+      q, kv, jnp.zeros(B, jnp.int32), slots, g, inv_freq, wk, c.values, c.scales, k_rope,
+      num_heads=H, rope_scale=1.0, eps=EPS, dtype=jnp.float32,
+      tuning=latent.LatentTuning(block_c=32), interpret=not ON_GPU)
+  xf = kv[:, :C].astype(jnp.float32)
+  normed = g * (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + EPS))
+  expected = quant.quantize_rows(normed)
+  for b, s in enumerate(np.asarray(slots)):
+    np.testing.assert_array_equal(values[b, s], expected.values[b])
+    np.testing.assert_allclose(scales[b, s], expected.scales[b], rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16_cache", "int8_cache"])
+@pytest.mark.parametrize("B,H", [(1, 16), (8, 16), (1, 128)])
+def test_latent_update_model_shapes(B, H, int8, rng):
+  K, C, R, S = 128, 512, 64, 4096
+  q, kv, g, wk, inv_freq, c, k_rope = _latent_inputs(rng, B, H, K, C, R, S, jnp.bfloat16, int8)
+  slots = jnp.asarray(rng.integers(0, S, B), jnp.int32)
+  values, scales = (c.values, c.scales) if int8 else (c, None)
+  q_latent, _, values2, _, _ = latent.latent_update(
+      q, kv, jnp.asarray(rng.integers(0, 9000, B), jnp.int32), slots, g, inv_freq, wk, values,
+      scales, k_rope, num_heads=H, rope_scale=1.0, eps=EPS, dtype=jnp.bfloat16,
+      tuning=latent.choose_tuning(C))
+  qh = np.asarray(q, np.float64).reshape(B, H, K + R)
+  assert rel_err(q_latent, np.einsum("bhk,hkc->bhc", qh[..., :K], np.asarray(wk, np.float64))) \
+      <= RTOL[jnp.bfloat16]
+  if not int8:
+    for b, s in enumerate(np.asarray(slots)):
+      assert rel_err(values2[b, s], rms_norm(np.asarray(kv)[b, :C], g)) <= RTOL[jnp.bfloat16]
+
+
+def test_latent_unsupported_sizes_raise(rng):
+  q, kv, g, wk, inv_freq, c, k_rope = _latent_inputs(rng, 1, 2, 12, 64, 8, 4, jnp.float32, False)
+  with pytest.raises(ValueError, match="K=12"):
+    latent.latent_update(q, kv, jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), g, inv_freq,
+                         None, c, None, k_rope, num_heads=2, rope_scale=1.0, eps=EPS,
+                         dtype=jnp.float32, tuning=latent.LatentTuning(block_c=16),
+                         interpret=True)
