@@ -1,7 +1,8 @@
 """Pure-function ops (no flax). Each op family is a package whose __init__ is its one dispatcher
 on `impl` and can say what it runs (`plan`): decode/ (the split-KV attention) and gemv/ (the
 batched GEMV). `reference` is the float32 oracle (ops/reference.py), `xla` the plain-einsum
-baseline (ops/xla.py), merge_partials the split-KV merge (ops/merge.py).
+baseline (ops/xla.py), merge_partials the split-KV merge (ops/merge.py); latent_update.py is the
+absorbed decode step's one kernel between its projections and the attention.
 """
 
 from __future__ import annotations
