@@ -67,7 +67,12 @@ def test_large_logits(rng, fmt):
   scores = reference.mla_decode(*args, lengths, sm_scale=sm_scale)[1]
   assert float(jnp.max(scores)) > 100.0, "the test must produce large logits"
   out, lse = _decode(*args, lengths, sm_scale=sm_scale, block_s=BLOCK_S, num_splits=SPLITS)
-  check_decode(out, lse, *args, lengths, sm_scale, decode_tol(fmt))
+  # A float32 logit s carries a rounding error of a few |s|·2^-24 (its dot's accumulation, in
+  # another order than the oracle's), and p = exp(s - m) inherits it as a relative error: at
+  # logits of a few hundred that is ~1e-5, at the edge of float32's usual 2e-5 (compiled on the
+  # H200, a row just past it), so the bound grows with the largest logit.
+  tol = max(decode_tol(fmt), 4 * float(jnp.max(scores)) * 2.0 ** -24)
+  check_decode(out, lse, *args, lengths, sm_scale, tol)
 
 
 @pytest.mark.parametrize("q_dtype,fmt", [("float32", "bfloat16"), ("float32", "int8"),

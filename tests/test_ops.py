@@ -163,3 +163,13 @@ def test_decode_refuses_empty_sizes(arg, shapes):
   with pytest.raises(ValueError, match=arg):
     ops.mla_decode(z(b, h, c), z(b, h, r), z(b, s, c), z(b, s, r), jnp.zeros((b,), jnp.int32),
                    sm_scale=SCALE, impl="xla")
+
+
+@pytest.mark.parametrize("as_type", [list, np.asarray, tuple])
+def test_decode_takes_lengths_as_array_likes(as_type, rng):
+  args = decode_inputs(rng, lengths=(0, 1, 70))
+  want = ops.mla_decode(*args, sm_scale=SCALE, impl="xla")
+  got = ops.mla_decode(*args[:4], as_type([0, 1, 70]), sm_scale=SCALE, impl="xla")
+  np.testing.assert_array_equal(got[0], want[0])
+  with pytest.raises(ValueError, match="expected integers"):
+    ops.mla_decode(*args[:4], as_type([0.5, 1, 2]), sm_scale=SCALE, impl="xla")

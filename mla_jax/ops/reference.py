@@ -2,6 +2,7 @@
 
 Masking rule shared by every attention op: key slot j is visible to a query at cache slot s_q of
 row b iff j < kv_lengths[b] and j <= s_q. A query that sees nothing gets out = 0 and lse = -inf.
+Slots past a row's length may hold anything (stale tokens, NaN, Inf): they never reach a result.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ f32 = jnp.float32
 
 def _as_f32(x) -> jax.Array:
   return quant.dequantize(x, f32)
+
+
+def _valid_slots(values, kv_lengths, seq_axis):
+  """values with the slots at or past each row's length (along seq_axis) set to 0."""
+  j = jnp.arange(values.shape[seq_axis])
+  valid = j[None, :] < jnp.asarray(kv_lengths)[:, None]  # [B,S]
+  shape = [values.shape[0]] + [1] * (values.ndim - 1)
+  shape[seq_axis] = values.shape[seq_axis]
+  return jnp.where(valid.reshape(shape), values, 0.0)
 
 
 def masked_softmax_apply(scores, visible, values_fn):
@@ -36,7 +46,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale):
   q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (array or quant.Int8Rows), k_rope [B,S,R],
   lengths [B]. Returns out [B,H,C] float32 and lse [B,H] float32 (natural log, scaled scores).
   """
-  c_kv, k_rope = _as_f32(c_kv), _as_f32(k_rope)
+  c_kv, k_rope = _valid_slots(_as_f32(c_kv), lengths, 1), _valid_slots(_as_f32(k_rope), lengths, 1)
   scores = (jnp.einsum("bhc,bsc->bhs", _as_f32(q_latent), c_kv)
             + jnp.einsum("bhr,bsr->bhs", _as_f32(q_rope), k_rope)) * sm_scale
   visible = jnp.arange(c_kv.shape[1])[None, None, :] < jnp.asarray(lengths)[:, None, None]
@@ -48,7 +58,8 @@ def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_
 
   Returns o_latent [B,T,H,C] float32 (lse dropped).
   """
-  c_kv, k_rope = _as_f32(c_kv), _as_f32(k_rope)
+  c_kv = _valid_slots(_as_f32(c_kv), kv_lengths, 1)
+  k_rope = _valid_slots(_as_f32(k_rope), kv_lengths, 1)
   scores = (jnp.einsum("bthc,bsc->bths", _as_f32(q_latent), c_kv)
             + jnp.einsum("bthr,bsr->bths", _as_f32(q_rope), k_rope)) * sm_scale
   visible = causal_visibility(q_slots, kv_lengths, c_kv.shape[1])[:, :, None, :]
@@ -58,8 +69,8 @@ def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_
 
 def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
   """Per-head attention: q [B,T,H,K+R], k [B,H,S,K+R], v [B,H,S,V] -> [B,T,H,V] float32."""
-  v = _as_f32(v)
-  scores = jnp.einsum("bthd,bhsd->bths", _as_f32(q), _as_f32(k)) * sm_scale
+  k, v = _valid_slots(_as_f32(k), kv_lengths, 2), _valid_slots(_as_f32(v), kv_lengths, 2)
+  scores = jnp.einsum("bthd,bhsd->bths", _as_f32(q), k) * sm_scale
   visible = causal_visibility(q_slots, kv_lengths, k.shape[2])[:, :, None, :]
   out, _ = masked_softmax_apply(scores, visible, lambda p: jnp.einsum("bths,bhsv->bthv", p, v))
   return out

@@ -2,7 +2,10 @@
 the module's prefill path. Inputs keep their dtype; products accumulate in float32.
 
 Masking follows ops/reference.py: slot j is visible to a query at slot s_q iff
-j < kv_lengths[b] and j <= s_q.
+j < kv_lengths[b] and j <= s_q. Slots past a row's length may hold anything, NaN and Inf
+included: each function zeroes them before its value product (0·NaN is NaN), a select over the
+cache that XLA CPU writes out as a cache-sized temporary; the production paths (ops/decode/cpu.py,
+the Pallas kernels) avoid it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ def _softmax(scores, visible):
   return p, inv_l, lse
 
 
+def _valid_rows(values, valid):
+  """values [B,S,...] with the slots where valid [B,S] is False set to 0: slots past a row's
+  length may hold anything, NaN included, and the value product's 0·NaN would be NaN."""
+  return jnp.where(valid.reshape(valid.shape + (1,) * (values.ndim - 2)), values, 0)
+
+
 def _dense(x, dtype):
   return quant.dequantize(x, dtype) if isinstance(x, quant.Int8Rows) else x
 
@@ -39,7 +48,8 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale):
             + jnp.einsum("bhr,bsr->bhs", q_rope, k_rope, preferred_element_type=f32)) * sm_scale
   visible = jnp.arange(c_kv.shape[1])[None, None, :] < lengths[:, None, None]
   p, inv_l, lse = _softmax(scores, visible)
-  out = jnp.einsum("bhs,bsc->bhc", p.astype(c_kv.dtype), c_kv, preferred_element_type=f32)
+  out = jnp.einsum("bhs,bsc->bhc", p.astype(c_kv.dtype), _valid_rows(c_kv, visible[:, 0]),
+                   preferred_element_type=f32)
   return (out * inv_l).astype(dtype), lse[..., 0]
 
 
@@ -51,6 +61,7 @@ def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_
             + jnp.einsum("bthr,bsr->bths", q_rope, k_rope, preferred_element_type=f32)) * sm_scale
   visible = causal_visibility(q_slots, kv_lengths, c_kv.shape[1])[:, :, None, :]
   p, inv_l, _ = _softmax(scores, visible)
+  c_kv = _valid_rows(c_kv, jnp.arange(c_kv.shape[1])[None, :] < kv_lengths[:, None])
   out = jnp.einsum("bths,bsc->bthc", p.astype(c_kv.dtype), c_kv, preferred_element_type=f32)
   return (out * inv_l).astype(dtype)
 
@@ -71,6 +82,8 @@ def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
     scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=f32)
   p, inv_l, _ = _softmax(scores * sm_scale, visible)
   p = p.astype(v.dtype)
+  valid = jnp.arange(v.shape[2])[None, :] < kv_lengths[:, None]
+  v = jnp.where(valid[:, None, :, None], v, 0)  # slots past the length may hold NaN
   if q.shape[1] == 1:
     out = jnp.einsum("bhs,bhsv->bhv", p[:, :, 0], v, preferred_element_type=f32)[:, :, None]
   else:

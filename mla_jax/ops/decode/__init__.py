@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mla_jax import quant
 from mla_jax.ops import device, reference, xla
@@ -98,6 +99,13 @@ def plan(q_latent, q_rope, c_kv, k_rope, lengths, *, impl: str = "auto",
   return Plan(impl, kernel, check_tuning(tuning, _KERNELS[kernel][1], kernel))
 
 
+def _as_lengths(lengths):
+  values = np.asarray(lengths)
+  if values.dtype.kind not in "iu":
+    raise ValueError(f"lengths={lengths!r}: expected integers, one per batch row")
+  return jnp.asarray(values, jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale",))
 def _xla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale):
   return xla.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale)
@@ -109,7 +117,10 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, impl
   [B,H] float32 (natural log). q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] or a
   quant.Int8Rows, k_rope [B,S,R], lengths [B] (valid entries of row b are [0, lengths[b])).
   Runs what plan() names; interpret: run a Pallas kernel in interpret mode (on a CPU).
-  Outside jit, lengths outside [0, S] raise ValueError; under jit they are clamped to it."""
+  Outside jit, lengths outside [0, S] raise ValueError; under jit they are clamped to it.
+  lengths may be any integer array-like (a list, a numpy array)."""
+  if not isinstance(lengths, jax.Array):
+    lengths = _as_lengths(lengths)
   p = plan(q_latent, q_rope, c_kv, k_rope, lengths, impl=impl, lowering=lowering, tuning=tuning,
            interpret=interpret)
   check_lengths(lengths, k_rope.shape[1])

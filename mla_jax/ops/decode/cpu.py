@@ -131,11 +131,15 @@ def _dot(a, b, contract_a, contract_b):
                          preferred_element_type=f32)
 
 
-def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_scale):
+def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_scale,
+           stale_rows):
   """One shard's partial softmax: rows j with lo <= j < hi are visible.
 
-  scale_S is the int8 cache's per-row scale or None. Returns o_p [H,C] float32 (normalised within
-  the shard) and lse_p [H] float32; a shard with no visible row gives o_p = 0, lse_p = -inf.
+  scale_S is the int8 cache's per-row scale or None. stale_rows: whether rows past hi may be
+  in the shard; they may hold anything, NaN included, and 0·NaN is NaN, so they are then zeroed
+  before the value product (a pass over the rows, hence only where needed). Returns o_p [H,C]
+  float32 (normalised within the shard) and lse_p [H] float32; a shard with no visible row gives
+  o_p = 0, lse_p = -inf.
   """
   scores = _dot(q_latent_HC, c_kv_SC, 1, 1)  # [H,S_p]
   if scale_S is not None:
@@ -149,8 +153,9 @@ def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_sc
   p = jnp.exp(scores - m)  # masked rows: exp(-inf) = 0
   l = jnp.sum(p, axis=1, keepdims=True)
   if scale_S is not None:
-    p = p * scale_S[None, :]
-  o = _dot(p.astype(c_kv_SC.dtype), c_kv_SC, 1, 0)  # [H,C]
+    p = p * (jnp.where(visible, scale_S, 0) if stale_rows else scale_S)[None, :]
+  values = jnp.where(visible[:, None], c_kv_SC, 0) if stale_rows else c_kv_SC
+  o = _dot(p.astype(c_kv_SC.dtype), values, 1, 0)  # [H,C]
   nonempty = l > 0
   l_safe = jnp.where(nonempty, l, 1.0)
   return o / l_safe, jnp.where(nonempty, m + jnp.log(l_safe), MASK_VALUE)[:, 0]
@@ -181,14 +186,21 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuni
   g = min(shards_per_step, S // S_p)
   W = g * S_p  # rows per step
   num_steps, tail = divmod(S, W)  # whole steps, then the last S % W rows as one shard
-  shard = functools.partial(_shard, sm_scale=sm_scale)
   in_scale = None if scales is None else 0
-  over_shards = jax.vmap(shard, (0, 0, 0, in_scale, 0, 0, 0))
-  over_batch = jax.vmap(over_shards, (0, 0, 0, in_scale, 0, None, 0))
 
   def span(start, rows, shards):
     """Partials of cache rows [start, start + rows) in `shards` equal shards: [B,shards,H,C],
-    [B,shards,H]."""
+    [B,shards,H]. Rows past a row's length are zeroed only where the span holds some (at most
+    one step a row: lax.cond runs one branch)."""
+    all_valid = start + rows <= jnp.min(lengths)
+    return lax.cond(all_valid, lambda: shards_of(start, rows, shards, stale_rows=False),
+                    lambda: shards_of(start, rows, shards, stale_rows=True))
+
+  def shards_of(start, rows, shards, *, stale_rows):
+    shard = functools.partial(_shard, sm_scale=sm_scale, stale_rows=stale_rows)
+    over_shards = jax.vmap(shard, (0, 0, 0, in_scale, 0, 0, 0))
+    over_batch = jax.vmap(over_shards, (0, 0, 0, in_scale, 0, None, 0))
+
     def cut(x):
       if rows < S:
         x = lax.dynamic_slice_in_dim(x, start, rows, axis=1)
