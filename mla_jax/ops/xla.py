@@ -2,10 +2,12 @@
 the module's prefill path. Inputs keep their dtype; products accumulate in float32.
 
 Masking follows ops/reference.py: slot j is visible to a query at slot s_q iff
-j < kv_lengths[b] and j <= s_q. Slots past a row's length may hold anything, NaN and Inf
-included: each function zeroes them before its value product (0·NaN is NaN), a select over the
-cache that XLA CPU writes out as a cache-sized temporary; the production paths (ops/decode/cpu.py,
-the Pallas kernels) avoid it.
+j < kv_lengths[b] and j <= s_q. mla_decode, an implementation of ops.mla_decode, takes caches
+whose slots past a row's length hold anything, NaN and Inf included: it zeroes them before its
+value product (0·NaN is NaN), a select over the cache that XLA CPU writes out as a cache-sized
+temporary (the CPU shard path and the Pallas kernels avoid it). The module's prefill and standard
+attention read the module's own caches, whose slots past the length hold finite values only
+(zeros, or tokens of a rewound row), and skip that select.
 """
 
 from __future__ import annotations
@@ -61,7 +63,6 @@ def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_
             + jnp.einsum("bthr,bsr->bths", q_rope, k_rope, preferred_element_type=f32)) * sm_scale
   visible = causal_visibility(q_slots, kv_lengths, c_kv.shape[1])[:, :, None, :]
   p, inv_l, _ = _softmax(scores, visible)
-  c_kv = _valid_rows(c_kv, jnp.arange(c_kv.shape[1])[None, :] < kv_lengths[:, None])
   out = jnp.einsum("bths,bsc->bthc", p.astype(c_kv.dtype), c_kv, preferred_element_type=f32)
   return (out * inv_l).astype(dtype)
 
@@ -82,8 +83,6 @@ def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
     scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=f32)
   p, inv_l, _ = _softmax(scores * sm_scale, visible)
   p = p.astype(v.dtype)
-  valid = jnp.arange(v.shape[2])[None, :] < kv_lengths[:, None]
-  v = jnp.where(valid[:, None, :, None], v, 0)  # slots past the length may hold NaN
   if q.shape[1] == 1:
     out = jnp.einsum("bhs,bhsv->bhv", p[:, :, 0], v, preferred_element_type=f32)[:, :, None]
   else:
