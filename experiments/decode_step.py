@@ -68,11 +68,16 @@ def cache_read_bytes(caches, length: int) -> int:
   return total
 
 
+# An HLO instruction line, "%name = <type> <opcode>(...": the type is one shape, or a tuple of
+# shapes in parentheses (a kernel with several outputs, e.g. a Pallas call).
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = (?:\([^()]*\)|\S+) ([a-z][\w-]*)\(", re.MULTILINE)
+
+
 def kernels(compiled_text: str) -> collections.Counter:
   """Instruction kinds of the compiled entry computation that launch a kernel."""
   entry = compiled_text[compiled_text.index("\nENTRY"):]
   body = entry[:entry.index("\n}")]
-  ops = re.findall(r"= \S+ ([a-z][\w-]*)\(", body)
+  ops = _INSTRUCTION.findall(body)
   return collections.Counter(op for op in ops if op not in _NO_KERNEL)
 
 

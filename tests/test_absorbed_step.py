@@ -143,16 +143,24 @@ def test_compiled_step_aliases_the_whole_cache(cache_dtype):
 
 @pytest.mark.gpu
 def test_v2_lite_step_kernels_per_layer():
-  """The compiled V2-Lite absorbed step (B=1, bf16, a 128-entry cache: one split piece, no
-  merge) launches at most 10 kernels a layer; an accidental split of a fusion shows here."""
+  """A V2-Lite layer adds 13 kernels to the compiled absorbed step (B=1, bf16, a 16384-slot
+  cache, so the split has pieces and a merge): the difference between a 2- and a 1-layer stack.
+  On the H200 at 615c249: per layer 8 fusions (input RMSNorm as a reduction and a multiply, the
+  q and kv_a projections, o_proj with the residual, the slot, length and overflow bookkeeping as
+  three), a copy of the lengths, and 4 custom calls (latent kernel, split, merge, wv_b GEMV).
+  An accidental split of a fusion shows here; fewer kernels should lower the bound."""
   from experiments import decode_step
-  cfg = dataclasses.replace(mla_jax.MLAConfig.deepseek_v2_lite(), num_layers=2)
-  model = mla_jax.AttentionStack(cfg, backend="pallas", dtype=jnp.bfloat16,
-                                 param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-  caches = model.init_cache(1, 128, jnp.bfloat16)
-  graphdef, state = nnx.split(model)
-  step = jax.jit(lambda s, x, p, c: nnx.merge(graphdef, s)(x, p, c), donate_argnums=(3,))
-  x = jnp.zeros((1, 1, cfg.hidden_size), jnp.bfloat16)
-  text = step.lower(state, x, jnp.zeros((1, 1), jnp.int32), caches).compile().as_text()
-  counts = decode_step.kernels(text)
-  assert sum(counts.values()) / cfg.num_layers <= 10, counts
+
+  def count(num_layers):
+    cfg = dataclasses.replace(mla_jax.MLAConfig.deepseek_v2_lite(), num_layers=num_layers)
+    model = mla_jax.AttentionStack(cfg, backend="pallas", dtype=jnp.bfloat16,
+                                   param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda s, x, p, c: nnx.merge(graphdef, s)(x, p, c), donate_argnums=(3,))
+    x = jnp.zeros((1, 1, cfg.hidden_size), jnp.bfloat16)
+    text = step.lower(state, x, jnp.zeros((1, 1), jnp.int32),
+                      model.init_cache(1, 16384, jnp.bfloat16)).compile().as_text()
+    return decode_step.kernels(text)
+
+  one, two = count(1), count(2)
+  assert sum(two.values()) - sum(one.values()) <= 13, (one, two)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import tg_sweep
-from experiments import EXPERIMENTS, config_doc, harness, model, publish, report, sweep
+from experiments import EXPERIMENTS, config_doc, decode_step, harness, model, publish, report, sweep
 from experiments.progress import Progress
 from mla_jax import MLAttention
 
@@ -441,3 +441,27 @@ def test_decode_step_runs_gated_and_counts_kernels(tmp_path):
   assert row["floor_us"] == pytest.approx((row["weight_bytes"] + row["cache_bytes"]) / 4e6)
   assert row["kernels_per_layer"] >= 1
   assert "| absorbed/xla | 1 | 40 |" in (tmp_path / "tiny.md").read_text()
+
+
+def test_kernel_count_sees_kernels_with_several_outputs():
+  """A kernel with a tuple of outputs (a Pallas call, a multi-output fusion) counts once, as a
+  single-output one does; parameters, tuples and bitcasts count for nothing."""
+  text = """HloModule m
+
+%fused (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(%p)
+}
+
+ENTRY %main (a: f32[4], b: f32[8]) -> (f32[4], f32[8]) {
+  %a = f32[4]{0} parameter(0)
+  %b = f32[8]{0} parameter(1)
+  %pallas_call.1 = (f32[4]{0}, f32[8]{0}) custom-call(%a, %b), custom_call_target="t"
+  %gte = f32[4]{0} get-tuple-element(%pallas_call.1), index=0
+  %fusion = f32[4]{0} fusion(%gte), kind=kLoop, calls=%fused
+  %copy = f32[8]{0} copy(%b)
+  %bc = f32[2,2]{1,0} bitcast(%fusion)
+  ROOT %t = (f32[4]{0}, f32[8]{0}) tuple(%fusion, %copy)
+}
+"""
+  assert decode_step.kernels(text) == {"custom-call": 1, "fusion": 1, "copy": 1}
