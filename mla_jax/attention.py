@@ -195,8 +195,8 @@ class MLAttention(nnx.Module):
     k_rope = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))
     cache = cache.write(jnp.concatenate([k_nope, k_rope], axis=-1), v, num_new)
     q = jnp.concatenate([q[..., :self.cfg.qk_nope_head_dim], q_rope], axis=-1)
-    heads = xla.standard_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), q_slots,
-                                   cache.lengths, sm_scale=self.cfg.softmax_scale)
+    heads = xla.standard_attention(q, cache.k, cache.v, q_slots, cache.lengths,
+                                   sm_scale=self.cfg.softmax_scale)
     return heads, cache
 
   def _absorbed(self, q, q_rope, c_kv, k_rope, q_slots, num_new, cache):
@@ -214,9 +214,8 @@ class MLAttention(nnx.Module):
       return heads[:, None], cache
     q_nope = q[..., :self.cfg.qk_nope_head_dim]
     q_latent = jnp.einsum("bthk,hkc->bthc", q_nope, quant.dequantize(wk_b, q.dtype))
-    c_cache = cache.c_kv if hasattr(cache.c_kv, "dequantize") else cache.c_kv.astype(q.dtype)
-    o_latent = xla.latent_attention(q_latent, q_rope, c_cache, cache.k_rope.astype(q.dtype),
-                                    q_slots, cache.lengths, sm_scale=self.cfg.softmax_scale)
+    o_latent = xla.latent_attention(q_latent, q_rope, cache.c_kv, cache.k_rope, q_slots,
+                                    cache.lengths, sm_scale=self.cfg.softmax_scale)
     return jnp.einsum("bthc,hcv->bthv", o_latent, quant.dequantize(wv_b, o_latent.dtype)), cache
 
   @property

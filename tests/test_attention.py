@@ -14,8 +14,9 @@ from flax import nnx
 from flax.nnx import bridge
 
 import mla_jax
-from mla_jax import rope
+from mla_jax import quant, rope
 from mla_jax.ops import reference
+from mla_jax.ops import xla as ops_xla
 from helpers import rel_err, run_chunks
 import hlo
 
@@ -427,3 +428,48 @@ def test_bfloat16_modes_agree_with_float32(rng):
       y, cache = step(x[:, t0:t0 + n], pos[:, t0:t0 + n], cache)
       ys.append(y)
     assert rel_err(jnp.concatenate(ys, 1), want) < 3e-2, mode
+
+
+@pytest.mark.parametrize("mode", ["standard", "absorbed"])
+def test_prefill_work_follows_the_filled_length_not_max_len(mode):
+  """Prefill attends block by block up to the longest row (ops/xla.py _blockwise): the compiled
+  prefill's arithmetic is the same for a cache of 2048 slots and one of 16384 (XLA's cost
+  analysis counts a loop body once, and the blocks are 1024 slots either way), where attending
+  over the whole cache would make it grow 8x."""
+  cfg = dataclasses.replace(TINY, hidden_size=128)
+  attn = make(cfg, mode=mode)
+  graphdef, state = nnx.split(attn)
+  step = jax.jit(lambda s, x, p, c: nnx.merge(graphdef, s)(x, p, c), donate_argnums=(3,))
+
+  def flops(max_len):
+    cost = step.lower(state, jnp.ones((1, 64, cfg.hidden_size)), jnp.zeros((1, 64), jnp.int32),
+                      attn.init_cache(1, max_len, jnp.float32)).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  assert flops(16384) <= 1.01 * flops(2048)
+
+
+@pytest.mark.parametrize("block", [100, 1024, 4096])
+def test_blockwise_prefill_equals_the_reference(block, rng):
+  """Blocks of any size (the last one sliding back to end at S, and a cache shorter than one
+  block) give what one softmax over the whole cache gives, with gradients; rows of different
+  lengths, one ending inside the first block."""
+  B, T, H, C, R, S = 2, 5, 3, 32, 8, 2500
+  draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  q_latent, q_rope, c_kv, k_rope = draw(B, T, H, C), draw(B, T, H, R), draw(B, S, C), draw(B, S, R)
+  kv_lengths = jnp.asarray([2200, 7])
+  q_slots = kv_lengths[:, None] - T + jnp.arange(T)[None]
+  for args in [(q_latent, q_rope, c_kv, k_rope), (q_latent, q_rope, quant.quantize_rows(c_kv),
+                                                  k_rope.astype(jnp.bfloat16))]:
+    out = ops_xla.latent_attention(*args, q_slots, kv_lengths, sm_scale=0.2, block=block)
+    want = reference.latent_attention(*args, q_slots, kv_lengths, sm_scale=0.2)
+    assert rel_err(out, want) < F32_TOL
+  grad = jax.grad(lambda q: ops_xla.latent_attention(q, q_rope, c_kv, k_rope, q_slots, kv_lengths,
+                                                     sm_scale=0.2, block=block).sum())
+  want_grad = jax.grad(lambda q: reference.latent_attention(q, q_rope, c_kv, k_rope, q_slots,
+                                                            kv_lengths, sm_scale=0.2).sum())
+  assert rel_err(grad(q_latent), want_grad(q_latent)) < F32_TOL
+  q, k, v = draw(B, T, H, 24), draw(B, H, S, 24), draw(B, H, S, 16)
+  out = ops_xla.standard_attention(q, k, v, q_slots, kv_lengths, sm_scale=0.2, block=block)
+  want = reference.standard_attention(q, k, v, q_slots, kv_lengths, sm_scale=0.2)
+  assert rel_err(out, want) < F32_TOL

@@ -13,11 +13,13 @@ attention read the module's own caches, whose slots past the length hold finite 
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from mla_jax import quant
 from mla_jax.ops.common import causal_visibility
 
 f32 = jnp.float32
+PREFILL_BLOCK = 1024  # cache slots a prefill step attends over (a [B,T,H,1024] float32 block)
 
 
 def _softmax(scores, visible):
@@ -42,6 +44,54 @@ def _dense(x, dtype):
   return quant.dequantize(x, dtype) if isinstance(x, quant.Int8Rows) else x
 
 
+def _slice(x, start, rows, axis):
+  """Slots [start, start + rows) of x (an array or quant.Int8Rows) along its slot axis."""
+  if rows == x.shape[axis]:
+    return x
+  if isinstance(x, quant.Int8Rows):
+    return quant.Int8Rows(lax.dynamic_slice_in_dim(x.values, start, rows, axis),
+                          lax.dynamic_slice_in_dim(x.scales, start, rows, axis))
+  return lax.dynamic_slice_in_dim(x, start, rows, axis)
+
+
+def _visible(q_slots, kv_lengths, start, rows, first):
+  """[B,T,rows]: causal_visibility of slots start.. that no earlier block visited (>= first)."""
+  j = start + jnp.arange(rows)
+  return (causal_visibility(q_slots - start, kv_lengths - start, rows)
+          & (j >= first)[None, None, :])
+
+
+def _blockwise(scores, values, out_shape, S, kv_lengths, block):
+  """Online softmax (FlashAttention-2, Dao 2023) over the cache in blocks of `block` slots.
+
+  scores(start, rows, first) -> masked scores [..., rows] of slots [start, start + rows) (-inf
+  where not visible, or below `first`); values(p, start, rows) -> [..., V] float32. Blocks at
+  or past the longest row's length are skipped (lax.cond in a scan: reverse-mode
+  differentiable), so a prefill costs what the filled cache holds, not its size; the last block
+  slides back to end at S and masks the slots an earlier block visited. A cache of at most
+  `block` slots is one block. Rows that see nothing give 0. Returns out_shape float32.
+  """
+  rows = min(block, S)
+
+  def visit(carry, i):
+    acc, m, l = carry
+    start = jnp.minimum(i * rows, S - rows)
+    s = scores(start, rows, i * rows)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    alpha = jnp.exp(m - shift)  # 0 while nothing was visible (m = -inf)
+    p = jnp.exp(s - shift[..., None])
+    return (acc * alpha[..., None] + values(p, start, rows), m_new,
+            l * alpha + jnp.sum(p, axis=-1))
+
+  longest = jnp.max(kv_lengths)
+  init = (jnp.zeros(out_shape, f32), jnp.full(out_shape[:-1], -jnp.inf, f32),
+          jnp.zeros(out_shape[:-1], f32))
+  step = lambda carry, i: (lax.cond(i * rows < longest, visit, lambda c, i: c, carry, i), None)
+  (acc, _, l), _ = lax.scan(step, init, jnp.arange(-(-S // rows)))
+  return acc * jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)[..., None]
+
+
 def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale):
   """Absorbed decode as three einsums over the whole cache; out [B,H,C] in q_latent.dtype."""
   dtype = q_latent.dtype
@@ -55,19 +105,31 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale):
   return (out * inv_l).astype(dtype), lse[..., 0]
 
 
-def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_scale):
-  """Absorbed attention for T queries (prefill): q_latent [B,T,H,C] -> [B,T,H,C]."""
+def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_scale,
+                     block: int = PREFILL_BLOCK):
+  """Absorbed attention for T queries (prefill): q_latent [B,T,H,C] -> [B,T,H,C] in its dtype.
+
+  c_kv [B,S,C] (any float dtype, or quant.Int8Rows) and k_rope [B,S,R] are read block by block
+  in q_latent's dtype (_blockwise): the cost follows the longest row's length, not S.
+  """
   dtype = q_latent.dtype
-  c_kv = _dense(c_kv, dtype)
-  scores = (jnp.einsum("bthc,bsc->bths", q_latent, c_kv, preferred_element_type=f32)
-            + jnp.einsum("bthr,bsr->bths", q_rope, k_rope, preferred_element_type=f32)) * sm_scale
-  visible = causal_visibility(q_slots, kv_lengths, c_kv.shape[1])[:, :, None, :]
-  p, inv_l, _ = _softmax(scores, visible)
-  out = jnp.einsum("bths,bsc->bthc", p.astype(c_kv.dtype), c_kv, preferred_element_type=f32)
-  return (out * inv_l).astype(dtype)
+
+  def scores(start, rows, first):
+    c = _dense(_slice(c_kv, start, rows, 1), dtype).astype(dtype)
+    k = _slice(k_rope, start, rows, 1).astype(dtype)
+    s = (jnp.einsum("bthc,bsc->bths", q_latent, c, preferred_element_type=f32)
+         + jnp.einsum("bthr,bsr->bths", q_rope, k, preferred_element_type=f32)) * sm_scale
+    return jnp.where(_visible(q_slots, kv_lengths, start, rows, first)[:, :, None], s, -jnp.inf)
+
+  def values(p, start, rows):
+    c = _dense(_slice(c_kv, start, rows, 1), dtype).astype(dtype)
+    return jnp.einsum("bths,bsc->bthc", p.astype(dtype), c, preferred_element_type=f32)
+
+  out = _blockwise(scores, values, q_latent.shape, k_rope.shape[1], kv_lengths, block)
+  return out.astype(dtype)
 
 
-def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
+def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale, block: int = PREFILL_BLOCK):
   """Per-head attention over a head-major cache k [B,H,S,K+R], v [B,H,S,V]: q [B,T,H,K+R] ->
   [B,T,H,V].
 
@@ -76,18 +138,32 @@ def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale):
   inputs with an f32 result (DotThunk: BF16 x BF16 = F32).
   """
   dtype = q.dtype
+  if q.shape[1] > 1:  # prefill: block by block, in q's dtype (_blockwise)
+    return _standard_prefill(q, k, v, q_slots, kv_lengths, sm_scale=sm_scale, block=block)
+  k, v = k.astype(dtype), v.astype(dtype)
   visible = causal_visibility(q_slots, kv_lengths, k.shape[2])[:, None]  # [B,1,T,S]
-  if q.shape[1] == 1:
-    scores = jnp.einsum("bhd,bhsd->bhs", q[:, 0], k, preferred_element_type=f32)[:, :, None]
-  else:
-    scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=f32)
+  scores = jnp.einsum("bhd,bhsd->bhs", q[:, 0], k, preferred_element_type=f32)[:, :, None]
   p, inv_l, _ = _softmax(scores * sm_scale, visible)
-  p = p.astype(v.dtype)
-  if q.shape[1] == 1:
-    out = jnp.einsum("bhs,bhsv->bhv", p[:, :, 0], v, preferred_element_type=f32)[:, :, None]
-  else:
-    out = jnp.einsum("bhts,bhsv->bhtv", p, v, preferred_element_type=f32)
+  out = jnp.einsum("bhs,bhsv->bhv", p[:, :, 0].astype(dtype), v,
+                   preferred_element_type=f32)[:, :, None]
   return (out * inv_l).astype(dtype).transpose(0, 2, 1, 3)
+
+
+def _standard_prefill(q, k, v, q_slots, kv_lengths, *, sm_scale, block):
+  dtype = q.dtype
+
+  def scores(start, rows, first):
+    s = jnp.einsum("bthd,bhsd->bhts", q, _slice(k, start, rows, 2).astype(dtype),
+                   preferred_element_type=f32) * sm_scale
+    return jnp.where(_visible(q_slots, kv_lengths, start, rows, first)[:, None], s, -jnp.inf)
+
+  def values(p, start, rows):
+    return jnp.einsum("bhts,bhsv->bhtv", p.astype(dtype), _slice(v, start, rows, 2).astype(dtype),
+                      preferred_element_type=f32)
+
+  B, T, H, _ = q.shape
+  out = _blockwise(scores, values, (B, H, T, v.shape[-1]), k.shape[2], kv_lengths, block)
+  return out.astype(dtype).transpose(0, 2, 1, 3)
 
 
 def batched_gemv(x, w):
