@@ -34,6 +34,7 @@ in a GGML format or in that dtype; that kernel file's `unsupported` names what e
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,8 @@ class MLAttention(nnx.Module):
     if backend not in BACKENDS:
       raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
     _check_gemv_lowering(gemv_lowering, backend, dtype)
+    if backend == "pallas" and jax.default_backend() != "gpu":
+      _warn_interpreted()
     self.cfg, self.mode, self.backend, self.dtype = cfg, mode, backend, dtype
     self.gemv_lowering = gemv_lowering
     D, H = cfg.hidden_size, cfg.num_heads
@@ -283,6 +286,13 @@ def _check_gemv_lowering(gemv_lowering: str, backend: str, dtype):
   if gemv_lowering == "mosaic" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"gemv_lowering='mosaic' with dtype={jnp.dtype(dtype)}: the Mosaic kernel "
                      "needs bfloat16 or float16 activations")
+
+
+@functools.cache
+def _warn_interpreted():
+  """Once a process: Pallas kernels without a GPU run in Pallas' interpret mode."""
+  warnings.warn("MLAttention(backend='pallas') without a GPU runs its Pallas kernels in interpret "
+                "mode: correct, and much slower than backend='auto' (the CPU path)", stacklevel=3)
 
 
 def _raise_if_overflow(cache):

@@ -3,6 +3,7 @@ the module jits, differentiates and bridges to Linen, and decode updates the cac
 
 import dataclasses
 import inspect
+import warnings
 
 import flax.linen as nn
 from flax import traverse_util
@@ -14,7 +15,7 @@ from flax import nnx
 from flax.nnx import bridge
 
 import mla_jax
-from mla_jax import quant, rope
+from mla_jax import attention, quant, rope
 from mla_jax.ops import reference
 from mla_jax.ops import xla as ops_xla
 from helpers import rel_err, run_chunks
@@ -473,3 +474,14 @@ def test_blockwise_prefill_equals_the_reference(block, rng):
   out = ops_xla.standard_attention(q, k, v, q_slots, kv_lengths, sm_scale=0.2, block=block)
   want = reference.standard_attention(q, k, v, q_slots, kv_lengths, sm_scale=0.2)
   assert rel_err(out, want) < F32_TOL
+
+
+def test_pallas_without_a_gpu_warns_once():
+  if jax.default_backend() == "gpu":
+    pytest.skip("the kernels run compiled here")
+  attention._warn_interpreted.cache_clear()
+  with pytest.warns(UserWarning, match="interpret mode"):
+    mla_jax.MLAttention(TINY, backend="pallas", rngs=nnx.Rngs(0))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    mla_jax.MLAttention(TINY, backend="pallas", rngs=nnx.Rngs(0))  # no second warning

@@ -205,7 +205,7 @@ def test_decode_with_the_plans_tuning_is_decode_without(rng, impl, lowering, H, 
   if lowering == "mosaic" and ON_GPU and not device.is_hopper():
     pytest.skip("wgmma: Hopper")
   args = (*decode_inputs(rng, 2, H, 128, fmt), jnp.asarray([128, 45], jnp.int32))
-  options = dict(impl=impl, lowering=lowering, interpret=not ON_GPU)
+  options = dict(impl=impl, lowering=lowering, interpret=not ON_GPU and impl == "pallas")
   plan = decode.plan(*args, **options)
   out, lse = decode.mla_decode(*args, sm_scale=0.1, **options)
   out_p, lse_p = decode.mla_decode(*args, sm_scale=0.1, tuning=plan.tuning, **options)
@@ -224,3 +224,17 @@ def test_gemv_with_the_plans_tuning_is_gemv_without(rng, lowering):
   np.testing.assert_array_equal(np.asarray(gemv.batched_gemv(x, w, **options), np.float32),
                                 np.asarray(gemv.batched_gemv(x, w, tuning=plan.tuning, **options),
                                            np.float32))
+
+
+def test_interpret_is_only_for_pallas(rng):
+  """interpret=True with an implementation that runs no Pallas kernel is refused, not ignored."""
+  args = (*decode_inputs(rng, 1, 4, 64, "float32"), jnp.asarray([5], jnp.int32))
+  for impl in ("xla", "reference", "cpu"):
+    with pytest.raises(ValueError, match="interpret=True"):
+      decode.mla_decode(*args, sm_scale=0.1, impl=impl, interpret=True)
+  x = jnp.zeros((1, 2, 64), jnp.float32)
+  w = jnp.zeros((2, 64, 32), jnp.float32)
+  with pytest.raises(ValueError, match="interpret=True"):
+    gemv.batched_gemv(x, w, impl="xla", interpret=True)
+  with pytest.raises(TypeError):
+    decode.mla_decode(*args, sm_scale=0.1, impl="xla", interpet=True)  # a misspelt option

@@ -87,8 +87,9 @@ def plan(q_latent, q_rope, c_kv, k_rope, lengths, *, impl: str = "auto",
   None for its choose_tuning. interpret: the Pallas kernel will run in interpret mode."""
   dims = check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths)
   impl = resolve_impl(impl, allowed=DECODE_IMPLS)
-  if impl != "pallas" and lowering is not None:
-    raise ValueError(f"lowering={lowering!r}: only impl='pallas' takes a lowering")
+  if impl != "pallas" and (lowering is not None or interpret):
+    raise ValueError(f"lowering={lowering!r}, interpret={interpret!r}: only impl='pallas' takes "
+                     f"a lowering or runs interpreted (impl={impl!r})")
   if impl in ("reference", "xla"):
     if tuning is not None:
       raise ValueError(f"tuning={type(tuning).__name__}: impl={impl!r} takes no tuning")

@@ -27,14 +27,14 @@ def plan(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
   """What batched_gemv runs for these arguments (arrays or jax.ShapeDtypeStruct; w may be a
   quant.QuantizedTensor): only shapes and dtypes are read. lowering (impl "pallas" only):
   "triton", "mosaic" or None (Triton). tuning: the chosen kernel's tuning dataclass, or None for
-  its choose_tuning. interpret does not change the plan; it is here so that plan and
-  batched_gemv take the same arguments."""
-  del interpret
+  its choose_tuning. interpret (impl "pallas" only) does not change the plan; it is here so that
+  plan and batched_gemv take the same arguments."""
   check_gemv_args(x, w)
   impl = resolve_impl(impl, allowed=GEMV_IMPLS)
   if impl != "pallas":
-    if lowering is not None or tuning is not None:
-      raise ValueError(f"lowering={lowering!r}, tuning={tuning!r}: impl={impl!r} takes neither")
+    if lowering is not None or tuning is not None or interpret:
+      raise ValueError(f"lowering={lowering!r}, tuning={tuning!r}, interpret={interpret!r}: "
+                       f"impl={impl!r} takes none of them")
     return Plan(impl, impl)
   if lowering not in (None, *LOWERINGS):
     raise ValueError(f"lowering={lowering!r}: expected None or one of {LOWERINGS}")
@@ -58,7 +58,7 @@ def batched_gemv(x, w, *, impl: str = "auto", lowering: str | None = None, tunin
   quant.QuantizedTensor -> [B,H,N]. Only the first K columns of x are used: pass the whole query
   [B,H,K+R] for q_nope and the Pallas kernels read them in place. Runs what plan() names;
   interpret: run a Pallas kernel in interpret mode (on a CPU)."""
-  p = plan(x, w, impl=impl, lowering=lowering, tuning=tuning)
+  p = plan(x, w, impl=impl, lowering=lowering, tuning=tuning, interpret=interpret)
   if p.kernel == "reference":
     return reference.batched_gemv(x[..., :w.shape[1]], w)
   if p.kernel == "xla":
