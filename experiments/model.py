@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import MLAConfig, MLAttention, attention
+from mla_jax import MLAConfig, MLAttention, attention, quant
 
 from experiments import harness
 
@@ -123,13 +123,20 @@ class AttentionStack:
   compiling a step raises ImportError/NotImplementedError for a kernel that does not exist yet.
   """
 
-  def __init__(self, impl: Implementation, cfg: MLAConfig, *, dtype, param_dtype, seed: int):
+  def __init__(self, impl: Implementation, cfg: MLAConfig, *, dtype, param_dtype, seed: int,
+               rounded_through: str | None = None):
+    """rounded_through: a quant format; the layers' wk_b and wv_b are quantized to it and
+    dequantized back to param_dtype, so that this stack holds exactly the weights that an
+    implementation with `weight_format=rounded_through` computes with (its gate reference)."""
     if impl.layer not in LAYERS:
       raise ValueError(f"layer {impl.layer!r} of {impl.name!r}; expected one of {sorted(LAYERS)}")
     self.impl, self.cfg = impl, cfg
     make = functools.partial(LAYERS[impl.layer], cfg, backend=impl.backend, dtype=dtype,
                              param_dtype=param_dtype, **dict(impl.options))
     layers = [make(rngs=nnx.Rngs(seed + i)) for i in range(cfg.num_layers)]
+    if rounded_through is not None:
+      for layer in layers:
+        _round_through(layer.kv_b_proj, rounded_through, param_dtype)
     self._layer0 = layers[0]
     self.graphdef = nnx.graphdef(layers[0])
     # The steps take the layers' states as one flat list of arrays: flattening nnx.State pytrees
@@ -166,6 +173,13 @@ class AttentionStack:
     (x_out [B,1,D], attn_outs [L,B,1,D], caches); the caches are donated."""
     jitted = jax.jit(self._forward, donate_argnums=(3,))
     return jitted.lower(self.params, x, positions, caches).compile()
+
+
+def _round_through(kv_b_proj, weight_format: str, dtype):
+  """wk_b and wv_b quantized to weight_format, then dequantized back to dtype, in place."""
+  kv_b_proj.set_weight_format(weight_format)
+  for param in (kv_b_proj.wk_b, kv_b_proj.wv_b):
+    param.set_value(quant.dequantize(param.get_value(), dtype))
 
 
 def _rms_norm(x, eps):

@@ -102,6 +102,7 @@ class Sweep:
     self.status: dict[str, Status] = {}
     self.stacks: dict[str, model.AttentionStack] = {}
     self.gate_outputs = None
+    self.rounded_outputs: dict[str, np.ndarray] = {}  # weight format -> its reference's outputs
     self.results = report.new_results(config, name, title, self.cfg, [i.name for i in self.impls],
                                       self.pairs)
 
@@ -184,8 +185,8 @@ class Sweep:
       prefill_total += pp_s
       for impl in live:
         caches, spent = self._decode(impl, caches, prompt_len, decode_inputs, pp_s, chunk,
-                                     gate=gate, timed=impl.name in timed_names,
-                                     progress=progress)
+                                     gate=(prompt, max_len) if gate else None,
+                                     timed=impl.name in timed_names, progress=progress)
         compile_total += spent
       del caches
     return compile_total, prefill_total
@@ -203,7 +204,8 @@ class Sweep:
 
   def _decode(self, impl, caches, prompt_len, decode_inputs, pp_s, chunk, *, gate, timed,
               progress):
-    """Gates (at the first length) and times one implementation; returns (caches, compile s)."""
+    """Gates (at the first length; gate = (prompt, max_len), else None) and times one
+    implementation; returns (caches, compile s)."""
     config, stack = self.config, self.stacks[impl.name]
     xs, positions = decode_inputs
     caches = model.with_lengths(caches, prompt_len)
@@ -226,7 +228,7 @@ class Sweep:
       if gate:
         _, attn_outs, caches = step(stack.params, xs[0], positions[0], caches)
         caches = model.with_lengths(caches, prompt_len)
-        if not self._gate(impl, attn_outs):
+        if not self._gate(impl, attn_outs, *gate, prompt_len, decode_inputs):
           if timed:
             self._row(prompt_len, impl, "failed", progress)
           return caches, compile_s
@@ -263,8 +265,12 @@ class Sweep:
     jax.block_until_ready((x_out, caches))
     return caches, time.perf_counter() - start, x_out
 
-  def _gate(self, impl, attn_outs) -> bool:
-    """Records the reference's outputs, or compares against them; False marks impl failed."""
+  def _gate(self, impl, attn_outs, prompt, max_len, prompt_len, decode_inputs) -> bool:
+    """Records the reference's outputs, or compares against them; False marks impl failed.
+
+    An implementation with quantized weights (option weight_format) is compared with the
+    reference holding the same weights, rounded through that format (_rounded_reference), so
+    that the tolerance measures the implementation, not the quantization."""
     if impl.name == self.reference.name:
       self.gate_outputs = np.asarray(attn_outs, np.float64)
       if not np.all(np.isfinite(self.gate_outputs)):
@@ -274,7 +280,12 @@ class Sweep:
     if self.gate_outputs is None:
       self._mark(impl, "failed", f"no gate reference: {self.reference.name} did not run")
       return False
-    err = harness.rel_err(attn_outs, self.gate_outputs)
+    weight_format = dict(impl.options).get("weight_format")
+    reference = self.gate_outputs
+    if weight_format is not None:
+      reference = self._rounded_reference(weight_format, prompt, max_len, prompt_len,
+                                          decode_inputs)
+    err = harness.rel_err(attn_outs, reference)
     key, rtol = _gate_rtol(self.config, impl)
     status = self.status[impl.name]
     status.gate_rel_err, status.gate_rtol = err, rtol
@@ -286,6 +297,21 @@ class Sweep:
       self._mark(impl, "failed", f"gate: rel err {err:.3g} > {rtol:.0e} ({key}) "
                                  f"vs {self.reference.name}")
     return ok
+
+  def _rounded_reference(self, weight_format, prompt, max_len, prompt_len, decode_inputs):
+    """The reference's gate outputs with wk_b and wv_b rounded through weight_format (computed
+    once per format)."""
+    if weight_format not in self.rounded_outputs:
+      twin = model.AttentionStack(self.reference, self.cfg, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, seed=self.config.seed,
+                                  rounded_through=weight_format)
+      caches, _, _ = self._prefill(twin, prompt, max_len)
+      xs, positions = decode_inputs
+      caches = model.with_lengths(caches, prompt_len)
+      step, _ = _compile(twin.compile_decode, xs[0], positions[0], caches)
+      _, attn_outs, _ = step(twin.params, xs[0], positions[0], caches)
+      self.rounded_outputs[weight_format] = np.asarray(attn_outs, np.float64)
+    return self.rounded_outputs[weight_format]
 
   def _mark(self, impl, state, reason):
     status = self.status[impl.name]

@@ -75,11 +75,16 @@ class KVUpProjection(nnx.Module):
       raise ValueError(f"weight_format={weight_format!r}; expected one of {WEIGHT_FORMATS}")
     # set_value, not `param[...] =`: the new value has another dtype or type (an indexed write
     # would cast it back into the old array).
-    for param in (self.wk_b, self.wv_b):
+    for name, param in (("wk_b", self.wk_b), ("wv_b", self.wv_b)):
       if weight_format == "bf16":
         param.set_value(quant.dequantize(param.get_value(), jnp.bfloat16))
       elif weight_format is not None:
-        param.set_value(quant.quantize(quant.dequantize(param.get_value()), weight_format))
+        try:
+          param.set_value(quant.quantize(quant.dequantize(param.get_value()), weight_format))
+        except ValueError as err:
+          raise ValueError(f"kv_b_proj.{name} [H, K, N]: {err} (its contraction dimension "
+                           f"K={param.get_value().shape[1]}, weight_format={weight_format!r})"
+                           ) from None
 
   def weights(self):
     """(wk_b [H,K,C], wv_b [H,C,V]): arrays or quant.QuantizedTensor, as weight_format left them.

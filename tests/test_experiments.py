@@ -465,3 +465,15 @@ ENTRY %main (a: f32[4], b: f32[8]) -> (f32[4], f32[8]) {
 }
 """
   assert decode_step.kernels(text) == {"custom-call": 1, "fusion": 1, "copy": 1}
+
+
+def test_gate_compares_quantized_weights_with_the_same_weights_in_float(tmp_path):
+  """An implementation with q8_0 weights passes the float32 gate: it is compared with the
+  reference holding its weights rounded through q8_0 (against the unrounded reference, the
+  quantization alone exceeds the float32 tolerance: the gate failed so before)."""
+  config = tiny_config(impls="standard/xla,absorbed/xla:weight_format=q8_0", compare="",
+                       prompt_lengths=(8,), mla_overrides=TINY.replace(
+                           "qk_nope_head_dim=16", "qk_nope_head_dim=32"))  # K: GGML blocks of 32
+  results = sweep.run(config, str(tmp_path), "tiny")
+  row = rows_by(results)[(8, "absorbed/xla:weight_format=q8_0")]
+  assert row["status"] == "ok", row

@@ -131,3 +131,11 @@ def test_gemv_lowering_is_checked():
                          (dict(backend="pallas", gemv_lowering="mosaic"), "bfloat16 or float16")]:
     with pytest.raises(ValueError, match=match):
       mla_jax.MLAttention(MOSAIC, rngs=nnx.Rngs(0), **options)
+
+
+def test_quantized_format_names_the_tensor_whose_dims_do_not_fit():
+  cfg = dataclasses.replace(mla_jax.MLAConfig.deepseek_v2_lite(), hidden_size=64, num_heads=2,
+                            kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                            v_head_dim=32, num_layers=1)
+  with pytest.raises(ValueError, match=r"kv_b_proj\.wk_b.*K=16"):
+    mla_jax.MLAttention(cfg, weight_format="q8_0", rngs=nnx.Rngs(0))
