@@ -1,4 +1,5 @@
-"""MLAConfig: the attention-relevant fields of a DeepSeek-V2/V3 transformers config."""
+"""MLAConfig: the attention-relevant fields of a DeepSeek-V2/V3 transformers config; ModelConfig:
+those of the whole DeepSeek-V2 decoder (vocabulary, dense MLP, MoE)."""
 
 from __future__ import annotations
 
@@ -125,3 +126,102 @@ def _read_hf_dict(path_or_dict) -> dict:
     raise ValueError(f"no transformers config.json at {path!r}")
   with open(path) as f:
     return json.load(f)
+
+
+TOPK_METHODS = ("greedy", "group_limited_greedy")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(MLAConfig):
+  """The whole DeepSeek-V2 decoder: MLAConfig's attention fields plus the vocabulary, the dense
+  MLP and the MoE (names follow transformers' DeepseekV2Config; defaults are DeepSeek-V2-Lite).
+
+  Layer i has a MoE when n_routed_experts > 0 and i >= first_k_dense_replace, else a dense MLP
+  of intermediate_size. A MoE routes each token to num_experts_per_tok of n_routed_experts
+  experts of moe_intermediate_size and adds n_shared_experts always-on experts, run as one MLP
+  of n_shared_experts·moe_intermediate_size (DeepSeekMoE, Dai et al. 2024, §3.2).
+  """
+
+  vocab_size: int = 102400
+  intermediate_size: int = 10944
+  moe_intermediate_size: int = 1408
+  n_routed_experts: int = 64
+  n_shared_experts: int = 2
+  num_experts_per_tok: int = 6
+  first_k_dense_replace: int = 1
+  norm_topk_prob: bool = False
+  routed_scaling_factor: float = 1.0
+  topk_method: str = "greedy"
+  n_group: int = 1
+  topk_group: int = 1
+  tie_word_embeddings: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    for name in ("vocab_size", "intermediate_size", "moe_intermediate_size", "n_group",
+                 "topk_group"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+    for name in ("n_routed_experts", "n_shared_experts", "first_k_dense_replace"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if self.topk_method not in TOPK_METHODS:
+      raise ValueError(f"ModelConfig.topk_method={self.topk_method!r}; expected one of "
+                       f"{TOPK_METHODS}")
+    if self.n_routed_experts:
+      self._check_routing()
+
+  def _check_routing(self):
+    E, G, k = self.n_routed_experts, self.n_group, self.num_experts_per_tok
+    if not 1 <= k <= E:
+      raise ValueError(f"ModelConfig.num_experts_per_tok={k}; expected 1..n_routed_experts={E}")
+    if self.topk_method == "group_limited_greedy":
+      if E % G:
+        raise ValueError(f"ModelConfig.n_routed_experts={E} is not a multiple of n_group={G}")
+      if not self.topk_group <= G or k > self.topk_group * (E // G):
+        raise ValueError(f"ModelConfig.topk_group={self.topk_group}: expected <= n_group={G} "
+                         f"and topk_group·n_routed_experts/n_group >= num_experts_per_tok={k}")
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
+
+  @classmethod
+  def deepseek_v3(cls):
+    raise ValueError("ModelConfig has no DeepSeek-V3 preset: V3's router (sigmoid scores, "
+                     "noaux_tc with a score-correction bias) is not implemented")
+
+  @classmethod
+  def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any]) -> ModelConfig:
+    """Reads a transformers DeepseekV2 config (a dict, a config.json path or its directory).
+
+    Refuses what the decoder does not implement: an activation other than SiLU, a router other
+    than softmax with greedy or group-limited top-k, MoE layers that skip (moe_layer_freq != 1).
+    """
+    hf = _read_hf_dict(path_or_dict)
+    attention = dataclasses.asdict(MLAConfig.from_hf(hf))
+    unsupported = {"hidden_act": ("silu",), "scoring_func": ("softmax",),
+                   "moe_layer_freq": (1,), "topk_method": TOPK_METHODS}
+    for name, allowed in unsupported.items():
+      if name in hf and hf[name] not in allowed:
+        raise ValueError(f"HF config {name}={hf[name]!r}; only {allowed} is implemented")
+    missing = [k for k in ("vocab_size", "intermediate_size") if k not in hf]
+    if missing:
+      raise ValueError(f"HF config lacks {missing}; is it a DeepseekV2 config?")
+    defaults = cls()
+    get = lambda name: hf[name] if hf.get(name) is not None else getattr(defaults, name)
+    return cls(
+        **attention,
+        vocab_size=hf["vocab_size"],
+        intermediate_size=hf["intermediate_size"],
+        moe_intermediate_size=get("moe_intermediate_size"),
+        n_routed_experts=hf.get("n_routed_experts") or 0,
+        n_shared_experts=hf.get("n_shared_experts") or 0,
+        num_experts_per_tok=get("num_experts_per_tok"),
+        first_k_dense_replace=get("first_k_dense_replace"),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        routed_scaling_factor=float(get("routed_scaling_factor")),
+        topk_method=get("topk_method"),
+        n_group=get("n_group"),
+        topk_group=get("topk_group"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )

@@ -1,4 +1,5 @@
-"""The small layers around attention: a Linear in transformers' weight layout, and RMSNorm."""
+"""The small layers around attention: a Linear in transformers' weight layout, RMSNorm, the token
+embedding and the gated SiLU MLP."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import inspect
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mla_jax import quant
+
+WEIGHT_FORMATS = (None, "bf16", *quant.FORMATS)
 
 
 class InitSignature:
@@ -34,6 +39,9 @@ class Linear(nnx.Module):
   (bf16, B=1, jax 0.11.2, in-jit loop) 2048 -> 3648 took 22.5 µs over [in, out] and 7.8 µs over
   [out, in]; a 27-layer V2-Lite attention step went from 1768 to 965 µs a token at S=128.
   It is also the checkpoint's own layout, so loading copies the weight as it is.
+
+  set_weight_format stores the weight in bfloat16 or a GGML block format (to_weight_format);
+  a quantized weight is dequantized when used.
   """
 
   __signature__ = InitSignature()
@@ -46,9 +54,35 @@ class Linear(nnx.Module):
     self.weight = nnx.Param(init(rngs.params(), (out_features, in_features), param_dtype))
     self.dtype = dtype
 
+  def set_weight_format(self, weight_format: str | None):
+    # set_value, not `weight[...] =`: the new value has another dtype or type.
+    self.weight.set_value(to_weight_format(self.weight.get_value(), weight_format))
+
   def __call__(self, x):
     """x [..., in_features] -> [..., out_features] in self.dtype."""
-    return jnp.einsum("...d,nd->...n", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+    w = as_array(self.weight.get_value(), self.dtype)
+    return jnp.einsum("...d,nd->...n", x.astype(self.dtype), w)
+
+
+def to_weight_format(w, weight_format: str | None):
+  """A weight [..., out, in] (an array, or what this returned) in weight_format: None keeps it,
+  "bf16" casts it to bfloat16, "q8_0" / "iq4_nl" make a quant.QuantizedTensor of its transpose
+  [..., in, out], so that GGML's blocks of 32 run along the contraction axis `in` (quant.py).
+  Quantized weights start from their dequantized values, so converting twice only re-rounds."""
+  if weight_format not in WEIGHT_FORMATS:
+    raise ValueError(f"weight_format={weight_format!r}; expected one of {WEIGHT_FORMATS}")
+  if weight_format is None:
+    return w
+  if weight_format == "bf16":
+    return as_array(w, jnp.bfloat16)
+  return quant.quantize(jnp.swapaxes(as_array(w, jnp.float32), -1, -2), weight_format)
+
+
+def as_array(w, dtype):
+  """A weight of to_weight_format as a dtype array [..., out, in]."""
+  if isinstance(w, quant.QuantizedTensor):
+    return jnp.swapaxes(quant.dequantize(w, dtype), -1, -2)
+  return w.astype(dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -66,3 +100,38 @@ class RMSNorm(nnx.Module):
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
     return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+  """Token embedding: weight [vocab_size, dim] (transformers' nn.Embedding), rows looked up."""
+
+  __signature__ = InitSignature()
+
+  def __init__(self, vocab_size: int, dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.weight = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (vocab_size, dim),
+                                                         param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, ids):
+    """ids [...] int in [0, vocab_size) -> [..., dim] in self.dtype."""
+    return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+
+class MLP(nnx.Module):
+  """The gated SiLU MLP of DeepSeek (and LLaMA): down_proj(silu(gate_proj(x)) · up_proj(x))
+  (Shazeer 2020, "GLU Variants Improve Transformer", SwiGLU); transformers' DeepseekV2MLP."""
+
+  __signature__ = InitSignature()
+
+  def __init__(self, dim: int, intermediate_size: int, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.gate_proj = Linear(dim, intermediate_size, dtype=dtype, param_dtype=param_dtype,
+                            rngs=rngs)
+    self.up_proj = Linear(dim, intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.down_proj = Linear(intermediate_size, dim, dtype=dtype, param_dtype=param_dtype,
+                            rngs=rngs)
+
+  def __call__(self, x):
+    """x [..., dim] -> [..., dim]."""
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

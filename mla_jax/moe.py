@@ -1,0 +1,163 @@
+"""MoE: DeepSeekMoE's routed and shared experts, as transformers' DeepseekV2Moe computes them.
+
+Router (DeepSeek-V2 paper §2.1.2-2.2): scores s = softmax(x·W_gateᵀ) over the E routed experts, in
+float32. Each token keeps its top k = num_experts_per_tok scores: over all experts
+(topk_method="greedy"), or over the topk_group groups of E/n_group experts whose best score is
+highest ("group_limited_greedy", the paper's device-limited routing, §2.2.2). The kept scores,
+normalised to sum 1 when norm_topk_prob, times routed_scaling_factor, weight the experts' outputs:
+y = Σ_j w_j · expert_{i_j}(x) + shared_experts(x).
+
+norm_topk_prob follows DeepSeek's own modeling code (V3's, and vLLM's for V2): normalise, then
+scale. transformers' DeepseekV2Moe ignores the field; every released DeepSeek-V2 config sets it
+false, where the two agree.
+
+Experts are stacked, [E, out, in] per projection (layers.Linear's layout for each expert):
+gate_proj and up_proj [E, I, D], down_proj [E, D, I]. Two ways to run them:
+- "gather" (decode, few tokens): index the stacked weights with each token's k expert ids and
+  run k GEMVs a token. It reads N·k expert matrices, not all E.
+- "grouped" (prefill): sort the N·k (token, expert) pairs by expert and run one grouped matmul
+  per projection (jax.lax.ragged_dot_general: the rows of group e meet expert e's weight).
+"auto" gathers when N·k <= E, where gathering reads no more weight than the grouped product's E
+matrices, and groups otherwise. On CPU, jax 0.11.2 lowers ragged_dot to a dense product over all
+E groups with the other groups' rows masked (E times the FLOPs; at E=64, I=1408, D=2048 and 512
+rows, 3.1 s against 35 ms for one expert's dense product), so it is a correct but slow prefill
+there.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax.config import ModelConfig
+from mla_jax.layers import MLP, InitSignature, Linear, as_array, to_weight_format
+
+IMPLS = ("auto", "gather", "grouped")
+
+# ragged_dot_general contracting x [M, in] with stacked weights [E, out, in] over `in`.
+_RAGGED_OUT_IN = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[0])
+
+
+def route(logits, *, top_k: int, topk_method: str = "greedy", n_group: int = 1,
+          topk_group: int = 1, norm_topk_prob: bool = False,
+          routed_scaling_factor: float = 1.0):
+  """Router logits [N,E] -> (weights [N,top_k] float32, expert ids [N,top_k] int32); see the
+  module docstring."""
+  scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  candidates = scores
+  if topk_method == "group_limited_greedy":
+    N, E = scores.shape
+    group_best = jnp.max(scores.reshape(N, n_group, E // n_group), axis=-1)  # [N,G]
+    _, groups = jax.lax.top_k(group_best, topk_group)
+    kept = jnp.any(groups[:, :, None] == jnp.arange(n_group), axis=1)  # [N,G]
+    # Masked scores are 0, below every softmax score, as transformers masks them.
+    candidates = jnp.where(jnp.repeat(kept, E // n_group, axis=1), scores, 0.0)
+  elif topk_method != "greedy":
+    raise ValueError(f"topk_method={topk_method!r}; expected 'greedy' or 'group_limited_greedy'")
+  weights, ids = jax.lax.top_k(candidates, top_k)
+  if norm_topk_prob:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  return weights * routed_scaling_factor, ids.astype(jnp.int32)
+
+
+class Experts(nnx.Module):
+  """E gated SiLU MLPs (layers.MLP's function), their weights stacked along a leading axis."""
+
+  __signature__ = InitSignature()
+
+  def __init__(self, num_experts: int, dim: int, intermediate_size: int, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    E, D, I = num_experts, dim, intermediate_size
+    init = lambda fan_in, shape: nnx.initializers.normal(fan_in ** -0.5)(rngs.params(), shape,
+                                                                         param_dtype)
+    self.gate_proj = nnx.Param(init(D, (E, I, D)))
+    self.up_proj = nnx.Param(init(D, (E, I, D)))
+    self.down_proj = nnx.Param(init(I, (E, D, I)))
+    self.dtype = dtype
+
+  @property
+  def num_experts(self) -> int:
+    return self.gate_proj.get_value().shape[0]
+
+  def set_weight_format(self, weight_format: str | None):
+    """Stores the three stacked weights as layers.to_weight_format does (quantized per expert)."""
+    for param in (self.gate_proj, self.up_proj, self.down_proj):
+      param.set_value(to_weight_format(param.get_value(), weight_format))
+
+  def gather(self, x, ids, weights):
+    """x [N,D], ids and weights [N,k] -> Σ_j weights[:, j] · expert_{ids[:, j]}(x) [N,D] float32,
+    reading only the N·k chosen experts' weights (per-token GEMVs)."""
+
+    def w(param):  # [N,k,out,in]; a quantized weight's blocks are gathered, then dequantized
+      chosen = jax.tree.map(lambda a: jnp.take(a, ids, axis=0), param.get_value())
+      return as_array(chosen, self.dtype)
+
+    x = x.astype(self.dtype)
+    gate = jnp.einsum("nd,nkid->nki", x, w(self.gate_proj))
+    up = jnp.einsum("nd,nkid->nki", x, w(self.up_proj))
+    y = jnp.einsum("nki,nkdi->nkd", jax.nn.silu(gate) * up, w(self.down_proj),
+                   preferred_element_type=jnp.float32)
+    return jnp.einsum("nkd,nk->nd", y, weights)
+
+  def grouped(self, x, ids, weights):
+    """The same sum as gather, as grouped matmuls over the N·k rows sorted by expert."""
+    N, k = ids.shape
+    flat_ids = ids.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True)  # row r of the groups is pair order[r]
+    token = order // k
+    group_sizes = jnp.bincount(flat_ids, length=self.num_experts).astype(jnp.int32)
+    rows = x.astype(self.dtype)[token]  # [N·k, D]
+
+    def ragged(lhs, param, **kw):
+      return jax.lax.ragged_dot_general(lhs, as_array(param.get_value(), self.dtype),
+                                        group_sizes, _RAGGED_OUT_IN, **kw)
+
+    h = jax.nn.silu(ragged(rows, self.gate_proj)) * ragged(rows, self.up_proj)
+    y = ragged(h, self.down_proj, preferred_element_type=jnp.float32)  # [N·k, D]
+    y = y * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((N, x.shape[-1]), jnp.float32).at[token].add(y)
+
+
+class MoE(nnx.Module):
+  """A DeepSeek-V2 MoE layer (module docstring): gate (the router), experts, shared_experts.
+
+  impl: "auto", "gather" or "grouped", how the routed experts run (module docstring).
+  """
+
+  __signature__ = InitSignature()
+
+  def __init__(self, cfg: ModelConfig, *, impl: str = "auto", dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if impl not in IMPLS:
+      raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+    if cfg.n_routed_experts < 1:
+      raise ValueError(f"cfg.n_routed_experts={cfg.n_routed_experts}; a MoE needs >= 1")
+    self.cfg, self.impl, self.dtype = cfg, impl, dtype
+    D = cfg.hidden_size
+    # The router runs in float32, as transformers' does.
+    self.gate = Linear(D, cfg.n_routed_experts, dtype=jnp.float32, param_dtype=param_dtype,
+                       rngs=rngs)
+    self.experts = Experts(cfg.n_routed_experts, D, cfg.moe_intermediate_size, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+    if cfg.n_shared_experts:
+      self.shared_experts = MLP(D, cfg.n_shared_experts * cfg.moe_intermediate_size, dtype=dtype,
+                                param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x):
+    """x [..., D] -> [..., D] in self.dtype."""
+    cfg = self.cfg
+    x_ND = x.reshape(-1, x.shape[-1])
+    weights, ids = route(self.gate(x_ND), top_k=cfg.num_experts_per_tok,
+                         topk_method=cfg.topk_method, n_group=cfg.n_group,
+                         topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+                         routed_scaling_factor=cfg.routed_scaling_factor)
+    impl = self.impl
+    if impl == "auto":
+      impl = "gather" if ids.size <= cfg.n_routed_experts else "grouped"
+    y = getattr(self.experts, impl)(x_ND, ids, weights)
+    if cfg.n_shared_experts:
+      y = y + self.shared_experts(x_ND)
+    return y.reshape(x.shape).astype(self.dtype)
