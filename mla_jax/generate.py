@@ -1,12 +1,16 @@
-"""Decode loops: N decode steps inside one jit, the caches carried and donated.
+"""Decode loops and generation: N decode steps inside one jit, the caches carried and donated.
 
 One jitted call per token costs host dispatch (about 60 µs on the lent H200, more than a small
 step takes on the GPU); a loop inside one jit pays it once. The caches are donated, so every step
 writes its token in place (the loop's carry aliases the input buffers).
+
+decode_loop feeds an attention stack's outputs back as its next inputs; generate runs a language
+model (model.CausalLM): one jitted prefill, then the same loop feeding back sampled tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -29,11 +33,10 @@ def decode_loop_fn(module: nnx.Module, num_steps: int, *,
   module's own Variables) but not a Variable or submodule replaced by a new object. Inside jit
   the caches' overflow flags are not checked: call `cache.check()` on the returned caches.
   """
-  if num_steps < 1:
-    raise ValueError(f"num_steps={num_steps}; expected >= 1")
+  _check_num_steps(num_steps)
   graphdef, state = nnx.split(module)
   loop = functools.partial(_decode_loop, graphdef, num_steps=num_steps,
-                           next_input=next_input or _identity)
+                           next_input=_FeedBack(next_input or _identity))
 
   def run(x, positions, caches):
     if x.ndim != 3 or x.shape[1] != 1:
@@ -53,20 +56,148 @@ def decode_loop(module: nnx.Module, x, positions, caches, num_steps: int, *,
   return decode_loop_fn(module, num_steps, next_input=next_input)(x, positions, caches)
 
 
+def generate(model: nnx.Module, input_ids, max_new_tokens: int, *, positions=None, cache=None,
+             temperature: float = 0.0, top_p: float = 1.0, rng: jax.Array | None = None):
+  """Generates max_new_tokens tokens a row after the prompt input_ids [B,T] int32 ->
+  (tokens [B,max_new_tokens] int32, cache).
+
+  model: a model.CausalLM. positions [B,T] (-1 = padding, e.g. left padding; default: each
+  row's cache length + 0..T-1). cache: what the prompt continues (default: a fresh one of
+  T + max_new_tokens slots in the model's dtype); it is donated. One jitted prefill takes the
+  prompt; the first token comes from the logits of each row's last real token, and the next
+  max_new_tokens - 1 tokens from decode steps inside one jit (lax.scan), each row's positions
+  counting on from its last real one. A row of padding only stays padding (its tokens mean
+  nothing).
+  The returned cache holds the prompt and every generated token but the last.
+
+  Sampling: temperature 0 takes the argmax (greedy); otherwise softmax(logits / temperature),
+  restricted to the top_p nucleus (the smallest set of most likely tokens whose probability
+  reaches top_p; Holtzman et al. 2020), drawn with rng (a jax.random key, required then).
+  """
+  _check_num_steps(max_new_tokens, "max_new_tokens")
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids.shape={tuple(input_ids.shape)}; expected [B,T]")
+  B, T = input_ids.shape
+  if cache is None:
+    cache = model.init_cache(B, T + max_new_tokens, dtype=model.dtype)
+  if positions is None:
+    positions = cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
+  positions = jnp.asarray(positions, jnp.int32)
+  if positions.shape != input_ids.shape:
+    raise ValueError(f"positions.shape={tuple(positions.shape)}; expected [B,T]={(B, T)}")
+  sampler = Sampler(float(temperature), float(top_p))
+  if temperature > 0 and rng is None:
+    raise ValueError(f"temperature={temperature} samples: pass rng (a jax.random key)")
+  rng = jax.random.key(0) if rng is None else rng  # unused by greedy decoding
+  prefill_key, loop_key = jax.random.split(rng)
+
+  graphdef, state = nnx.split(model)
+  first, next_positions, cache = _prefill(graphdef, state, input_ids, positions, cache,
+                                          prefill_key, sampler=sampler)
+  if max_new_tokens == 1:
+    return first[:, None], cache
+  rest, cache = _decode_loop(graphdef, state, first[:, None], next_positions, cache,
+                             jax.random.split(loop_key, max_new_tokens - 1),
+                             num_steps=max_new_tokens - 1, next_input=_SampleNext(sampler))
+  return jnp.concatenate([first[:, None], rest], axis=1), cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """logits [B,V], key -> tokens [B] int32: greedy at temperature 0, else temperature and
+  nucleus (top_p) sampling. Frozen and hashable: jit compiles once per setting."""
+
+  temperature: float = 0.0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature}; expected >= 0")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p={self.top_p}; expected in (0, 1]")
+
+  def __call__(self, logits, key):
+    if self.temperature == 0:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / self.temperature
+    if self.top_p < 1:
+      logits = _nucleus(logits, self.top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _nucleus(logits, top_p):
+  """logits [B,V] with every token outside the top_p nucleus set to -inf: a token stays when the
+  probability of the tokens more likely than it is below top_p (so the most likely always does)."""
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+  kept = jnp.sum(before < top_p, axis=-1, keepdims=True)  # >= 1
+  threshold = jnp.take_along_axis(sorted_logits, kept - 1, axis=-1)
+  return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def _check_num_steps(num_steps: int, name: str = "num_steps"):
+  if num_steps < 1:
+    raise ValueError(f"{name}={num_steps}; expected >= 1")
+
+
 def _identity(y):
   return y
 
 
+@dataclasses.dataclass(frozen=True)
+class _FeedBack:
+  """The loop's step output for decode_loop: the next input is fn(y), the loop records y."""
+
+  fn: Callable[[jax.Array], jax.Array] = _identity
+
+  def __call__(self, y, key):
+    del key
+    return self.fn(y), y[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _SampleNext:
+  """The loop's step output for generate: logits y [B,1,V] -> the sampled token, fed back as
+  the next input [B,1] and recorded."""
+
+  sampler: Sampler
+
+  def __call__(self, y, key):
+    tokens = self.sampler(y[:, 0], key)
+    return tokens[:, None], tokens
+
+
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("num_steps", "next_input"),
                    donate_argnames=("caches",))
-def _decode_loop(graphdef, state, x, positions, caches, *, num_steps, next_input):
+def _decode_loop(graphdef, state, x, positions, caches, keys=None, *, num_steps, next_input):
+  """num_steps steps of the module; next_input(y, key) -> (next x, what the loop records);
+  keys [num_steps] (one a step) or None."""
   module = nnx.merge(graphdef, state)
 
-  def step(carry, _):
+  def step(carry, key):
     x, positions, caches = carry
     y, caches = module(x, positions, caches)
     positions = jnp.where(positions >= 0, positions + 1, positions)
-    return (next_input(y).astype(x.dtype), positions, caches), y[:, 0]
+    x_next, out = next_input(y, key)
+    return (x_next.astype(x.dtype), positions, caches), out
 
-  (_, _, caches), ys = jax.lax.scan(step, (x, positions, caches), None, length=num_steps)
-  return jnp.moveaxis(ys, 0, 1), caches
+  (_, _, caches), outs = jax.lax.scan(step, (x, positions, caches), keys, length=num_steps)
+  return jnp.moveaxis(outs, 0, 1), caches
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("sampler",),
+                   donate_argnames=("cache",))
+def _prefill(graphdef, state, input_ids, positions, cache, key, *, sampler):
+  """The prompt through a CausalLM -> (first tokens [B], next positions [B,1], cache); the lm
+  head runs on each row's last real token only."""
+  model = nnx.merge(graphdef, state)
+  hidden, cache = model.model(input_ids, positions, cache)
+  valid = positions >= 0
+  T = positions.shape[1]
+  last = T - 1 - jnp.argmax(valid[:, ::-1], axis=1)  # each row's last real token
+  logits = model.lm_head(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+  last_position = jnp.take_along_axis(positions, last[:, None], axis=1)
+  next_positions = jnp.where(last_position >= 0, last_position + 1, -1)
+  return sampler(logits, key), next_positions, cache
