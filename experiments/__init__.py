@@ -1,5 +1,6 @@
 """Experiments run by `python -m experiments.main --config=configs/<name>.py` from the repository
-root: the tg@pp sweep over the attention module and the kernel benchmarks.
+root: the tg@pp sweep over the attention module, the kernel benchmarks, and token generation
+through the whole model.
 
 Each config's `kind` names the module below. A module has run(config, workdir, name, title)
 (writes <name>.json and <name>.md, and <name>.png where it plots, into workdir), table(results)
@@ -13,4 +14,5 @@ EXPERIMENTS = {
     "batched_gemv": "experiments.bench_gemv",
     "cpu_decode": "experiments.bench_cpu_decode",
     "decode_step": "experiments.decode_step",
+    "model_tg": "experiments.bench_model",
 }

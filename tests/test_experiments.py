@@ -477,3 +477,19 @@ def test_gate_compares_quantized_weights_with_the_same_weights_in_float(tmp_path
   results = sweep.run(config, str(tmp_path), "tiny")
   row = rows_by(results)[(8, "absorbed/xla:weight_format=q8_0")]
   assert row["status"] == "ok", row
+
+
+def test_model_benchmark_runs_the_whole_model(tmp_path):
+  """configs/model_cpu.py on a 2-layer model (one dense layer, one MoE): pp and tg rows, the
+  generated tokens, the table."""
+  from configs import model_cpu  # pylint: disable=import-outside-toplevel
+  from experiments import bench_model  # pylint: disable=import-outside-toplevel
+  config = model_cpu.get_config()
+  config.update(dict(model_overrides=TINY + ",num_layers=2,vocab_size=64,intermediate_size=32,"
+                     "moe_intermediate_size=16,n_routed_experts=4,num_experts_per_tok=2",
+                     impls="absorbed/xla", prompt_lengths=(8,), n_gen=3, reps=1))
+  results = bench_model.run(config, str(tmp_path), name="tiny")
+  [row] = results["rows"]
+  assert results["status"] == "complete" and row["tokens_agree"] == 1.0
+  assert row["pp_tps"] > 0 and row["tg_tps"] > 0 and np.shape(row["tokens"]) == (1, 3)
+  assert "| absorbed/xla | tg3@pp8 |" in (tmp_path / "tiny.md").read_text()
