@@ -106,7 +106,8 @@ def _hf_model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes[layer + "post_attention_layernorm.weight"] = (D,)
     shapes.update({layer + "self_attn." + n: s for n, s in _hf_shapes(cfg).items()})
     if not cfg.is_moe_layer(i):
-      shapes.update({layer + "mlp." + n: s for n, s in _mlp_shapes(D, cfg.intermediate_size).items()})
+      dense = _mlp_shapes(D, cfg.intermediate_size)
+      shapes.update({layer + "mlp." + n: s for n, s in dense.items()})
       continue
     shapes[layer + "mlp.gate.weight"] = (cfg.n_routed_experts, D)
     for e in range(cfg.n_routed_experts):

@@ -1,6 +1,6 @@
 """MoE: DeepSeekMoE's routed and shared experts, as transformers' DeepseekV2Moe computes them.
 
-Router (DeepSeek-V2 paper §2.1.2-2.2): scores s = softmax(x·W_gateᵀ) over the E routed experts, in
+Router (DeepSeek-V2 paper §2.2): scores s = softmax(x·W_gateᵀ) over the E routed experts, in
 float32. Each token keeps its top k = num_experts_per_tok scores: over all experts
 (topk_method="greedy"), or over the topk_group groups of E/n_group experts whose best score is
 highest ("group_limited_greedy", the paper's device-limited routing, §2.2.2). The kept scores,
