@@ -67,8 +67,8 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, *, positions=Non
   prompt; the first token comes from the logits of each row's last real token, and the next
   max_new_tokens - 1 tokens from decode steps inside one jit (lax.scan), each row's positions
   counting on from its last real one. A row of padding only stays padding (its tokens mean
-  nothing).
-  The returned cache holds the prompt and every generated token but the last.
+  nothing). The returned cache holds the prompt and every generated token but the last (feed
+  tokens[:, -1:] with it to continue); a cache too short raises ValueError (cache.check).
 
   Sampling: temperature 0 takes the argmax (greedy); otherwise softmax(logits / temperature),
   restricted to the top_p nucleus (the smallest set of most likely tokens whose probability
@@ -95,12 +95,14 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, *, positions=Non
   graphdef, state = nnx.split(model)
   first, next_positions, cache = _prefill(graphdef, state, input_ids, positions, cache,
                                           prefill_key, sampler=sampler)
-  if max_new_tokens == 1:
-    return first[:, None], cache
-  rest, cache = _decode_loop(graphdef, state, first[:, None], next_positions, cache,
-                             jax.random.split(loop_key, max_new_tokens - 1),
-                             num_steps=max_new_tokens - 1, next_input=_SampleNext(sampler))
-  return jnp.concatenate([first[:, None], rest], axis=1), cache
+  tokens = first[:, None]
+  if max_new_tokens > 1:
+    rest, cache = _decode_loop(graphdef, state, tokens, next_positions, cache,
+                               jax.random.split(loop_key, max_new_tokens - 1),
+                               num_steps=max_new_tokens - 1, next_input=_SampleNext(sampler))
+    tokens = jnp.concatenate([tokens, rest], axis=1)
+  cache[0].check()  # every layer caches the same tokens
+  return tokens, cache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,13 +71,13 @@ def test_logits_match_transformers(mode, golden):
 
 
 def test_left_padded_batch_equals_rows_alone(rng):
-  """Rows of 6, 3 and 3 prompt tokens, left-padded with position -1, then 2 decode steps.
-
-  Alone, a decode step gathers its experts; in the batch they run grouped (moe.py)."""
-  lengths, T, steps = [6, 3, 3], 6, 2
-  ids = rng.integers(0, 512, (3, T + steps))
-  starts = rng.integers(0, 6000, 3)
-  pos = np.full((3, T + steps), -1)
+  """Rows of 11 and 5 prompt tokens (the second left-padded with position -1), then 5 decode
+  steps, as the golden case's shapes (compiled once). Alone, a decode step gathers its experts;
+  in the batch they run grouped (moe.py)."""
+  lengths, T, steps = [PREFILL, 5], PREFILL, 5
+  ids = rng.integers(0, 512, (2, T + steps))
+  starts = rng.integers(0, 6000, 2)
+  pos = np.full((2, T + steps), -1)
   for b, n in enumerate(lengths):
     pos[b, T - n:] = starts[b] + np.arange(n + steps)
   ids, pos = jnp.asarray(ids, jnp.int32), jnp.asarray(pos, jnp.int32)
@@ -86,7 +86,7 @@ def test_left_padded_batch_equals_rows_alone(rng):
   for b, n in enumerate(lengths):
     real = slice(T - n, T + steps)
     alone, _ = _run_chunks("absorbed", ids[b:b + 1, real], pos[b:b + 1, real],
-                           [n] + [1] * steps, n + steps)
+                           [n] + [1] * steps, T + steps)
     assert rel_err(batch[b, real], alone[0]) < 2e-5, f"row {b}"
 
 
@@ -226,6 +226,8 @@ def test_bad_inputs_are_named():
     model(ids, ids, cache[:1])
   with pytest.raises(ValueError, match="max_new_tokens"):
     mla_jax.generate(model, ids, 0)
+  with pytest.raises(ValueError, match="overflow"):
+    mla_jax.generate(model, ids, 1, cache=model.init_cache(1, 2, jnp.float32))
 
 
 # Contraction axes that are multiples of 32, as GGML blocks need (the golden model's K is 16).
