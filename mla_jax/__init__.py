@@ -1,6 +1,6 @@
 """mla_jax: DeepSeek Multi-head Latent Attention in JAX/Pallas for fast token generation."""
 
-from mla_jax import ops, quant
+from mla_jax import ops, parallel, quant
 from mla_jax.attention import MLAttention, jit_step
 from mla_jax.cache import KVCache, LatentCache, init_cache
 from mla_jax.checkpoint import load_hf_attention, load_hf_model
@@ -12,4 +12,5 @@ from mla_jax.stack import AttentionStack
 
 __all__ = ["AttentionStack", "CausalLM", "MLAConfig", "MLAttention", "KVCache", "LatentCache",
            "ModelConfig", "MoE", "Sampler", "decode_loop", "decode_loop_fn", "generate",
-           "init_cache", "jit_step", "load_hf_attention", "load_hf_model", "ops", "quant"]
+           "init_cache", "jit_step", "load_hf_attention", "load_hf_model", "ops", "parallel",
+           "quant"]
