@@ -34,9 +34,11 @@ from mla_jax.ops.common import resolve_impl
 
 def supported(module, x) -> bool:
   """Whether module's call on x [B,T,D] runs here: absorbed mode, T == 1, the Pallas backend
-  (backend "pallas", or "auto" on a GPU), and sizes the latent kernel takes."""
+  (backend "pallas", or "auto" on a GPU), no mesh (a sharded cache decodes through
+  parallel.mla_decode_sharded) and sizes the latent kernel takes."""
   cfg = module.cfg
-  if module.mode != "absorbed" or x.shape[1] != 1 or resolve_impl(module.backend) != "pallas":
+  if (module.mode != "absorbed" or x.shape[1] != 1 or resolve_impl(module.backend) != "pallas"
+      or module.mesh is not None):
     return False
   return latent_update.unsupported(
       x.shape[0], cfg.num_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim,

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import absorbed_step, ops, quant, rope
+from mla_jax import absorbed_step, ops, parallel, quant, rope
 from mla_jax.cache import MODES, KVCache, LatentCache, init_cache
 from mla_jax.config import MLAConfig
 from mla_jax.layers import InitSignature, Linear, RMSNorm
@@ -110,6 +110,10 @@ class MLAttention(nnx.Module):
     param_dtype: dtype of the parameters.
     weight_format: None, "bf16", "q8_0" or "iq4_nl": how wk_b and wv_b are stored.
     gemv_lowering: "triton" or "mosaic", the fused GEMV kernel of backend="pallas".
+    mesh: None, or a jax.sharding.Mesh for context-parallel decode: init_cache shards the latent
+      cache along S over mesh axis `mesh_axis` (absorbed mode), and decode steps run
+      parallel.mla_decode_sharded on it with the backend's kernel on each device.
+    mesh_axis: the mesh axis that splits the cache's slots.
     rngs: initializer randomness.
   """
 
@@ -117,7 +121,8 @@ class MLAttention(nnx.Module):
 
   def __init__(self, cfg: MLAConfig, *, mode: str = "absorbed", backend: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32, weight_format: str | None = None,
-               gemv_lowering: str = "triton", rngs: nnx.Rngs):
+               gemv_lowering: str = "triton", mesh=None, mesh_axis: str = "kv",
+               rngs: nnx.Rngs):
     if mode not in MODES:
       raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     if backend not in BACKENDS:
@@ -125,8 +130,11 @@ class MLAttention(nnx.Module):
     _check_gemv_lowering(gemv_lowering, backend, dtype)
     if backend == "pallas" and jax.default_backend() != "gpu":
       _warn_interpreted()
+    if mesh is not None and mode != "absorbed":
+      raise ValueError(f"mesh with mode={mode!r}: only the absorbed (latent) cache is sharded")
     self.cfg, self.mode, self.backend, self.dtype = cfg, mode, backend, dtype
     self.gemv_lowering = gemv_lowering
+    self.mesh, self.mesh_axis = mesh, mesh_axis
     D, H = cfg.hidden_size, cfg.num_heads
     # Projections in transformers' [out, in] layout: a row reduction at decode (layers.Linear).
     linear = functools.partial(Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -144,11 +152,13 @@ class MLAttention(nnx.Module):
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16):
     """An empty cache of B=batch_size rows and S=max_len slots for this module's mode:
-    `mla_jax.init_cache(self.cfg, batch_size, max_len, mode=self.mode, dtype=dtype)`.
+    `mla_jax.init_cache(self.cfg, batch_size, max_len, mode=self.mode, dtype=dtype)`, sharded
+    over the module's mesh if it has one.
 
     dtype=int8 (absorbed only) stores c_kv as quant.Int8Rows.
     """
-    return init_cache(self.cfg, batch_size, max_len, mode=self.mode, dtype=dtype)
+    return init_cache(self.cfg, batch_size, max_len, mode=self.mode, dtype=dtype, mesh=self.mesh,
+                      axis=self.mesh_axis)
 
   def __call__(self, x, positions, cache):
     """x [B,T,D], positions [B,T] int (-1 = padding), cache -> (y [B,T,D], updated cache).
@@ -214,9 +224,13 @@ class MLAttention(nnx.Module):
     T = q.shape[1]
     if T == 1:  # decode: two batched GEMVs (q_nope read in place from q), the split-KV kernel
       q_latent = ops.batched_gemv(q[:, 0], wk_b, impl=self._gemv_impl, **self._gemv_options)
-      o_latent, _ = ops.mla_decode(q_latent, q_rope[:, 0].astype(q_latent.dtype), cache.c_kv,
-                                   cache.k_rope, cache.lengths, sm_scale=self.cfg.softmax_scale,
-                                   impl=self._decode_impl, **self._kernel_options(self._decode_impl))
+      decode = ops.mla_decode
+      if self.mesh is not None:  # the cache split along S over devices (parallel.py)
+        decode = functools.partial(parallel.mla_decode_sharded, mesh=self.mesh,
+                                   axis=self.mesh_axis)
+      o_latent, _ = decode(q_latent, q_rope[:, 0].astype(q_latent.dtype), cache.c_kv,
+                           cache.k_rope, cache.lengths, sm_scale=self.cfg.softmax_scale,
+                           impl=self._decode_impl, **self._kernel_options(self._decode_impl))
       heads = ops.batched_gemv(o_latent.astype(q_latent.dtype), wv_b, impl=self._gemv_impl,
                                **self._gemv_options)
       return heads[:, None], cache

@@ -17,14 +17,16 @@ outside jit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from mla_jax import quant
+from mla_jax import parallel, quant
 from mla_jax.config import MLAConfig
 
 MODES = ("standard", "absorbed")  # MLAttention's modes; each has its own cache type
@@ -144,15 +146,18 @@ class KVCache(_CacheMixin):
 
 
 def init_cache(cfg: MLAConfig, batch_size: int, max_len: int, *, mode: str = "absorbed",
-               dtype=jnp.bfloat16) -> LatentCache | KVCache:
+               dtype=jnp.bfloat16, mesh=None, axis: str = "kv") -> LatentCache | KVCache:
   """An empty decode cache for B=batch_size rows of S=max_len slots each.
 
   mode="absorbed": LatentCache, c_kv [B,S,C] and k_rope [B,S,R] in `dtype`; dtype=jnp.int8
   stores c_kv as quant.Int8Rows (int8 [B,S,C] with a float32 scale per row) and k_rope in
   bfloat16. mode="standard": KVCache, head-major k [B,H,S,K+R] and v [B,H,S,V]. lengths [B] start
   at 0. This is what `MLAttention(cfg, mode=mode).init_cache(batch_size, max_len, dtype)`
-  returns. Raises ValueError naming the argument for a non-positive size, an unknown mode, a
-  dtype that is neither floating nor int8, or int8 with mode="standard".
+  returns. mesh (absorbed only): a jax.sharding.Mesh; c_kv and k_rope are created sharded along S
+  over its axis `axis` (and along B over its "batch" axis, if it has one), each device making its
+  own slots; lengths and overflow are replicated (parallel.py). Raises ValueError naming the
+  argument for a non-positive size, an unknown mode, a dtype that is neither floating nor int8,
+  int8 or a mesh with mode="standard", or a mesh that parallel.check_mesh refuses.
   """
   for name, size in (("batch_size", batch_size), ("max_len", max_len)):
     try:
@@ -171,16 +176,32 @@ def init_cache(cfg: MLAConfig, batch_size: int, max_len: int, *, mode: str = "ab
     raise ValueError(f"dtype={dtype!r}: expected a floating dtype, or int8 for an absorbed "
                      "cache (quant.Int8Rows)")
   B, S = batch_size, max_len
-  empty = dict(lengths=jnp.zeros((B,), jnp.int32), overflow=jnp.zeros((B,), bool))
   if mode == "standard":
     if kind == jnp.int8:
       raise ValueError("dtype=int8 is only supported by the absorbed (latent) cache")
+    if mesh is not None:
+      raise ValueError("mesh: only the absorbed (latent) cache is sharded")
     H = cfg.num_heads
     return KVCache(k=jnp.zeros((B, H, S, cfg.qk_head_dim), dtype),
-                   v=jnp.zeros((B, H, S, cfg.v_head_dim), dtype), **empty)
-  if kind == jnp.int8:
+                   v=jnp.zeros((B, H, S, cfg.v_head_dim), dtype), **_empty_lengths(B))
+  build = functools.partial(_empty_latent_cache, cfg, B, S, kind)
+  if mesh is None:
+    return build()
+  parallel.check_mesh(mesh, axis, parallel.BATCH_AXIS, B, S)
+  buffers = parallel.sequence_sharding(mesh, axis)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(build, out_shardings=LatentCache(c_kv=buffers, k_rope=buffers,
+                                                  lengths=replicated, overflow=replicated))()
+
+
+def _empty_lengths(B):
+  return dict(lengths=jnp.zeros((B,), jnp.int32), overflow=jnp.zeros((B,), bool))
+
+
+def _empty_latent_cache(cfg, B, S, dtype) -> LatentCache:
+  if dtype == jnp.int8:
     c_kv, rope_dtype = quant.zeros_rows((B, S, cfg.kv_lora_rank)), jnp.bfloat16
   else:
     c_kv, rope_dtype = jnp.zeros((B, S, cfg.kv_lora_rank), dtype), dtype
   return LatentCache(c_kv=c_kv, k_rope=jnp.zeros((B, S, cfg.qk_rope_head_dim), rope_dtype),
-                     **empty)
+                     **_empty_lengths(B))

@@ -5,17 +5,23 @@ XLA fixes the CPU device count when jax starts, so tests/test_parallel.py runs t
 own process with XLA_FLAGS=--xla_force_host_platform_device_count=4 and JAX_PLATFORMS=cpu; the
 name is no test_*.py, so the suite's own run does not collect it, and without 4 devices every
 case skips. Each case compares against an independent oracle: ops.reference.mla_decode in float32
-(helpers.check_decode), and the same kernel on one device.
+(helpers.check_decode) and the same kernel on one device for the decode, the same module
+without a mesh for the module.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
-from mla_jax import ops, parallel
-from helpers import check_decode, decode_inputs, decode_tol, rel_err
+import mla_jax
+from mla_jax import ops, parallel, quant
+from helpers import check_decode, decode_inputs, decode_tol, rel_err, run_chunks
+import hlo
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 4, reason="needs 4 devices: run through tests/test_parallel.py")
@@ -28,6 +34,9 @@ F32_TOL = 2e-5
 # (ops/xla.py, ops/decode/cpu.py), against each device's maximum here and the whole row's there:
 # two roundings of 2^-9 at most, with margin.
 ROUNDED_P_TOL = 5e-3
+TINY = dataclasses.replace(mla_jax.MLAConfig.deepseek_v2_lite(), hidden_size=64, num_heads=4,
+                           kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                           num_layers=2)
 
 
 def kv_mesh():
@@ -130,3 +139,89 @@ def test_bad_meshes_and_sizes_raise_value_error(rng):
   with pytest.raises(ValueError, match=r"lengths\[1\]=33"):
     parallel.mla_decode_sharded(q_latent, q_rope, c_kv, k_rope, jnp.array([3, 33], jnp.int32),
                                 sm_scale=SM_SCALE, mesh=kv_mesh())
+  with pytest.raises(ValueError, match="max_len"):  # init_cache checks its sizes first
+    mla_jax.init_cache(TINY, 2, 0, mode="absorbed", mesh=kv_mesh())
+  with pytest.raises(ValueError, match=r"S=30 .* size 4"):
+    mla_jax.init_cache(TINY, 2, 30, mode="absorbed", mesh=kv_mesh())
+
+
+def module_inputs(rng, B, T):
+  """x [B,T,D] and positions with padding: a row with a gap, a left-padded row, a row that is all
+  padding until the end."""
+  x = jnp.asarray(rng.standard_normal((B, T, TINY.hidden_size)), jnp.float32)
+  positions = np.tile(np.arange(T) + rng.integers(0, 5000, (B, 1)), 1)
+  positions[0, 3:5] = -1
+  positions[1, :4] = -1
+  positions[2, :T - 3] = -1
+  return x, jnp.asarray(positions, jnp.int32)
+
+
+def cache_spec(cache):
+  values = cache.c_kv.values if isinstance(cache.c_kv, quant.Int8Rows) else cache.c_kv
+  return values.sharding.spec, cache.k_rope.sharding.spec, cache.lengths.sharding.spec
+
+
+@pytest.mark.parametrize("backend", ["xla", "cpu"])
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16, jnp.int8])
+def test_module_on_mesh_equals_module_without(cache_dtype, backend, rng):
+  """Prefill (XLA partitions the scatter into the sharded cache), then decode steps through
+  mla_decode_sharded: outputs and cache as without a mesh; the cache stays sharded along S."""
+  B, T, S = 4, 12, 16
+  x, positions = module_inputs(rng, B, T)
+  (y, cache), (y_mesh, cache_mesh) = [
+      run_chunks(mla_jax.MLAttention(TINY, backend=backend, mesh=mesh, rngs=nnx.Rngs(0)), x,
+                 positions, [8, 1, 1, 1, 1], S, cache_dtype)
+      for mesh in (None, kv_mesh())]
+  assert rel_err(y_mesh, y) <= (F32_TOL if cache_dtype == jnp.float32 else ROUNDED_P_TOL)
+  for a, b in zip(jax.tree.leaves(cache_mesh), jax.tree.leaves(cache)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  assert cache_spec(cache_mesh) == (P(None, "kv"), P(None, "kv"), P())
+
+
+def test_module_on_batch_by_kv_mesh(rng):
+  B, T, S = 4, 10, 16
+  x, positions = module_inputs(rng, B, T)
+  outs = []
+  for mesh in (None, batch_kv_mesh()):
+    attn = mla_jax.MLAttention(TINY, backend="xla", mesh=mesh, rngs=nnx.Rngs(0))
+    y, cache = run_chunks(attn, x, positions, [7, 1, 1, 1], S, jnp.float32)
+    outs.append(y)
+  assert rel_err(outs[1], outs[0]) <= F32_TOL
+  assert cache_spec(cache)[:2] == (P("batch", "kv"), P("batch", "kv"))
+
+
+def test_jitted_decode_step_writes_in_place_and_merges_only(rng):
+  """mla_jax.jit_step on the mesh: each device's cache shard is updated in place, and the only
+  collectives are the merge's, on [B,H,...] partials, never the cache."""
+  B, S = 2, 64
+  mesh = kv_mesh()
+  attn = mla_jax.MLAttention(TINY, backend="cpu", mesh=mesh, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(attn)
+  step = jax.jit(lambda s, x, p, c: nnx.merge(graphdef, s)(x, p, c), donate_argnums=(3,))
+  x = jnp.asarray(rng.standard_normal((B, 1, TINY.hidden_size)), jnp.float32)
+  cache = attn.init_cache(B, S, jnp.float32)
+  text = step.lower(state, x, jnp.zeros((B, 1), jnp.int32), cache).compile().as_text()
+  local = [f"f32[{B},{S // 4},{n}]" for n in (TINY.kv_lora_rank, TINY.qk_rope_head_dim)]
+  assert set(hlo.in_place_writes(text, local).values()) == {"in place"}
+  collectives = [line for line in text.splitlines()
+                 if any(f" {op}(" in line for op in ("all-gather", "all-reduce", "all-to-all",
+                                                     "collective-permute", "reduce-scatter"))]
+  H, Cl = TINY.num_heads, TINY.kv_lora_rank
+  assert collectives and all(f"f32[{B},{H}]" in line or f"f32[{B},{H},{Cl}]" in line
+                             for line in collectives), collectives
+
+
+def test_stack_decode_loop_on_mesh_equals_without(rng):
+  """AttentionStack passes the mesh to every layer; decode_loop runs on the sharded caches."""
+  B, T, S = 2, 6, 16
+  x = jnp.asarray(rng.standard_normal((B, T, TINY.hidden_size)), jnp.float32)
+  positions = jnp.asarray(np.arange(T)[None] + rng.integers(0, 5000, (B, 1)), jnp.int32)
+  results = []
+  for mesh in (None, kv_mesh()):
+    stack = mla_jax.AttentionStack(TINY, backend="cpu", mesh=mesh, rngs=nnx.Rngs(0))
+    y, caches = stack(x, positions, stack.init_cache(B, S, jnp.bfloat16))
+    ys, caches = mla_jax.decode_loop(stack, y[:, -1:], positions[:, -1:] + 1, caches, 4)
+    results.append((y, ys))
+  (y0, ys0), (y1, ys1) = results
+  assert rel_err(y1, y0) <= F32_TOL and rel_err(ys1, ys0) <= ROUNDED_P_TOL
+  assert cache_spec(caches[0])[:2] == (P(None, "kv"), P(None, "kv"))

@@ -10,8 +10,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 from jax.sharding import AxisType
 
+import mla_jax
 from mla_jax import ops, parallel
 from helpers import check_decode, decode_inputs, rel_err
 
@@ -56,3 +58,8 @@ def test_bad_arguments_raise_value_error(rng):
     parallel.mla_decode_sharded(*args, sm_scale=SM_SCALE, mesh=mesh, axis="x", combine="ring")
   with pytest.raises(ValueError, match="must differ"):
     parallel.mla_decode_sharded(*args, sm_scale=SM_SCALE, mesh=mesh, axis="x", batch_axis="x")
+  cfg = mla_jax.MLAConfig.deepseek_v2_lite()
+  with pytest.raises(ValueError, match="mesh"):
+    mla_jax.MLAttention(cfg, mode="standard", mesh=mesh, mesh_axis="x", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="mesh"):
+    mla_jax.init_cache(cfg, 1, 8, mode="standard", mesh=mesh, axis="x")
