@@ -15,4 +15,5 @@ EXPERIMENTS = {
     "cpu_decode": "experiments.bench_cpu_decode",
     "decode_step": "experiments.decode_step",
     "model_tg": "experiments.bench_model",
+    "parallel_decode": "experiments.bench_parallel",
 }

@@ -90,8 +90,8 @@ def mla_decode_sharded(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: flo
   concrete lengths outside [0, S], a mesh without `axis`, S not divisible by its size, or an
   unknown combine.
   """
-  if combine not in _MERGES:
-    raise ValueError(f"combine={combine!r}; expected one of {tuple(_MERGES)}")
+  if combine not in MERGES:
+    raise ValueError(f"combine={combine!r}; expected one of {tuple(MERGES)}")
   B, _, S, _, _ = check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths)
   check_lengths(lengths, S)
   batch = check_mesh(mesh, axis, batch_axis, B, S)
@@ -104,7 +104,7 @@ def mla_decode_sharded(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: flo
                                              "combine", "options"))
 def _sharded(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, mesh, axis, batch, impl,
              combine, options):
-  merge = _MERGES[combine]
+  merge = MERGES[combine]
 
   def local(q_latent, q_rope, c_kv, k_rope, lengths):
     S_d = k_rope.shape[1]
@@ -123,8 +123,10 @@ def _sharded(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, mesh, axis, b
                            q_latent, q_rope, c_kv, k_rope, lengths)
 
 
-def _psum_merge(o, lse, axis):
-  """pmax of lse, then one psum of the rescaled partials and their weights."""
+def psum_merge(o, lse, axis):
+  """Inside shard_map: this device's o [B,H,C], lse [B,H] -> the merged out [B,H,C] float32 and
+  lse [B,H], the same on every device of `axis`: pmax of lse, then one psum of the rescaled
+  partials and their weights."""
   m = lax.pmax(lse, axis)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   w = jnp.exp(lse - m)  # exp(-inf) = 0 for an empty shard
@@ -134,10 +136,11 @@ def _psum_merge(o, lse, axis):
   return o / l[..., None], jnp.where(nonempty, m + jnp.log(l), -jnp.inf)
 
 
-def _gather_merge(o, lse, axis):
-  """Every device gathers all partials [P,B,H,C], [P,B,H] and merges them itself."""
+def gather_merge(o, lse, axis):
+  """As psum_merge, but every device gathers all partials [P,B,H,C], [P,B,H] and merges them
+  itself (ops.merge_partials)."""
   outs, lses = lax.all_gather((o, lse), axis)
   return ops.merge_partials(outs, lses)
 
 
-_MERGES = {"psum": _psum_merge, "gather": _gather_merge}
+MERGES = {"psum": psum_merge, "gather": gather_merge}  # mla_decode_sharded's `combine`

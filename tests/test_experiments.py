@@ -246,6 +246,10 @@ KERNEL_RUNS = {
                    "--config.seconds_per_case=0", "--config.min_rounds=1",
                    "--config.partial_fills=((256,64),)", "--config.rotate_bytes=1",
                    "--config.bandwidth_bytes=1048576", "--config.gemm_size=64"],
+    "parallel_decode": ["--config.num_heads=4", "--config.shapes=((2,64),)",
+                        "--config.formats=(\"bf16\",\"int8\")", "--config.impl=cpu",
+                        "--config.merge_shapes=((1,4),)", "--config.rounds=1",
+                        "--config.calls_per_block=1", "--config.rotate_bytes=1"],
 }
 
 
@@ -277,6 +281,11 @@ def test_kernel_benchmark_runs_on_cpu_through_the_runner(name, tmp_path):
     step = {r["path"]: r for r in results["decode_step"]}
     assert set(step) == {"xla", "xla_gemv+pallas_decode", "fused_gemv+pallas_decode"}
     assert all(r["rel_err"] < 2e-2 and "error" not in r for r in step.values())
+  elif name == "parallel_decode":  # a one-device mesh: the CLI's process has one CPU device
+    assert [r["format"] for r in rows] == ["bf16", "int8"] and len(results["merge_rows"]) == 1
+    for r in rows:
+      assert r["devices"] == 1 and r["psum_us"] > 0 and r["gather_us"] > 0
+      assert max(r[f"{c}_rel_err"] for c in ("single", "psum", "gather")) < 2e-2
   else:
     assert len(rows) == 2 and len(results["partial_fills"]) == 1
     for r in rows + results["partial_fills"]:
