@@ -1,9 +1,11 @@
 """Context-parallel decode (mla_jax.parallel): the cases that need several devices run on a
-4-device CPU mesh in a subprocess (tests/parallel_cases.py, whose docstring says why); the rest,
-on a one-device mesh, here."""
+4-device CPU mesh in a subprocess (tests/parallel_cases.py, whose docstring says why), the
+multi-host recipe in two processes (tests/parallel_hosts.py); the rest, on a one-device mesh,
+here."""
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -19,6 +21,7 @@ from helpers import check_decode, decode_inputs, rel_err
 
 ROOT = pathlib.Path(__file__).parent.parent
 CASES = pathlib.Path(__file__).parent / "parallel_cases.py"
+HOSTS = pathlib.Path(__file__).parent / "parallel_hosts.py"
 SM_SCALE = 0.2
 
 
@@ -33,6 +36,28 @@ def test_cases_on_a_4_device_cpu_mesh():
     pytest.fail(f"{CASES.name} failed (exit {proc.returncode}):\n{output[-30000:]}",
                 pytrace=False)
   assert " passed" in output and "skipped" not in output, output[-3000:]
+
+
+def test_two_processes_decode_on_one_mesh(rng):
+  """jax.distributed.initialize in two processes of 2 CPU devices each, one mesh over the 4:
+  the module's prefill and decode on a cache sharded across both processes, as without a mesh."""
+  with socket.socket() as s:  # a free port for the coordinator
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  seed = int(rng.integers(1 << 31))
+  procs = [subprocess.Popen([sys.executable, str(HOSTS), str(i), str(port), str(seed)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      proc.kill()
+  if any(proc.returncode for proc in procs):
+    pytest.fail("\n".join(f"process {i} (exit {proc.returncode}):\n{out[-10000:]}"
+                          for i, (proc, out) in enumerate(zip(procs, outputs))), pytrace=False)
+  assert all(out.count("relative error") == 2 for out in outputs), outputs
 
 
 def test_one_device_mesh_equals_unsharded(rng):
