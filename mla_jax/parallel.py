@@ -81,7 +81,8 @@ def mla_decode_sharded(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: flo
   """ops.mla_decode with c_kv and k_rope sharded along S over mesh axis `axis`: out [B,H,C] in
   q_latent.dtype, lse [B,H] float32 (natural log), replicated over `axis`.
 
-  q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] or quant.Int8Rows, k_rope [B,S,R], lengths [B];
+  q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] or quant.Int8Rows, k_rope [B,S,R], lengths [B]
+  (valid entries of row b are [0, lengths[b]); the slots past it may hold anything, NaN included);
   queries and lengths are replicated (or sharded over `batch_axis` with B, if the mesh has it).
   Arguments placed otherwise are resharded first (`sequence_sharding` is the cache's layout).
   impl and kernel_options (lowering=, tuning=, interpret=) are each device's ops.mla_decode's;
@@ -92,6 +93,7 @@ def mla_decode_sharded(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: flo
   """
   if combine not in MERGES:
     raise ValueError(f"combine={combine!r}; expected one of {tuple(MERGES)}")
+  lengths = jnp.asarray(lengths)  # an integer array-like, as ops.mla_decode takes
   B, _, S, _, _ = check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths)
   check_lengths(lengths, S)
   batch = check_mesh(mesh, axis, batch_axis, B, S)

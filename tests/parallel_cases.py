@@ -73,6 +73,9 @@ def test_sharded_decode_matches_reference(fmt, impl, combine, rng):
   out, lse = parallel.mla_decode_sharded(*args, sm_scale=SM_SCALE, mesh=mesh, impl=impl,
                                          combine=combine)
   check_decode(out, lse, q_latent, q_rope, c_kv, k_rope, lengths, SM_SCALE, decode_tol(fmt))
+  for array in (out, lse):  # every device merged the same result
+    copies = [np.asarray(shard.data) for shard in array.addressable_shards]
+    assert len(copies) == 4 and all(np.array_equal(c, copies[0]) for c in copies)
   # The same kernel on one device: only the merge differs.
   single, single_lse = ops.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths,
                                       sm_scale=SM_SCALE, impl=impl)
@@ -80,6 +83,36 @@ def test_sharded_decode_matches_reference(fmt, impl, combine, rng):
   tol = F32_TOL if fmt == "float32" else ROUNDED_P_TOL
   assert rel_err(out[nonempty], single[nonempty]) <= tol
   np.testing.assert_allclose(lse[nonempty], single_lse[nonempty], rtol=F32_TOL, atol=F32_TOL)
+
+
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+@pytest.mark.parametrize("fmt", ["float32", "int8"])
+def test_stale_slots_never_reach_the_result(fmt, impl, rng):
+  """NaN in every slot past a row's length (an int8 row: its scale), whole devices' slots
+  included: the result is that of the cache with those slots zeroed, with either merge."""
+  B, H, S = 6, 4, 64
+  mesh = kv_mesh()
+  q_latent, q_rope, c_kv, k_rope = decode_inputs(rng, B, H, S, fmt, C=C, R=R)
+  lengths = ragged_lengths(rng, S, S // 4, B)
+  stale = np.arange(S)[None, :] >= np.asarray(lengths)[:, None]  # [B,S]
+
+  def fill(x, value):
+    where = stale.reshape(stale.shape + (1,) * (x.ndim - 2))
+    return jnp.where(where, jnp.asarray(value, x.dtype), x)
+
+  if fmt == "int8":
+    dirty, clean = (quant.Int8Rows(fill(c_kv.values, 127), fill(c_kv.scales, np.nan)),
+                    quant.Int8Rows(fill(c_kv.values, 0), fill(c_kv.scales, 0.0)))
+  else:
+    dirty, clean = fill(c_kv, np.nan), fill(c_kv, 0.0)
+  for combine in parallel.MERGES:
+    decode = lambda c, k: parallel.mla_decode_sharded(q_latent, q_rope, c, k, lengths,
+                                                      sm_scale=SM_SCALE, mesh=mesh, impl=impl,
+                                                      combine=combine)
+    out, lse = decode(dirty, fill(k_rope, np.nan))
+    want, want_lse = decode(clean, fill(k_rope, 0.0))
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(lse, want_lse)
 
 
 def test_sharded_decode_runs_the_pallas_kernel_per_device(rng):

@@ -66,7 +66,7 @@ def test_one_device_mesh_equals_unsharded(rng):
   mesh = jax.make_mesh((1,), ("kv",), axis_types=(AxisType.Auto,))
   q_latent, q_rope, c_kv, k_rope = decode_inputs(rng, 3, 4, 24, "float32", C=64, R=16)
   lengths = jnp.array([0, 5, 24], jnp.int32)
-  out, lse = parallel.mla_decode_sharded(q_latent, q_rope, c_kv, k_rope, lengths,
+  out, lse = parallel.mla_decode_sharded(q_latent, q_rope, c_kv, k_rope, lengths.tolist(),
                                          sm_scale=SM_SCALE, mesh=mesh, impl="xla")
   check_decode(out, lse, q_latent, q_rope, c_kv, k_rope, lengths, SM_SCALE, 2e-5)
   single, _ = ops.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=SM_SCALE,
