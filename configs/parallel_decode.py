@@ -23,6 +23,7 @@ def get_config():
   config.merge_sets = 4  # rotated partial sets of the merge-only table
   config.rounds = 15  # alternating rounds of the formulations
   config.calls_per_block = 5  # timed calls per formulation per round, after one untimed call
+  config.profile_runs = 5  # calls run under the profiler for the device time (GPU only)
   config.rotate_bytes = 256 << 20  # bytes of rotating decode input sets, several times an L2
   config.max_sets = 16  # most decode input sets per case
   config.seed = 0  # seed of the random inputs

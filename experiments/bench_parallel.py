@@ -56,11 +56,17 @@ def _decode_sets(config, key, B, S, fmt):
 
 
 def _timed(fns: dict, sets: dict, config) -> dict[str, float]:
-  """Median µs per call of each fn over its own input sets, interleaved."""
+  """{"<name>_us": median wall µs per call of each fn over its own input sets, interleaved;
+  on a GPU also "<name>_device_us": its kernels' time per call, summed over all devices}."""
   timers = {name: harness.Timer(fn, sets[name], fused=False) for name, fn in fns.items()}
   samples = harness.interleave(timers, rounds=config.rounds,
                                calls_per_block=config.calls_per_block)
-  return {name: statistics.median(s) * 1e6 for name, s in samples.items()}
+  times = {f"{name}_us": statistics.median(s) * 1e6 for name, s in samples.items()}
+  for name, timer in timers.items():
+    device = timer.device(config.profile_runs)
+    if device is not None:
+      times[f"{name}_device_us"] = device.us
+  return times
 
 
 def _decode_case(config, key, mesh, B, S, fmt) -> dict:
@@ -78,8 +84,7 @@ def _decode_case(config, key, mesh, B, S, fmt) -> dict:
   ref_out, _ = reference.mla_decode(*single[0], sm_scale=SM_SCALE)
   for name, fn in fns.items():
     row[f"{name}_rel_err"] = harness.rel_err(fn(*sets[name][0])[0], ref_out)
-  for name, us in _timed(fns, sets, config).items():
-    row[f"{name}_us"] = us
+  row.update(_timed(fns, sets, config))
   for combine in config.combines:
     row[f"{combine}_over_single"] = row[f"{combine}_us"] / row["single_us"]
   return row
@@ -97,10 +102,7 @@ def _merge_case(config, key, mesh, B, H) -> dict:
                                 mesh=mesh, in_specs=(P("kv"), P("kv")), out_specs=(P(), P()),
                                 check_vma=False)
          for combine in config.combines}
-  row = {"B": B, "H": H, "devices": n}
-  for combine, us in _timed(fns, {c: sets for c in fns}, config).items():
-    row[f"{combine}_us"] = us
-  return row
+  return {"B": B, "H": H, "devices": n, **_timed(fns, {c: sets for c in fns}, config)}
 
 
 def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
@@ -163,7 +165,9 @@ def markdown(results: dict) -> str:
   lines = [table(results), "", merge_table(results), "",
            "µs: median wall time of single waited-for calls, in rounds alternating the "
            "formulations, over rotated input sets; rel err: ‖out − ref‖/‖ref‖ against the "
-           "float32 reference; the second table times the merge alone on [B,H,C] partials."]
+           "float32 reference; the second table times the merge alone on [B,H,C] partials. "
+           "On a GPU the JSON also holds <name>_device_us, the kernels' time per call summed "
+           "over all devices."]
   goals = results["config"].get("goals")
   if goals:
     lines += ["", harness.goals_table(goals, results["rows"])]
