@@ -18,8 +18,9 @@ The merge runs through collectives over `axis`, chosen by `combine`:
             two all-reduces, each device sends and receives O(B·H·C) floats whatever the axis size;
   "gather"  one all-gather of every device's (o_d, lse_d), then ops.merge_partials on each device;
             one collective, but each device receives (P−1)·B·H·(C+1) floats and merges P partials.
-On a 4-device CPU mesh "psum" merged as fast as "gather" at B·H = 16 and faster at larger B·H
-(docs/parallel.md has the figures); which is faster between GPUs needs a multi-GPU measurement.
+On a 4-device CPU mesh the two merged in about the same time at B·H = 16 and "psum" was faster
+from B·H = 128 on (docs/parallel.md has the figures); which is faster between GPUs needs a
+measurement on several GPUs.
 
 A mesh axis named `batch_axis` ("batch"), if the mesh has one, shards B as well (data
 parallel). Mesh axes must be of type Auto (`jax.make_mesh(..., axis_types=(AxisType.Auto,)*n)`):
@@ -88,8 +89,8 @@ def mla_decode_sharded(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: flo
   impl and kernel_options (lowering=, tuning=, interpret=) are each device's ops.mla_decode's;
   impl="auto" resolves for the default backend. combine: "psum" or "gather", how the devices'
   partials merge (the module docstring). Raises ValueError for shapes ops.mla_decode refuses,
-  concrete lengths outside [0, S], a mesh without `axis`, S not divisible by its size, or an
-  unknown combine.
+  concrete lengths outside [0, S], an unknown combine, or a mesh that check_mesh refuses (no
+  axis `axis`, an axis that is not Auto, S or B not divisible by the size of its axis).
   """
   if combine not in MERGES:
     raise ValueError(f"combine={combine!r}; expected one of {tuple(MERGES)}")

@@ -3,10 +3,10 @@ than one device.
 
 XLA fixes the CPU device count when jax starts, so tests/test_parallel.py runs this file in its
 own process with XLA_FLAGS=--xla_force_host_platform_device_count=4 and JAX_PLATFORMS=cpu; the
-name is no test_*.py, so the suite's own run does not collect it, and without 4 devices every
-case skips. Each case compares against an independent oracle: ops.reference.mla_decode in float32
-(helpers.check_decode) and the same kernel on one device for the decode, the same module
-without a mesh for the module.
+name is no test_*.py, so the suite's own run does not collect it, and with any other device
+count every case skips. Each case compares against an independent oracle: for the decode,
+ops.reference.mla_decode in float32 (helpers.check_decode) and the same kernel on one device; for
+the module, the same module without a mesh.
 """
 
 import dataclasses
@@ -24,7 +24,7 @@ from helpers import check_decode, decode_inputs, decode_tol, rel_err, run_chunks
 import hlo
 
 pytestmark = pytest.mark.skipif(
-    jax.device_count() < 4, reason="needs 4 devices: run through tests/test_parallel.py")
+    jax.device_count() != 4, reason="needs 4 devices: run through tests/test_parallel.py")
 
 AUTO = AxisType.Auto
 SM_SCALE = 0.2

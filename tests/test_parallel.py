@@ -26,6 +26,7 @@ SM_SCALE = 0.2
 
 
 def test_cases_on_a_4_device_cpu_mesh():
+  """tests/parallel_cases.py in its own process with 4 CPU devices; its output on failure."""
   flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
   env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
