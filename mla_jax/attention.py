@@ -150,14 +150,16 @@ class MLAttention(nnx.Module):
     self.kv_b_proj.set_weight_format(weight_format)
     self.o_proj = linear(H * cfg.v_head_dim, D)
 
-  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16):
+  def init_cache(self, batch_size: int, max_len: int, dtype=None):
     """An empty cache of B=batch_size rows and S=max_len slots for this module's mode:
     `mla_jax.init_cache(self.cfg, batch_size, max_len, mode=self.mode, dtype=dtype)`, sharded
     over the module's mesh if it has one.
 
-    dtype=int8 (absorbed only) stores c_kv as quant.Int8Rows.
+    dtype: None (the default) is the module's dtype, so that decode reads the cache without
+    converting it; int8 (absorbed only) stores c_kv as quant.Int8Rows.
     """
-    return init_cache(self.cfg, batch_size, max_len, mode=self.mode, dtype=dtype, mesh=self.mesh,
+    return init_cache(self.cfg, batch_size, max_len, mode=self.mode,
+                      dtype=self.dtype if dtype is None else dtype, mesh=self.mesh,
                       axis=self.mesh_axis)
 
   def __call__(self, x, positions, cache):

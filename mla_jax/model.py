@@ -104,8 +104,9 @@ class CausalLM(nnx.Module):
     self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs)
 
-  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> list:
-    """One empty attention cache per layer (MLAttention.init_cache; jnp.int8: int8 latent)."""
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list:
+    """One empty attention cache per layer (MLAttention.init_cache; None: the model's dtype,
+    jnp.int8: int8 latent)."""
     return [layer.self_attn.init_cache(batch_size, max_len, dtype=dtype)
             for layer in self.model.layers]
 

@@ -39,8 +39,8 @@ class AttentionStack(nnx.Module):
                                         **attention_options)
                             for _ in range(cfg.num_layers)])
 
-  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> list:
-    """One empty cache per layer (see MLAttention.init_cache)."""
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list:
+    """One empty cache per layer (see MLAttention.init_cache; dtype None: the layers' dtype)."""
     return [layer.init_cache(batch_size, max_len, dtype=dtype) for layer in self.layers]
 
   def __call__(self, x, positions, caches: list):

@@ -401,6 +401,15 @@ def test_init_cache_default_dtype_is_bfloat16():
   assert mla_jax.init_cache(TINY, 1, 4, mode="standard").v.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_modules_cache_defaults_to_its_dtype(dtype):
+  for mode in ("absorbed", "standard"):
+    attn = make(mode=mode, dtype=dtype)
+    assert jax.tree.leaves(attn.init_cache(1, 4))[0].dtype == dtype
+  stack = mla_jax.AttentionStack(TINY, dtype=dtype, backend="xla", rngs=nnx.Rngs(0))
+  assert stack.init_cache(1, 4)[0].c_kv.dtype == dtype
+
+
 @pytest.mark.parametrize("kwargs,name", [
     (dict(batch_size=0), "batch_size"), (dict(max_len=-3), "max_len"),
     (dict(batch_size=2.5), "batch_size"), (dict(mode="latent"), "mode"),
