@@ -26,7 +26,7 @@ from mla_jax.ops import decode
 ON_GPU = jax.default_backend() == "gpu"
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=False,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=2000, deadline=None,
+settings.register_profile("long", max_examples=500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
