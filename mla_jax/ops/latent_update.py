@@ -28,14 +28,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from mla_jax.ops.common import check_field, is_pow2, next_pow2
+from mla_jax.ops.common import (MAGIC, MAGIC_BITS, TRITON_MIN_DOT, check_field, is_pow2,
+                                next_pow2)
 
-MIN_DOT = 16  # Triton's minimum dot extent per dimension
 MAX_BATCH = 64
 INT8_MAX = 127.0
-# 1.5·2^23: for |v| < 2^22, the float32 bits of v + MAGIC are MAGIC_BITS + round_even(v).
-_MAGIC = 12582912.0
-_MAGIC_BITS = 0x4B400000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,19 +46,20 @@ class LatentTuning:
     for name in ("block_c", "num_warps"):
       value = getattr(self, name)
       check_field(self, name, isinstance(value, int) and is_pow2(value), "a power of two")
-    check_field(self, "block_c", self.block_c >= MIN_DOT, f">= {MIN_DOT} (Triton's dot)")
+    check_field(self, "block_c", self.block_c >= TRITON_MIN_DOT,
+                f">= {TRITON_MIN_DOT} (Triton's dot)")
 
 
 def choose_tuning(C: int) -> LatentTuning:
   """64 columns a program (8 programs a head at C=512), fewer if C is smaller."""
-  return LatentTuning(block_c=max(MIN_DOT, min(64, C)))
+  return LatentTuning(block_c=max(TRITON_MIN_DOT, min(64, C)))
 
 
 def unsupported(B: int, H: int, K: int, C: int, R: int, tuning: LatentTuning) -> str | None:
   """Why the kernel cannot take these sizes, or None if it can."""
   if B > MAX_BATCH:
     return f"B={B}: at most {MAX_BATCH} batch rows"
-  if not (is_pow2(K) and is_pow2(C) and is_pow2(R) and R >= 2 and K >= MIN_DOT):
+  if not (is_pow2(K) and is_pow2(C) and is_pow2(R) and R >= 2 and K >= TRITON_MIN_DOT):
     return f"K={K}, C={C}, R={R}: expected powers of two (Triton blocks), K >= 16, R >= 2"
   if C % tuning.block_c:
     return f"C={C}: expected a multiple of block_c={tuning.block_c}"
@@ -69,13 +67,13 @@ def unsupported(B: int, H: int, K: int, C: int, R: int, tuning: LatentTuning) ->
 
 
 def _round_even(v):
-  """round-to-nearest-even of float32 v (|v| < 2^22) as int32: the bits of v + MAGIC (a bitcast,
-  so that no compiler folds the add and the subtraction away)."""
-  return jax.lax.bitcast_convert_type(v + _MAGIC, jnp.int32) - _MAGIC_BITS
+  """round-to-nearest-even of float32 v (|v| < 2^22) as int32: the bits of v + MAGIC, less
+  MAGIC_BITS (a bitcast, so that no compiler folds the add and the subtraction away)."""
+  return jax.lax.bitcast_convert_type(v + MAGIC, jnp.int32) - MAGIC_BITS
 
 
-def _kernel(pos_ref, slot_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, K, R, C, block_c,
-            absorb, int8, eps, rope_scale, dtype):
+def _kernel(pos_ref, slot_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, K, R, C,
+            block_c, absorb, int8, eps, rope_scale, dtype):
   # pos_ref, slot_ref [B] int32 (slot -1: no write); q_ref [B, H·(K+R)] and qp_ref, the same
   # array as [B, H·(K+R)/2, 2] (rope pairs); kv_ref [B, C+R] and kvp_ref [B, (C+R)/2, 2];
   # g_ref [C]; freq_ref [R/2] float32; wk_ref [H, K, C] (absorb); then the aliased cache inputs
@@ -88,7 +86,7 @@ def _kernel(pos_ref, slot_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, 
   qr_ref, c_ref, *rest = refs
   s_ref, kr_ref = rest if int8 else (None, rest[0])
   h, j = pl.program_id(0), pl.program_id(1)
-  Bp = max(MIN_DOT, next_pow2(B))
+  Bp = max(TRITON_MIN_DOT, next_pow2(B))
   rows = pl.ds(0, Bp)
   row_ok = jnp.arange(Bp) < B
   half = R // 2
@@ -118,7 +116,8 @@ def _kernel(pos_ref, slot_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, 
     even, odd = (pltriton.load(qp_ref.at[rows, pairs, jnp.int32(i)], mask=mask, other=0.0)
                  .astype(jnp.float32) for i in (0, 1))
     for i, part in enumerate(rotate(even, odd, pos)):
-      pltriton.store(qr_ref.at[rows, h, :, jnp.int32(i)], part.astype(dtype).astype(qr_ref.dtype), mask=mask)
+      pltriton.store(qr_ref.at[rows, h, :, jnp.int32(i)], part.astype(dtype).astype(qr_ref.dtype),
+                     mask=mask)
 
   @pl.when(h == 0)
   def _write_cache():
@@ -185,8 +184,8 @@ def latent_update(q, kv, positions, slots, kv_norm_weight, inv_freq, wk_b, c_kv,
               inv_freq.astype(jnp.float32)]
   if absorb:
     operands.append(wk_b)
-  out_shape = [jax.ShapeDtypeStruct((B, H, R // 2, 2), dtype), *(jax.ShapeDtypeStruct(a.shape, a.dtype)
-                                                          for a in cache)]
+  out_shape = [jax.ShapeDtypeStruct((B, H, R // 2, 2), dtype),
+               *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache)]
   if absorb:
     out_shape.insert(0, jax.ShapeDtypeStruct((B, H, C), dtype))
   first_out = 1 + int(absorb)  # the cache outputs follow q_latent and q_rope

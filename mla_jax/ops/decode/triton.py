@@ -33,10 +33,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
-from mla_jax.ops.common import LN2, LOG2E, check_field, is_pow2, is_positive_int, next_pow2
+from mla_jax.ops.common import (LN2, LOG2E, TRITON_MIN_DOT, check_field, is_pow2,
+                                is_positive_int, next_pow2)
 from mla_jax.ops.decode.merge_triton import MERGES, MergeLaunch, merge_heads
 
-_MIN_DOT = 16                 # Triton dots need every dimension >= 16
 _SMEM_BYTES = 227 * 1024      # shared memory per SM on Hopper
 _MAX_PROGRAMS_PER_SM = 4
 _MIN_TILES_PER_PIECE = 4      # a shorter piece spends its time on setup and the partial write
@@ -72,8 +72,8 @@ class TritonTuning:
   def __post_init__(self):
     for name in ("block_h", "block_s"):
       value = getattr(self, name)
-      check_field(self, name, isinstance(value, int) and is_pow2(value) and value >= _MIN_DOT,
-                  f"a power of two >= {_MIN_DOT}")
+      check_field(self, name, isinstance(value, int) and is_pow2(value) and value >= TRITON_MIN_DOT,
+                  f"a power of two >= {TRITON_MIN_DOT}")
     check_field(self, "num_splits", is_positive_int(self.num_splits), "an integer >= 1")
     check_field(self, "num_warps", isinstance(self.num_warps, int) and is_pow2(self.num_warps),
                 "a power of two")
@@ -107,7 +107,7 @@ def choose_tuning(B: int, H: int, S: int, *, num_sms: int, cache_itemsize: int =
   the output is bfloat16 (it is rounded to that anyway): at B=1,S=131072 the float32 partials
   are 8 MB, 5% of the cache bytes, and halving them saved 2 µs of 48.
   """
-  block_h = min(max(next_pow2(H), _MIN_DOT), 64)
+  block_h = min(max(next_pow2(H), TRITON_MIN_DOT), 64)
   if cache_itemsize >= 4:
     block_s, num_stages = 16, 3 if block_h <= 16 else 2
   elif block_h > 16:  # int8 needs room for the converted tile: 64 rows exceed shared memory
@@ -132,8 +132,8 @@ def unsupported(q_latent, c_kv, k_rope) -> str | None:
   S, R = k_rope.shape[1:]
   if not (is_pow2(C) and is_pow2(R)):
     return f"C={C}, R={R}: the Triton lowering needs powers of two"
-  if C < _MIN_DOT:
-    return f"q_latent.shape={tuple(q_latent.shape)}: C={C} must be >= {_MIN_DOT}"
+  if C < TRITON_MIN_DOT:
+    return f"q_latent.shape={tuple(q_latent.shape)}: C={C} must be >= {TRITON_MIN_DOT}"
   if isinstance(c_kv, quant.Int8Rows):
     if tuple(c_kv.scales.shape) != (B, S):
       return f"c_kv.scales.shape={tuple(c_kv.scales.shape)}; expected [B,S]=({B}, {S})"
@@ -273,7 +273,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuni
   block_h = tuning.block_h
   head_blocks = pl.cdiv(H, block_h)
   H_pad = head_blocks * block_h
-  R_pad = max(R, _MIN_DOT)  # rope dims below the dot minimum: zero columns add nothing
+  R_pad = max(R, TRITON_MIN_DOT)  # rope dims below the dot minimum: zero columns add nothing
   if H_pad != H:
     q_latent = jnp.pad(q_latent, ((0, 0), (0, H_pad - H), (0, 0)))
   if (H_pad, R_pad) != (H, R):

@@ -42,17 +42,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
-from mla_jax.ops.common import check_field, is_pow2, is_positive_int, next_pow2
+from mla_jax.ops.common import (MAGIC, MAGIC_BITS, TRITON_MIN_DOT, check_field, is_pow2,
+                                is_positive_int, next_pow2)
 
 BLOCK = quant.BLOCK
 HALF = BLOCK // 2
-MIN_DOT = 16  # Triton's minimum dot extent per dimension
 MAX_BLOCK_B = 64
 
-# 1.5·2^23: float32 values in [2^23, 2^24) have unit spacing, so the float whose bits are
-# MAGIC_BITS + i is MAGIC + i for every integer |i| < 2^22, and MAGIC + v rounds v to an integer.
-_MAGIC = 12582912.0
-_MAGIC_BITS = 0x4B400000
 # IQ4_NL_VALUES[i] == round(-127 + i·(c3 + i·(c2 + i·(c1 + i·c0)))) for i in 0..15: the minimax
 # fit with the constant pinned to the integer IQ4_NL_VALUES[0] (max error 0.44, scipy linprog),
 # so that the rounding add of MAGIC merges into the last coefficient exactly.
@@ -121,12 +117,12 @@ def choose_tuning(B: int, H: int, K: int, N: int, fmt: str | None) -> TritonGemv
 
 def _int_to_f32(i):
   """Exact float32 of small integers (|i| < 2^22, e.g. int8 or 4-bit), without a conversion."""
-  return _unbias(i.astype(jnp.int32) + _MAGIC_BITS)
+  return _unbias(i.astype(jnp.int32) + MAGIC_BITS)
 
 
 def _unbias(bits):
   """The integer i, as float32, from the bits of MAGIC + i."""
-  return jax.lax.bitcast_convert_type(bits, jnp.float32) - _MAGIC
+  return jax.lax.bitcast_convert_type(bits, jnp.float32) - MAGIC
 
 
 def _iq4_nl_values(idx):
@@ -140,7 +136,7 @@ def _iq4_nl_values(idx):
   acc = jnp.full(t.shape, _IQ4_POLY[0], jnp.float32)
   for c in _IQ4_POLY[1:]:
     acc = acc * t + c
-  rounded = acc * t + (_MAGIC + _IQ4_CONST)
+  rounded = acc * t + (MAGIC + _IQ4_CONST)
   return _unbias(jax.lax.bitcast_convert_type(rounded, jnp.int32) & 0x7FFFFFFF)
 
 
@@ -254,8 +250,8 @@ def batched_gemv(x, w, *, tuning: TritonGemvTuning, interpret: bool = False):
   block_n = min(tuning.block_n, N)
   block_b = 1
   if tuning.dot:
-    block_b = max(min(tuning.block_b or next_pow2(B), MAX_BLOCK_B), MIN_DOT)
-    block_n = max(block_n, MIN_DOT)
+    block_b = max(min(tuning.block_b or next_pow2(B), MAX_BLOCK_B), TRITON_MIN_DOT)
+    block_n = max(block_n, TRITON_MIN_DOT)
   compute_dtype = x.dtype if quantized else jnp.promote_types(x.dtype, w.dtype)
   kernel = functools.partial(
       _gemv_kernel, fmt=fmt, B=B, K=K, block_b=block_b, block_n=block_n,
