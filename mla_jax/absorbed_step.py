@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mla_jax import ops, quant, rope
+from mla_jax.cache import advance
 from mla_jax.ops import latent_update
 from mla_jax.ops.common import resolve_impl
 
@@ -52,7 +53,7 @@ def decode_step(module, x, positions, cache):
   S = cache.max_len
   valid = positions >= 0
   slots = jnp.where(valid & (cache.lengths < S), cache.lengths, -1)
-  total = cache.lengths + valid
+  lengths, overflow = advance(cache.lengths, cache.overflow, valid.astype(jnp.int32), S)
   wk_b, wv_b = module.kv_b_proj.weights()
   gemv_absorbs = isinstance(wk_b, quant.QuantizedTensor) or module.gemv_lowering != "triton"
   int8 = isinstance(cache.c_kv, quant.Int8Rows)
@@ -69,8 +70,7 @@ def decode_step(module, x, positions, cache):
     q_latent = ops.batched_gemv(q.reshape(B, H, cfg.qk_head_dim), wk_b, impl=module._gemv_impl,
                                 **module._gemv_options)
   cache = dataclasses.replace(cache, c_kv=quant.Int8Rows(values, scales) if int8 else values,
-                              k_rope=k_rope, lengths=jnp.minimum(total, S),
-                              overflow=cache.overflow | (total > S))
+                              k_rope=k_rope, lengths=lengths, overflow=overflow)
   o_latent, _ = ops.mla_decode(q_latent, q_rope.astype(q_latent.dtype), cache.c_kv, cache.k_rope,
                                cache.lengths, sm_scale=cfg.softmax_scale,
                                impl=module._decode_impl,

@@ -62,7 +62,9 @@ def _write(buffer, new, start, num_new, seq_axis=1):
   return jax.lax.optimization_barrier(buffer)
 
 
-def _advance(lengths, overflow, num_new, max_len):
+def advance(lengths, overflow, num_new, max_len):
+  """(lengths, overflow) after appending num_new [B] tokens a row to rows of max_len slots:
+  lengths stop at max_len, and a row that did not fit sets its sticky overflow flag."""
   total = lengths + num_new
   return jnp.minimum(total, max_len), overflow | (total > max_len)
 
@@ -87,7 +89,7 @@ class _CacheMixin:
   def _append(self, news, num_new):
     """Writes news (one [B,T,...] array per buffer) from slot lengths[b] on, keeping the first
     num_new[b] tokens of row b; advances lengths and overflow."""
-    lengths, overflow = _advance(self.lengths, self.overflow, num_new, self.max_len)
+    lengths, overflow = advance(self.lengths, self.overflow, num_new, self.max_len)
     written = {name: _write(getattr(self, name), new, self.lengths, num_new, self._SEQ_AXIS)
                for name, new in zip(self._BUFFERS, news)}
     return dataclasses.replace(self, **written, lengths=lengths, overflow=overflow)
