@@ -61,11 +61,12 @@ def _visible(q_slots, kv_lengths, start, rows, first):
           & (j >= first)[None, None, :])
 
 
-def _blockwise(scores, values, out_shape, S, kv_lengths, block):
+def _blockwise(load, scores, values, out_shape, S, kv_lengths, block):
   """Online softmax (FlashAttention-2, Dao 2023) over the cache in blocks of `block` slots.
 
-  scores(start, rows, first) -> masked scores [..., rows] of slots [start, start + rows) (-inf
-  where not visible, or below `first`); values(p, start, rows) -> [..., V] float32. Blocks at
+  load(start, rows) -> the cache's slots [start, start + rows), read once per block;
+  scores(block, start, rows, first) -> masked scores [..., rows] (-inf where not visible, or
+  below `first`); values(p, block) -> [..., V] float32. Blocks at
   or past the longest row's length are skipped (lax.cond in a scan: reverse-mode
   differentiable), so a prefill costs what the filled cache holds, not its size; the last block
   slides back to end at S and masks the slots an earlier block visited. A cache of at most
@@ -76,12 +77,13 @@ def _blockwise(scores, values, out_shape, S, kv_lengths, block):
   def visit(carry, i):
     acc, m, l = carry
     start = jnp.minimum(i * rows, S - rows)
-    s = scores(start, rows, i * rows)
+    cache_block = load(start, rows)
+    s = scores(cache_block, start, rows, i * rows)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     alpha = jnp.exp(m - shift)  # 0 while nothing was visible (m = -inf)
     p = jnp.exp(s - shift[..., None])
-    return (acc * alpha[..., None] + values(p, start, rows), m_new,
+    return (acc * alpha[..., None] + values(p, cache_block), m_new,
             l * alpha + jnp.sum(p, axis=-1))
 
   longest = jnp.max(kv_lengths)
@@ -114,18 +116,20 @@ def latent_attention(q_latent, q_rope, c_kv, k_rope, q_slots, kv_lengths, *, sm_
   """
   dtype = q_latent.dtype
 
-  def scores(start, rows, first):
-    c = _dense(_slice(c_kv, start, rows, 1), dtype).astype(dtype)
-    k = _slice(k_rope, start, rows, 1).astype(dtype)
+  def load(start, rows):
+    return (_dense(_slice(c_kv, start, rows, 1), dtype).astype(dtype),
+            _slice(k_rope, start, rows, 1).astype(dtype))
+
+  def scores(block, start, rows, first):
+    c, k = block
     s = (jnp.einsum("bthc,bsc->bths", q_latent, c, preferred_element_type=f32)
          + jnp.einsum("bthr,bsr->bths", q_rope, k, preferred_element_type=f32)) * sm_scale
     return jnp.where(_visible(q_slots, kv_lengths, start, rows, first)[:, :, None], s, -jnp.inf)
 
-  def values(p, start, rows):
-    c = _dense(_slice(c_kv, start, rows, 1), dtype).astype(dtype)
-    return jnp.einsum("bths,bsc->bthc", p.astype(dtype), c, preferred_element_type=f32)
+  def values(p, block):
+    return jnp.einsum("bths,bsc->bthc", p.astype(dtype), block[0], preferred_element_type=f32)
 
-  out = _blockwise(scores, values, q_latent.shape, k_rope.shape[1], kv_lengths, block)
+  out = _blockwise(load, scores, values, q_latent.shape, k_rope.shape[1], kv_lengths, block)
   return out.astype(dtype)
 
 
@@ -152,17 +156,18 @@ def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale, block: int = P
 def _standard_prefill(q, k, v, q_slots, kv_lengths, *, sm_scale, block):
   dtype = q.dtype
 
-  def scores(start, rows, first):
-    s = jnp.einsum("bthd,bhsd->bhts", q, _slice(k, start, rows, 2).astype(dtype),
-                   preferred_element_type=f32) * sm_scale
+  def load(start, rows):
+    return _slice(k, start, rows, 2).astype(dtype), _slice(v, start, rows, 2).astype(dtype)
+
+  def scores(block, start, rows, first):
+    s = jnp.einsum("bthd,bhsd->bhts", q, block[0], preferred_element_type=f32) * sm_scale
     return jnp.where(_visible(q_slots, kv_lengths, start, rows, first)[:, None], s, -jnp.inf)
 
-  def values(p, start, rows):
-    return jnp.einsum("bhts,bhsv->bhtv", p.astype(dtype), _slice(v, start, rows, 2).astype(dtype),
-                      preferred_element_type=f32)
+  def values(p, block):
+    return jnp.einsum("bhts,bhsv->bhtv", p.astype(dtype), block[1], preferred_element_type=f32)
 
   B, T, H, _ = q.shape
-  out = _blockwise(scores, values, (B, H, T, v.shape[-1]), k.shape[2], kv_lengths, block)
+  out = _blockwise(load, scores, values, (B, H, T, v.shape[-1]), k.shape[2], kv_lengths, block)
   return out.astype(dtype).transpose(0, 2, 1, 3)
 
 
