@@ -236,10 +236,7 @@ def markdown(results: dict) -> str:
            + ", ".join(f"({d} {g:.0f} GFLOP/s)" for d, g in gemm.items())
            + f"; host load {results.get('loadavg_before')} before, "
            f"{results.get('loadavg_after')} after."]
-  goals = results["config"].get("goals")
-  if goals:
-    lines += ["", harness.goals_table(goals, results["rows"])]
-  return "\n".join(lines) + "\n"
+  return harness.page(lines, results)
 
 
 def plot(results: dict, path: str):

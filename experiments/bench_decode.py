@@ -144,10 +144,7 @@ def markdown(results: dict) -> str:
            "input sets; TB/s: cache bytes (c_kv, int8 scales, k_rope) over µs; rel err: "
            "‖out − ref‖/‖ref‖ against the float32 reference; device time excludes copies "
            "(<variant>_copies_us in the JSON)."]
-  goals = results["config"].get("goals")
-  if goals:
-    lines += ["", harness.goals_table(goals, results["rows"])]
-  return "\n".join(lines) + "\n"
+  return harness.page(lines, results)
 
 
 plot = None  # no plot: the tables are the result

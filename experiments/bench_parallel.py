@@ -168,10 +168,7 @@ def markdown(results: dict) -> str:
            "float32 reference; the second table times the merge alone on [B,H,C] partials. "
            "On a GPU the JSON also holds <name>_device_us, the kernels' time per call summed "
            "over all devices."]
-  goals = results["config"].get("goals")
-  if goals:
-    lines += ["", harness.goals_table(goals, results["rows"])]
-  return "\n".join(lines) + "\n"
+  return harness.page(lines, results)
 
 
 plot = None  # no plot: the tables are the result

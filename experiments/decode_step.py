@@ -241,10 +241,7 @@ def markdown(results: dict) -> str:
            f"{c['floor_tbps']} TB/s; kernels/layer: kernels of the compiled single step over "
            f"{c['num_layers']} layers; gate: one decode step after a {c['gate_prompt_len']}-token "
            "prefill against the same weights in float32 on standard/xla."]
-  goals = c.get("goals")
-  if goals:
-    lines += ["", harness.goals_table(goals, results["rows"], ("impl", "batch", "prompt_len"))]
-  return "\n".join(lines) + "\n"
+  return harness.page(lines, results, ("impl", "batch", "prompt_len"))
 
 
 plot = None  # no plot: the table is the result

@@ -283,6 +283,14 @@ def goal_value(expr: str, rows: Sequence[dict], keys: Sequence[str] = ()):
   return eval(expr, names)  # pylint: disable=eval-used
 
 
+def page(lines: Sequence[str], results: dict, keys: Sequence[str] = ()) -> str:
+  """A results page: lines, then the goals table of the run's config if it has goals."""
+  goals = results["config"].get("goals")
+  if goals:
+    lines = [*lines, "", goals_table(goals, results["rows"], keys)]
+  return "\n".join(lines) + "\n"
+
+
 def goals_table(goals: Sequence[Sequence], rows: Sequence[dict], keys: Sequence[str] = ()) -> str:
   """Markdown table of goals (label, what, value expression, "<=" | ">=" | "<" | ">", target):
   each goal's measured value and whether it holds ("not measured" where the rows lack it)."""
