@@ -33,9 +33,9 @@ def stack(cfg, backend, dtype=jnp.float32, weight_format=None):
                                 rngs=nnx.Rngs(0))
 
 
-def prefill_then_decode(model, rng_seed, cache_dtype, steps=3):
-  """A ragged prefill (left padding, right padding, a full row), then `steps` decode steps with
-  one padding row; returns (decode outputs [B, steps, D], caches)."""
+def prefill(model, rng_seed, cache_dtype):
+  """A ragged prefill (left padding, right padding, a full row) -> (caches, the first decode
+  step's x [B,1,D] and positions [B,1], one row padding)."""
   rng = np.random.default_rng(rng_seed)
   dtype = model.layers[0].dtype
   caches = model.init_cache(3, 16, cache_dtype)
@@ -43,7 +43,12 @@ def prefill_then_decode(model, rng_seed, cache_dtype, steps=3):
   positions = jnp.asarray([[0, 1, 2, 3, 4], [-1, -1, 0, 1, 2], [0, 1, 2, 3, -1]], jnp.int32)
   _, caches = model(x, positions, caches)
   x = jnp.asarray(rng.standard_normal((3, 1, CFG.hidden_size)), dtype)
-  positions = jnp.asarray([[5], [3], [-1]], jnp.int32)
+  return caches, x, jnp.asarray([[5], [3], [-1]], jnp.int32)
+
+
+def prefill_then_decode(model, rng_seed, cache_dtype, steps=3):
+  """prefill, then `steps` single decode steps: (decode outputs [B, steps, D], caches)."""
+  caches, x, positions = prefill(model, rng_seed, cache_dtype)
   ys = []
   for _ in range(steps):
     y, caches = model(x, positions, caches)
@@ -86,13 +91,8 @@ def test_bfloat16_equals_the_xla_path():
 def test_decode_loop_equals_single_steps():
   model = stack(CFG, "pallas")
   ys_steps, caches_steps = prefill_then_decode(model, 3, jnp.float32, steps=4)
-  rng = np.random.default_rng(3)
-  caches = model.init_cache(3, 16, jnp.float32)
-  x = jnp.asarray(rng.standard_normal((3, 5, CFG.hidden_size)), jnp.float32)
-  positions = jnp.asarray([[0, 1, 2, 3, 4], [-1, -1, 0, 1, 2], [0, 1, 2, 3, -1]], jnp.int32)
-  _, caches = model(x, positions, caches)
-  x = jnp.asarray(rng.standard_normal((3, 1, CFG.hidden_size)), jnp.float32)
-  ys, caches = mla_jax.decode_loop(model, x, jnp.asarray([[5], [3], [-1]], jnp.int32), caches, 4)
+  caches, x, positions = prefill(model, 3, jnp.float32)
+  ys, caches = mla_jax.decode_loop(model, x, positions, caches, 4)
   assert rel_err(ys, ys_steps) < TOL[jnp.float32]
   for cache, ref in zip(caches, caches_steps):
     np.testing.assert_array_equal(cache.lengths, ref.lengths)
