@@ -8,27 +8,27 @@ the length bookkeeping and the absorption of wk_b as some ten small fusions. Her
   projections  q_proj (or q_a_proj, q_a_layernorm, q_b_proj) and kv_a_proj_with_mqa on XLA: in
                transformers' [out, in] layout XLA reads the weights once, and a Triton GEMV
                measured slower (docs/decode_step.md)
-  bookkeeping  one XLA fusion: the token's cache slot, the new lengths and overflow flags
   latent       ops/latent_update.py, one launch: wk_b absorbed into the query, rope of q and k,
-               the kv norm and the cache write in place
-  attention    ops.mla_decode's split-KV kernel (and its merge when the split has pieces)
-  values       ops.batched_gemv with wv_b
+               the kv norm, the cache write and the lengths and overflow flags, in place
+  attention    ops.mla_decode's split-KV kernel, then one kernel that merges its pieces and
+               applies wv_b (ops.mla_decode's wv_b)
   projection   o_proj on XLA
 
-Quantized wk_b (weight_format "q8_0"/"iq4_nl"), or gemv_lowering="mosaic", leaves the absorption
-of wk_b to ops.batched_gemv (that lowering's kernel), and the latent kernel does the rest. The arithmetic, and so the result, is the module's other path's:
+Quantized kv_b_proj weights (weight_format "q8_0"/"iq4_nl"), or gemv_lowering="mosaic", leave
+the absorption of wk_b and the product with wv_b to ops.batched_gemv (that lowering's kernel),
+and the latent kernel and the merge do the rest. The arithmetic, and so the result, is the module's other path's:
 the same roundings, checked in tests/test_absorbed_step.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from mla_jax import ops, quant, rope
-from mla_jax.cache import advance
 from mla_jax.ops import latent_update
 from mla_jax.ops.common import resolve_impl
 
@@ -50,20 +50,16 @@ def decode_step(module, x, positions, cache):
   """x [B,D] in the module's dtype, positions [B] -> (heads [B,H,V], cache)."""
   cfg = module.cfg
   B, H = x.shape[0], cfg.num_heads
-  S = cache.max_len
-  valid = positions >= 0
-  slots = jnp.where(valid & (cache.lengths < S), cache.lengths, -1)
-  lengths, overflow = advance(cache.lengths, cache.overflow, valid.astype(jnp.int32), S)
   wk_b, wv_b = module.kv_b_proj.weights()
   gemv_absorbs = isinstance(wk_b, quant.QuantizedTensor) or module.gemv_lowering != "triton"
   int8 = isinstance(cache.c_kv, quant.Int8Rows)
   values, scales = (cache.c_kv.values, cache.c_kv.scales) if int8 else (cache.c_kv, None)
   q = module._query(x)
-  q_latent, q_rope, values, scales, k_rope = latent_update.latent_update(
-      q, module.kv_a_proj_with_mqa(x), positions, slots, module.kv_a_layernorm.weight[...],
+  q_latent, q_rope, values, scales, k_rope, lengths, overflow = latent_update.latent_update(
+      q, module.kv_a_proj_with_mqa(x), positions, module.kv_a_layernorm.weight[...],
       jnp.asarray(rope.inv_freq(cfg)), None if gemv_absorbs else wk_b, values, scales,
-      cache.k_rope, num_heads=H, rope_scale=rope.attention_factor(cfg),
-      eps=module.kv_a_layernorm.eps, dtype=module.dtype,
+      cache.k_rope, cache.lengths, cache.overflow, num_heads=H,
+      rope_scale=rope.attention_factor(cfg), eps=module.kv_a_layernorm.eps, dtype=module.dtype,
       tuning=latent_update.choose_tuning(cfg.kv_lora_rank),
       interpret=jax.default_backend() != "gpu")
   if gemv_absorbs:
@@ -71,10 +67,13 @@ def decode_step(module, x, positions, cache):
                                 **module._gemv_options)
   cache = dataclasses.replace(cache, c_kv=quant.Int8Rows(values, scales) if int8 else values,
                               k_rope=k_rope, lengths=lengths, overflow=overflow)
-  o_latent, _ = ops.mla_decode(q_latent, q_rope.astype(q_latent.dtype), cache.c_kv, cache.k_rope,
-                               cache.lengths, sm_scale=cfg.softmax_scale,
-                               impl=module._decode_impl,
-                               **module._kernel_options(module._decode_impl))
-  heads = ops.batched_gemv(o_latent.astype(q_latent.dtype), wv_b, impl=module._gemv_impl,
-                           **module._gemv_options)
+  decode = functools.partial(ops.mla_decode, q_latent, q_rope.astype(q_latent.dtype), cache.c_kv,
+                             cache.k_rope, cache.lengths, sm_scale=cfg.softmax_scale,
+                             impl=module._decode_impl,
+                             **module._kernel_options(module._decode_impl))
+  if gemv_absorbs:
+    o_latent, _ = decode()
+    return ops.batched_gemv(o_latent.astype(q_latent.dtype), wv_b, impl=module._gemv_impl,
+                            **module._gemv_options), cache
+  heads, _ = decode(wv_b=wv_b)
   return heads, cache

@@ -10,8 +10,10 @@ inputs, so a row may start at any position. New tokens go to slots lengths[b], l
 Writes are scatters with out-of-range slots dropped, so under `jax.jit` with the cache donated
 (`mla_jax.jit_step`) they update the buffers in place. A write that does not fit never wraps or
 clobbers valid entries: the tokens past max_len are dropped, lengths stop at max_len and the
-sticky `overflow[b]` flag is set. `check()` raises on it; the module raises at once when called
-outside jit.
+sticky `overflow[b]` flag is set to 1. `check()` raises on it; the module raises at once when
+called outside jit. The flag is int32 (0 or 1), not bool, so that a Pallas kernel with the Triton
+lowering, which has no boolean buffers, can advance it in place with the lengths
+(ops/latent_update.py).
 """
 
 from __future__ import annotations
@@ -64,13 +66,13 @@ def _write(buffer, new, start, num_new, seq_axis=1):
 
 def advance(lengths, overflow, num_new, max_len):
   """(lengths, overflow) after appending num_new [B] tokens a row to rows of max_len slots:
-  lengths stop at max_len, and a row that did not fit sets its sticky overflow flag."""
+  lengths stop at max_len, and a row that did not fit sets its sticky overflow flag (int32 1)."""
   total = lengths + num_new
-  return jnp.minimum(total, max_len), overflow | (total > max_len)
+  return jnp.minimum(total, max_len), overflow | (total > max_len).astype(overflow.dtype)
 
 
 class _CacheMixin:
-  """Shared bookkeeping: lengths [B] int32, the sticky overflow [B] bool, and appending to the
+  """Shared bookkeeping: lengths [B] int32, the sticky overflow [B] int32 (0 or 1), and appending to the
   two token buffers named by _BUFFERS, whose sequence (slot) axis is _SEQ_AXIS."""
 
   _BUFFERS: ClassVar[tuple[str, str]]
@@ -114,7 +116,7 @@ class LatentCache(_CacheMixin):
   c_kv: jax.Array | quant.Int8Rows
   k_rope: jax.Array
   lengths: jax.Array   # [B] int32
-  overflow: jax.Array  # [B] bool
+  overflow: jax.Array  # [B] int32, 1: a write did not fit
 
   _BUFFERS = ("c_kv", "k_rope")
   _SEQ_AXIS = 1
@@ -137,7 +139,7 @@ class KVCache(_CacheMixin):
   k: jax.Array
   v: jax.Array
   lengths: jax.Array   # [B] int32
-  overflow: jax.Array  # [B] bool
+  overflow: jax.Array  # [B] int32, 1: a write did not fit
 
   _BUFFERS = ("k", "v")
   _SEQ_AXIS = 2
@@ -197,7 +199,7 @@ def init_cache(cfg: MLAConfig, batch_size: int, max_len: int, *, mode: str = "ab
 
 
 def _empty_lengths(B):
-  return dict(lengths=jnp.zeros((B,), jnp.int32), overflow=jnp.zeros((B,), bool))
+  return dict(lengths=jnp.zeros((B,), jnp.int32), overflow=jnp.zeros((B,), jnp.int32))
 
 
 def _empty_latent_cache(cfg, B, S, dtype) -> LatentCache:

@@ -47,3 +47,55 @@ def test_merge_heads_returns_the_first_heads(rng, merge):
   assert out.shape == (B, H, C) and out.dtype == jnp.bfloat16 and lse.shape == (B, H)
   np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, rtol=1e-2, atol=1e-2)
   np.testing.assert_allclose(lse, ref_lse, rtol=1e-6)
+
+
+def _merged_and_projected(o_parts, lse_parts, wv_b):
+  """float64 oracle of merge_values: the merge (ops/merge.py's formulas), then o · wv_b[h]."""
+  o, lse, w = (np.asarray(a, np.float64) for a in (o_parts, lse_parts, wv_b))
+  H = w.shape[0]
+  o, lse = o[:, :, :H], lse[:, :, :H]
+  m = np.max(lse, 0)
+  m = np.where(np.isfinite(m), m, 0.0)
+  p = np.exp(lse - m)
+  l = p.sum(0)
+  out = np.einsum("pbh,pbhc->bhc", p, o) / np.where(l > 0, l, 1.0)[..., None]
+  return np.einsum("bhc,hcv->bhv", out, w), np.where(l > 0, m + np.log(np.where(l > 0, l, 1)),
+                                                      -np.inf)
+
+
+@pytest.mark.parametrize("merge", merge_triton.MERGES)
+@pytest.mark.parametrize("P,B,N,H,C,V", [(5, 2, 16, 5, 64, 32), (128, 1, 16, 16, 512, 128),
+                                         (1, 3, 32, 32, 128, 16), (300, 2, 16, 3, 256, 64)])
+def test_merge_values_equals_merge_then_projection(rng, merge, P, B, N, H, C, V):
+  """Partials of N padded heads, the first H projected; empty pieces, a head with no piece at all
+  (out 0, lse -inf), a single piece (the projection alone) and more pieces than one load holds
+  (300: chunked)."""
+  o_parts = jnp.asarray(rng.standard_normal((P, B, N, C)), jnp.float32)
+  lse_parts = np.asarray(rng.standard_normal((P, B, N)) * 3, np.float32)
+  lse_parts[0, 0, :] = -np.inf
+  lse_parts[:, B - 1, H // 2] = -np.inf
+  wv_b = jnp.asarray(rng.standard_normal((H, C, V)) / np.sqrt(C), jnp.float32)
+  out, lse = merge_triton.merge_values(o_parts, jnp.asarray(lse_parts), wv_b, jnp.float32,
+                                       merge=merge, interpret=not ON_GPU)
+  want, want_lse = _merged_and_projected(o_parts, lse_parts, wv_b)
+  assert out.shape == (B, H, V) and out.dtype == jnp.float32 and lse.shape == (B, H)
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(out[B - 1, H // 2], 0.0)
+  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+  finite = np.isfinite(want_lse)
+  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], rtol=1e-6)
+
+
+def test_merge_values_rounds_the_merged_rows_like_merge_heads(rng):
+  """bf16: the merged row is rounded to bf16 before the product, as merge_heads' output is."""
+  P, B, N, C, V = 4, 2, 16, 64, 32
+  o_parts = jnp.asarray(rng.standard_normal((P, B, N, C)), jnp.bfloat16)
+  lse_parts = jnp.asarray(rng.standard_normal((P, B, N)), jnp.float32)
+  wv_b = jnp.asarray(rng.standard_normal((N, C, V)), jnp.bfloat16)
+  out, _ = merge_triton.merge_values(o_parts, lse_parts, wv_b, jnp.bfloat16, merge="pallas",
+                                     interpret=not ON_GPU)
+  merged, _ = merge_partials(o_parts.astype(jnp.float32), lse_parts)
+  want = np.einsum("bhc,hcv->bhv", np.asarray(merged.astype(jnp.bfloat16), np.float64),
+                   np.asarray(wv_b, np.float64))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-2, atol=2e-2)

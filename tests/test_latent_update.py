@@ -52,17 +52,26 @@ def _latent_inputs(rng, B, H, K, C, R, S, dtype, int8):
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float_cache", "int8_cache"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("absorb", [True, False])
-def test_latent_update_matches_reference(absorb, dtype, int8, rng):
+@pytest.mark.parametrize("absorb,block_c", [(True, 16), (True, 64), (False, 32)],
+                         ids=["row_per_program", "one_program_writes", "no_absorb"])
+def test_latent_update_matches_reference(absorb, block_c, dtype, int8, rng):
+  """block_c 16: each of head 0's four programs writes one row; 32: two rows each; 64: one
+  program writes all four."""
   B, H, K, C, R, S = 4, 3, 16, 64, 8, 12
   q, kv, g, wk, inv_freq, c, k_rope = _latent_inputs(rng, B, H, K, C, R, S, dtype, int8)
-  positions = jnp.asarray(rng.integers(0, 5000, B), jnp.int32)
-  slots = jnp.asarray([3, -1, 11, 0], jnp.int32)  # row 1 writes nothing (padding or full)
+  positions = jnp.asarray(rng.integers(0, 5000, B), jnp.int32).at[3].set(-1)
+  # row 0 writes slot 3; row 1 is full (sets its flag), row 2 fills its last slot, row 3 is
+  # padding; rows 2 and 3 have overflowed before and keep their flags
+  lengths = jnp.asarray([3, S, S - 1, 5], jnp.int32)
+  overflow = jnp.asarray([0, 0, 1, 1], jnp.int32)
+  slots = [3, -1, S - 1, -1]
   values, scales = (c.values, c.scales) if int8 else (c, None)
-  q_latent, q_rope, values2, scales2, k_rope2 = latent.latent_update(
-      q, kv, positions, slots, g, inv_freq, wk if absorb else None, values, scales, k_rope,
-      num_heads=H, rope_scale=1.25, eps=EPS, dtype=dtype, tuning=latent.LatentTuning(block_c=16),
-      interpret=not ON_GPU)
+  q_latent, q_rope, values2, scales2, k_rope2, lengths2, overflow2 = latent.latent_update(
+      q, kv, positions, g, inv_freq, wk if absorb else None, values, scales, k_rope, lengths,
+      overflow, num_heads=H, rope_scale=1.25, eps=EPS, dtype=dtype,
+      tuning=latent.LatentTuning(block_c=block_c), interpret=not ON_GPU)
+  np.testing.assert_array_equal(lengths2, [4, S, S, 5])
+  np.testing.assert_array_equal(overflow2, [0, 1, 1, 1])
   tol = RTOL[dtype]
   qh = np.asarray(q, np.float64).reshape(B, H, K + R)
   if absorb:
@@ -75,7 +84,7 @@ def test_latent_update_matches_reference(absorb, dtype, int8, rng):
   c_new = rms_norm(np.asarray(kv)[:, :C], g)
   k_new = rope_pairs(np.asarray(kv, np.float64)[:, C:], positions, inv_freq, 1.25)
   written = np.zeros((B, S), bool)
-  for b, s in enumerate(np.asarray(slots)):
+  for b, s in enumerate(slots):
     if s < 0:
       continue
     written[b, s] = True
@@ -100,15 +109,15 @@ def test_latent_int8_row_equals_quantize_rows(rng):
   """The kernel's int8 row is quant.quantize_rows of the normalised row, bit for bit."""
   B, H, K, C, R, S = 2, 2, 16, 64, 8, 4
   q, kv, g, wk, inv_freq, c, k_rope = _latent_inputs(rng, B, H, K, C, R, S, jnp.float32, True)
-  slots = jnp.asarray([1, 2], jnp.int32)
-  _, _, values, scales, _ = latent.latent_update(
-      q, kv, jnp.zeros(B, jnp.int32), slots, g, inv_freq, wk, c.values, c.scales, k_rope,
-      num_heads=H, rope_scale=1.0, eps=EPS, dtype=jnp.float32,
+  slots = [1, 2]
+  _, _, values, scales, *_ = latent.latent_update(
+      q, kv, jnp.zeros(B, jnp.int32), g, inv_freq, wk, c.values, c.scales, k_rope,
+      jnp.asarray(slots, jnp.int32), jnp.zeros(B, jnp.int32), num_heads=H, rope_scale=1.0, eps=EPS, dtype=jnp.float32,
       tuning=latent.LatentTuning(block_c=32), interpret=not ON_GPU)
   xf = kv[:, :C].astype(jnp.float32)
   normed = g * (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + EPS))
   expected = quant.quantize_rows(normed)
-  for b, s in enumerate(np.asarray(slots)):
+  for b, s in enumerate(slots):
     np.testing.assert_array_equal(values[b, s], expected.values[b])
     np.testing.assert_allclose(scales[b, s], expected.scales[b], rtol=1e-6)
 
@@ -119,24 +128,24 @@ def test_latent_int8_row_equals_quantize_rows(rng):
 def test_latent_update_model_shapes(B, H, int8, rng):
   K, C, R, S = 128, 512, 64, 4096
   q, kv, g, wk, inv_freq, c, k_rope = _latent_inputs(rng, B, H, K, C, R, S, jnp.bfloat16, int8)
-  slots = jnp.asarray(rng.integers(0, S, B), jnp.int32)
+  slots = rng.integers(0, S, B)
   values, scales = (c.values, c.scales) if int8 else (c, None)
-  q_latent, _, values2, _, _ = latent.latent_update(
-      q, kv, jnp.asarray(rng.integers(0, 9000, B), jnp.int32), slots, g, inv_freq, wk, values,
-      scales, k_rope, num_heads=H, rope_scale=1.0, eps=EPS, dtype=jnp.bfloat16,
+  q_latent, _, values2, *_ = latent.latent_update(
+      q, kv, jnp.asarray(rng.integers(0, 9000, B), jnp.int32), g, inv_freq, wk, values, scales,
+      k_rope, jnp.asarray(slots, jnp.int32), jnp.zeros(B, jnp.int32), num_heads=H, rope_scale=1.0, eps=EPS, dtype=jnp.bfloat16,
       tuning=latent.choose_tuning(C))
   qh = np.asarray(q, np.float64).reshape(B, H, K + R)
   assert rel_err(q_latent, np.einsum("bhk,hkc->bhc", qh[..., :K], np.asarray(wk, np.float64))) \
       <= RTOL[jnp.bfloat16]
   if not int8:
-    for b, s in enumerate(np.asarray(slots)):
+    for b, s in enumerate(slots):
       assert rel_err(values2[b, s], rms_norm(np.asarray(kv)[b, :C], g)) <= RTOL[jnp.bfloat16]
 
 
 def test_latent_unsupported_sizes_raise(rng):
   q, kv, g, wk, inv_freq, c, k_rope = _latent_inputs(rng, 1, 2, 12, 64, 8, 4, jnp.float32, False)
   with pytest.raises(ValueError, match="K=12"):
-    latent.latent_update(q, kv, jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), g, inv_freq,
-                         None, c, None, k_rope, num_heads=2, rope_scale=1.0, eps=EPS,
+    latent.latent_update(q, kv, jnp.zeros(1, jnp.int32), g, inv_freq, None, c, None, k_rope,
+                         jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), num_heads=2, rope_scale=1.0, eps=EPS,
                          dtype=jnp.float32, tuning=latent.LatentTuning(block_c=16),
                          interpret=True)

@@ -173,3 +173,21 @@ def test_decode_takes_lengths_as_array_likes(as_type, rng):
   np.testing.assert_array_equal(got[0], want[0])
   with pytest.raises(ValueError, match="expected integers"):
     ops.mla_decode(*args[:4], as_type([0.5, 1, 2]), sm_scale=SCALE, impl="xla")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode_with_values_projects_each_head(rng, impl):
+  """wv_b [H,C,V]: out [B,H,V] = out · wv_b[h] in every impl, against the float64 decode; an
+  empty row gives 0. A wv_b of the wrong shape names it."""
+  args = decode_inputs(rng, lengths=(0, 1, 70))
+  wv_b = jnp.asarray(rng.standard_normal((H, C, 8)) / np.sqrt(C), jnp.float32)
+  options = {"interpret": True} if impl == "pallas" else {}
+  out, lse = ops.mla_decode(*args, sm_scale=SCALE, impl=impl, wv_b=wv_b, **options)
+  want, want_lse = numpy_decode(*args, SCALE)
+  want = np.einsum("bhc,hcv->bhv", want, np.asarray(wv_b, np.float64))
+  assert out.shape == (B, H, 8) and out.dtype == jnp.float32
+  assert rel_err(out, want) <= RTOL[jnp.float32]
+  np.testing.assert_array_equal(out[0], 0.0)
+  np.testing.assert_allclose(lse[1:], want_lse[1:], rtol=1e-5)
+  with pytest.raises(ValueError, match="wv_b"):
+    ops.mla_decode(*args, sm_scale=SCALE, impl=impl, wv_b=wv_b[:, :-1], **options)

@@ -16,15 +16,16 @@ __all__ = ["mla_decode", "merge_partials", "batched_gemv", "resolve_impl", "refe
 
 
 def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, impl: str = "auto",
-               **kernel_options):
+               wv_b=None, **kernel_options):
   """Absorbed MLA decode: out [B,H,C], lse [B,H] float32. See DESIGN.md for the contract.
 
   c_kv is a [B,S,C] array or a quant.Int8Rows; valid entries of row b are [0, lengths[b]).
-  kernel_options are decode.mla_decode's: lowering=, tuning= and interpret=True (impl="pallas"
-  on a CPU); decode.plan(...) says what runs.
+  wv_b [H,C,V]: out is the heads out · wv_b[h] [B,H,V] instead (merged and projected in one
+  kernel on the Pallas path). kernel_options are decode.mla_decode's: lowering=, tuning= and
+  interpret=True (impl="pallas" on a CPU); decode.plan(...) says what runs.
   """
   return decode.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale, impl=impl,
-                           **kernel_options)
+                           wv_b=wv_b, **kernel_options)
 
 
 def batched_gemv(x, w, *, impl: str = "auto", **kernel_options):

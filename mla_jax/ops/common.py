@@ -113,6 +113,16 @@ def check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths):
   return B, H, S, C, R
 
 
+def check_values(wv_b, H: int, C: int):
+  """Validates mla_decode's value up-projection wv_b: None or a floating [H,C,V] array."""
+  if wv_b is None:
+    return
+  if len(wv_b.shape) != 3 or tuple(wv_b.shape[:2]) != (H, C) or wv_b.shape[2] < 1:
+    raise _shape_error("wv_b", wv_b, f"[H,C,V] with H={H}, C={C}")
+  if not jnp.issubdtype(wv_b.dtype, jnp.floating):
+    raise ValueError(f"wv_b.dtype={wv_b.dtype}; expected a floating dtype")
+
+
 def check_lengths(lengths, S: int):
   """Outside jit, lengths are concrete: raises ValueError unless 0 <= lengths[b] <= S. Under jit
   they are not, and the kernels take min(max(lengths[b], 0), S) rows (documented, not checked)."""

@@ -9,13 +9,17 @@ c_kv | k_rope), one launch:
   from the position and the inverse frequencies, so no table is built per layer);
 - normalises c_kv (kv_a_layernorm), rotates k_rope, and writes both into the cache slot of the
   token, in place (the cache buffers are aliased to the outputs); an int8 cache row is quantized
-  as quant.quantize_rows does (per-row scale max|x|/127, round to nearest even).
+  as quant.quantize_rows does (per-row scale max|x|/127, round to nearest even);
+- advances the cache's lengths and sticky overflow flags in place, by cache.advance's rule: the
+  slot of row b's token is lengths[b], the row writes nothing when it is padding (position -1) or
+  full, and a full row that gets a token sets its flag.
 
-XLA runs these as about ten small fusions a layer, each a launch (docs/decode_step.md). The grid is
-(H, C / block_c): program (h, j) owns columns j·block_c.. of head h's q_latent; the programs of
-head 0 also write the cache rows' column blocks (a loop over the batch), and those of column block
-0 rotate their head's q_rope and write k_rope. The arithmetic rounds where the module does: the
-norm to the module's dtype before its weight, rope in float32 rounded to the module's dtype.
+XLA runs these as about fourteen small fusions a layer, each a launch (docs/decode_step.md). The
+grid is (H, C / block_c): program (h, j) owns columns j·block_c.. of head h's q_latent; the
+programs of column block 0 rotate their head's q_rope; program (0, j) writes the cache rows
+b ≡ j (mod C / block_c), whole, and their lengths and flags, so each row's length is read and
+written by one program only. The arithmetic rounds where the module does: the norm to the
+module's dtype before its weight, rope in float32 rounded to the module's dtype.
 """
 
 from __future__ import annotations
@@ -72,19 +76,20 @@ def _round_even(v):
   return jax.lax.bitcast_convert_type(v + MAGIC, jnp.int32) - MAGIC_BITS
 
 
-def _kernel(pos_ref, slot_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, K, R, C,
+def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, S, K, R, C,
             block_c, absorb, int8, eps, rope_scale, dtype):
-  # pos_ref, slot_ref [B] int32 (slot -1: no write); q_ref [B, H·(K+R)] and qp_ref, the same
-  # array as [B, H·(K+R)/2, 2] (rope pairs); kv_ref [B, C+R] and kvp_ref [B, (C+R)/2, 2];
-  # g_ref [C]; freq_ref [R/2] float32; wk_ref [H, K, C] (absorb); then the aliased cache inputs
-  # (unused: the outputs are the same buffers); outputs q_latent [B, H, C] (absorb), q_rope
-  # [B, H, R/2, 2], c_kv [B, S, C], scales [B, S] (int8), k_rope [B, S, R/2, 2].
+  # pos_ref [B] int32 (-1: padding); q_ref [B, H·(K+R)] and qp_ref, the same array as
+  # [B, H·(K+R)/2, 2] (rope pairs); kv_ref [B, C+R] and kvp_ref [B, (C+R)/2, 2]; g_ref [C];
+  # freq_ref [R/2] float32; wk_ref [H, K, C] (absorb); then the aliased cache inputs (unused:
+  # the outputs are the same buffers); outputs q_latent [B, H, C] (absorb), q_rope
+  # [B, H, R/2, 2], c_kv [B, S, C], scales [B, S] (int8), k_rope [B, S, R/2, 2], lengths [B]
+  # int32 and overflow [B] int32.
   refs = list(refs)
   wk_ref = refs.pop(0) if absorb else None
-  refs = refs[3 if int8 else 2:]
+  refs = refs[5 if int8 else 4:]
   ql_ref = refs.pop(0) if absorb else None
   qr_ref, c_ref, *rest = refs
-  s_ref, kr_ref = rest if int8 else (None, rest[0])
+  s_ref, kr_ref, len_ref, ovf_ref = rest if int8 else (None, *rest)
   h, j = pl.program_id(0), pl.program_id(1)
   Bp = max(TRITON_MIN_DOT, next_pow2(B))
   rows = pl.ds(0, Bp)
@@ -121,52 +126,56 @@ def _kernel(pos_ref, slot_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, 
 
   @pl.when(h == 0)
   def _write_cache():
-    cols = pl.ds(pl.multiple_of(j * block_c, block_c), block_c)
-
     def norm(c, g, inv_rms):  # layers.RMSNorm's rounding, given the row's 1/rms
       return ((c * inv_rms).astype(dtype).astype(jnp.float32)
               * g.astype(dtype).astype(jnp.float32)).astype(dtype).astype(jnp.float32)
 
-    def write_row(b, carry):
-      slot = slot_ref[b]
-      ok = slot >= 0
-      at = jnp.maximum(slot, 0)
+    def write_row(n, carry):
+      b = j + n * (C // block_c)
+      length, pos = len_ref[b], pos_ref[b]
+      valid = (pos >= 0).astype(jnp.int32)
+      ok = (valid > 0) & (length < S)
+      at = jnp.minimum(length, S - 1)
       c_row = kv_ref[b, pl.ds(0, C)].astype(jnp.float32)
       inv_rms = jax.lax.rsqrt(jnp.sum(c_row * c_row) / C + eps)
-      block = norm(kv_ref[b, cols].astype(jnp.float32), g_ref[cols], inv_rms)
+      row = norm(c_row, g_ref[...], inv_rms)
       if int8:  # quant.quantize_rows
-        scale = jnp.max(jnp.abs(norm(c_row, g_ref[pl.ds(0, C)], inv_rms))) / INT8_MAX
+        scale = jnp.max(jnp.abs(row)) / INT8_MAX
         inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
-        block = jnp.clip(_round_even(block * inv), -INT8_MAX, INT8_MAX)
-        pl.when((j == 0) & ok)(lambda: pltriton.store(
-            s_ref.at[b, pl.ds(at, 1)], jnp.full((1,), scale, jnp.float32)))
-      pltriton.store(c_ref.at[b, pl.ds(at, 1), cols], block.astype(c_ref.dtype)[None, :],
-                     mask=jnp.full((1, block_c), ok))
+        row = jnp.clip(_round_even(row * inv), -INT8_MAX, INT8_MAX)
+        pltriton.store(s_ref.at[b, pl.ds(at, 1)], jnp.full((1,), scale, jnp.float32),
+                       mask=jnp.full((1,), ok))
+      pltriton.store(c_ref.at[b, pl.ds(at, 1), :], row.astype(c_ref.dtype)[None, :],
+                     mask=jnp.full((1, C), ok))
 
-      @pl.when((j == 0) & ok)
+      @pl.when(ok)
       def _write_rope():
         even, odd = (kvp_ref[b, pl.ds(C // 2, half), i].astype(jnp.float32) for i in (0, 1))
-        for i, part in enumerate(rotate(even, odd, pos_ref[b])):
+        for i, part in enumerate(rotate(even, odd, pos)):
           kr_ref[b, at, :, i] = part.astype(dtype).astype(kr_ref.dtype)
+
+      total = length + valid  # cache.advance
+      len_ref[b] = jnp.minimum(total, S)
+      ovf_ref[b] = ovf_ref[b] | (total > S).astype(jnp.int32)
       return carry
 
-    jax.lax.fori_loop(0, B, write_row, 0)
+    jax.lax.fori_loop(0, pl.cdiv(B - j, C // block_c), write_row, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "rope_scale", "eps", "dtype",
                                              "tuning", "interpret"))
-def latent_update(q, kv, positions, slots, kv_norm_weight, inv_freq, wk_b, c_kv, scales, k_rope,
-                  *, num_heads: int, rope_scale: float, eps: float, dtype, tuning: LatentTuning,
-                  interpret: bool = False):
+def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales, k_rope, lengths,
+                  overflow, *, num_heads: int, rope_scale: float, eps: float, dtype,
+                  tuning: LatentTuning, interpret: bool = False):
   """One launch of the kernel above: (q_latent [B,H,C] in dtype, or None when wk_b is None;
-  q_rope [B,H,R] in dtype; c_kv; scales; k_rope).
+  q_rope [B,H,R] in dtype; c_kv; scales; k_rope; lengths; overflow).
 
   q [B, H·(K+R)] and kv [B, C+R]: the projections' outputs (H = num_heads). positions [B]: each
-  row's rope position. slots [B] int32: the cache slot of each row's token, -1 for none (padding,
-  a full row). kv_norm_weight [C]: kv_a_layernorm's weight (eps). inv_freq [R/2] float32 and
-  rope_scale: rope.inv_freq and rope.attention_factor. wk_b [H,K,C] or None (q_latent is then
-  left to the caller). c_kv [B,S,C] (a float array, or int8 values with scales [B,S] float32;
-  scales None otherwise) and k_rope [B,S,R]: updated in place under jit when donated.
+  row's rope position, -1 for padding (nothing is written). kv_norm_weight [C]: kv_a_layernorm's
+  weight (eps). inv_freq [R/2] float32 and rope_scale: rope.inv_freq and rope.attention_factor.
+  wk_b [H,K,C] or None (q_latent is then left to the caller). c_kv [B,S,C] (a float array, or
+  int8 values with scales [B,S] float32; scales None otherwise), k_rope [B,S,R], lengths [B]
+  int32 and overflow [B] int32: a LatentCache's buffers, updated in place under jit when donated.
   """
   B, S, C = c_kv.shape
   R = k_rope.shape[-1]
@@ -178,10 +187,9 @@ def latent_update(q, kv, positions, slots, kv_norm_weight, inv_freq, wk_b, c_kv,
   if reason is not None:
     raise ValueError(reason)
   pairs = k_rope.reshape(B, S, R // 2, 2)  # the rope pairs as an axis: no strided access
-  cache = (c_kv, scales, pairs) if int8 else (c_kv, pairs)
-  operands = [positions.astype(jnp.int32), slots.astype(jnp.int32), q,
-              q.reshape(B, -1, 2), kv, kv.reshape(B, -1, 2), kv_norm_weight,
-              inv_freq.astype(jnp.float32)]
+  cache = (c_kv, scales, pairs, lengths, overflow) if int8 else (c_kv, pairs, lengths, overflow)
+  operands = [positions.astype(jnp.int32), q, q.reshape(B, -1, 2), kv, kv.reshape(B, -1, 2),
+              kv_norm_weight, inv_freq.astype(jnp.float32)]
   if absorb:
     operands.append(wk_b)
   out_shape = [jax.ShapeDtypeStruct((B, H, R // 2, 2), dtype),
@@ -191,8 +199,8 @@ def latent_update(q, kv, positions, slots, kv_norm_weight, inv_freq, wk_b, c_kv,
   first_out = 1 + int(absorb)  # the cache outputs follow q_latent and q_rope
   aliases = {len(operands) + i: first_out + i for i in range(len(cache))}
   kernel = functools.partial(
-      _kernel, B=B, K=K, R=R, C=C, block_c=tuning.block_c, absorb=absorb, int8=int8, eps=eps,
-      rope_scale=rope_scale, dtype=jnp.dtype(dtype))
+      _kernel, B=B, S=S, K=K, R=R, C=C, block_c=tuning.block_c, absorb=absorb, int8=int8,
+      eps=eps, rope_scale=rope_scale, dtype=jnp.dtype(dtype))
   outs = list(pl.pallas_call(
       kernel,
       out_shape=out_shape,
@@ -204,5 +212,7 @@ def latent_update(q, kv, positions, slots, kv_norm_weight, inv_freq, wk_b, c_kv,
   )(*operands, *cache))
   q_latent = outs.pop(0) if absorb else None
   q_rope, *cache = outs
-  c_kv, scales, pairs = cache if int8 else (cache[0], None, cache[1])
-  return q_latent, q_rope.reshape(B, H, R), c_kv, scales, pairs.reshape(B, S, R)
+  if not int8:
+    cache.insert(1, None)
+  c_kv, scales, pairs, lengths, overflow = cache
+  return q_latent, q_rope.reshape(B, H, R), c_kv, scales, pairs.reshape(B, S, R), lengths, overflow

@@ -27,3 +27,11 @@ def merge_partials(outs: jax.Array, lses: jax.Array) -> tuple[jax.Array, jax.Arr
   out = out / jnp.where(l > 0, l, 1.0)[..., None]
   lse = jnp.where(l > 0, m_safe + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
   return out, lse
+
+
+def project_values(out: jax.Array, wv_b: jax.Array, out_dtype) -> jax.Array:
+  """out [B,H,C] · wv_b [H,C,V] -> [B,H,V] in out_dtype, accumulated in float32: the value
+  up-projection that absorbed decoding applies after the attention (DeepSeek-V2 §2.1.2)."""
+  precision = jax.lax.Precision.HIGHEST if jnp.dtype(out_dtype) == jnp.float32 else None
+  return jnp.einsum("bhc,hcv->bhv", out, wv_b.astype(out.dtype), precision=precision,
+                    preferred_element_type=jnp.float32).astype(out_dtype)

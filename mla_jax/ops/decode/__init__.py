@@ -22,8 +22,9 @@ import numpy as np
 
 from mla_jax import quant
 from mla_jax.ops import device, reference, xla
+from mla_jax.ops.merge import project_values
 from mla_jax.ops.common import (DECODE_IMPLS, Plan, cache_dtype, check_decode_args,
-                                check_lengths, check_tuning, resolve_impl)
+                                check_lengths, check_tuning, check_values, resolve_impl)
 from mla_jax.ops.decode import cpu, mosaic, mosaic_common, mosaic_heads, mosaic_int8, triton
 
 LOWERINGS = ("triton", "mosaic")
@@ -113,25 +114,34 @@ def _xla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale):
 
 
 def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, impl: str = "auto",
-               lowering: str | None = None, tuning=None, interpret: bool = False):
+               lowering: str | None = None, tuning=None, interpret: bool = False, wv_b=None):
   """Absorbed MLA decode: out [B,H,C] (float32 for impl "reference", else q_latent.dtype), lse
   [B,H] float32 (natural log). q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] or a
   quant.Int8Rows, k_rope [B,S,R], lengths [B] (valid entries of row b are [0, lengths[b])).
   Runs what plan() names; interpret: run a Pallas kernel in interpret mode (on a CPU).
   Outside jit, lengths outside [0, S] raise ValueError; under jit they are clamped to it.
-  lengths may be any integer array-like (a list, a numpy array)."""
+  lengths may be any integer array-like (a list, a numpy array).
+  wv_b [H,C,V] (kv_b_proj's value half): out is then out [B,H,C] (rounded to its dtype) · wv_b[h],
+  [B,H,V] in the same dtype, accumulated in float32; the Pallas path merges the split's partials
+  and projects them in one kernel (merge_triton.merge_values)."""
   if not isinstance(lengths, jax.Array):
     lengths = _as_lengths(lengths)
   p = plan(q_latent, q_rope, c_kv, k_rope, lengths, impl=impl, lowering=lowering, tuning=tuning,
            interpret=interpret)
+  check_values(wv_b, *q_latent.shape[1:])
   check_lengths(lengths, k_rope.shape[1])
+  if p.kernel in ("reference", "xla", "cpu"):
+    out, lse = _unfused_decode(p, q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale)
+    return (out, lse) if wv_b is None else (project_values(out, wv_b, out.dtype), lse)
+  return _KERNELS[p.kernel][0].mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, wv_b,
+                                          sm_scale=float(sm_scale), tuning=p.tuning,
+                                          interpret=interpret)
+
+
+def _unfused_decode(p: Plan, q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale):
   if p.kernel == "reference":
     return reference.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale)
   if p.kernel == "xla":
     return _xla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale)
-  module = _KERNELS[p.kernel][0]
-  if p.kernel == "cpu":
-    return module.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=float(sm_scale),
-                             tuning=p.tuning)
-  return module.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=float(sm_scale),
-                           tuning=p.tuning, interpret=interpret)
+  return cpu.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=float(sm_scale),
+                        tuning=p.tuning)

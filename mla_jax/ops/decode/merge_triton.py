@@ -9,6 +9,9 @@ one sequence, block_n heads and block_c columns over all P pieces, walking P in 
 a head whose pieces are all empty gives out = 0 and lse = -inf. Each caller picks the launch
 (MergeLaunch) that suits its partials: the Triton decode one head and narrow column blocks per
 program, the Mosaic decodes blocks of heads with 64 columns (a contiguous partial row).
+
+merge_values merges and then applies the value up-projection wv_b [H,C,V] in the same kernel, a
+program per (b, h): the absorbed decode step's merge and its wv_b GEMV as one launch.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from mla_jax.ops.common import next_pow2
-from mla_jax.ops.merge import merge_partials
+from mla_jax.ops.merge import merge_partials, project_values
 
 MERGES = ("pallas", "xla")  # the merge kernel below, or ops.merge_partials
+_VALUES_TILE = 8192  # partial values merge_values loads per step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,3 +112,65 @@ def merge_heads(o_parts, lse_parts, H: int, out_dtype, *, merge: str, launch: Me
     return out.astype(out_dtype), lse
   out, lse = merge_pieces(o_parts, lse_parts, out_dtype, launch=launch, interpret=interpret)
   return out[:, :H], lse[:, :H]
+
+
+def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
+                         o_parts_ref,    # [P, B, N, C]
+                         wv_ref,         # [H, C, V]
+                         out_ref,        # [B, H, V]
+                         lse_ref,        # [B, H]
+                         *, num_pieces: int, chunk: int, block_c: int):
+  b, h = pl.program_id(0), pl.program_id(1)
+  C = o_parts_ref.shape[-1]
+  P_pad = next_pow2(num_pieces)
+  lse_p = pltriton.load(lse_parts_ref.at[pl.ds(0, P_pad), b, h],
+                        mask=jnp.arange(P_pad) < num_pieces, other=-jnp.inf)
+  m = jnp.max(lse_p)
+  m = jnp.where(m > -jnp.inf, m, 0.0)
+  l = jnp.sum(jnp.exp(lse_p - m))
+  safe_l = jnp.where(l > 0, l, 1.0)
+
+  def column_block(k, acc):
+    cols = pl.ds(pl.multiple_of(k * block_c, block_c), block_c)
+
+    def pieces(i, merged):
+      valid = i * chunk + jnp.arange(chunk) < num_pieces
+      rows = pl.ds(i * chunk, chunk)
+      w = jnp.exp(pltriton.load(lse_parts_ref.at[rows, b, h], mask=valid, other=-jnp.inf) - m)
+      o = pltriton.load(o_parts_ref.at[rows, b, h, cols], mask=valid[:, None],
+                        other=0.0).astype(jnp.float32)                   # [chunk, block_c]
+      return merged + jnp.sum(w[:, None] * o, axis=0)
+
+    merged = jax.lax.fori_loop(0, pl.cdiv(num_pieces, chunk), pieces,
+                               jnp.zeros((block_c,), jnp.float32))
+    # merge_heads' output rounding, then the product in float32 as ops.batched_gemv does
+    merged = (merged / safe_l).astype(out_ref.dtype).astype(jnp.float32)
+    return acc + jnp.sum(merged[:, None] * wv_ref[h, cols, :].astype(jnp.float32), axis=0)
+
+  acc = jax.lax.fori_loop(0, C // block_c, column_block,
+                          jnp.zeros(wv_ref.shape[-1:], jnp.float32))
+  out_ref[b, h, :] = acc.astype(out_ref.dtype)
+  lse_ref[b, h] = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+
+
+def merge_values(o_parts, lse_parts, wv_b, out_dtype, *, merge: str, interpret: bool = False):
+  """Partials o_p [P, B, N, C] and lse_p [P, B, N] merged for the first H heads (wv_b [H,C,V],
+  H <= N), then projected: out [B,H,V] = merged o [B,H,C] (rounded to out_dtype) · wv_b[h], in
+  out_dtype, and lse [B,H] float32. merge "pallas": one kernel, a program per (b, h) walking C
+  in column blocks and P in chunks; "xla": ops.merge_partials and ops.project_values."""
+  P, B, _, C = o_parts.shape
+  H, _, V = wv_b.shape
+  if merge == "xla":
+    out, lse = merge_partials(o_parts[:, :, :H].astype(jnp.float32), lse_parts[:, :, :H])
+    return project_values(out.astype(out_dtype), wv_b, out_dtype), lse
+  block_c = min(C, 64)
+  chunk = min(next_pow2(P), max(1, _VALUES_TILE // block_c))
+  return pl.pallas_call(
+      functools.partial(_merge_values_kernel, num_pieces=P, chunk=chunk, block_c=block_c),
+      grid=(B, H),
+      out_shape=[jax.ShapeDtypeStruct((B, H, V), out_dtype),
+                 jax.ShapeDtypeStruct((B, H), jnp.float32)],
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="mla_decode_merge_values",
+  )(lse_parts, o_parts, wv_b)

@@ -12,7 +12,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mla_jax.ops.common import cache_dtype, next_pow2
-from mla_jax.ops.decode.merge_triton import MergeLaunch, merge_heads
+from mla_jax.ops.decode.merge_triton import MergeLaunch, merge_heads, merge_values
 from mla_jax.ops.mosaic.common import interpret_params
 
 TILE = 64  # cache rows per tile: the wgmma M
@@ -124,15 +124,18 @@ def call(kernel, q_latent, num_splits, operands, scratch, kernel_name, interpret
   )(*operands)
 
 
-def padded_decode(split_kv, q_latent, q_rope, c_kv, k_rope, lengths, *, N: int, merge: str,
+def padded_decode(split_kv, q_latent, q_rope, c_kv, k_rope, lengths, wv_b, *, N: int, merge: str,
                   interpret: bool):
   """out [B,H,C] in q_latent.dtype and lse [B,H] of split_kv(q_latent, q_rope, c_kv, k_rope,
-  lengths) run on the query padded to N heads, its partials merged (merge_triton.merge_heads);
-  the pad is never returned."""
+  lengths) run on the query padded to N heads, its partials merged (merge_triton.merge_heads),
+  or with wv_b [H,C,V] merged and projected, out [B,H,V] (merge_triton.merge_values); the pad is
+  never returned."""
   H = q_latent.shape[1]
   pad = ((0, 0), (0, N - H), (0, 0))
   o_p, lse_p = split_kv(jnp.pad(q_latent, pad), jnp.pad(q_rope, pad), c_kv, k_rope,
                         lengths.astype(jnp.int32))
+  if wv_b is not None:
+    return merge_values(o_p, lse_p, wv_b, q_latent.dtype, merge=merge, interpret=interpret)
   return merge_heads(o_p, lse_p, H, q_latent.dtype, merge=merge, launch=merge_launch(*o_p.shape),
                      interpret=interpret)
 

@@ -280,12 +280,12 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "tuning", "interpret"))
-def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float,
+def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, wv_b=None, *, sm_scale: float,
                tuning: MosaicInt8Tuning, interpret: bool = False):
-  """out [B,H,C] in q_latent.dtype, lse [B,H]; arguments as ops.mla_decode, c_kv a
-  quant.Int8Rows (see unsupported()). Heads are padded to 16 or 32."""
+  """out [B,H,C] (or [B,H,V] with wv_b) in q_latent.dtype, lse [B,H]; arguments as
+  ops.mla_decode, c_kv a quant.Int8Rows (see unsupported()). Heads are padded to 16 or 32."""
   split = functools.partial(split_kv, sm_scale=sm_scale, num_splits=tuning.num_splits,
                             stages=tuning.stages, interpret=interpret)
-  return mc.padded_decode(split, q_latent, q_rope, c_kv, k_rope, lengths,
+  return mc.padded_decode(split, q_latent, q_rope, c_kv, k_rope, lengths, wv_b,
                           N=mc.padded_heads(q_latent.shape[1]), merge=tuning.merge,
                           interpret=interpret)

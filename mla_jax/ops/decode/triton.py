@@ -35,7 +35,7 @@ from jax.experimental.pallas import triton as pltriton
 from mla_jax import quant
 from mla_jax.ops.common import (LN2, LOG2E, TRITON_MIN_DOT, check_field, is_pow2,
                                 is_positive_int, next_pow2)
-from mla_jax.ops.decode.merge_triton import MERGES, MergeLaunch, merge_heads
+from mla_jax.ops.decode.merge_triton import MERGES, MergeLaunch, merge_heads, merge_values
 
 _SMEM_BYTES = 227 * 1024      # shared memory per SM on Hopper
 _MAX_PROGRAMS_PER_SM = 4
@@ -258,9 +258,10 @@ def merge_launch(P: int, B: int, H: int, C: int) -> MergeLaunch:
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "tuning", "interpret"))
-def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuning: TritonTuning,
-               interpret: bool = False):
-  """Absorbed MLA decode: out [B,H,C] in q_latent.dtype, lse [B,H] float32 (natural log).
+def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, wv_b=None, *, sm_scale: float,
+               tuning: TritonTuning, interpret: bool = False):
+  """Absorbed MLA decode: out [B,H,C] in q_latent.dtype, lse [B,H] float32 (natural log); with
+  wv_b [H,C,V], out [B,H,V] is the merged o projected by it (merge_triton.merge_values).
 
   q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] (bf16/f16/f32 or quant.Int8Rows), k_rope
   [B,S,R], lengths [B] (valid rows of b are [0, min(lengths[b], S))); see unsupported().
@@ -316,5 +317,8 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuni
       name="mla_decode_split_kv",
   )(*operands)
 
+  if wv_b is not None:
+    return merge_values(o_parts, lse_parts, wv_b, q_latent.dtype, merge=tuning.merge,
+                        interpret=interpret)
   return merge_heads(o_parts, lse_parts, H, q_latent.dtype, merge=tuning.merge,
                      launch=merge_launch(P, B, H, C), interpret=interpret)
