@@ -6,6 +6,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.mesh import AbstractDevice  # no public name in jax 0.11
 
 from mla_jax import quant
 from mla_jax.ops import decode, reference
@@ -15,6 +16,16 @@ GOLDEN_DIR = pathlib.Path(__file__).parent / "data" / "deepseek_v2_tiny"
 # ‖out − ref‖ / ‖ref‖ bounds per compute dtype (METHOD.md's ranges for each precision).
 RTOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 R = 64  # rope columns: what follows q_nope in the query (the GEMV reads x as a strided view)
+
+
+def lower_for_h200(f, *args) -> str:
+  """f's jitted lowering for an H200 (CUDA), as text, without a GPU: Pallas' Triton lowering reads
+  the device from an abstract mesh. Catches what the kernel's lowering refuses (layouts, shapes,
+  unsupported operations); Triton's own compilation to PTX runs only on a GPU."""
+  h200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+      device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
+  with jax.sharding.use_abstract_mesh(h200):
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def rel_err(x, ref) -> float:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import lower_for_h200
 from mla_jax.ops import merge_partials
 from mla_jax.ops.decode import merge_triton, mosaic_common, triton
 
@@ -99,3 +100,14 @@ def test_merge_values_rounds_the_merged_rows_like_merge_heads(rng):
                    np.asarray(wv_b, np.float64))
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("P,B,H", [(1, 1, 16), (128, 1, 16), (300, 8, 128)])
+def test_merge_values_lowers_for_cuda(P, B, H):
+  """The merge with the value projection lowers through Pallas' Triton lowering for an H200."""
+  spec = jax.ShapeDtypeStruct
+  text = lower_for_h200(
+      lambda o, lse, w: merge_triton.merge_values(o, lse, w, jnp.bfloat16, merge="pallas"),
+      spec((P, B, H, 512), jnp.bfloat16), spec((P, B, H), jnp.float32),
+      spec((H, 512, 128), jnp.bfloat16))
+  assert "mla_decode_merge_values" in text

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import RTOL, rel_err
+from helpers import RTOL, lower_for_h200, rel_err
 from mla_jax import quant
 from mla_jax.ops import latent_update as latent
 
@@ -149,3 +149,21 @@ def test_latent_unsupported_sizes_raise(rng):
                          jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), num_heads=2, rope_scale=1.0, eps=EPS,
                          dtype=jnp.float32, tuning=latent.LatentTuning(block_c=16),
                          interpret=True)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16_cache", "int8_cache"])
+@pytest.mark.parametrize("B,H", [(1, 16), (64, 128)])
+def test_latent_update_lowers_for_cuda(B, H, int8):
+  """V2-Lite's and V3's shapes lower through Pallas' Triton lowering for an H200."""
+  K, C, R, S = 128, 512, 64, 16384
+  spec = jax.ShapeDtypeStruct
+  cache = ([spec((B, S, C), jnp.int8), spec((B, S), jnp.float32)] if int8
+           else [spec((B, S, C), jnp.bfloat16), None])
+  args = [spec((B, H * (K + R)), jnp.bfloat16), spec((B, C + R), jnp.bfloat16),
+          spec((B,), jnp.int32), spec((C,), jnp.bfloat16), spec((R // 2,), jnp.float32),
+          spec((H, K, C), jnp.bfloat16), *cache, spec((B, S, R), jnp.bfloat16),
+          spec((B,), jnp.int32), spec((B,), jnp.int32)]
+  text = lower_for_h200(lambda *a: latent.latent_update(
+      *a, num_heads=H, rope_scale=1.0, eps=EPS, dtype=jnp.bfloat16,
+      tuning=latent.choose_tuning(C)), *args)
+  assert "mla_latent_update" in text
