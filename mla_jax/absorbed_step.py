@@ -16,8 +16,8 @@ the length bookkeeping and the absorption of wk_b as some ten small fusions. Her
 
 Quantized kv_b_proj weights (weight_format "q8_0"/"iq4_nl"), or gemv_lowering="mosaic", leave
 the absorption of wk_b and the product with wv_b to ops.batched_gemv (that lowering's kernel),
-and the latent kernel and the merge do the rest. The arithmetic, and so the result, is the module's other path's:
-the same roundings, checked in tests/test_absorbed_step.py.
+and the latent kernel and the merge do the rest. The arithmetic, and so the result, is the
+module's other path's: the same roundings, checked in tests/test_absorbed_step.py.
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ def advance(lengths, overflow, num_new, max_len):
 
 
 class _CacheMixin:
-  """Shared bookkeeping: lengths [B] int32, the sticky overflow [B] int32 (0 or 1), and appending to the
-  two token buffers named by _BUFFERS, whose sequence (slot) axis is _SEQ_AXIS."""
+  """Shared bookkeeping: lengths [B] int32, the sticky overflow [B] int32 (0 or 1), and appending
+  to the two token buffers named by _BUFFERS, whose sequence (slot) axis is _SEQ_AXIS."""
 
   _BUFFERS: ClassVar[tuple[str, str]]
   _SEQ_AXIS: ClassVar[int]

@@ -29,14 +29,16 @@ def load_hf_attention(path: str | os.PathLike, layer: int, *, mode: str = "absor
   """MLAttention for `model.layers.{layer}.self_attn.*` of the checkpoint directory `path`.
 
   `path` holds config.json and either model.safetensors or shards listed in
-  model.safetensors.index.json. Parameters and compute use `dtype`; `weight_format` then
-  converts wk_b and wv_b as MLAttention's argument of that name does (quantized from the
-  checkpoint's values). `mode`, `backend` and `gemv_lowering` are MLAttention's.
+  model.safetensors.index.json; the path of one of those files in it works too. Parameters and
+  compute use `dtype`; `weight_format` then converts wk_b and wv_b as MLAttention's argument of
+  that name does (quantized from the checkpoint's values). `mode`, `backend` and
+  `gemv_lowering` are MLAttention's.
 
   Layouts: HF's kv_b_proj.weight [H*(K+V), C] becomes wk_b [H,K,C] and wv_b [H,C,V]; every
-  other Linear weight [out, in] is copied as it is (layers.Linear has the same layout). Raises ValueError naming
-  a missing layer, a missing tensor or a tensor of the wrong shape.
+  other Linear weight [out, in] is copied as it is (layers.Linear has the same layout). Raises
+  ValueError naming a missing layer, a missing tensor or a tensor of the wrong shape.
   """
+  path = _checkpoint_dir(path)
   cfg = MLAConfig.from_hf(path)
   if not 0 <= layer < cfg.num_layers:
     raise ValueError(f"layer={layer} is not in the checkpoint: it has {cfg.num_layers} layers")
@@ -62,14 +64,16 @@ def load_hf_model(path: str | os.PathLike, *, mode: str = "absorbed", backend: s
   """The whole DeepseekV2ForCausalLM of the checkpoint directory `path` as a model.CausalLM.
 
   `path` holds config.json (read by ModelConfig.from_hf) and either model.safetensors or shards
-  listed in model.safetensors.index.json. Parameters and compute use `dtype`; `weight_format`
-  (None, "bf16", "q8_0", "iq4_nl") then converts every Linear weight (CausalLM.set_weight_format).
+  listed in model.safetensors.index.json; the path of one of those files in it works too.
+  Parameters and compute use `dtype`; `weight_format` (None, "bf16", "q8_0", "iq4_nl") then
+  converts every Linear weight (CausalLM.set_weight_format).
   `mode` and `backend` are MLAttention's, `moe_impl` MoE's impl. With tie_word_embeddings,
   lm_head reuses model.embed_tokens.weight. Raises ValueError naming missing tensors or a tensor
   of the wrong shape.
   """
+  path = _checkpoint_dir(path)
   cfg = ModelConfig.from_hf(path)
-  files = _shard_files(os.fspath(path))
+  files = _shard_files(path)
   shapes = _hf_model_shapes(cfg)
   _require(path, files, shapes)
   read = lambda name: _read(files, name, shapes[name])
@@ -183,6 +187,21 @@ def _to_module_layout(cfg: MLAConfig, w: dict[str, np.ndarray]) -> dict[str, np.
     params["q_a_layernorm.weight"] = w["q_a_layernorm.weight"]
     params["q_b_proj.weight"] = w["q_b_proj.weight"]
   return params
+
+
+def _checkpoint_dir(path: str | os.PathLike) -> str:
+  """The checkpoint directory of `path`: the directory itself, or the directory of its
+  config.json or of a safetensors file (or index) in it. Raises ValueError saying what to pass."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    return path
+  name = os.path.basename(path)
+  if os.path.isfile(path) and (name == "config.json" or name.endswith(".safetensors")
+                               or name == "model.safetensors.index.json"):
+    return os.path.dirname(path) or "."
+  raise ValueError(f"path={path!r}: expected a transformers checkpoint directory (config.json "
+                   "with model.safetensors or model.safetensors.index.json and its shards), or "
+                   "the path of one of those files in it")
 
 
 def _shard_files(path: str) -> dict[str, str]:

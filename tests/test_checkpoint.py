@@ -4,6 +4,7 @@ import dataclasses
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -140,3 +141,32 @@ def test_directory_without_weights_is_an_error(tmp_path):
   shutil.copy(GOLDEN_DIR / "config.json", tmp_path / "config.json")
   with pytest.raises(ValueError, match="model.safetensors"):
     mla_jax.load_hf_attention(tmp_path, 0)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_file_in_the_checkpoint_loads_its_directory(name):
+  """The path of config.json or of the safetensors file loads the same layer as the directory."""
+  want = nnx.state(mla_jax.load_hf_attention(GOLDEN_DIR, 0), nnx.Param)
+  got = nnx.state(mla_jax.load_hf_attention(GOLDEN_DIR / name, 0), nnx.Param)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_path_that_is_no_checkpoint_says_what_to_pass(tmp_path):
+  (tmp_path / "notes.txt").write_text("")
+  for path in (tmp_path / "notes.txt", tmp_path / "missing"):
+    with pytest.raises(ValueError, match="expected a transformers checkpoint directory"):
+      mla_jax.load_hf_attention(path, 0)
+    with pytest.raises(ValueError, match="expected a transformers checkpoint directory"):
+      mla_jax.load_hf_model(path)
+
+
+def test_config_missing_a_field_names_it(tmp_path):
+  write_checkpoint(tmp_path, golden_cfg(), load_file(str(GOLDEN_DIR / "model.safetensors")))
+  hf_cfg = json.loads((tmp_path / "config.json").read_text())
+  del hf_cfg["kv_lora_rank"]
+  (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
+  for load in (lambda: mla_jax.load_hf_attention(tmp_path, 0),
+               lambda: mla_jax.load_hf_model(tmp_path)):
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+      load()
