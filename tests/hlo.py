@@ -56,7 +56,10 @@ def shape_of(array) -> str:
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4, "u32": 4,
           "f64": 8, "s64": 8}
-_NO_BUFFER = ("parameter", "bitcast", "get-tuple-element", "tuple", "opt-barrier", "constant")
+# Instructions that write no buffer of their own: a while's results live in the buffers of its
+# operand tuple (XLA's while semantics; a copy made to form that tuple shows as a copy).
+_NO_BUFFER = ("parameter", "bitcast", "get-tuple-element", "tuple", "opt-barrier", "constant",
+              "while")
 
 
 def large_temporaries(text: str, min_bytes: int) -> list[str]:

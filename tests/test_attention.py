@@ -18,7 +18,7 @@ import mla_jax
 from mla_jax import attention, quant, rope
 from mla_jax.ops import reference
 from mla_jax.ops import xla as ops_xla
-from helpers import rel_err, run_chunks
+from helpers import RTOL, rel_err, run_chunks
 import hlo
 
 # A small MLA shape with every feature of V2-Lite (YaRN, K != V) and one with q_lora (V3 style).
@@ -287,6 +287,22 @@ def test_absorbed_decode_step_has_no_cache_sized_temporaries(rng):
   compiled, cache = compiled_decode_step(rng, "absorbed", 1, 4096, attn=attn)
   smallest = min(leaf.nbytes for leaf in jax.tree.leaves(cache) if 4096 in leaf.shape)
   assert hlo.large_temporaries(compiled.as_text(), smallest) == []
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float16])
+def test_standard_decode_reads_a_cache_of_another_dtype_without_a_converted_copy(rng,
+                                                                                cache_dtype):
+  """A float32 module with a 16-bit standard cache: the decode step converts the cache block by
+  block, never into a cache-sized copy, and matches the float32-cache step within the 16-bit
+  rounding of the cached entries."""
+  attn = make(mode="standard")
+  compiled, cache = compiled_decode_step(rng, "standard", 1, 4096, cache_dtype, attn=attn)
+  smallest = min(leaf.nbytes for leaf in jax.tree.leaves(cache) if 4096 in leaf.shape)
+  assert hlo.large_temporaries(compiled.as_text(), smallest) == []
+  x, pos = inputs(rng, TINY, 2, 9)
+  y16, _ = run_chunks(attn, x, pos, [6, 1, 1, 1], 12, cache_dtype)
+  y32, _ = run_chunks(attn, x, pos, [6, 1, 1, 1], 12, jnp.float32)
+  assert rel_err(y16[:, 6:], y32[:, 6:]) <= RTOL[cache_dtype]
 
 
 def test_hlo_checks_see_copies_and_temporaries():

@@ -142,9 +142,10 @@ def standard_attention(q, k, v, q_slots, kv_lengths, *, sm_scale, block: int = P
   inputs with an f32 result (DotThunk: BF16 x BF16 = F32).
   """
   dtype = q.dtype
-  if q.shape[1] > 1:  # prefill: block by block, in q's dtype (_blockwise)
+  if q.shape[1] > 1 or k.dtype != dtype or v.dtype != dtype:
+    # prefill, or a cache in another dtype than q's: block by block, each block converted to q's
+    # dtype (_blockwise), never the whole cache (a cache-sized copy per step)
     return _standard_prefill(q, k, v, q_slots, kv_lengths, sm_scale=sm_scale, block=block)
-  k, v = k.astype(dtype), v.astype(dtype)
   visible = causal_visibility(q_slots, kv_lengths, k.shape[2])[:, None]  # [B,1,T,S]
   scores = jnp.einsum("bhd,bhsd->bhs", q[:, 0], k, preferred_element_type=f32)[:, :, None]
   p, inv_l, _ = _softmax(scores * sm_scale, visible)
