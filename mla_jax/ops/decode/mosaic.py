@@ -164,7 +164,9 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
           return s_ref[...]
 
         s = pl.run_scoped(scores, plgpu.ACC((T, N), jnp.float32)) * scale_log2
-        p, (acc, m_i, l_part) = _softmax_step(s, end - (start + t * T), carry)
+        valid_rows = end - (start + t * T)
+        p, (acc, m_i, l_part) = _softmax_step(s, valid_rows, carry)
+        pl.when(valid_rows < T)(lambda: mc.zero_stale_rows(c_tile, valid_rows))
         mc.store_transposed(p, scratch.p_smem)  # pᵀ [N, T]: T minor, like c_kv, same swizzle
         acc = accumulate(acc, lambda acc_ref: plgpu.wgmma(acc_ref, c_tile.T, scratch.p_smem.T),
                          interpret)

@@ -90,6 +90,20 @@ def online_softmax(s, valid_rows, m_i, l_part):
   return p, alpha, m_new, l_part * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
 
 
+def zero_stale_rows(tile, valid_rows):
+  """Sets rows valid_rows.. of the shared-memory tile [T, W] (W a multiple of 64) to 0, 64
+  columns at a time through registers. The value product multiplies every row of a tile by its
+  p, and p = 0 times a stale NaN or Inf past a row's length is NaN; only the tile that holds a
+  row's end has such rows, so callers run this under pl.when(valid_rows < T), after the tile's
+  score product has read it and before its value product does."""
+  for j in range(tile.shape[1] // 64):
+    block = tile.at[:, pl.ds(j * 64, 64)]
+    x = plgpu.load(block, layout=plgpu.Layout.WGMMA)
+    row = plgpu.broadcasted_iota(jnp.int32, x.shape, 0, layout=plgpu.Layout.WGMMA)
+    block[...] = jnp.where(row < valid_rows, x, jnp.zeros_like(x))
+  plgpu.commit_smem()
+
+
 def rescale(acc, alpha):
   """accᵀ [., N] with column n multiplied by alpha[n]."""
   return acc * lax.broadcast_in_dim(alpha, acc.shape, [1])

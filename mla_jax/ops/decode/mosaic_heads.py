@@ -195,6 +195,8 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
       def step(t, acc):
         slot = lax.rem(t, _STAGES)
         plgpu.barrier_wait(scratch.p_bars.at[slot])
+        valid_rows = end - (start + t * T)  # the scores have read the tile: p(t) is written
+        pl.when(valid_rows < T)(lambda: mc.zero_stale_rows(c_smem.at[slot, h], valid_rows))
         alpha = plgpu.load(scratch.alpha_smem.at[slot], layout=row_vector)
         acc = accumulate(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]),
                          lambda acc_ref: plgpu.wgmma(acc_ref, kr_smem.at[slot],

@@ -215,9 +215,13 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
                                             layout=plgpu.Layout.WGMMA.reduce(1)), (T, N), [0])
         s = ((latent[:, :N] * 128.0 + latent[:, N:]) * d
              * lax.broadcast_in_dim(q_scale, (T, N), [1]) + rope)
-        p, alpha, m_i, l_part = mc.online_softmax(s * scale_log2, end - (start + t * T), *carry)
+        valid_rows = end - (start + t * T)
+        p, alpha, m_i, l_part = mc.online_softmax(s * scale_log2, valid_rows, *carry)
         scratch.alpha_smem.at[slot][...] = alpha
-        mc.store_transposed(p * d, kr_tile.at[pl.ds(0, N)])  # pᵀ [N, T]: R = T, same swizzle
+        # p·d_s, 0 past the row's end: a stale row's scale may be NaN, and p = 0 times it is NaN
+        row = plgpu.broadcasted_iota(jnp.int32, p.shape, 0, layout=plgpu.Layout.WGMMA)
+        p = jnp.where(row < valid_rows, p * d, 0.0)
+        mc.store_transposed(p, kr_tile.at[pl.ds(0, N)])  # pᵀ [N, T]: R = T, same swizzle
         plgpu.barrier_arrive(scratch.p_bars.at[slot])
         return m_i, l_part
 
