@@ -15,7 +15,8 @@ Examples: "standard/xla", "absorbed/pallas", "absorbed/pallas:cache=int8".
 
 Every implementation builds its layers from the same per-layer seeds, so all implementations of
 a sweep hold the same random weights. Steps are jitted with the caches donated (as
-`mla_jax.jit_step` does for one layer), so each decode step writes its token in place.
+`mla_jax.jit_step` does for one layer), so each decode step writes its token in place; the
+generation loop runs n decode steps inside one jit through `mla_jax.decode_loop_fn`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import MLAConfig, MLAttention, attention, quant
+from mla_jax import MLAConfig, MLAttention, attention, decode_loop_fn, quant
 
 from experiments import harness
 
@@ -138,6 +139,7 @@ class AttentionStack:
       for layer in layers:
         _round_through(layer.kv_b_proj, rounded_through, param_dtype)
     self._layer0 = layers[0]
+    self._module = _Layers(layers, cfg.rms_norm_eps)
     self.graphdef = nnx.graphdef(layers[0])
     # The steps take the layers' states as one flat list of arrays: flattening nnx.State pytrees
     # runs in Python, and took ~0.3 ms of host time per call for 27 layers.
@@ -173,6 +175,30 @@ class AttentionStack:
     (x_out [B,1,D], attn_outs [L,B,1,D], caches); the caches are donated."""
     jitted = jax.jit(self._forward, donate_argnums=(3,))
     return jitted.lower(self.params, x, positions, caches).compile()
+
+
+  def decode_loop(self, num_steps: int):
+    """mla_jax.decode_loop_fn over the stack: run(x [B,1,D], positions [B,1], caches) ->
+    (x_outs [B,num_steps,D], caches), num_steps decode steps inside one jit, each feeding its
+    output back as the next input; the caches are donated."""
+    return decode_loop_fn(self._module, num_steps)
+
+
+class _Layers(nnx.Module):
+  """The stack's layers (the same objects, so the same weights) as one module with MLAttention's
+  calling convention, for mla_jax.decode_loop_fn: x -> x + attn(rms_norm(x)) layer by layer."""
+
+  def __init__(self, layers: list, eps: float):
+    self.layers = nnx.List(layers)
+    self.eps = eps
+
+  def __call__(self, x, positions, caches):
+    new_caches = []
+    for layer, cache in zip(self.layers, caches):
+      attn, cache = layer(_rms_norm(x, self.eps), positions, cache)
+      x = x + attn
+      new_caches.append(cache)
+    return x, new_caches
 
 
 def _round_through(kv_b_proj, weight_format: str, dtype):

@@ -73,10 +73,13 @@ def _cells(results: dict):
   return rows, lengths
 
 
+_TG_KEYS = {"tg": "tg_tps", "dispatch": "tg_dispatch_tps"}  # which -> a row's t/s key
+
+
 def _tps(row, which: str) -> float | None:
   if row is None or row["status"] != "ok":
     return None
-  return row["tg_tps_mean"] if which == "tg" else row["pp_tps"]
+  return row["pp_tps"] if which == "pp" else row.get(f"{_TG_KEYS[which]}_mean")
 
 
 def _cell(row, which: str) -> str:
@@ -84,9 +87,10 @@ def _cell(row, which: str) -> str:
     return ""
   if row["status"] != "ok":
     return row["status"]
-  if which == "tg":
-    return f"{row['tg_tps_mean']:.2f} ± {row['tg_tps_std']:.2f}"
-  return f"{row['pp_tps']:.2f}"
+  if which == "pp":
+    return f"{row['pp_tps']:.2f}"
+  key = _TG_KEYS[which]
+  return f"{row[key + '_mean']:.2f} ± {row[key + '_std']:.2f}" if key + "_mean" in row else ""
 
 
 def speedup(a: dict | None, b: dict | None) -> tuple[float, float] | None:
@@ -99,7 +103,8 @@ def speedup(a: dict | None, b: dict | None) -> tuple[float, float] | None:
 
 
 def table(results: dict, which: str = "tg") -> str:
-  """The tg table (one speedup column per pair) or the pp table."""
+  """The tg table (one speedup column per pair), the tg table of dispatched steps
+  (which="dispatch") or the pp table (which="pp")."""
   impls, pairs = results["impls"], [tuple(p) for p in results["pairs"]]
   rows, lengths = _cells(results)
   model, n_gen = model_label(results), results["config"]["n_gen"]
@@ -109,7 +114,7 @@ def table(results: dict, which: str = "tg") -> str:
                [f"Speedup ({a} vs {b})" for a, b in pairs])
   lines = []
   for n in lengths:
-    test = f"tg{n_gen}@pp{n}" if which == "tg" else f"pp{n}"
+    test = f"pp{n}" if which == "pp" else f"tg{n_gen}@pp{n}"
     cells = [model, test] + [_cell(rows.get((n, name)), which) for name in impls]
     if which == "tg":
       for a, b in pairs:
@@ -121,10 +126,16 @@ def table(results: dict, which: str = "tg") -> str:
 
 def markdown(results: dict) -> str:
   """The tg table, the pp table and footnotes."""
-  lines = [table(results, "tg"), "", table(results, "pp"), ""]
+  lines = [table(results, "tg"), ""]
+  if any("tg_dispatch_tps_mean" in row for row in results["rows"]):
+    lines += ["Dispatched: each decode step its own jitted call.", "",
+              table(results, "dispatch"), ""]
+  lines += [table(results, "pp"), ""]
   lines.append(f"t/s = B·tokens / seconds; tg: mean ± sample std over "
-               f"{results['config']['reps']} reps of {results['config']['n_gen']} decode steps; "
-               f"pp: the prompt's prefill, compile excluded; sweep {results['status']}.")
+               f"{results['config']['reps']} reps of {results['config']['n_gen']} decode steps "
+               "inside one jit (mla_jax.decode_loop_fn); dispatched: the same steps as "
+               f"single-step calls; pp: the prompt's prefill, compile excluded; sweep "
+               f"{results['status']}.")
   for name, info in results.get("implementations", {}).items():
     if info["state"] != "ok" or info.get("gate_rel_err") is not None:
       gate = (f"gate rel err {info['gate_rel_err']:.2e} (tolerance {info['gate_rtol']:.0e})"

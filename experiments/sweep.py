@@ -1,8 +1,10 @@
 """Token-generation sweep (tg@pp), the test of llama.cpp's published tables, over implementations.
 
 For each prompt length N: fill the caches with an N-token random prompt through the stack
-(chunked; timed as pp t/s), then time `n_gen` single-token decode steps compiled once, `reps`
-times, each rep restarting generation at length N (tg t/s = B·n_gen / seconds).
+(chunked; timed as pp t/s), then time `n_gen` decode steps, `reps` times, each rep restarting
+generation at length N (tg t/s = B·n_gen / seconds): inside one jit (mla_jax.decode_loop_fn,
+each step feeding its output back; the tg columns), and as n_gen single-step jitted calls, each
+dispatched from Python (tg dispatched: what the host adds per token).
 
 Correctness gate: at the first prompt length, before any timing, each implementation's decode
 step is compared with the gate reference (standard/xla) on the same weights and prompt: the
@@ -17,6 +19,7 @@ workdir after every row, so an interrupted sweep keeps its rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import traceback
 
@@ -234,26 +237,46 @@ class Sweep:
           return caches, compile_s
       if not timed:
         return caches, compile_s
-      for _ in range(config.warmup_reps):
-        caches = self._generate(step, stack, caches, prompt_len, decode_inputs)[0]
-      times = []
-      for _ in range(config.reps):
-        caches, seconds, x_out = self._generate(step, stack, caches, prompt_len, decode_inputs)
-        if not np.all(np.isfinite(np.asarray(x_out, np.float32))):
-          self._row(prompt_len, impl, "error", progress, note="non-finite decode output")
-          return caches, compile_s
-        times.append(seconds)
+      loop = stack.decode_loop(config.n_gen)
+      start = time.perf_counter()
+      caches = self._generate_in_jit(loop, caches, prompt_len, decode_inputs)[0]  # compiles
+      compile_s += time.perf_counter() - start
+      timings = {}
+      for name, generate in (("loop", functools.partial(self._generate_in_jit, loop)),
+                             ("dispatch", functools.partial(self._generate, step, stack))):
+        for _ in range(config.warmup_reps):
+          caches = generate(caches, prompt_len, decode_inputs)[0]
+        timings[name] = []
+        for _ in range(config.reps):
+          caches, seconds, x_out = generate(caches, prompt_len, decode_inputs)
+          if not np.all(np.isfinite(np.asarray(x_out, np.float32))):
+            self._row(prompt_len, impl, "error", progress, note="non-finite decode output")
+            return caches, compile_s
+          timings[name].append(seconds)
       caches[0].check()
     except Exception as err:  # pylint: disable=broad-except
       if not _is_oom(err):
         traceback.print_exc()
       self._row(prompt_len, impl, "oom" if _is_oom(err) else "error", progress, note=_short(err))
       return caches, compile_s
-    B = config.batch_size
-    self._row(prompt_len, impl, "ok", progress, pp_s=pp_s, pp_tps=B * prompt_len / pp_s,
-              tg_s=times, tg_tps=[B * config.n_gen / t for t in times],
+    tokens = config.batch_size * config.n_gen
+    self._row(prompt_len, impl, "ok", progress, pp_s=pp_s,
+              pp_tps=config.batch_size * prompt_len / pp_s, tg_s=timings["loop"],
+              tg_tps=[tokens / t for t in timings["loop"]], tg_dispatch_s=timings["dispatch"],
+              tg_dispatch_tps=[tokens / t for t in timings["dispatch"]],
               compile_decode_s=compile_s, prefill_chunk=chunk)
     return caches, compile_s
+
+  @staticmethod
+  def _generate_in_jit(loop, caches, prompt_len, decode_inputs):
+    """n_gen decode steps from length prompt_len in one call of the stack's decode loop:
+    (caches, seconds, the outputs)."""
+    xs, positions = decode_inputs
+    caches = jax.block_until_ready(model.with_lengths(caches, prompt_len))
+    start = time.perf_counter()
+    x_outs, caches = loop(xs[0], positions[0], caches)
+    jax.block_until_ready((x_outs, caches))
+    return caches, time.perf_counter() - start, x_outs
 
   def _generate(self, step, stack, caches, prompt_len, decode_inputs):
     """n_gen decode steps from length prompt_len: (caches, seconds, last x_out)."""
@@ -321,14 +344,15 @@ class Sweep:
   def _row(self, prompt_len, impl, state, progress, note="", **numbers):
     row = {"prompt_len": prompt_len, "n_gen": self.config.n_gen, "impl": impl.name,
            "status": state, "note": note or self.status[impl.name].reason, **numbers}
-    if numbers.get("tg_tps"):
-      row["tg_tps_mean"], row["tg_tps_std"] = harness.mean_std(numbers["tg_tps"])
+    for key in ("tg_tps", "tg_dispatch_tps"):
+      if numbers.get(key):
+        row[f"{key}_mean"], row[f"{key}_std"] = harness.mean_std(numbers[key])
     self.results["rows"].append(row)
     self._write(partial=True)
     label = f"tg{self.config.n_gen}@pp{prompt_len} {impl.name}"
     if state == "ok":
-      text = (f"tg {row['tg_tps_mean']:.2f} ± {row['tg_tps_std']:.2f} t/s, "
-              f"pp {row['pp_tps']:.1f} t/s")
+      text = (f"tg {row['tg_tps_mean']:.2f} ± {row['tg_tps_std']:.2f} t/s "
+              f"(dispatched {row['tg_dispatch_tps_mean']:.2f}), pp {row['pp_tps']:.1f} t/s")
     else:
       text = f"{state}{': ' + row['note'] if row['note'] else ''}"
     print(f"[{len(self.results['rows'])}] {label}: {text} | {progress.line()}", flush=True)

@@ -95,6 +95,9 @@ def test_cli_end_to_end_writes_table_json_plot(tmp_path):
       assert row["status"] == "ok", row
       assert len(row["tg_s"]) == 2 and all(t > 0 for t in row["tg_s"])
       np.testing.assert_allclose(row["tg_tps"], [3 / t for t in row["tg_s"]])
+      # in one jit (the tg columns) and dispatched step by step, each timed on its own
+      assert len(row["tg_dispatch_s"]) == 2 and row["tg_dispatch_s"] != row["tg_s"]
+      np.testing.assert_allclose(row["tg_dispatch_tps"], [3 / t for t in row["tg_dispatch_s"]])
       assert row["pp_tps"] > 0
   assert results["implementations"]["absorbed/xla"]["gate_rel_err"] < 1e-3
 
@@ -107,6 +110,8 @@ def test_cli_end_to_end_writes_table_json_plot(tmp_path):
     mean = float(abs_cell.split("±")[0])
     assert mean == pytest.approx(cells[(n_expected, "absorbed/xla")]["tg_tps_mean"], rel=1e-2)
     assert float(speedup) == pytest.approx(mean / float(std_cell.split("±")[0]), rel=2e-2)
+
+  assert "Dispatched: each decode step its own jitted call." in text
 
   image = matplotlib.image.imread(workdir / "tg_sweep.png")
   assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
