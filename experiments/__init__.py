@@ -16,4 +16,5 @@ EXPERIMENTS = {
     "decode_step": "experiments.decode_step",
     "model_tg": "experiments.bench_model",
     "parallel_decode": "experiments.bench_parallel",
+    "generate_text": "experiments.generate_text",
 }
