@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 import mla_jax
 from mla_jax.generate import _nucleus  # pylint: disable=protected-access
 from helpers import GOLDEN_DIR, rel_err
+import hlo
 
 PREFILL = 11  # cases.json: prefill 11 tokens, then 5 decode steps
 
@@ -284,3 +285,30 @@ def test_weight_format_on_load(tmp_path):
     mla_jax.load_hf_model(GOLDEN_DIR, dtype=jnp.float32, weight_format="q8_0")
   with pytest.raises(ValueError, match="weight_format"):
     mla_jax.load_hf_model(GOLDEN_DIR, dtype=jnp.float32, weight_format="q4_k")
+
+
+@pytest.mark.parametrize("weight_format", [None, "q8_0"])
+def test_moe_decode_step_reads_only_the_chosen_experts(weight_format):
+  """The compiled B=1 decode step of a MoE model forms no all-experts array: every temporary is
+  smaller than one projection's stacked expert weights (here 16 experts, top 2), so only the
+  chosen experts' weights are read (gathered), dequantized included. With the grouped matmul
+  forced the check sees the all-experts product (the check can fail)."""
+  cfg = dataclasses.replace(
+      mla_jax.ModelConfig.deepseek_v2_lite(), hidden_size=256, num_heads=2, kv_lora_rank=64,
+      qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_layers=2, vocab_size=512,
+      intermediate_size=256, moe_intermediate_size=256, n_routed_experts=16,
+      n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)
+  expert_stack = 16 * 256 * 256 * 4  # one projection's [E, out, in] float32 weights
+
+  def temporaries(moe_impl):
+    lm = mla_jax.CausalLM(cfg, backend="xla", moe_impl=moe_impl, rngs=nnx.Rngs(0))
+    lm.set_weight_format(weight_format)
+    graphdef, state = nnx.split(lm)
+    step = jax.jit(lambda s, ids, pos, c: nnx.merge(graphdef, s)(ids, pos, c),
+                   donate_argnums=(3,))
+    text = step.lower(state, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                      lm.init_cache(1, 64, jnp.float32)).compile().as_text()
+    return hlo.large_temporaries(text, expert_stack)
+
+  assert temporaries("auto") == []
+  assert temporaries("grouped") != []
