@@ -20,6 +20,8 @@ def get_config():
   # Implementations "mode/backend[:cache=dtype][:option=value]" (experiments/model.py); options
   # go to CausalLM (e.g. moe_impl=gather), weight_format to its set_weight_format.
   config.impls = "standard/xla,absorbed/xla,absorbed/cpu"
+  # Pairs "candidate vs baseline" of the published table's form (t/s, t/s, speedup) and the plot.
+  config.compare = "absorbed/xla vs standard/xla,absorbed/cpu vs standard/xla"
   config.batch_size = 1  # B prompts generated together; t/s counts all B
   config.prompt_lengths = (128, 1024)  # pp: prompt lengths N, one row each
   config.n_gen = 32  # tg: greedy tokens generated per timed call (test name tg<n_gen>@pp<N>)
@@ -27,5 +29,6 @@ def get_config():
   config.dtype = "float32"  # compute dtype
   config.param_dtype = "float32"  # dtype of the random weights
   config.cache_dtype = "float32"  # default cache dtype; an impl overrides it with ":cache=int8"
+  config.floor_tbps = 0.02  # bytes a step must read per µs·1e-6 (TB/s) of the floor: ~this CPU's
   config.seed = 0  # seed of the weights and the prompts
   return config

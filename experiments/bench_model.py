@@ -2,20 +2,26 @@
 
 For each implementation (experiments/model.py's spec grammar "mode/backend[:key=value...]"; the
 options go to CausalLM, weight_format to its set_weight_format) the model is built once with
-random weights from config.seed (_build), so all implementations hold the same weights. For each prompt
-length N, with a random prompt of B rows:
+random weights from config.seed (_build), so all implementations hold the same weights. For each
+prompt length N, with a random prompt of B rows:
 - pp t/s: B·N over the seconds of mla_jax.generate(model, prompt, 1) (the jitted prefill and the
   first token), median over reps;
 - tg t/s: B·n_gen over the seconds of mla_jax.generate(model, next_token, n_gen) from a cache
   holding the prompt (n_gen greedy decode steps, the last n_gen - 1 inside one jit), median;
+- floor_us: the bytes a decode step must read (active_weight_bytes: every weight, but one
+  embedding row a token and only the chosen routed experts; and the cache up to N) over
+  floor_tbps, and x_floor the measured µs a step over it;
 - tokens_agree: the fraction of the generated tokens equal to the first implementation's (the
   same weights and prompt: 1.0 unless rounding flips a near-tie).
-Each timed call runs once before timing (compilation).
+Each timed call runs once before timing (compilation). config.compare names the pairs
+"candidate vs baseline" of the published table's form (t/s standard, t/s MLA, speedup) and of
+the plot.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -26,7 +32,7 @@ from flax import nnx
 
 import mla_jax
 
-from experiments import harness, model
+from experiments import decode_step, harness, model, report
 
 KIND = "model_tg"
 
@@ -38,22 +44,45 @@ def model_config(overrides: str) -> mla_jax.ModelConfig:
 
 
 def _build(impl: model.Implementation, cfg, config) -> mla_jax.CausalLM:
-  """The implementation's CausalLM with random weights drawn in numpy from config.seed (normal,
-  scaled by fan-in^-0.5; norm weights uniform in [0.5, 1.5]): the same for every implementation,
-  and without jax's initializers, which compile once per weight shape (~10 s for a tiny model)."""
+  """The implementation's CausalLM with random weights drawn on the device from config.seed
+  (normal, scaled by fan-in^-0.5; norm weights uniform in [0.5, 1.5]): the same for every
+  implementation, one compiled draw per weight shape (the real V2-Lite's 15.7B parameters fill
+  in seconds), and without jax's initializers, which compile once per module."""
   options = dict(impl.options)
   weight_format = options.pop("weight_format", None)
   lm = nnx.eval_shape(lambda: mla_jax.CausalLM(
       cfg, mode=impl.layer, backend=impl.backend, dtype=jnp.dtype(config.dtype),
       param_dtype=jnp.dtype(config.param_dtype), rngs=nnx.Rngs(0), **options))
-  rng = np.random.default_rng(config.seed)
-  for _, param in nnx.to_flat_state(nnx.state(lm, nnx.Param)):
-    shape = param.get_value().shape
-    value = (rng.uniform(0.5, 1.5, shape) if len(shape) == 1
-             else rng.standard_normal(shape, np.float32) * shape[-1] ** -0.5)
-    param.set_value(jnp.asarray(value, config.param_dtype))
+  key = jax.random.key(config.seed)
+  for i, (_, param) in enumerate(nnx.to_flat_state(nnx.state(lm, nnx.Param))):
+    shape = tuple(param.get_value().shape)
+    param.set_value(_draw(jax.random.fold_in(key, i), shape, jnp.dtype(config.param_dtype)))
   lm.set_weight_format(weight_format)
   return lm
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _draw(key, shape, dtype):
+  if len(shape) == 1:
+    return jax.random.uniform(key, shape, jnp.float32, 0.5, 1.5).astype(dtype)
+  return (jax.random.normal(key, shape, jnp.float32) * shape[-1] ** -0.5).astype(dtype)
+
+
+def active_weight_bytes(lm, batch: int) -> int:
+  """Weight bytes a decode step of `batch` tokens must read: every parameter (in its stored
+  format), but of the embedding table one row a token (the whole table when lm_head shares it)
+  and of each MoE layer's routed experts at most batch·k of the E."""
+  cfg = lm.cfg
+  total = 0
+  for path, param in nnx.to_flat_state(nnx.state(lm, nnx.Param)):
+    nbytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(param.get_value()))
+    if path[-2:] == ("embed_tokens", "weight") and not cfg.tie_word_embeddings:
+      nbytes = nbytes // cfg.vocab_size * min(batch, cfg.vocab_size)
+    elif "experts" in path:  # the routed experts' stacks; shared experts are "shared_experts"
+      E = cfg.n_routed_experts
+      nbytes = nbytes // E * min(E, batch * cfg.num_experts_per_tok)
+    total += nbytes
+  return total
 
 
 def _timed(prepare, call, reps: int) -> tuple[float, object]:
@@ -80,8 +109,11 @@ def _row(lm, impl, config, prompt_len: int) -> dict:
   copy = lambda: (jax.tree.map(jnp.copy, cache),)
   tg_s, (tokens, _) = _timed(copy, lambda c: mla_jax.generate(lm, first, n_gen, cache=c),
                              config.reps)
+  floor_bytes = active_weight_bytes(lm, B) + decode_step.cache_read_bytes(cache, prompt_len)
+  floor_us = floor_bytes / (config.floor_tbps * 1e6)
   return {"impl": impl.name, "prompt_len": prompt_len, "batch": B, "n_gen": n_gen,
           "pp_s": pp_s, "pp_tps": B * prompt_len / pp_s, "tg_s": tg_s, "tg_tps": B * n_gen / tg_s,
+          "floor_us": floor_us, "x_floor": tg_s / n_gen * 1e6 / floor_us,
           "tokens": np.asarray(tokens).tolist()}
 
 
@@ -90,8 +122,12 @@ def run(config, workdir: str, name: str = "model_tg", title: str = "") -> dict:
   cfg = model_config(config.model_overrides)
   impls = [model.Implementation.parse(s, config.cache_dtype)
            for s in config.impls.split(",") if s.strip()]
+  try:
+    pairs = report.parse_pairs(config.compare, [impl.name for impl in impls])
+  except ValueError as err:
+    raise harness.ConfigError(f"compare: {err}") from err
   results = harness.new_results(config, name, KIND, title)
-  results["model_config"] = dataclasses.asdict(cfg)
+  results.update(model_config=dataclasses.asdict(cfg), pairs=[list(p) for p in pairs])
   start = time.perf_counter()
   reference: dict[int, list] = {}
   for impl in impls:
@@ -112,28 +148,87 @@ def run(config, workdir: str, name: str = "model_tg", title: str = "") -> dict:
 
 
 def table(results: dict) -> str:
-  header = ["impl", "test", "tg t/s", "pp t/s", "tokens agree"]
+  header = ["impl", "test", "tg t/s", "pp t/s", "floor µs", "× floor", "tokens agree"]
   rows = [[r["impl"], f"tg{r['n_gen']}@pp{r['prompt_len']}", harness.fmt(r["tg_tps"], ".1f"),
-           harness.fmt(r["pp_tps"], ".1f"), harness.fmt(r["tokens_agree"], ".2f")]
+           harness.fmt(r["pp_tps"], ".1f"), harness.fmt(r.get("floor_us"), ".1f"),
+           harness.fmt(r.get("x_floor"), ".2f"), harness.fmt(r["tokens_agree"], ".2f")]
           for r in results["rows"]]
-  return harness.md_table(header, rows, "llrrr")
+  return harness.md_table(header, rows, "llrrrrr")
+
+
+def published_table(results: dict, candidate: str, baseline: str) -> str:
+  """One compared pair in the published tables' form: per prompt length the t/s of the
+  baseline (standard attention) and of the candidate (MLA), and the speedup."""
+  rows = {(r["impl"], r["prompt_len"]): r for r in results["rows"]}
+  lengths = sorted({r["prompt_len"] for r in results["rows"]})
+  lines = []
+  for n in lengths:
+    a, b = rows.get((candidate, n)), rows.get((baseline, n))
+    if a and b:
+      lines.append([_model_label(results), f"tg{a['n_gen']}@pp{n}", f"{b['tg_tps']:.2f}",
+                    f"{a['tg_tps']:.2f}", f"{a['tg_tps'] / b['tg_tps']:.2f}"])
+  return harness.md_table(["model", "test", f"t/s ({baseline})", f"t/s ({candidate})",
+                           "Speedup"], lines, "llrrr")
+
+
+def _model_label(results: dict) -> str:
+  m, c = results["model_config"], results["config"]
+  return (f"DeepSeek-V2 {m['num_layers']}L D={m['hidden_size']} {c['param_dtype']} "
+          f"B={c['batch_size']}")
 
 
 def markdown(results: dict) -> str:
   c, m = results["config"], results["model_config"]
-  return "\n".join([
-      table(results), "",
+  lines = [table(results), ""]
+  for candidate, baseline in results.get("pairs", []):
+    lines += [published_table(results, candidate, baseline), ""]
+  lines.append(
       f"The whole model (CausalLM): {m['num_layers']} layers, D={m['hidden_size']}, "
       f"H={m['num_heads']}, {m['n_routed_experts']} routed experts (top "
       f"{m['num_experts_per_tok']}) + {m['n_shared_experts']} shared, vocabulary "
       f"{m['vocab_size']}; random weights, {c['dtype']}, B={c['batch_size']}. pp: the prefill "
       f"and first token (mla_jax.generate, 1 token); tg: {c['n_gen']} greedy tokens from the "
-      f"prefilled cache; medians of {c['reps']} reps after one untimed call. tokens agree: "
-      "generated tokens equal to the first implementation's.", ""])
+      f"prefilled cache; medians of {c['reps']} reps after one untimed call. floor: the weights "
+      "a step reads (one embedding row a token, only the chosen routed experts) and the cache "
+      f"up to the prompt, over {c['floor_tbps']} TB/s; × floor: µs a step over it. tokens "
+      "agree: generated tokens equal to the first implementation's.")
+  return harness.page(lines, results)
 
 
-plot = None  # no plot: the table is the result
+def plot(results: dict, path: str):
+  """tg t/s against the prompt length per implementation, and each compared pair's speedup."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
+                                    gridspec_kw={"height_ratios": [2, 1]})
+  by_impl: dict[str, list] = {}
+  for r in results["rows"]:
+    by_impl.setdefault(r["impl"], []).append(r)
+  for name, rows in by_impl.items():
+    rows = sorted(rows, key=lambda r: r["prompt_len"])
+    top.plot([r["prompt_len"] for r in rows], [r["tg_tps"] for r in rows], "o-", label=name)
+  rows = {(r["impl"], r["prompt_len"]): r for r in results["rows"]}
+  for candidate, baseline in results.get("pairs", []):
+    points = sorted((n, rows[(candidate, n)]["tg_tps"] / rows[(baseline, n)]["tg_tps"])
+                    for (impl, n) in rows if impl == candidate and (baseline, n) in rows)
+    if points:
+      bottom.plot(*zip(*points), "o-", label=f"{candidate} over {baseline}")
+  top.set_ylabel("decode throughput (tokens/s)")
+  top.set_title(f"{_model_label(results)} on {harness.run_info(results)['device']}", fontsize=10)
+  bottom.axhline(1.0, color="gray", lw=0.8)
+  bottom.set_ylabel("speedup (×)")
+  bottom.set_xlabel("prompt length (tokens)")
+  bottom.set_xscale("log", base=2)
+  for axes in (top, bottom):
+    axes.grid(True, which="both", alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:
+      axes.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def write(workdir: str, results: dict) -> list[str]:
-  return harness.write(workdir, results, markdown=markdown)
+  return harness.write(workdir, results, markdown=markdown, plot=plot if results["rows"] else None)

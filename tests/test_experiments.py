@@ -501,9 +501,43 @@ def test_model_benchmark_runs_the_whole_model(tmp_path):
   config = model_cpu.get_config()
   config.update(dict(model_overrides=TINY + ",num_layers=2,vocab_size=64,intermediate_size=32,"
                      "moe_intermediate_size=16,n_routed_experts=4,num_experts_per_tok=2",
-                     impls="absorbed/xla", prompt_lengths=(8,), n_gen=3, reps=1))
+                     impls="absorbed/xla,standard/xla", compare="absorbed/xla vs standard/xla",
+                     prompt_lengths=(8,), n_gen=3, reps=1))
   results = bench_model.run(config, str(tmp_path), name="tiny")
-  [row] = results["rows"]
+  rows = {r["impl"]: r for r in results["rows"]}
+  row = rows["absorbed/xla"]
   assert results["status"] == "complete" and row["tokens_agree"] == 1.0
   assert row["pp_tps"] > 0 and row["tg_tps"] > 0 and np.shape(row["tokens"]) == (1, 3)
-  assert "| absorbed/xla | tg3@pp8 |" in (tmp_path / "tiny.md").read_text()
+  assert row["x_floor"] == pytest.approx(row["tg_s"] / 3 * 1e6 / row["floor_us"])
+  text = (tmp_path / "tiny.md").read_text()
+  assert "| absorbed/xla | tg3@pp8 |" in text
+  speedup = rows["absorbed/xla"]["tg_tps"] / rows["standard/xla"]["tg_tps"]
+  assert "| t/s (standard/xla) | t/s (absorbed/xla) | Speedup |" in text
+  assert f"| {speedup:.2f} |" in text
+  assert (tmp_path / "tiny.png").stat().st_size > 0
+
+
+def test_model_floor_counts_one_embedding_row_and_the_chosen_experts():
+  """active_weight_bytes against a count written here from the parameter shapes: a B=1 step
+  reads every weight once, one embedding row, and k of the E routed experts of each MoE layer."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import mla_jax  # pylint: disable=import-outside-toplevel
+  from experiments import bench_model  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(
+      mla_jax.ModelConfig.deepseek_v2_lite(), hidden_size=64, num_heads=2, kv_lora_rank=32,
+      qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_layers=2, vocab_size=100,
+      intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=1,
+      num_experts_per_tok=2, first_k_dense_replace=1)
+  lm = mla_jax.CausalLM(cfg, rngs=nnx.Rngs(0))
+  D, f = 64, 4  # float32
+  attention = (D * 2 * (32 + 16) + D * (32 + 16) + 32 + 2 * 32 * 32 * 2 + 2 * 32 * D) * f
+  dense = 3 * D * 48 * f
+  shared = 3 * D * 24 * f
+  experts = 3 * D * 24 * f  # one expert's three projections
+  norms = (2 * 2 + 1) * D * f
+  want = (2 * attention + dense + shared + D * 8 * f + norms + D * f  # embedding: one row
+          + 100 * D * f)  # lm_head
+  assert bench_model.active_weight_bytes(lm, 1) == want + 2 * experts
+  assert bench_model.active_weight_bytes(lm, 3) == want + 2 * D * f + 6 * experts
+  assert bench_model.active_weight_bytes(lm, 8) == want + 7 * D * f + 8 * experts
