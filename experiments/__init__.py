@@ -17,4 +17,5 @@ EXPERIMENTS = {
     "model_tg": "experiments.bench_model",
     "parallel_decode": "experiments.bench_parallel",
     "generate_text": "experiments.generate_text",
+    "kernel_sweep": "experiments.kernel_sweep",
 }

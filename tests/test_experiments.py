@@ -541,3 +541,26 @@ def test_model_floor_counts_one_embedding_row_and_the_chosen_experts():
   assert bench_model.active_weight_bytes(lm, 1) == want + 2 * experts
   assert bench_model.active_weight_bytes(lm, 3) == want + 2 * D * f + 6 * experts
   assert bench_model.active_weight_bytes(lm, 8) == want + 7 * D * f + 8 * experts
+
+
+def test_kernel_sweep_checks_every_case_and_records_failures(tmp_path, monkeypatch):
+  """configs/kernel_sweep_gpu.py interpreted on two paths: every case passes; a decode that is
+  off by 1% on one row is recorded as that path's failure, with the case that redraws it."""
+  from configs import kernel_sweep_gpu  # pylint: disable=import-outside-toplevel
+  from experiments import kernel_sweep  # pylint: disable=import-outside-toplevel
+  config = kernel_sweep_gpu.get_config()
+  config.update(dict(cases=2, paths="triton,triton_bf16"))
+  results = kernel_sweep.run(config, str(tmp_path), name="sweep")
+  assert [(r["path"], r["cases"], r["failures"]) for r in results["rows"]] == [
+      ("triton", 2, []), ("triton_bf16", 2, [])]
+  assert "| decode | triton | 2 | 0 |" in (tmp_path / "sweep.md").read_text()
+
+  real = kernel_sweep.decode.mla_decode
+  def off(*args, **kwargs):
+    out, lse = real(*args, **kwargs)
+    return out.at[0].multiply(1.01), lse
+  monkeypatch.setattr(kernel_sweep.decode, "mla_decode", off)
+  config.update(dict(paths="triton", seed=3))
+  [row] = kernel_sweep.run(config, str(tmp_path), name="sweep")["rows"]
+  failed = [f for f in row["failures"] if "row 0" in f["errors"][0]]
+  assert failed and set(failed[0]["case"]) >= {"B", "H", "S", "lengths", "fill", "seed"}

@@ -1,0 +1,18 @@
+"""A seeded random sweep through every GPU kernel path (decode: Triton, Mosaic few-heads, int8 and
+many-heads; GEMV: Triton and Mosaic over bf16, q8_0 and iq4_nl weights) against float64 oracles.
+
+experiments/kernel_sweep.py: config.cases cases a path, compiled on the GPU, with the slots past
+each row's length poisoned (NaN, ±Inf, stale). Without a GPU the kernels run interpreted: a
+smoke run, e.g. --config.cases=2 --config.paths=triton,triton_bf16.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.kind = "kernel_sweep"  # experiment: experiments/kernel_sweep.py
+  config.cases = 60  # cases drawn per path (10 paths: 600 cases)
+  config.paths = ""  # comma-separated paths to run ("" all): triton, mosaic, triton_q8_0, ...
+  config.seed = 0  # seed of the case draws (each case's inputs come from its own drawn seed)
+  return config
