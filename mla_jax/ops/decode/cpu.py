@@ -132,21 +132,25 @@ def _dot(a, b, contract_a, contract_b):
 
 
 def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_scale,
-           stale_rows):
+           stale_rows, rows_copied):
   """One shard's partial softmax: rows j with lo <= j < hi are visible.
 
   scale_S is the int8 cache's per-row scale or None. stale_rows: whether rows past hi may be
-  in the shard; they may hold anything, NaN included, and 0·NaN is NaN, so they are then zeroed
-  before the value product (a pass over the rows, hence only where needed). Returns o_p [H,C]
-  float32 (normalised within the shard) and lse_p [H] float32; a shard with no visible row gives
-  o_p = 0, lse_p = -inf.
+  in the shard; they may hold anything, NaN included, and 0·NaN is NaN, so their c_kv is then
+  zeroed before the value product (a pass over the rows, hence only where needed).
+  rows_copied: whether c_kv_SC is a copy of a step's rows (a slice); the score product then reads
+  the zeroed rows too (their scores are masked anyway), so that XLA fuses the select into the
+  step's one copy instead of making a second. A shard of the whole cache reads the cache as it
+  lies for the scores, as the einsum does. Returns o_p [H,C] float32 (normalised within the
+  shard) and lse_p [H] float32; a shard with no visible row gives o_p = 0, lse_p = -inf.
   """
-  scores = _dot(q_latent_HC, c_kv_SC, 1, 1)  # [H,S_p]
+  j = jnp.arange(c_kv_SC.shape[0])
+  visible = (j >= lo) & (j < hi)
+  values = jnp.where(visible[:, None], c_kv_SC, 0) if stale_rows else c_kv_SC
+  scores = _dot(q_latent_HC, values if rows_copied else c_kv_SC, 1, 1)  # [H,S_p]
   if scale_S is not None:
     scores = scores * scale_S[None, :]
   scores = (scores + _dot(q_rope_HR, k_rope_SR, 1, 1)) * sm_scale
-  j = jnp.arange(c_kv_SC.shape[0])
-  visible = (j >= lo) & (j < hi)
   scores = jnp.where(visible[None, :], scores, MASK_VALUE)
   m = jnp.max(scores, axis=1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -154,8 +158,7 @@ def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_sc
   l = jnp.sum(p, axis=1, keepdims=True)
   if scale_S is not None:
     p = p * (jnp.where(visible, scale_S, 0) if stale_rows else scale_S)[None, :]
-  values = jnp.where(visible[:, None], c_kv_SC, 0) if stale_rows else c_kv_SC
-  o = _dot(p.astype(c_kv_SC.dtype), values, 1, 0)  # [H,C]
+  o = _dot(p.astype(values.dtype), values, 1, 0)  # [H,C]
   nonempty = l > 0
   l_safe = jnp.where(nonempty, l, 1.0)
   return o / l_safe, jnp.where(nonempty, m + jnp.log(l_safe), MASK_VALUE)[:, 0]
@@ -197,7 +200,8 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuni
                     lambda: shards_of(start, rows, shards, stale_rows=True))
 
   def shards_of(start, rows, shards, *, stale_rows):
-    shard = functools.partial(_shard, sm_scale=sm_scale, stale_rows=stale_rows)
+    shard = functools.partial(_shard, sm_scale=sm_scale, stale_rows=stale_rows,
+                              rows_copied=rows < S or dtype != values.dtype)
     over_shards = jax.vmap(shard, (0, 0, 0, in_scale, 0, 0, 0))
     over_batch = jax.vmap(over_shards, (0, 0, 0, in_scale, 0, None, 0))
 
