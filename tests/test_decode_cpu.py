@@ -70,6 +70,27 @@ def test_default_shard_size_several_steps(rng, fmt):
   _check(short, out, lse, fmt, 0.1)
 
 
+def test_cut_visits_each_row_once():
+  """Hand-computed cuts for float32's sizes on a 1 MiB L2 (256-row shards, 8 a step)."""
+  tuning = cpu.ShardTuning(shard_size=256, shards_per_step=8)
+  assert cpu.cut(2080, tuning) == (0, 0, 2080)  # under two steps: one shard
+  assert cpu.cut(4095, tuning) == (0, 0, 4095)
+  assert cpu.cut(4096, tuning) == (2, 0, 0)
+  assert cpu.cut(8224, tuning) == (4, 0, 32)
+  assert cpu.cut(5152, tuning) == (2, 4, 32)  # 2048·2 + 256·4 + 32
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tail_shards_and_rest_match_reference(rng, fmt):
+  """Two steps, one whole tail shard and a 5-row rest (S = 2·32 + 16 + 5); rows end inside and
+  at the edges of each piece, and the slots past them hold NaN."""
+  S, tuning = 85, cpu.ShardTuning(shard_size=16, shards_per_step=2)
+  lengths = [S, 70, 82, 64, 80, 0, 33]
+  args = _inputs(rng, fmt, len(lengths), 4, S, 64, 16, lengths, garbage=np.nan)
+  out, lse = jax.jit(lambda *a: cpu.mla_decode(*a, sm_scale=0.1, tuning=tuning))(*args)
+  _check(args, out, lse, fmt, 0.1)
+
+
 def test_shards_per_step_do_not_change_the_result(rng):
   S = 300
   args = _inputs(rng, "float32", 2, 4, S, 64, 16, [S, 123])

@@ -12,10 +12,11 @@ steps of several shards, `jax.vmap`-ed over the shards, so each step's batched G
 shards over the cores. A step first copies its rows into one buffer (XLA's dynamic-slice; the
 int8→bfloat16 and float16→float32 casts fuse into that copy) that both products then read from
 cache. Steps past the longest row are skipped (`lax.cond`): an empty tail of the cache is never
-read. The last S mod W rows (W rows a step) are one shard of their own, so no row is read twice:
-a module's cache is a little longer than the prompt (max_len = prompt + new tokens), and a last
-step that slid back to stay inside the cache re-read nearly a whole step (at S = 2080 with 2048
-rows a step, twice the work).
+read. The last S mod W rows (W rows a step) are their whole shards, batched as one more span,
+and a shard of the remaining rows, so no row is read twice: a module's cache is a little longer
+than the prompt (max_len = prompt + new tokens), and a last step that slid back to stay inside
+the cache re-read nearly a whole step (at S = 2080 with 2048 rows a step, twice the work). A
+cache of fewer than 2·W rows is not split at all (`cut`).
 
 What XLA CPU makes of it (jax 0.11): every dot is a YNNPACK fusion; the whole-cache einsum
 (impl="xla") computes its value product [H,S]·[S,C] as one GEMM with a K=S reduction, which gets
@@ -71,7 +72,7 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os
 @dataclasses.dataclass(frozen=True)
 class ShardTuning:
   """How the cache is cut: shards of shard_size rows (S_p), shards_per_step of them per loop step.
-  A cache of at most shard_size·shards_per_step rows runs as one shard of all its rows."""
+  A cache of fewer than two steps' rows runs as one shard of all its rows (`cut`)."""
 
   shard_size: int
   shards_per_step: int
@@ -138,11 +139,12 @@ def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_sc
   scale_S is the int8 cache's per-row scale or None. stale_rows: whether rows past hi may be
   in the shard; they may hold anything, NaN included, and 0·NaN is NaN, so their c_kv is then
   zeroed before the value product (a pass over the rows, hence only where needed).
-  rows_copied: whether c_kv_SC is a copy of a step's rows (a slice); the score product then reads
-  the zeroed rows too (their scores are masked anyway), so that XLA fuses the select into the
-  step's one copy instead of making a second. A shard of the whole cache reads the cache as it
-  lies for the scores, as the einsum does. Returns o_p [H,C] float32 (normalised within the
-  shard) and lse_p [H] float32; a shard with no visible row gives o_p = 0, lse_p = -inf.
+  rows_copied: whether c_kv_SC is a copy of the cache's rows (a step's slice, or a cast); the
+  score product then reads the zeroed rows too (their scores are masked anyway), so that XLA
+  fuses the select into the one copy instead of making a second. A shard of the whole uncast
+  cache reads it as it lies for the scores, as the einsum does. Returns o_p [H,C] float32
+  (normalised within the shard) and lse_p [H] float32; a shard with no visible row gives
+  o_p = 0, lse_p = -inf.
   """
   j = jnp.arange(c_kv_SC.shape[0])
   visible = (j >= lo) & (j < hi)
@@ -164,6 +166,23 @@ def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_sc
   return o / l_safe, jnp.where(nonempty, m + jnp.log(l_safe), MASK_VALUE)[:, 0]
 
 
+def cut(S: int, tuning: ShardTuning) -> tuple[int, int, int]:
+  """How S cache rows are visited: (steps, tail_shards, rest) with S = steps·W +
+  tail_shards·shard_size + rest, W = shard_size·shards_per_step rows a step. The loop runs `steps`
+  steps, one more batched span takes the tail's whole shards, and the last `rest` rows are a
+  shard of their own, so no row is read twice and no shard is padded.
+
+  A cache of fewer than two steps' rows is one shard, (0, 0, S): splitting it only adds the step
+  copy, the tail and the merge, and lost to the one-shard program at S = W + 32 (a module's cache
+  of max_len = prompt + 32 new tokens), and at 1.5·W.
+  """
+  W = tuning.shard_size * tuning.shards_per_step
+  if S < 2 * W:
+    return 0, 0, S
+  steps, tail = divmod(S, W)
+  return (steps, *divmod(tail, tuning.shard_size))
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "tuning"))
 def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuning: ShardTuning):
   """Absorbed MLA decode over cache shards: out [B,H,C] in q_latent.dtype, lse [B,H] float32.
@@ -179,16 +198,9 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuni
     values, scales = c_kv, None
   dtype = compute_dtype(values.dtype)
   lengths = jnp.minimum(lengths.astype(jnp.int32), S)
-  shard_size, shards_per_step = tuning.shard_size, tuning.shards_per_step
-
-  if S <= shard_size * shards_per_step:
-    # A cache that fits in one step is one shard: its GEMMs already run from cache and the split
-    # would only add the copies and the merge (measured 10-40% slower at S = 2048 and 4096).
-    shard_size, shards_per_step = S, 1
-  S_p = shard_size
-  g = min(shards_per_step, S // S_p)
-  W = g * S_p  # rows per step
-  num_steps, tail = divmod(S, W)  # whole steps, then the last S % W rows as one shard
+  shard_size = tuning.shard_size
+  steps, tail_shards, rest = cut(S, tuning)
+  W = shard_size * tuning.shards_per_step
   in_scale = None if scales is None else 0
 
   def span(start, rows, shards):
@@ -205,7 +217,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuni
     over_shards = jax.vmap(shard, (0, 0, 0, in_scale, 0, 0, 0))
     over_batch = jax.vmap(over_shards, (0, 0, 0, in_scale, 0, None, 0))
 
-    def cut(x):
+    def rows_of(x):
       if rows < S:
         x = lax.dynamic_slice_in_dim(x, start, rows, axis=1)
       return x.reshape((B, shards, rows // shards) + x.shape[2:])
@@ -215,26 +227,29 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuni
     q = jnp.broadcast_to(q_latent.astype(dtype)[:, None], (B, shards, H, C))
     q_r = jnp.broadcast_to(q_rope.astype(dtype)[:, None], (B, shards, H, R))
     first = start + jnp.arange(shards) * (rows // shards)  # cache row of each shard's row 0
-    return over_batch(q, q_r, cut(values).astype(dtype), None if scales is None else cut(scales),
-                      cut(k_rope).astype(dtype), jnp.zeros((shards,), jnp.int32),
-                      lengths[:, None] - first[None, :])
+    return over_batch(q, q_r, rows_of(values).astype(dtype),
+                      None if scales is None else rows_of(scales), rows_of(k_rope).astype(dtype),
+                      jnp.zeros((shards,), jnp.int32), lengths[:, None] - first[None, :])
 
-  if num_steps == 1 and not tail:  # one shard: its partial result is the result
+  if not steps:  # one shard: its partial result is the result
     o, lse = span(0, S, 1)
     return o[:, 0].astype(q_latent.dtype), lse[:, 0]
   longest = jnp.max(lengths)
-  empty = lambda shards: (jnp.zeros((B, shards, H, C), f32),
-                          jnp.full((B, shards, H), MASK_VALUE, f32))
-  o, lse = lax.map(lambda i: lax.cond(i * W < longest, lambda: span(i * W, W, g),
-                                      lambda: empty(g)),
-                   jnp.arange(num_steps))  # [steps,B,g,H,C], [steps,B,g,H]; empty past the rows
-  o = jnp.moveaxis(o, 2, 1).reshape(num_steps * g, B, H, C)
-  lse = jnp.moveaxis(lse, 2, 1).reshape(num_steps * g, B, H)
-  if tail:  # the last rows as their own shard: no step re-reads rows that another step read
-    o_t, lse_t = lax.cond(num_steps * W < longest, lambda: span(num_steps * W, tail, 1),
-                          lambda: empty(1))
-    o = jnp.concatenate([o, jnp.moveaxis(o_t, 1, 0)])
-    lse = jnp.concatenate([lse, jnp.moveaxis(lse_t, 1, 0)])
-  out, lse = merge_partials(o, lse)
-  return out.astype(q_latent.dtype), lse
 
+  def unless_empty(start, rows, shards):
+    """span(start, rows, shards) as [shards,B,H,C], [shards,B,H]; spans past the longest row
+    are not read (o_p = 0, lse_p = -inf)."""
+    empty = lambda: (jnp.zeros((B, shards, H, C), f32), jnp.full((B, shards, H), MASK_VALUE, f32))
+    o, lse = lax.cond(start < longest, lambda: span(start, rows, shards), empty)
+    return jnp.moveaxis(o, 1, 0), jnp.moveaxis(lse, 1, 0)
+
+  g = tuning.shards_per_step
+  o, lse = lax.map(lambda i: unless_empty(i * W, W, g), jnp.arange(steps))  # [steps,g,B,H,...]
+  pieces = [(o.reshape(steps * g, B, H, C), lse.reshape(steps * g, B, H))]
+  if tail_shards:
+    pieces.append(unless_empty(steps * W, tail_shards * shard_size, tail_shards))
+  if rest:
+    pieces.append(unless_empty(S - rest, rest, 1))
+  out, lse = merge_partials(jnp.concatenate([o for o, _ in pieces]),
+                            jnp.concatenate([lse for _, lse in pieces]))
+  return out.astype(q_latent.dtype), lse
