@@ -29,6 +29,6 @@ def get_config():
   config.dtype = "float32"  # compute dtype
   config.param_dtype = "float32"  # dtype of the random weights
   config.cache_dtype = "float32"  # default cache dtype; an impl overrides it with ":cache=int8"
-  config.floor_tbps = 0.02  # bytes a step must read per µs·1e-6 (TB/s) of the floor: ~this CPU's
+  config.floor_tbps = 0.02  # TB/s of the byte floor: an assumed DRAM rate, not measured here
   config.seed = 0  # seed of the weights and the prompts
   return config
