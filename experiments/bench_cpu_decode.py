@@ -11,7 +11,9 @@ rotate_bytes, so the cache comes from DRAM, not L3), in rounds of one block per 
 order rotating every round (harness.interleave); the median per formulation is reported. The
 memory floor is cache bytes over the read bandwidth of a large array sum timed in the same
 process (before the cases and after each format; the fastest is used); the compute floor is the
-step's GEMM FLOPs over the rate of a large GEMM timed in the same process.
+step's GEMM FLOPs over the rate of a large GEMM timed in the same process. The rate of the shard
+path's own GEMM shape, [H, C+R]·[C+R, shard], is timed beside it: what XLA CPU makes of the
+skinny products, against the large GEMM.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from jax import lax
 
 from mla_jax import ops, quant
 from mla_jax.ops import reference
+from mla_jax.ops.decode import cpu
 
 from experiments import harness
 
@@ -104,17 +107,37 @@ def read_bandwidth(nbytes: int, trials: int = 9) -> float:
   return nbytes / statistics.median(samples)
 
 
-def gemm_rate(dtype, n: int, trials: int = 3) -> float:
-  """FLOP/s of an [n,n]·[n,n] XLA dot with float32 accumulation (best of trials)."""
-  a = jax.random.normal(jax.random.key(2), (n, n), dtype)
-  dot = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=f32))
-  jax.block_until_ready(dot(a))
+def gemm_rate(dtype, m: int, k: int, n: int, trials: int = 3) -> float:
+  """FLOP/s of an [m,k]·[k,n] XLA dot with float32 accumulation (best of trials; a small dot
+  repeated inside one call, so that a trial lasts long enough to time)."""
+  a = jax.random.normal(jax.random.key(2), (m, k), dtype)
+  b = jax.random.normal(jax.random.key(3), (k, n), dtype)
+  repeats = max(1, 2**31 // (2 * m * k * n))
+
+  def dots(a, b):
+    body = lambda i, acc: acc + jnp.dot(a + i.astype(dtype), b, preferred_element_type=f32)
+    return jax.lax.fori_loop(0, repeats, body, jnp.zeros((m, n), f32))
+
+  dot = jax.jit(dots)
+  jax.block_until_ready(dot(a, b))
   best = math.inf
   for _ in range(trials):
     t0 = time.perf_counter()
-    jax.block_until_ready(dot(a))
+    jax.block_until_ready(dot(a, b))
     best = min(best, time.perf_counter() - t0)
-  return 2 * n**3 / best
+  return 2 * m * k * n * repeats / best
+
+
+def _shard_gemm_gflops(config) -> dict:
+  """GFLOP/s of the shard path's score product, [H, C+R]·[C+R, shard] with its default shard
+  size, per compute dtype (float32 for a float32 cache, bfloat16 otherwise)."""
+  H, K = config.num_heads, config.kv_lora_rank + config.rope_dim
+  found = {}
+  for dtype in ("float32", "bfloat16"):
+    shard = cpu.choose_tuning(H, config.kv_lora_rank, config.rope_dim, dtype).shard_size
+    found[dtype] = {"shape": f"[{H},{K}]·[{K},{shard}]",
+                    "gflops": gemm_rate(cpu.compute_dtype(jnp.dtype(dtype)), H, K, shard) / 1e9}
+  return found
 
 
 def _loadavg():
@@ -160,6 +183,8 @@ def _case(config, key, S, fmt, bandwidth, rates, length=None) -> dict:
     row[f"{name}_ms_min"] = min(samples[name]) * 1e3
     row[f"{name}_gbps"] = nbytes / ms * 1e-6
     row[f"{name}_over_floor"] = ms / floor_ms
+  row["shard_over_compute_floor"] = row["shard_ms"] / row["compute_floor_ms"]
+  row["einsum_over_compute_floor"] = row["einsum_ms"] / row["compute_floor_ms"]
   row["shard_vs_einsum"] = row["einsum_ms"] / row["shard_ms"]
   row["shard_vs_head_parallel"] = row["head_parallel_ms"] / row["shard_ms"]
   row["head_parallel_vs_einsum"] = row["einsum_ms"] / row["head_parallel_ms"]
@@ -174,10 +199,14 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
   key = jax.random.key(config.seed)
   results["loadavg_before"] = _loadavg()
   bandwidths = [read_bandwidth(config.bandwidth_bytes)]
-  rates = {d: gemm_rate(d, config.gemm_size) for d in ("bfloat16", "float32")}
+  n = config.gemm_size
+  rates = {d: gemm_rate(d, n, n, n) for d in ("bfloat16", "float32")}
   results["gemm_gflops"] = {d: r / 1e9 for d, r in rates.items()}
+  results["shard_gemm_gflops"] = _shard_gemm_gflops(config)
   print(f"load {results['loadavg_before']}  read bandwidth {bandwidths[0] / 1e9:.1f} GB/s  GEMM "
-        + ", ".join(f"{d} {r / 1e9:.0f} GFLOP/s" for d, r in rates.items()), flush=True)
+        + ", ".join(f"{d} {r / 1e9:.0f} GFLOP/s" for d, r in rates.items()) + "; shard GEMM "
+        + ", ".join(f"{d} {g['gflops']:.0f} GFLOP/s ({g['shape']})"
+                    for d, g in results["shard_gemm_gflops"].items()), flush=True)
   try:
     for fmt in config.formats:
       for S in config.seq_lens:
@@ -219,10 +248,11 @@ def table(results: dict) -> str:
                   f"{r['shard_ms']:.3f}", f"{r['shard_gbps']:.1f}",
                   f"{r['shard_vs_einsum']:.2f}x", f"{r['shard_vs_head_parallel']:.2f}x",
                   f"{r['memory_floor_ms']:.3f}", f"{r['shard_over_floor']:.2f}",
-                  f"{r['compute_floor_ms']:.3f}"])
+                  f"{r['compute_floor_ms']:.3f}",
+                  harness.fmt(r.get("shard_over_compute_floor"), ".2f")])
   return harness.md_table(
       ["cache", "S (live)", "einsum ms", "head-par ms", "shard ms", "shard GB/s", "vs einsum",
-       "vs head-par", "floor ms", "shard/floor", "compute floor ms"], lines)
+       "vs head-par", "floor ms", "shard/floor", "compute floor ms", "shard/compute"], lines)
 
 
 def markdown(results: dict) -> str:
@@ -234,6 +264,9 @@ def markdown(results: dict) -> str:
            f"bandwidth measured in the run ({harness.fmt(bw.get('used'), '.1f')} GB/s); compute "
            "floor: the step's GEMM FLOPs at the rate of a large GEMM "
            + ", ".join(f"({d} {g:.0f} GFLOP/s)" for d, g in gemm.items())
+           + "; the shard path's score GEMM alone runs at "
+           + ", ".join(f"{d} {g['gflops']:.0f} GFLOP/s ({g['shape']})"
+                       for d, g in (results.get("shard_gemm_gflops") or {}).items())
            + f"; host load {results.get('loadavg_before')} before, "
            f"{results.get('loadavg_after')} after."]
   return harness.page(lines, results)
