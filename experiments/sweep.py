@@ -4,7 +4,9 @@ For each prompt length N: fill the caches with an N-token random prompt through 
 (chunked; timed as pp t/s), then time `n_gen` decode steps, `reps` times, each rep restarting
 generation at length N (tg t/s = B·n_gen / seconds): inside one jit (mla_jax.decode_loop_fn,
 each step feeding its output back; the tg columns), and as n_gen single-step jitted calls, each
-dispatched from Python (tg dispatched: what the host adds per token).
+dispatched from Python (tg dispatched: what the host adds per token). Implementations that
+decode the same prefilled caches (e.g. absorbed/xla and absorbed/cpu) are timed in alternating
+reps, the order rotating, so that a change in a shared host's load falls on all of them.
 
 Correctness gate: at the first prompt length, before any timing, each implementation's decode
 step is compared with the gate reference (standard/xla) on the same weights and prompt: the
@@ -186,11 +188,16 @@ class Sweep:
         continue
       compile_total += compile_s
       prefill_total += pp_s
+      timed = []
       for impl in live:
-        caches, spent = self._decode(impl, caches, prompt_len, decode_inputs, pp_s, chunk,
-                                     gate=(prompt, max_len) if gate else None,
-                                     timed=impl.name in timed_names, progress=progress)
+        caches, spent, generators = self._prepare(impl, caches, prompt_len, decode_inputs,
+                                                  gate=(prompt, max_len) if gate else None,
+                                                  timed=impl.name in timed_names,
+                                                  progress=progress)
         compile_total += spent
+        if generators:
+          timed.append((impl, generators, spent))
+      caches = self._time(timed, caches, prompt_len, decode_inputs, pp_s, chunk, progress)
       del caches
     return compile_total, prefill_total
 
@@ -205,10 +212,10 @@ class Sweep:
     jax.block_until_ready(caches)
     return caches, time.perf_counter() - start, compile_s
 
-  def _decode(self, impl, caches, prompt_len, decode_inputs, pp_s, chunk, *, gate, timed,
-              progress):
-    """Gates (at the first length; gate = (prompt, max_len), else None) and times one
-    implementation; returns (caches, compile s)."""
+  def _prepare(self, impl, caches, prompt_len, decode_inputs, *, gate, timed, progress):
+    """Compiles, gates (at the first length; gate = (prompt, max_len), else None) and warms up
+    one implementation: (caches, compile s, its generators {"loop", "dispatch"} or None when it
+    is not timed or failed, its row then written)."""
     config, stack = self.config, self.stacks[impl.name]
     xs, positions = decode_inputs
     caches = model.with_lengths(caches, prompt_len)
@@ -218,7 +225,7 @@ class Sweep:
       self._mark(impl, "not available", f"{type(err).__name__}: {err}")
       if timed:
         self._row(prompt_len, impl, "not available", progress)
-      return caches, 0.0
+      return caches, 0.0, None
     except Exception as err:  # pylint: disable=broad-except
       if not _is_oom(err):
         traceback.print_exc()
@@ -226,7 +233,7 @@ class Sweep:
       if timed:
         self._row(prompt_len, impl, "oom" if _is_oom(err) else "error", progress,
                   note=_short(err))
-      return caches, 0.0
+      return caches, 0.0, None
     try:
       if gate:
         _, attn_outs, caches = step(stack.params, xs[0], positions[0], caches)
@@ -234,38 +241,63 @@ class Sweep:
         if not self._gate(impl, attn_outs, *gate, prompt_len, decode_inputs):
           if timed:
             self._row(prompt_len, impl, "failed", progress)
-          return caches, compile_s
+          return caches, compile_s, None
       if not timed:
-        return caches, compile_s
+        return caches, compile_s, None
       loop = stack.decode_loop(config.n_gen)
       start = time.perf_counter()
       caches = self._generate_in_jit(loop, caches, prompt_len, decode_inputs)[0]  # compiles
       compile_s += time.perf_counter() - start
-      timings = {}
-      for name, generate in (("loop", functools.partial(self._generate_in_jit, loop)),
-                             ("dispatch", functools.partial(self._generate, step, stack))):
-        for _ in range(config.warmup_reps):
+      generators = {"loop": functools.partial(self._generate_in_jit, loop),
+                    "dispatch": functools.partial(self._generate, step, stack)}
+      for _ in range(config.warmup_reps):
+        for generate in generators.values():
           caches = generate(caches, prompt_len, decode_inputs)[0]
-        timings[name] = []
-        for _ in range(config.reps):
-          caches, seconds, x_out = generate(caches, prompt_len, decode_inputs)
-          if not np.all(np.isfinite(np.asarray(x_out, np.float32))):
-            self._row(prompt_len, impl, "error", progress, note="non-finite decode output")
-            return caches, compile_s
-          timings[name].append(seconds)
-      caches[0].check()
     except Exception as err:  # pylint: disable=broad-except
       if not _is_oom(err):
         traceback.print_exc()
       self._row(prompt_len, impl, "oom" if _is_oom(err) else "error", progress, note=_short(err))
-      return caches, compile_s
+      return caches, compile_s, None
+    return caches, compile_s, generators
+
+  def _time(self, timed, caches, prompt_len, decode_inputs, pp_s, chunk, progress):
+    """Times the implementations of one prefill group (they decode the same caches) in
+    alternating reps, the order rotating every rep, so that a change in the host's load falls
+    on all of them; each rep runs n_gen steps inside one jit, then dispatched. Writes their
+    rows; returns the caches."""
+    config = self.config
+    if not timed:
+      return caches
+    timings = {impl.name: {"loop": [], "dispatch": []} for impl, _, _ in timed}
+    failed = {}
+    for rep in range(config.reps):
+      for impl, generators, _ in timed[rep % len(timed):] + timed[:rep % len(timed)]:
+        if impl.name in failed:
+          continue
+        try:
+          for name, generate in generators.items():
+            caches, seconds, x_out = generate(caches, prompt_len, decode_inputs)
+            if not np.all(np.isfinite(np.asarray(x_out, np.float32))):
+              raise FloatingPointError("non-finite decode output")
+            timings[impl.name][name].append(seconds)
+        except Exception as err:  # pylint: disable=broad-except
+          if not _is_oom(err) and not isinstance(err, FloatingPointError):
+            traceback.print_exc()
+          failed[impl.name] = ("oom" if _is_oom(err) else "error", _short(err))
+    caches[0].check()
     tokens = config.batch_size * config.n_gen
-    self._row(prompt_len, impl, "ok", progress, pp_s=pp_s,
-              pp_tps=config.batch_size * prompt_len / pp_s, tg_s=timings["loop"],
-              tg_tps=[tokens / t for t in timings["loop"]], tg_dispatch_s=timings["dispatch"],
-              tg_dispatch_tps=[tokens / t for t in timings["dispatch"]],
-              compile_decode_s=compile_s, prefill_chunk=chunk)
-    return caches, compile_s
+    for impl, _, compile_s in timed:
+      if impl.name in failed:
+        state, note = failed[impl.name]
+        self._row(prompt_len, impl, state, progress, note=note)
+        continue
+      loop, dispatch = timings[impl.name]["loop"], timings[impl.name]["dispatch"]
+      self._row(prompt_len, impl, "ok", progress, pp_s=pp_s,
+                pp_tps=config.batch_size * prompt_len / pp_s, tg_s=loop,
+                tg_tps=[tokens / t for t in loop], tg_dispatch_s=dispatch,
+                tg_dispatch_tps=[tokens / t for t in dispatch], compile_decode_s=compile_s,
+                prefill_chunk=chunk)
+    return caches
 
   @staticmethod
   def _generate_in_jit(loop, caches, prompt_len, decode_inputs):

@@ -137,6 +137,24 @@ def test_gate_rejects_a_wrong_implementation(tmp_path, monkeypatch):
   assert "perturbed/xla: failed; gate rel err" in (tmp_path / "tiny.md").read_text()
 
 
+def test_implementations_of_one_prefill_are_timed_in_alternating_reps(tmp_path, monkeypatch):
+  """absorbed/xla and absorbed/cpu decode the same prefilled caches: after each compiles its
+  loop, their timed reps alternate, the order rotating every rep."""
+  calls = []
+  decode_loop = model.AttentionStack.decode_loop
+
+  def logged(stack, num_steps):
+    loop = decode_loop(stack, num_steps)
+    return lambda *args: (calls.append(stack.impl.name), loop(*args))[1]
+
+  monkeypatch.setattr(model.AttentionStack, "decode_loop", logged)
+  config = tiny_config(impls="absorbed/xla,absorbed/cpu", compare="absorbed/cpu vs absorbed/xla",
+                       gate_reference="absorbed/xla", prompt_lengths=(8,), reps=3)
+  sweep.run(config, str(tmp_path), "tiny")
+  x, c = "absorbed/xla", "absorbed/cpu"
+  assert calls == [x, c, x, c, c, x, x, c]  # compiles, then reps 0, 1 (rotated), 2
+
+
 def test_missing_kernel_and_unknown_option_are_reported_not_timed(tmp_path, monkeypatch):
   monkeypatch.setitem(model.LAYERS, "unwritten",
                       lambda cfg, **kw: Unimplemented(cfg, mode="absorbed", **kw))
