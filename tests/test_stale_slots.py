@@ -60,6 +60,9 @@ def run(impl, lowering, *args):
 @pytest.mark.parametrize("fill", FILLS)
 @pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
 @pytest.mark.parametrize("impl,lowering", IMPLS)
+# Mosaic's interpret mode computes the score product of a ragged tile with numpy, whose Inf rows
+# give NaN scores (and numpy's warning); the kernel masks those scores before the softmax.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 @pytest.mark.parametrize("heads", [H, 64], ids=["few_heads", "many_heads"])
 def test_stale_slots_never_reach_the_result(impl, lowering, fmt, fill, heads, rng):
   """H=16 runs the few-heads Mosaic kernels (float and int8 caches), H=64 the many-heads one
