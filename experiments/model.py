@@ -176,7 +176,6 @@ class AttentionStack:
     jitted = jax.jit(self._forward, donate_argnums=(3,))
     return jitted.lower(self.params, x, positions, caches).compile()
 
-
   def decode_loop(self, num_steps: int):
     """mla_jax.decode_loop_fn over the stack: run(x [B,1,D], positions [B,1], caches) ->
     (x_outs [B,num_steps,D], caches), num_steps decode steps inside one jit, each feeding its

@@ -127,14 +127,17 @@ def table(results: dict, which: str = "tg") -> str:
 def markdown(results: dict) -> str:
   """The tg table, the pp table and footnotes."""
   lines = [table(results, "tg"), ""]
-  if any("tg_dispatch_tps_mean" in row for row in results["rows"]):
+  # Runs before the generation loop timed each step as its own call, and had no dispatched table.
+  in_jit = any("tg_dispatch_tps_mean" in row for row in results["rows"])
+  if in_jit:
     lines += ["Dispatched: each decode step its own jitted call.", "",
               table(results, "dispatch"), ""]
   lines += [table(results, "pp"), ""]
+  steps = ("inside one jit (mla_jax.decode_loop_fn); dispatched: the same steps as single-step "
+           "calls" if in_jit else "each its own jitted call")
   lines.append(f"t/s = B·tokens / seconds; tg: mean ± sample std over "
                f"{results['config']['reps']} reps of {results['config']['n_gen']} decode steps "
-               "inside one jit (mla_jax.decode_loop_fn); dispatched: the same steps as "
-               f"single-step calls; pp: the prompt's prefill, compile excluded; sweep "
+               f"{steps}; pp: the prompt's prefill, compile excluded; sweep "
                f"{results['status']}.")
   for name, info in results.get("implementations", {}).items():
     if info["state"] != "ok" or info.get("gate_rel_err") is not None:
