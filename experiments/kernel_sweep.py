@@ -107,6 +107,13 @@ def decode_tolerance(impl: str, fmt: str, largest: float, C: int, R: int) -> flo
   return 8 * unit + 4 * largest * score_unit
 
 
+def row_errors(out, want_out, lengths) -> dict[int, float]:
+  """{b: ‖out[b] − want_out[b]‖ / ‖want_out[b]‖} over the rows of nonzero length."""
+  out = np.asarray(out, np.float64)
+  return {int(b): np.linalg.norm(out[b] - want_out[b]) / max(np.linalg.norm(want_out[b]), 1e-30)
+          for b in np.flatnonzero(np.asarray(lengths) != 0)}
+
+
 def decode_errors(out, lse, want_out, want_lse, lengths, tol) -> list[str]:
   """What is wrong with (out, lse) against the oracle's, as messages; [] when right."""
   out, lse = np.asarray(out, np.float64), np.asarray(lse, np.float64)
@@ -116,11 +123,11 @@ def decode_errors(out, lse, want_out, want_lse, lengths, tol) -> list[str]:
   errors = []
   if not (np.all(out[empty] == 0) and np.all(np.isneginf(lse[empty]))):
     errors.append("an empty row is not out 0, lse -inf")
-  for b in np.flatnonzero(~empty):
-    err = np.linalg.norm(out[b] - want_out[b]) / max(np.linalg.norm(want_out[b]), 1e-30)
+  for b, err in row_errors(out, want_out, lengths).items():
     lse_err = np.max(np.abs(lse[b] - want_lse[b]) / (1 + np.abs(want_lse[b])))
     if err > tol or lse_err > tol:
-      errors.append(f"row {b} (length {lengths[b]}): out {err:.2e}, lse {lse_err:.2e} > {tol:.2e}")
+      errors.append(f"row {b} (length {lengths[b]}): out {err:.2e}, lse {lse_err:.2e} "
+                    f"> {tol:.2e}")
   return errors
 
 
@@ -150,9 +157,7 @@ def _run_decode(path: str, case: dict, interpret: bool) -> dict:
   want_out, want_lse, largest = decode_oracle(*args, 1.0)
   tol = decode_tolerance("pallas", case["fmt"], largest, case["C"], case["R"])
   errors = decode_errors(out, lse, want_out, want_lse, case["lengths"], tol)
-  empty = np.asarray(case["lengths"]) == 0
-  rows = [np.linalg.norm(np.asarray(out, np.float64)[b] - want_out[b])
-          / max(np.linalg.norm(want_out[b]), 1e-30) for b in np.flatnonzero(~empty)]
+  rows = list(row_errors(out, want_out, case["lengths"]).values())
   ratio = max(rows, default=0.0) / tol if np.all(np.isfinite(rows)) else None
   return {"ok": not errors, "errors": errors, "ratio": ratio}
 
