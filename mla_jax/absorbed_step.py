@@ -25,11 +25,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from mla_jax import ops, quant, rope
-from mla_jax.ops import latent_update
+from mla_jax.ops import device, latent_update
 from mla_jax.ops.common import resolve_impl
 
 
@@ -61,7 +60,7 @@ def decode_step(module, x, positions, cache):
       cache.k_rope, cache.lengths, cache.overflow, num_heads=H,
       rope_scale=rope.attention_factor(cfg), eps=module.kv_a_layernorm.eps, dtype=module.dtype,
       tuning=latent_update.choose_tuning(cfg.kv_lora_rank),
-      interpret=jax.default_backend() != "gpu")
+      interpret=not device.is_gpu())
   if gemv_absorbs:
     q_latent = ops.batched_gemv(q.reshape(B, H, cfg.qk_head_dim), wk_b, impl=module._gemv_impl,
                                 **module._gemv_options)

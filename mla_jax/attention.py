@@ -44,7 +44,7 @@ from mla_jax import absorbed_step, ops, parallel, quant, rope
 from mla_jax.cache import MODES, KVCache, LatentCache, init_cache
 from mla_jax.config import MLAConfig
 from mla_jax.layers import InitSignature, Linear, RMSNorm
-from mla_jax.ops import xla
+from mla_jax.ops import device, xla
 
 BACKENDS = ("auto", "xla", "pallas", "cpu")
 WEIGHT_FORMATS = (None, "bf16", *quant.FORMATS)
@@ -128,7 +128,7 @@ class MLAttention(nnx.Module):
     if backend not in BACKENDS:
       raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
     _check_gemv_lowering(gemv_lowering, backend, dtype)
-    if backend == "pallas" and jax.default_backend() != "gpu":
+    if backend == "pallas" and not device.is_gpu():
       _warn_interpreted()
     if mesh is not None and mode != "absorbed":
       raise ValueError(f"mesh with mode={mode!r}: only the absorbed (latent) cache is sharded")
@@ -260,7 +260,7 @@ class MLAttention(nnx.Module):
   @staticmethod
   def _kernel_options(impl: str) -> dict:
     """Pallas kernels run in interpret mode where there is no GPU (CPU tests)."""
-    if impl == "pallas" and jax.default_backend() != "gpu":
+    if impl == "pallas" and not device.is_gpu():
       return {"interpret": True}
     return {}
 

@@ -38,3 +38,15 @@ fi
 echo "bootstrap: installing mla_jax and its pinned dependencies into .venv"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# jax's CUDA plugin, for the tests marked aot: they compile for an H200 on a machine without a GPU
+# (tests/helpers.compile_for_h200). It goes into .aot, not .venv: on a machine without a GPU, jax
+# with the plugin installed reports a failed CUDA start at its first use. Where no wheel exists
+# for this platform, the aot tests skip.
+jax_version="$(.venv/bin/python -c 'import jax; print(jax.__version__)')"
+echo "bootstrap: installing jax-cuda12-plugin $jax_version into .aot"
+rm -rf .aot
+if ! .venv/bin/python -m pip install -q --no-deps --target .aot \
+    "jax-cuda12-plugin==$jax_version" "jax-cuda12-pjrt==$jax_version"; then
+  echo "bootstrap: no jax-cuda12-plugin $jax_version for this platform; the aot tests will skip" >&2
+fi

@@ -6,7 +6,9 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax._src.mesh import AbstractDevice  # no public name in jax 0.11
+from jax.experimental import topologies
 
 from mla_jax import quant
 from mla_jax.ops import decode, reference
@@ -18,14 +20,50 @@ RTOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 R = 64  # rope columns: what follows q_nope in the query (the GEMV reads x as a strided view)
 
 
+# An H200 for tracing without one: Pallas' Triton lowering and mla_jax.ops.device read it.
+H200 = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
+# The H200's properties as XLA's GPU compiler takes them (stream_executor.GpuTargetConfigProto).
+H200_TARGET = pathlib.Path(__file__).parent / "data" / "h200_target.txtpb"
+
+
+def _on_h200():
+  return jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H200))
+
+
 def lower_for_h200(f, *args) -> str:
-  """f's jitted lowering for an H200 (CUDA), as text, without a GPU: Pallas' Triton lowering reads
-  the device from an abstract mesh. Catches what the kernel's lowering refuses (layouts, shapes,
-  unsupported operations); Triton's own compilation to PTX runs only on a GPU."""
-  h200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-      device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
-  with jax.sharding.use_abstract_mesh(h200):
+  """f's jitted lowering for an H200 (CUDA), as text, without a GPU. Catches what a kernel's
+  lowering refuses (layouts, shapes, unsupported operations); compile_for_h200 goes further."""
+  with _on_h200():
     return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def h200_compile_only_device():
+  """A compile-only H200: XLA's GPU compiler for that target, with no GPU attached (deviceless
+  ahead-of-time compilation through jax's CUDA plugin). Skips the test where the plugin is not
+  installed (`make test` installs it into .aot and runs the tests marked aot with it)."""
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                            target_config=H200_TARGET.read_text())
+  except (NotImplementedError, RuntimeError) as e:
+    pytest.skip(f"no compile-only CUDA device (jax's CUDA plugin): {e}")
+  return topology.devices[0]
+
+
+def compile_for_h200(f, *args, donate_argnums=()):
+  """jit(f) compiled for an H200 (a jax.stages.Compiled: as_text() is its optimised HLO): on the
+  GPU where one is attached, else for a compile-only H200 (h200_compile_only_device). args are
+  arrays or jax.ShapeDtypeStruct pytrees; nothing runs. The whole GPU pipeline runs: XLA's fusion and
+  scheduling, and the compilation of every Triton kernel to the H200, whose shared-memory limit
+  it checks."""
+  jitted = jax.jit(f, donate_argnums=donate_argnums)
+  if jax.default_backend() == "gpu":
+    return jitted.lower(*args).compile()
+  sharding = jax.sharding.SingleDeviceSharding(h200_compile_only_device())
+  specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
+  with _on_h200():
+    lowered = jitted.lower(*specs)
+  return lowered.compile()
 
 
 def rel_err(x, ref) -> float:

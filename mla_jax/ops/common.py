@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_jax import quant
+from mla_jax.ops import device
 
 LOG2E = math.log2(math.e)  # softmax in base 2: exp(x) = 2^(x·log2 e)
 LN2 = math.log(2.0)
@@ -23,7 +24,7 @@ MAGIC_BITS = 0x4B400000
 
 DECODE_IMPLS = ("reference", "xla", "pallas", "cpu", "auto")
 GEMV_IMPLS = ("reference", "xla", "pallas", "auto")
-# What impl="auto" means on each platform (jax.default_backend()).
+# What impl="auto" means on each platform (device.platform(): the compilation target).
 AUTO_DECODE = {"gpu": "pallas", "cpu": "cpu"}
 AUTO_GEMV = {"gpu": "xla", "cpu": "xla"}
 
@@ -37,13 +38,13 @@ def is_pow2(n: int) -> bool:
 
 
 def resolve_impl(impl: str, *, allowed=DECODE_IMPLS) -> str:
-  """Maps "auto" to the best implementation for the default backend."""
+  """Maps "auto" to the best implementation for the device compiled for."""
   if impl not in allowed:
     raise ValueError(f"impl={impl!r}; expected one of {allowed}")
   if impl != "auto":
     return impl
   table = AUTO_DECODE if allowed is DECODE_IMPLS else AUTO_GEMV
-  return table.get(jax.default_backend(), "xla")
+  return table.get(device.platform(), "xla")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,112 @@
+"""What XLA compiles the kernels and the decode step to for an H200, read from the compiled HLO.
+
+These tests are marked aot: on a machine without a GPU they compile for a compile-only H200
+(helpers.compile_for_h200; `make test` runs them in a pass of their own), and on the H200 for
+the attached GPU. Nothing runs: they check what compilation decides, that every Pallas kernel
+compiles to the H200 (Triton's compilation checks its shared memory), which buffers the step
+writes in place, and how many kernels a decode step launches.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import mla_jax
+from experiments import decode_step
+from helpers import compile_for_h200
+
+# The stacks are built outside the H200's trace, where MLAttention warns that Pallas runs
+# interpreted; their kernels are compiled for the H200 all the same.
+pytestmark = [pytest.mark.aot, pytest.mark.filterwarnings("ignore:MLAttention.*interpret mode")]
+V2_LITE = mla_jax.MLAConfig.deepseek_v2_lite()
+
+
+def compile_step(num_layers, *, cache_dtype=jnp.bfloat16, S=16384, B=1, **options):
+  """The single decode step of a V2-Lite stack (bf16, caches donated), compiled for an H200;
+  returns (compiled, caches as ShapeDtypeStructs)."""
+  cfg = dataclasses.replace(V2_LITE, num_layers=num_layers)
+  model = nnx.eval_shape(lambda: mla_jax.AttentionStack(
+      cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0), **options))
+  graphdef, state = nnx.split(model)
+  caches = jax.eval_shape(lambda: model.init_cache(B, S, cache_dtype))
+  compiled = compile_for_h200(lambda s, x, p, c: nnx.merge(graphdef, s)(x, p, c), state,
+                              jax.ShapeDtypeStruct((B, 1, cfg.hidden_size), jnp.bfloat16),
+                              jax.ShapeDtypeStruct((B, 1), jnp.int32), caches,
+                              donate_argnums=(3,))
+  return compiled, caches
+
+
+def step_kernels(num_layers, **options):
+  return decode_step.kernels(compile_step(num_layers, **options)[0].as_text())
+
+
+@pytest.mark.parametrize("cache_dtype,S", [(jnp.bfloat16, 128), (jnp.bfloat16, 16384),
+                                           (jnp.int8, 16384)], ids=["bf16_128", "bf16_16384",
+                                                                    "int8_16384"])
+def test_v2_lite_absorbed_step_kernels_per_layer(cache_dtype, S):
+  """A V2-Lite layer adds 8 kernels to the compiled absorbed/pallas step (B=1): the difference
+  between a 2- and a 1-layer stack. Per layer 5 fusions (the input RMSNorm as a reduction and a
+  multiply, the q and kv_a projections, o_proj with the residual) and 3 custom calls (the latent
+  kernel with the cache bookkeeping, the split, the merge with wv_b). An accidental split of a
+  fusion shows here."""
+  one = step_kernels(1, backend="pallas", cache_dtype=cache_dtype, S=S)
+  two = step_kernels(2, backend="pallas", cache_dtype=cache_dtype, S=S)
+  assert sum(two.values()) - sum(one.values()) <= 8, (one, two)
+  assert two["custom-call"] - one["custom-call"] == 3, (one, two)
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.int8], ids=["bf16_cache", "int8_cache"])
+def test_v2_lite_absorbed_step_aliases_the_whole_cache(cache_dtype):
+  """Compiled for the H200 with the caches donated, the step writes every cache buffer in place:
+  no cache-sized copy, and every cache byte aliased to an output."""
+  compiled, caches = compile_step(2, backend="pallas", cache_dtype=cache_dtype)
+  assert compiled.memory_analysis().alias_size_in_bytes >= sum(
+      leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(caches))
+  assert "copy" not in decode_step.kernels(compiled.as_text())
+
+
+def _decode_args(B, H, S, cache, C=512, R=64):
+  spec = jax.ShapeDtypeStruct
+  c_kv = (mla_jax.quant.Int8Rows(spec((B, S, C), jnp.int8), spec((B, S), jnp.float32))
+          if cache == "int8" else spec((B, S, C), jnp.bfloat16))
+  return (spec((B, H, C), jnp.bfloat16), spec((B, H, R), jnp.bfloat16), c_kv,
+          spec((B, S, R), jnp.bfloat16), spec((B,), jnp.int32))
+
+
+# (lowering, B, H, S, cache): the kernels that ops.mla_decode picks on the H200 (Mosaic: few
+# heads, int8, many heads) and Triton, at V2-Lite's 16 and V3's 128 heads.
+DECODE_CASES = [("mosaic", 1, 16, 16384, "bf16"), ("mosaic", 64, 16, 4096, "bf16"),
+                ("mosaic", 1, 16, 16384, "int8"), ("mosaic", 64, 128, 4096, "bf16"),
+                ("triton", 1, 16, 16384, "bf16"), ("triton", 8, 16, 16384, "int8"),
+                ("triton", 64, 128, 4096, "bf16")]
+
+
+@pytest.mark.parametrize("lowering,B,H,S,cache", DECODE_CASES,
+                         ids=["-".join(map(str, c)) for c in DECODE_CASES])
+@pytest.mark.parametrize("values", [False, True], ids=["latent", "wv_b"])
+def test_decode_kernels_compile_for_h200(lowering, B, H, S, cache, values):
+  """ops.mla_decode's Pallas kernels, and the merge (with wv_b or without), compile to the H200."""
+  wv_b = [jax.ShapeDtypeStruct((H, 512, 128), jnp.bfloat16)] if values else []
+  compiled = compile_for_h200(
+      lambda *a: mla_jax.ops.mla_decode(*a[:5], sm_scale=0.1, impl="pallas", lowering=lowering,
+                                        wv_b=(a[5:] or [None])[0]),
+      *_decode_args(B, H, S, cache), *wv_b)
+  assert "custom-call" in decode_step.kernels(compiled.as_text())
+
+
+@pytest.mark.parametrize("lowering", ["triton", "mosaic"])
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "iq4_nl"])
+@pytest.mark.parametrize("B,H", [(1, 16), (64, 128)])
+def test_gemv_kernels_compile_for_h200(lowering, fmt, B, H):
+  """ops.batched_gemv's kernels compile to the H200 for wk_b's shape [H, 128, 512]."""
+  K, N = 128, 512
+  w = jax.ShapeDtypeStruct((H, K, N), jnp.bfloat16)
+  if fmt != "bf16":
+    w = jax.eval_shape(lambda w: mla_jax.quant.quantize(w, fmt), w)
+  compiled = compile_for_h200(
+      lambda x, w: mla_jax.ops.batched_gemv(x, w, impl="pallas", lowering=lowering),
+      jax.ShapeDtypeStruct((B, H, K + 64), jnp.bfloat16), w)
+  assert "custom-call" in decode_step.kernels(compiled.as_text())
