@@ -7,17 +7,21 @@ the length bookkeeping and the absorption of wk_b as some ten small fusions. Her
 
   projections  q_proj (or q_a_proj, q_a_layernorm, q_b_proj) and kv_a_proj_with_mqa on XLA: in
                transformers' [out, in] layout XLA reads the weights once, and a Triton GEMV
-               measured slower (docs/decode_step.md)
-  latent       ops/latent_update.py, one launch: wk_b absorbed into the query, rope of q and k,
-               the kv norm, the cache write and the lengths and overflow flags, in place
+               measured slower (docs/decode_step.md). The layer's input RMSNorm, when the
+               module is given it (input_norm), folds into them and the latent kernel
+  latent       ops/latent_update.py, one launch: the input norm's 1/rms, wk_b absorbed into
+               the query, rope of q and k, the kv norm, the cache write and the lengths and
+               overflow flags, in place
   attention    ops.mla_decode's split-KV kernel, then one kernel that merges its pieces and
                applies wv_b (ops.mla_decode's wv_b)
   projection   o_proj on XLA
 
 Quantized kv_b_proj weights (weight_format "q8_0"/"iq4_nl"), or gemv_lowering="mosaic", leave
 the absorption of wk_b and the product with wv_b to ops.batched_gemv (that lowering's kernel),
-and the latent kernel and the merge do the rest. The arithmetic, and so the result, is the
-module's other path's: the same roundings, checked in tests/test_absorbed_step.py.
+and the latent kernel and the merge do the rest. The arithmetic is the module's other path's, in
+the same order and with the same roundings, but for the folded input norm, which scales after
+the projections instead of before (a rounding's difference); tests/test_absorbed_step.py checks
+both against the XLA path.
 """
 
 from __future__ import annotations
@@ -45,22 +49,47 @@ def supported(module, x) -> bool:
       latent_update.choose_tuning(cfg.kv_lora_rank)) is None
 
 
-def decode_step(module, x, positions, cache):
-  """x [B,D] in the module's dtype, positions [B] -> (heads [B,H,V], cache)."""
+def _fold_input_norm(module, x, input_norm, q_in_kernel: bool):
+  """(q, kv, latent_update's input-norm arguments) for x [B,D] read through input_norm.
+
+  rms_norm(x)·W = ((x·g)·W) / rms(x) for the norm's weight g: the projections read x·g, an
+  elementwise product that XLA fuses into each projection's reduction, and the latent kernel
+  divides kv, and q if q_in_kernel, by rms(x), from Σx² (a reduction that XLA fuses with the
+  residual add making x). Otherwise q is divided here: with q_lora, q_a_layernorm needs q_a
+  itself, and a GEMV that absorbs wk_b reads q."""
+  if input_norm is None:
+    return module._query(x), module.kv_a_proj_with_mqa(x), {}
+  xg = x * input_norm.weight[...].astype(x.dtype)
+  scale_q = q_in_kernel and module.cfg.q_lora_rank is None
+  if scale_q:
+    q = module._query(xg)
+  elif module.cfg.q_lora_rank is None:
+    q = (module._query(xg).astype(jnp.float32) * input_norm.inv_rms(x)).astype(x.dtype)
+  else:
+    q = module._query(xg, q_a_scale=input_norm.inv_rms(x))
+  xf = x.astype(jnp.float32)
+  norm_args = dict(input_ss=jnp.sum(xf * xf, axis=-1), input_dim=x.shape[-1],
+                   input_eps=input_norm.eps, scale_q=scale_q)
+  return q, module.kv_a_proj_with_mqa(xg), norm_args
+
+
+def decode_step(module, x, positions, cache, input_norm=None):
+  """x [B,D] in the module's dtype, positions [B], input_norm an RMSNorm or None (x is read
+  through it) -> (heads [B,H,V], cache)."""
   cfg = module.cfg
   B, H = x.shape[0], cfg.num_heads
   wk_b, wv_b = module.kv_b_proj.weights()
   gemv_absorbs = isinstance(wk_b, quant.QuantizedTensor) or module.gemv_lowering != "triton"
   int8 = isinstance(cache.c_kv, quant.Int8Rows)
   values, scales = (cache.c_kv.values, cache.c_kv.scales) if int8 else (cache.c_kv, None)
-  q = module._query(x)
+  q, kv, norm_args = _fold_input_norm(module, x, input_norm, q_in_kernel=not gemv_absorbs)
   q_latent, q_rope, values, scales, k_rope, lengths, overflow = latent_update.latent_update(
-      q, module.kv_a_proj_with_mqa(x), positions, module.kv_a_layernorm.weight[...],
+      q, kv, positions, module.kv_a_layernorm.weight[...],
       jnp.asarray(rope.inv_freq(cfg)), None if gemv_absorbs else wk_b, values, scales,
       cache.k_rope, cache.lengths, cache.overflow, num_heads=H,
       rope_scale=rope.attention_factor(cfg), eps=module.kv_a_layernorm.eps, dtype=module.dtype,
       tuning=latent_update.choose_tuning(cfg.kv_lora_rank),
-      interpret=not device.is_gpu())
+      interpret=not device.is_gpu(), **norm_args)
   if gemv_absorbs:
     q_latent = ops.batched_gemv(q.reshape(B, H, cfg.qk_head_dim), wk_b, impl=module._gemv_impl,
                                 **module._gemv_options)

@@ -162,20 +162,26 @@ class MLAttention(nnx.Module):
                       dtype=self.dtype if dtype is None else dtype, mesh=self.mesh,
                       axis=self.mesh_axis)
 
-  def __call__(self, x, positions, cache):
+  def __call__(self, x, positions, cache, *, input_norm: RMSNorm | None = None):
     """x [B,T,D], positions [B,T] int (-1 = padding), cache -> (y [B,T,D], updated cache).
 
     The cache is the LatentCache (absorbed) or KVCache (standard) of init_cache; row b's real
     (non-padding) tokens go, in order, to slots lengths[b], lengths[b]+1, ...; y is 0 at padding
     positions, wherever they are.
+
+    input_norm: an RMSNorm that the attention reads x through, as a decoder layer's
+    input_layernorm: the result is that of calling the module on input_norm(x). Given here, the
+    absorbed decode step on the Pallas backend folds it into the projections and the latent
+    kernel, a launch fewer a layer (absorbed_step.py); elsewhere it runs first.
     """
     self._check_inputs(x, positions, cache)
     B, T, _ = x.shape
-    x = x.astype(self.dtype)
     if absorbed_step.supported(self, x):  # docs/decode_step.md
-      heads, cache = absorbed_step.decode_step(self, x[:, 0], positions[:, 0], cache)
+      heads, cache = absorbed_step.decode_step(self, x[:, 0].astype(self.dtype), positions[:, 0],
+                                               cache, input_norm)
       heads = heads[:, None]
     else:
+      x = (x if input_norm is None else input_norm(x)).astype(self.dtype)
       heads, cache = self._attend(self._query(x), self.kv_a_proj_with_mqa(x), positions, cache)
     y = self.o_proj(heads.reshape(B, T, -1).astype(self.dtype))
     _raise_if_overflow(cache)
@@ -202,10 +208,14 @@ class MLAttention(nnx.Module):
     attend = self._absorbed if self.mode == "absorbed" else self._standard
     return attend(q, q_rope, pack(c_kv), pack(k_rope), q_slots, num_new, cache)
 
-  def _query(self, x):
+  def _query(self, x, q_a_scale=None):
+    """q from x; q_a_scale [..., 1] or None multiplies q_a_proj's output (q_lora only)."""
     if self.cfg.q_lora_rank is None:
       return self.q_proj(x)
-    return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    q_a = self.q_a_proj(x)
+    if q_a_scale is not None:
+      q_a = (q_a.astype(jnp.float32) * q_a_scale).astype(q_a.dtype)
+    return self.q_b_proj(self.q_a_layernorm(q_a))
 
   def _standard(self, q, q_rope, c_kv, k_rope, q_slots, num_new, cache):
     """q [B,T,H,K+R] unrotated (its first K columns are q_nope), q_rope rotated."""

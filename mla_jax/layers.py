@@ -97,9 +97,13 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x):
     """x [..., dim] -> the same shape and dtype."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    xf = x.astype(jnp.float32) * self.inv_rms(x)
     return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+  def inv_rms(self, x):
+    """rsqrt(mean(x²) + eps) over the last axis of x [..., dim]: [..., 1] float32."""
+    xf = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
 
 
 class Embedding(nnx.Module):

@@ -16,6 +16,7 @@ from flax.nnx import bridge
 
 import mla_jax
 from mla_jax import attention, quant, rope
+from mla_jax.layers import RMSNorm
 from mla_jax.ops import reference
 from mla_jax.ops import xla as ops_xla
 from helpers import RTOL, rel_err, run_chunks
@@ -148,6 +149,27 @@ def test_padding_anywhere_equals_each_row_alone(mode, backend, rng):
     y_row_dec, _ = attn(x_dec[b:b + 1], jnp.asarray([[start[b] + n[b]]], jnp.int32), row_cache)
     assert rel_err(y[b, idx], y_row[0]) < F32_TOL
     assert rel_err(y_dec[b], y_row_dec[0]) < F32_TOL
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_QLORA], ids=["q_proj", "q_lora"])
+@pytest.mark.parametrize("mode,backend", [("absorbed", "xla"), ("standard", "xla"),
+                                          ("absorbed", "pallas")])
+def test_input_norm_equals_calling_on_the_normalised_input(cfg, mode, backend, rng):
+  """layer(x, input_norm=norm) is layer(norm(x)): a prefill, then a decode step, where the Pallas
+  absorbed step folds the norm into the projections and its latent kernel."""
+  layer = mla_jax.MLAttention(cfg, mode=mode, backend=backend, rngs=nnx.Rngs(0))
+  norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+  norm.weight[...] = jnp.asarray(rng.uniform(0.5, 1.5, cfg.hidden_size), jnp.float32)
+  x, positions = inputs(rng, cfg, 2, 6)
+  x = 4 * x  # far from unit rms: a norm that is not applied shows
+  outs = []
+  for fold in (True, False):
+    cache = layer.init_cache(2, 8)
+    for t in (slice(0, 5), slice(5, 6)):
+      kwargs = dict(input_norm=norm) if fold else {}
+      y, cache = layer(x[:, t] if fold else norm(x[:, t]), positions[:, t], cache, **kwargs)
+    outs.append(y)
+  assert rel_err(outs[0], outs[1]) < 2e-5
 
 
 def test_jit_matches_eager(rng):
@@ -380,7 +402,8 @@ def test_signature_shows_the_constructor_arguments():
   assert list(params)[:3] == ["cfg", "mode", "backend"]
   assert params["mode"].kind == params["backend"].kind == inspect.Parameter.KEYWORD_ONLY
   assert params["mode"].default == "absorbed" and params["backend"].default == "auto"
-  assert list(inspect.signature(make()).parameters) == ["x", "positions", "cache"]  # __call__
+  assert list(inspect.signature(make()).parameters) == ["x", "positions", "cache",  # __call__
+                                                       "input_norm"]
   load_params = inspect.signature(mla_jax.load_hf_attention).parameters
   assert all(load_params[name].kind == inspect.Parameter.KEYWORD_ONLY
              for name in ("mode", "dtype", "backend", "weight_format", "gemv_lowering"))

@@ -105,6 +105,35 @@ def test_latent_update_matches_reference(absorb, block_c, dtype, int8, rng):
     np.testing.assert_array_equal(np.asarray(scales2)[untouched], np.asarray(scales)[untouched])
 
 
+@pytest.mark.parametrize("scale_q", [True, False], ids=["q_and_kv", "kv_only"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_latent_update_completes_the_input_norm(scale_q, dtype, rng):
+  """Given Σx² of the layer's input x, the kernel multiplies kv (and q if scale_q) by each row's
+  1/rms(x) before using them."""
+  B, H, K, C, R, S, D = 3, 2, 16, 64, 8, 6, 96
+  q, kv, g, wk, inv_freq, c, k_rope = _latent_inputs(rng, B, H, K, C, R, S, dtype, False)
+  x = jnp.asarray(3 * rng.standard_normal((B, D)), dtype)
+  positions = jnp.asarray([7, -1, 4000], jnp.int32)
+  q_latent, q_rope, values, _, k_rope2, lengths, _ = latent.latent_update(
+      q, kv, positions, g, inv_freq, wk, c, None, k_rope, jnp.asarray([0, 2, 5], jnp.int32),
+      jnp.zeros(B, jnp.int32), num_heads=H, rope_scale=1.0, eps=EPS, dtype=dtype,
+      tuning=latent.LatentTuning(block_c=32), interpret=not ON_GPU,
+      input_ss=jnp.sum(x.astype(jnp.float32) ** 2, axis=-1), input_dim=D, input_eps=EPS,
+      scale_q=scale_q)
+  np.testing.assert_array_equal(lengths, [1, 2, 6])
+  x64 = np.asarray(x, np.float64)
+  inv_rms = 1 / np.sqrt(np.mean(x64 * x64, -1, keepdims=True) + EPS)
+  qh = (np.asarray(q, np.float64) * (inv_rms if scale_q else 1)).reshape(B, H, K + R)
+  kv64 = np.asarray(kv, np.float64) * inv_rms
+  tol = RTOL[dtype]
+  assert rel_err(q_latent, np.einsum("bhk,hkc->bhc", qh[..., :K], np.asarray(wk, np.float64))) <= tol
+  assert rel_err(q_rope, rope_pairs(qh[..., K:], np.asarray(positions)[:, None], inv_freq,
+                                    1.0)) <= tol
+  for b, s in ((0, 0), (2, 5)):
+    assert rel_err(values[b, s], rms_norm(kv64[b, :C], g)) <= tol
+    assert rel_err(k_rope2[b, s], rope_pairs(kv64[b, C:], positions[b], inv_freq, 1.0)) <= tol
+
+
 def test_latent_int8_row_equals_quantize_rows(rng):
   """The kernel's int8 row is quant.quantize_rows of the normalised row, bit for bit."""
   B, H, K, C, R, S = 2, 2, 16, 64, 8, 4

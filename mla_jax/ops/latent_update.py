@@ -3,6 +3,10 @@ Pallas kernel (Triton lowering).
 
 From the projections' outputs q [B, H·(K+R)] and kv [B, C+R] (q_nope | q_rope per head, and
 c_kv | k_rope), one launch:
+- completes the layer's input RMSNorm, if the caller folded it into the projections:
+  rms_norm(x)·W = (x·g)·W / rms(x), so the projections read x·g, which XLA fuses into their
+  reductions, and the kernel multiplies q and kv by each row's 1/rms(x), from Σx² (`input_ss`,
+  which XLA fuses with the residual add that makes x); the norm then costs no launch of its own;
 - absorbs wk_b into the query, q_latent[b,h] = q_nope[b,h] · wk_b[h] [K, C] (DeepSeek-V2 §2.1.2),
   on the tensor cores with the batch padded to 16 rows;
 - rotates q_rope (rope.py's YaRN rope on interleaved pairs, cos and sin computed in the kernel
@@ -77,15 +81,17 @@ def _round_even(v):
 
 
 def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, S, K, R, C,
-            block_c, absorb, int8, eps, rope_scale, dtype):
+            block_c, absorb, int8, eps, rope_scale, dtype, norm_input, scale_q, input_dim,
+            input_eps):
   # pos_ref [B] int32 (-1: padding); q_ref [B, H·(K+R)] and qp_ref, the same array as
   # [B, H·(K+R)/2, 2] (rope pairs); kv_ref [B, C+R] and kvp_ref [B, (C+R)/2, 2]; g_ref [C];
-  # freq_ref [R/2] float32; wk_ref [H, K, C] (absorb); then the aliased cache inputs (unused:
-  # the outputs are the same buffers); outputs q_latent [B, H, C] (absorb), q_rope
-  # [B, H, R/2, 2], c_kv [B, S, C], scales [B, S] (int8), k_rope [B, S, R/2, 2], lengths [B]
-  # int32 and overflow [B] int32.
+  # freq_ref [R/2] float32; wk_ref [H, K, C] (absorb); ss_ref [B] float32 (norm_input); then the
+  # aliased cache inputs (unused: the outputs are the same buffers); outputs q_latent [B, H, C]
+  # (absorb), q_rope [B, H, R/2, 2], c_kv [B, S, C], scales [B, S] (int8), k_rope
+  # [B, S, R/2, 2], lengths [B] int32 and overflow [B] int32.
   refs = list(refs)
   wk_ref = refs.pop(0) if absorb else None
+  ss_ref = refs.pop(0) if norm_input else None
   refs = refs[5 if int8 else 4:]
   ql_ref = refs.pop(0) if absorb else None
   qr_ref, c_ref, *rest = refs
@@ -96,6 +102,18 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
   row_ok = jnp.arange(Bp) < B
   half = R // 2
   base = h * (K + R)
+  # each row's 1/rms(x), layers.RMSNorm's rsqrt(mean(x²) + eps): the input norm's end
+  input_inv_rms = (jax.lax.rsqrt(pltriton.load(ss_ref.at[rows], mask=row_ok, other=0.0)
+                                 / input_dim + input_eps) if norm_input else None)
+
+  def finish_q(v):  # v [Bp, n] float32, a slice of q, rounded as the module rounds q
+    return (v * input_inv_rms[:, None]).astype(dtype).astype(jnp.float32) if scale_q else v
+
+  def finish_kv(v, b):  # v [n] float32, a slice of row b of kv
+    if not norm_input:
+      return v
+    row_inv_rms = jnp.sum(jnp.where(jnp.arange(Bp) == b, input_inv_rms, 0.0))
+    return (v * row_inv_rms).astype(dtype).astype(jnp.float32)
 
   def rotate(even, odd, pos):
     """rope.apply_rope on pairs (even, odd) [..., R/2] float32 at integer positions pos [...]."""
@@ -105,7 +123,8 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
 
   if absorb:
     mask = jnp.broadcast_to(row_ok[:, None], (Bp, K))
-    q_nope = pltriton.load(q_ref.at[rows, pl.ds(base, K)], mask=mask, other=0.0)
+    q_nope = finish_q(pltriton.load(q_ref.at[rows, pl.ds(base, K)], mask=mask,
+                                    other=0.0).astype(jnp.float32))
     cols = pl.ds(pl.multiple_of(j * block_c, block_c), block_c)
     precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
     q_latent = jax.lax.dot(q_nope.astype(dtype), wk_ref[h, :, cols].astype(dtype),
@@ -118,8 +137,8 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
     mask = jnp.broadcast_to(row_ok[:, None], (Bp, half))
     pos = pltriton.load(pos_ref.at[rows], mask=row_ok, other=0)
     pairs = pl.ds(h * ((K + R) // 2) + K // 2, half)
-    even, odd = (pltriton.load(qp_ref.at[rows, pairs, jnp.int32(i)], mask=mask, other=0.0)
-                 .astype(jnp.float32) for i in (0, 1))
+    even, odd = (finish_q(pltriton.load(qp_ref.at[rows, pairs, jnp.int32(i)], mask=mask,
+                                        other=0.0).astype(jnp.float32)) for i in (0, 1))
     for i, part in enumerate(rotate(even, odd, pos)):
       pltriton.store(qr_ref.at[rows, h, :, jnp.int32(i)], part.astype(dtype).astype(qr_ref.dtype),
                      mask=mask)
@@ -136,7 +155,7 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
       valid = (pos >= 0).astype(jnp.int32)
       ok = (valid > 0) & (length < S)
       at = jnp.minimum(length, S - 1)
-      c_row = kv_ref[b, pl.ds(0, C)].astype(jnp.float32)
+      c_row = finish_kv(kv_ref[b, pl.ds(0, C)].astype(jnp.float32), b)
       inv_rms = jax.lax.rsqrt(jnp.sum(c_row * c_row) / C + eps)
       row = norm(c_row, g_ref[...], inv_rms)
       if int8:  # quant.quantize_rows
@@ -150,7 +169,8 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
 
       @pl.when(ok)
       def _write_rope():
-        even, odd = (kvp_ref[b, pl.ds(C // 2, half), i].astype(jnp.float32) for i in (0, 1))
+        even, odd = (finish_kv(kvp_ref[b, pl.ds(C // 2, half), i].astype(jnp.float32), b)
+                     for i in (0, 1))
         for i, part in enumerate(rotate(even, odd, pos)):
           kr_ref[b, at, :, i] = part.astype(dtype).astype(kr_ref.dtype)
 
@@ -163,10 +183,12 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "rope_scale", "eps", "dtype",
-                                             "tuning", "interpret"))
+                                             "tuning", "interpret", "input_dim", "input_eps",
+                                             "scale_q"))
 def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales, k_rope, lengths,
                   overflow, *, num_heads: int, rope_scale: float, eps: float, dtype,
-                  tuning: LatentTuning, interpret: bool = False):
+                  tuning: LatentTuning, interpret: bool = False, input_ss=None,
+                  input_dim: int = 1, input_eps: float = 0.0, scale_q: bool = True):
   """One launch of the kernel above: (q_latent [B,H,C] in dtype, or None when wk_b is None;
   q_rope [B,H,R] in dtype; c_kv; scales; k_rope; lengths; overflow).
 
@@ -176,6 +198,11 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   wk_b [H,K,C] or None (q_latent is then left to the caller). c_kv [B,S,C] (a float array, or
   int8 values with scales [B,S] float32; scales None otherwise), k_rope [B,S,R], lengths [B]
   int32 and overflow [B] int32: a LatentCache's buffers, updated in place under jit when donated.
+
+  input_ss [B] float32 or None: Σx² over each row of the layer's input x [B, input_dim], when
+  the caller folded its input RMSNorm into the projections (q and kv are projections of x·g, g
+  the norm's weight); the kernel then multiplies kv, and q if scale_q, by each row's
+  rsqrt(input_ss / input_dim + input_eps) before using them.
   """
   B, S, C = c_kv.shape
   R = k_rope.shape[-1]
@@ -192,6 +219,10 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
               kv_norm_weight, inv_freq.astype(jnp.float32)]
   if absorb:
     operands.append(wk_b)
+  if input_ss is not None:
+    if input_ss.shape != (B,):
+      raise ValueError(f"input_ss.shape={input_ss.shape}; expected [B={B}], Σx² of each row")
+    operands.append(input_ss.astype(jnp.float32))
   out_shape = [jax.ShapeDtypeStruct((B, H, R // 2, 2), dtype),
                *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache)]
   if absorb:
@@ -200,7 +231,8 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   aliases = {len(operands) + i: first_out + i for i in range(len(cache))}
   kernel = functools.partial(
       _kernel, B=B, S=S, K=K, R=R, C=C, block_c=tuning.block_c, absorb=absorb, int8=int8,
-      eps=eps, rope_scale=rope_scale, dtype=jnp.dtype(dtype))
+      eps=eps, rope_scale=rope_scale, dtype=jnp.dtype(dtype), norm_input=input_ss is not None,
+      scale_q=input_ss is not None and scale_q, input_dim=input_dim, input_eps=input_eps)
   outs = list(pl.pallas_call(
       kernel,
       out_shape=out_shape,
