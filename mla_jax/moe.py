@@ -14,7 +14,8 @@ false, where the two agree.
 Experts are stacked, [E, out, in] per projection (layers.Linear's layout for each expert):
 gate_proj and up_proj [E, I, D], down_proj [E, D, I]. Two ways to run them:
 - "gather" (decode, few tokens): index the stacked weights with each token's k expert ids and
-  run k GEMVs a token. It reads N·k expert matrices, not all E.
+  run k GEMVs a token. It reads N·k expert matrices, not all E, where they lie (MoE.gather says
+  how it keeps XLA GPU from copying them first).
 - "grouped" (prefill): sort the N·k (token, expert) pairs by expert and run one grouped matmul
   per projection (jax.lax.ragged_dot_general: the rows of group e meet expert e's weight).
 "auto" gathers when N·k <= E, where gathering reads no more weight than the grouped product's E
@@ -89,17 +90,30 @@ class Experts(nnx.Module):
 
   def gather(self, x, ids, weights):
     """x [N,D], ids and weights [N,k] -> Σ_j weights[:, j] · expert_{ids[:, j]}(x) [N,D] float32,
-    reading only the N·k chosen experts' weights (per-token GEMVs)."""
+    reading only the N·k chosen experts' weights (per-token GEMVs).
 
-    def w(param):  # [N,k,out,in]; a quantized weight's blocks are gathered, then dequantized
-      chosen = jax.tree.map(lambda a: jnp.take(a, ids, axis=0), param.get_value())
-      return as_array(chosen, self.dtype)
-
+    gate_proj and up_proj run one (token, expert) pair at a time, each on its expert's weight
+    sliced at the id: XLA GPU fuses such a slice into the product's reduction. Over the gathered
+    [N,k,I,D] weights it writes the gathered copy out first (compiled for an H200 at
+    V2-Lite's shapes: two 35 MB copies a layer at N=1 and two transposed 277 MB copies at N=8,
+    against none this way, in as many kernels at N=1; tests/test_h200_compile.py). down_proj's
+    product over the gathered weights fuses as it is."""
     x = x.astype(self.dtype)
-    gate = jnp.einsum("nd,nkid->nki", x, w(self.gate_proj))
-    up = jnp.einsum("nd,nkid->nki", x, w(self.up_proj))
-    y = jnp.einsum("nki,nkdi->nkd", jax.nn.silu(gate) * up, w(self.down_proj),
-                   preferred_element_type=jnp.float32)
+
+    def expert(param, e):  # [out,in]; a quantized weight's blocks are sliced, then dequantized
+      return as_array(jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, 0, False),
+                                   param.get_value()), self.dtype)
+
+    def hidden(n, j):  # silu(gate_proj(x_n)) · up_proj(x_n) for token n's j-th expert: [I]
+      e = ids[n, j]
+      return (jax.nn.silu(expert(self.gate_proj, e) @ x[n])
+              * (expert(self.up_proj, e) @ x[n]))
+
+    N, k = ids.shape
+    h = jnp.stack([jnp.stack([hidden(n, j) for j in range(k)]) for n in range(N)])  # [N,k,I]
+    down = as_array(jax.tree.map(lambda a: jnp.take(a, ids, axis=0), self.down_proj.get_value()),
+                    self.dtype)  # [N,k,D,I]
+    y = jnp.einsum("nki,nkdi->nkd", h, down, preferred_element_type=jnp.float32)
     return jnp.einsum("nkd,nk->nd", y, weights)
 
   def grouped(self, x, ids, weights):
