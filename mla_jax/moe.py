@@ -31,8 +31,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mla_jax import ops, quant
 from mla_jax.config import ModelConfig
-from mla_jax.layers import MLP, InitSignature, Linear, as_array, to_weight_format
+from mla_jax.layers import (GEMV_MAX_ROWS, MLP, InitSignature, Linear, as_array,
+                            to_weight_format)
+from mla_jax.ops import device
 
 IMPLS = ("auto", "gather", "grouped")
 
@@ -97,8 +100,15 @@ class Experts(nnx.Module):
     [N,k,I,D] weights it writes the gathered copy out first (compiled for an H200 at
     V2-Lite's shapes: two 35 MB copies a layer at N=1 and two transposed 277 MB copies at N=8,
     against none this way, in as many kernels at N=1; tests/test_h200_compile.py). down_proj's
-    product over the gathered weights fuses as it is."""
+    product over the gathered weights fuses as it is.
+
+    Quantized experts meet up to GEMV_MAX_ROWS (token, expert) pairs on a GPU in the fused GEMV
+    instead (gathered_gemv), which decodes their blocks in registers: XLA writes a dequantized
+    expert out before its product."""
     x = x.astype(self.dtype)
+    if (isinstance(self.gate_proj.get_value(), quant.QuantizedTensor) and device.is_gpu()
+        and ids.size <= GEMV_MAX_ROWS):
+      return self.gathered_gemv(x, ids, weights)
 
     def expert(param, e):  # [out,in]; a quantized weight's blocks are sliced, then dequantized
       return as_array(jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, 0, False),
@@ -114,6 +124,22 @@ class Experts(nnx.Module):
     down = as_array(jax.tree.map(lambda a: jnp.take(a, ids, axis=0), self.down_proj.get_value()),
                     self.dtype)  # [N,k,D,I]
     y = jnp.einsum("nki,nkdi->nkd", h, down, preferred_element_type=jnp.float32)
+    return jnp.einsum("nkd,nk->nd", y, weights)
+
+  def gathered_gemv(self, x, ids, weights, *, interpret: bool = False):
+    """gather's sum for quantized experts, one fused GEMV launch a projection: the N·k pairs are
+    the GEMV's heads, and head (n, j) reads expert ids[n, j]'s blocks where they lie
+    (ops.batched_gemv's head_ids). interpret: Pallas' interpret mode."""
+    N, k = ids.shape
+    flat = ids.reshape(N * k)
+
+    def gemv(rows, param):  # rows [N·k, in] -> [N·k, out]
+      return ops.batched_gemv(rows[None], param.get_value(), impl="pallas", lowering="triton",
+                              interpret=interpret, head_ids=flat)[0]
+
+    rows = jnp.repeat(x.astype(self.dtype), k, axis=0)  # token n for each of its k experts
+    h = jax.nn.silu(gemv(rows, self.gate_proj)) * gemv(rows, self.up_proj)
+    y = gemv(h, self.down_proj).astype(jnp.float32).reshape(N, k, -1)
     return jnp.einsum("nkd,nk->nd", y, weights)
 
   def grouped(self, x, ids, weights):

@@ -53,6 +53,34 @@ def test_matches_reference_strided_x(B, H, fmt, rng):
   _check(rng, B, H, 64, 32, fmt)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("N,block_n", [(96, 64), (576, 128), (160, 32)])
+def test_columns_not_a_power_of_two(N, block_n, fmt, rng):
+  """N a multiple of 32 but no power of two (a projection's 3072 or 576 columns, at small
+  scale): the column blocks shrink to a power of two that divides N (96: 32, 576: 64)."""
+  _check(rng, 2, 1, 64, N, fmt, triton.TritonGemvTuning(block_n=block_n))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ["dot", "fma"])
+def test_head_ids_gather_the_weight_heads(name, fmt, rng):
+  """head_ids: x head h meets w[head_ids[h]] of E=7 weight heads, repeats and all (a MoE
+  layer's chosen experts): the kernel against the oracle on the gathered weights."""
+  B, H, E, K, N = 2, 5, 7, 64, 96
+  x = jnp.asarray(rng.standard_normal((B, H, K)), jnp.bfloat16)
+  w = gemv_weights(rng, E, K, N, fmt)
+  ids = jnp.asarray(rng.integers(0, E, H), jnp.int32).at[1].set(6).at[2].set(6)
+  y = gemv.batched_gemv(x, w, impl="pallas", lowering="triton", tuning=TUNINGS[name],
+                        interpret=not ON_GPU, head_ids=ids)
+  chosen = jax.tree.map(lambda a: a[np.asarray(ids)], w)
+  assert y.shape == (B, H, N)
+  assert rel_err(y, gemv_oracle(x, chosen)) <= RTOL[jnp.bfloat16]
+  xla = gemv.batched_gemv(x, w, impl="xla", head_ids=ids)
+  assert rel_err(xla, gemv_oracle(x, chosen)) <= RTOL[jnp.bfloat16]
+  with pytest.raises(ValueError, match="head_ids.shape"):
+    gemv.batched_gemv(x, w, impl="xla", head_ids=ids[:3])
+
+
 @pytest.mark.parametrize("name", sorted(TUNINGS))
 @pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
 @pytest.mark.parametrize("B", [1, 5, 17])

@@ -113,16 +113,24 @@ def test_gemv_kernels_compile_for_h200(lowering, fmt, B, H):
   assert "custom-call" in decode_step.kernels(compiled.as_text())
 
 
+@pytest.mark.parametrize("weight_format", ["bf16", "q8_0", "iq4_nl"])
 @pytest.mark.parametrize("B", [1, 8])
-def test_v2_lite_moe_decode_step_allocates_no_weight_sized_temporary(B):
-  """The decode step of a V2-Lite-shaped CausalLM (two MoE layers, bf16) compiled for the H200
-  allocates under 8 MB of temporaries: the chosen experts' weights are read where they lie, not
-  gathered into a copy first (one expert's projection is 5.8 MB; the gathered copies of gate_proj
-  and up_proj took 69 MB at B=1 and, transposed, 554 MB at B=8)."""
+def test_v2_lite_moe_decode_step_allocates_no_weight_sized_temporary(B, weight_format):
+  """The decode step of a V2-Lite-shaped CausalLM (two MoE layers) compiled for the H200
+  allocates under 8 MB of temporaries: no weight is copied or dequantized into memory before
+  its product. The chosen experts' weights are read where they lie (one expert's projection is
+  5.8 MB in bf16; the gathered copies of gate_proj and up_proj took 69 MB at B=1 and,
+  transposed, 554 MB at B=8), and quantized weights are decoded in the fused GEMV's registers
+  (XLA wrote q_proj's dequantized 12.6 MB out before its product)."""
   cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=2,
                             first_k_dense_replace=0)
-  lm = nnx.eval_shape(lambda: mla_jax.CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                               rngs=nnx.Rngs(0)))
+
+  def build():
+    lm = mla_jax.CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    lm.set_weight_format(weight_format)
+    return lm
+
+  lm = nnx.eval_shape(build)
   graphdef, state = nnx.split(lm)
   cache = jax.eval_shape(lambda: lm.init_cache(B, 4096, jnp.bfloat16))
   ids = jax.ShapeDtypeStruct((B, 1), jnp.int32)

@@ -116,3 +116,19 @@ def test_bad_arguments_are_named():
     dataclasses.replace(CFG, num_experts_per_tok=9)
   with pytest.raises(ValueError, match="topk_method"):
     dataclasses.replace(CFG, topk_method="noaux_tc")
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
+def test_quantized_experts_on_the_fused_gemv_equal_xla(fmt, rng):
+  """Experts.gathered_gemv, a GPU's decode path for quantized experts (one GEMV launch a
+  projection, interpreted here), equals gather on XLA over the same quantized weights, repeated
+  experts included."""
+  experts = moe.Experts(8, 64, 32, rngs=nnx.Rngs(int(rng.integers(2**31))))
+  experts.set_weight_format(fmt)
+  x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+  ids = jnp.asarray([[0, 7, 3], [3, 3, 5], [6, 1, 0]], jnp.int32)
+  weights = jnp.asarray(rng.random((3, 3)), jnp.float32)
+  want = experts.gather(x, ids, weights)
+  got = experts.gathered_gemv(x, ids, weights, interpret=True)
+  assert got.shape == want.shape == (3, 64)
+  assert _rel(got, np.asarray(want, np.float64)) < F32_TOL

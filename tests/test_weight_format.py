@@ -12,7 +12,7 @@ from flax import nnx
 
 import mla_jax
 from helpers import RTOL, rel_err, run_chunks
-from mla_jax import quant
+from mla_jax import layers, quant
 from mla_jax.ops import device
 from mla_jax.ops.gemv import mosaic as gemv_mosaic, triton as gemv_triton
 
@@ -139,3 +139,16 @@ def test_quantized_format_names_the_tensor_whose_dims_do_not_fit():
                             v_head_dim=32, num_layers=1)
   with pytest.raises(ValueError, match=r"kv_b_proj\.wk_b.*K=16"):
     mla_jax.MLAttention(cfg, weight_format="q8_0", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
+@pytest.mark.parametrize("lead", [(1, 1), (3, 1)], ids=["B1", "B3"])
+def test_quantized_linear_on_the_fused_gemv_equals_xla(fmt, lead, rng):
+  """layers.quantized_gemv, a GPU's decode path for a quantized Linear (interpreted here), equals
+  the Linear on XLA over the same weight; 96 output columns are no power of two."""
+  linear = layers.Linear(64, 96, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  linear.set_weight_format(fmt)
+  x = jnp.asarray(rng.standard_normal((*lead, 64)), jnp.float32)
+  got = layers.quantized_gemv(x, linear.weight.get_value(), interpret=True)
+  assert got.shape == (*lead, 96)
+  assert rel_err(got, linear(x)) <= RTOL[jnp.float32]

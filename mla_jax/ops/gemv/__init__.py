@@ -12,6 +12,9 @@ Mosaic runs on request.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from mla_jax.ops import device, reference, xla
 from mla_jax.ops.common import (GEMV_IMPLS, Plan, check_gemv_args, check_tuning,
                                 resolve_impl)
@@ -23,13 +26,13 @@ _KERNELS = {"triton": (triton, triton.TritonGemvTuning),
 
 
 def plan(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
-         interpret: bool = False) -> Plan:
+         interpret: bool = False, head_ids=None) -> Plan:
   """What batched_gemv runs for these arguments (arrays or jax.ShapeDtypeStruct; w may be a
   quant.QuantizedTensor): only shapes and dtypes are read. lowering (impl "pallas" only):
   "triton", "mosaic" or None (Triton). tuning: the chosen kernel's tuning dataclass, or None for
   its choose_tuning. interpret (impl "pallas" only) does not change the plan; it is here so that
   plan and batched_gemv take the same arguments."""
-  check_gemv_args(x, w)
+  check_gemv_args(x, w if head_ids is None else _gathered_shape(x, w, head_ids))
   impl = resolve_impl(impl, allowed=GEMV_IMPLS)
   if impl != "pallas":
     if lowering is not None or tuning is not None or interpret:
@@ -39,6 +42,8 @@ def plan(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
   if lowering not in (None, *LOWERINGS):
     raise ValueError(f"lowering={lowering!r}: expected None or one of {LOWERINGS}")
   kernel = lowering or "triton"
+  if head_ids is not None and kernel != "triton":
+    raise ValueError(f"head_ids with lowering={kernel!r}: only the Triton kernel gathers heads")
   module, tuning_type = _KERNELS[kernel]
   reason = module.unsupported(x, w)
   if reason is not None:
@@ -53,14 +58,32 @@ def plan(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
 
 
 def batched_gemv(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
-                 interpret: bool = False):
+                 interpret: bool = False, head_ids=None):
   """y[b,h] = x[b,h,:K] · w[h]: x [B,H,K'] with K' >= K, w [H,K,N] array or
   quant.QuantizedTensor -> [B,H,N]. Only the first K columns of x are used: pass the whole query
   [B,H,K+R] for q_nope and the Pallas kernels read them in place. Runs what plan() names;
-  interpret: run a Pallas kernel in interpret mode (on a CPU)."""
-  p = plan(x, w, impl=impl, lowering=lowering, tuning=tuning, interpret=interpret)
+  interpret: run a Pallas kernel in interpret mode (on a CPU).
+
+  head_ids [H] int32: y[b,h] = x[b,h,:K] · w[head_ids[h]] instead, for w [E,K,N] of any E (a MoE
+  layer's experts, chosen per token); the Triton kernel reads the chosen heads where they lie."""
+  p = plan(x, w, impl=impl, lowering=lowering, tuning=tuning, interpret=interpret,
+           head_ids=head_ids)
+  if head_ids is not None and p.kernel == "triton":
+    return triton.batched_gemv(x, w, tuning=p.tuning, interpret=interpret, head_ids=head_ids)
+  if head_ids is not None:
+    w = jax.tree.map(lambda a: jnp.take(a, head_ids, axis=0), w)
   if p.kernel == "reference":
     return reference.batched_gemv(x[..., :w.shape[1]], w)
   if p.kernel == "xla":
     return xla.batched_gemv(x[..., :w.shape[1]], w)
   return _KERNELS[p.kernel][0].batched_gemv(x, w, tuning=p.tuning, interpret=interpret)
+
+
+def _gathered_shape(x, w, head_ids):
+  """The [H,K,N] that w [E,K,N] gathered at head_ids [H] has (for check_gemv_args)."""
+  if len(head_ids.shape) != 1 or head_ids.shape[0] != x.shape[1]:
+    raise ValueError(f"head_ids.shape={tuple(head_ids.shape)}; expected [H={x.shape[1]}], "
+                     "one weight head for each head of x")
+  if len(w.shape) != 3:
+    raise ValueError(f"w.shape={tuple(w.shape)}; expected [E,K,N]")
+  return jax.ShapeDtypeStruct((x.shape[1], *w.shape[1:]), w.dtype)

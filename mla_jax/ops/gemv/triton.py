@@ -152,15 +152,26 @@ def _aligned(v, m):
   return v if isinstance(v, int) else pl.multiple_of(v, m)
 
 
+def _dividing_block(block: int, n: int) -> int:
+  """The largest power of two <= block that divides n (n a multiple of 32: at least 32): the
+  column blocks then tile N exactly (q_proj's 3072, kv_a's 576 columns...)."""
+  while n % block:
+    block //= 2
+  return block
+
+
 def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, unroll,
-                 compute_dtype):
+                 compute_dtype, gathered):
   # x_ref: [B, H, K'] (K' >= K; columns [0, K) are read in place)
-  # dense:  w_ref [H, K, N]
-  # q8_0:   qs_ref int8 [H, K, N], d_ref float16 [H, K/32, N]
-  # iq4_nl: qs_ref uint8 [H, K/2, N], d_ref float16 [H, K/32, N]
+  # ids_ref: [H] int32, the weight head of each x head (gathered)
+  # dense:  w_ref [E, K, N]
+  # q8_0:   qs_ref int8 [E, K, N], d_ref float16 [E, K/32, N]
+  # iq4_nl: qs_ref uint8 [E, K/2, N], d_ref float16 [E, K/32, N]
   # o_ref:  [B, H, N]
-  *w_refs, o_ref = refs
+  # E = H, and head h reads w[h], unless gathered: then head h reads w[ids[h]].
+  ids_ref, *w_refs, o_ref = refs if gathered else (None, *refs)
   h, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  e = ids_ref[h] if gathered else h
   rows = pl.ds(i * block_b, block_b)
   cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
   row_ok = (i * block_b + jnp.arange(block_b)) < B  # [block_b]
@@ -173,12 +184,12 @@ def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, 
     """Block kb of w: ([(row offset in the block, rows [r, block_n])], d [1, block_n] or None)."""
     k0 = _aligned(kb * BLOCK, BLOCK)
     if fmt is None:
-      return [(0, w_refs[0][h, pl.ds(k0, BLOCK), cols])], None  # [32, block_n]
+      return [(0, w_refs[0][e, pl.ds(k0, BLOCK), cols])], None  # [32, block_n]
     qs_ref, d_ref = w_refs
-    d = d_ref[h, kb, cols].astype(jnp.float32)[None, :]  # [1, block_n]
+    d = d_ref[e, kb, cols].astype(jnp.float32)[None, :]  # [1, block_n]
     if fmt == "q8_0":
-      return [(0, qs_ref[h, pl.ds(k0, BLOCK), cols])], d  # int8 [32, block_n]
-    packed = qs_ref[h, pl.ds(_aligned(kb * HALF, HALF), HALF), cols]  # uint8 [16, block_n]
+      return [(0, qs_ref[e, pl.ds(k0, BLOCK), cols])], d  # int8 [32, block_n]
+    packed = qs_ref[e, pl.ds(_aligned(kb * HALF, HALF), HALF), cols]  # uint8 [16, block_n]
     return [(0, _iq4_nl_values(packed & 0xF)), (HALF, _iq4_nl_values(packed >> 4))], d
 
   def dot_body(kb, acc):  # acc: [block_b, block_n] float32
@@ -223,8 +234,8 @@ def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, 
 def unsupported(x, w) -> str | None:
   """Why this kernel cannot take these arguments (shapes as common.check_gemv_args), or None."""
   _, K, N = w.shape
-  if K % BLOCK or N % BLOCK or N & (N - 1):
-    return f"w.shape={tuple(w.shape)}; expected K, N multiples of {BLOCK}, N a power of 2"
+  if K % BLOCK or N % BLOCK:
+    return f"w.shape={tuple(w.shape)}; expected K and N multiples of {BLOCK}"
   if not jnp.issubdtype(x.dtype, jnp.floating):
     return f"x.dtype={x.dtype}; expected a float dtype"
   if not isinstance(w, quant.QuantizedTensor) and not jnp.issubdtype(w.dtype, jnp.floating):
@@ -233,12 +244,14 @@ def unsupported(x, w) -> str | None:
 
 
 @functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
-def batched_gemv(x, w, *, tuning: TritonGemvTuning, interpret: bool = False):
+def batched_gemv(x, w, *, tuning: TritonGemvTuning, interpret: bool = False, head_ids=None):
   """y [B,H,N] = x[..., :K] · w per head, in one kernel launch; y has x's dtype.
 
   x: [B,H,K'] with K' >= K, e.g. the whole query [B,H,K+R] (only x[..., :K] is read, in place).
   w: [H,K,N] float array (bf16/f16/f32) or quant.QuantizedTensor ("q8_0"/"iq4_nl"); K and N
-  multiples of 32, N a power of two (see unsupported()). interpret: Pallas' interpret mode.
+  multiples of 32 (see unsupported()). interpret: Pallas' interpret mode.
+  head_ids [H] int32 or None: head h multiplies w[head_ids[h]] instead, w [E,K,N] for any E
+  (a MoE layer's chosen experts, read where they lie). Ids outside [0, E) are clamped.
   """
   B, H, _ = x.shape
   _, K, N = w.shape
@@ -247,7 +260,7 @@ def batched_gemv(x, w, *, tuning: TritonGemvTuning, interpret: bool = False):
   if tuning.int8 and fmt != "q8_0":
     raise ValueError(f"{tuning=}: int8=True needs q8_0 weights and dot=True (Triton's int8 dot "
                      "needs K >= 32 and an IQ4_NL block splits into two 16-row nibble halves)")
-  block_n = min(tuning.block_n, N)
+  block_n = _dividing_block(min(tuning.block_n, N), N)
   block_b = 1
   if tuning.dot:
     block_b = max(min(tuning.block_b or next_pow2(B), MAX_BLOCK_B), TRITON_MIN_DOT)
@@ -256,8 +269,11 @@ def batched_gemv(x, w, *, tuning: TritonGemvTuning, interpret: bool = False):
   kernel = functools.partial(
       _gemv_kernel, fmt=fmt, B=B, K=K, block_b=block_b, block_n=block_n,
       block_k=math.gcd(tuning.block_k, K // BLOCK), dot=tuning.dot,
-      int8=tuning.int8, unroll=tuning.unroll, compute_dtype=compute_dtype)
+      int8=tuning.int8, unroll=tuning.unroll, compute_dtype=compute_dtype,
+      gathered=head_ids is not None)
   w_args = (w.qs, w.d) if quantized else (w,)
+  if head_ids is not None:
+    w_args = (jnp.clip(head_ids.astype(jnp.int32), 0, w.shape[0] - 1), *w_args)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((B, H, N), x.dtype),
