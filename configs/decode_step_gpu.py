@@ -19,8 +19,9 @@ def get_config():
   config.num_layers = 27  # attention layers in the stack (all of V2-Lite's)
   config.mla_overrides = ""  # other MLAConfig fields, "name=value,..." (e.g. "num_heads=8")
   # Implementations "layer/backend[:cache=dtype][:option=value]" (experiments/model.py).
+  # decode_lowering=triton: the split on Triton, inside XLA's command buffers (docs/decode_step.md).
   config.impls = ("standard/xla,absorbed/xla,absorbed/pallas,absorbed/pallas:cache=int8,"
-                  "absorbed/pallas:gemv_lowering=mosaic")
+                  "absorbed/pallas:decode_lowering=triton,absorbed/pallas:gemv_lowering=mosaic")
   config.batch_sizes = (1, 8)  # B: sequences decoded together (the gate runs at the first)
   config.prompt_lengths = (128, 2048, 16384, 65536)  # S: valid cache entries a row holds
   config.n_gen = 64  # decode steps inside one jit per timed rep

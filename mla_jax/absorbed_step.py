@@ -98,7 +98,7 @@ def decode_step(module, x, positions, cache, input_norm=None):
   decode = functools.partial(ops.mla_decode, q_latent, q_rope.astype(q_latent.dtype), cache.c_kv,
                              cache.k_rope, cache.lengths, sm_scale=cfg.softmax_scale,
                              impl=module._decode_impl,
-                             **module._kernel_options(module._decode_impl))
+                             **module._decode_options)
   if gemv_absorbs:
     o_latent, _ = decode()
     return ops.batched_gemv(o_latent.astype(q_latent.dtype), wv_b, impl=module._gemv_impl,

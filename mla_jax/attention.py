@@ -110,6 +110,10 @@ class MLAttention(nnx.Module):
     param_dtype: dtype of the parameters.
     weight_format: None, "bf16", "q8_0" or "iq4_nl": how wk_b and wv_b are stored.
     gemv_lowering: "triton" or "mosaic", the fused GEMV kernel of backend="pallas".
+    decode_lowering: None, "triton" or "mosaic", the split-KV kernel of backend="pallas" (None:
+      ops.mla_decode's choice, Mosaic on a Hopper GPU where it takes the arguments). Compiled for
+      an H200, XLA launches the Mosaic kernel outside its command buffers (CUDA graphs), which
+      captures the Triton one (docs/decode_step.md).
     mesh: None, or a jax.sharding.Mesh for context-parallel decode: init_cache shards the latent
       cache along S over mesh axis `mesh_axis` (absorbed mode), and decode steps run
       parallel.mla_decode_sharded on it with the backend's kernel on each device.
@@ -121,19 +125,22 @@ class MLAttention(nnx.Module):
 
   def __init__(self, cfg: MLAConfig, *, mode: str = "absorbed", backend: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32, weight_format: str | None = None,
-               gemv_lowering: str = "triton", mesh=None, mesh_axis: str = "kv",
+               gemv_lowering: str = "triton", decode_lowering: str | None = None, mesh=None,
+               mesh_axis: str = "kv",
                rngs: nnx.Rngs):
     if mode not in MODES:
       raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     if backend not in BACKENDS:
       raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
     _check_gemv_lowering(gemv_lowering, backend, dtype)
+    _check_decode_lowering(decode_lowering, backend)
     if backend == "pallas" and not device.is_gpu():
       _warn_interpreted()
     if mesh is not None and mode != "absorbed":
       raise ValueError(f"mesh with mode={mode!r}: only the absorbed (latent) cache is sharded")
     self.cfg, self.mode, self.backend, self.dtype = cfg, mode, backend, dtype
     self.gemv_lowering = gemv_lowering
+    self.decode_lowering = decode_lowering
     self.mesh, self.mesh_axis = mesh, mesh_axis
     D, H = cfg.hidden_size, cfg.num_heads
     # Projections in transformers' [out, in] layout: a row reduction at decode (layers.Linear).
@@ -242,7 +249,7 @@ class MLAttention(nnx.Module):
                                    axis=self.mesh_axis)
       o_latent, _ = decode(q_latent, q_rope[:, 0].astype(q_latent.dtype), cache.c_kv,
                            cache.k_rope, cache.lengths, sm_scale=self.cfg.softmax_scale,
-                           impl=self._decode_impl, **self._kernel_options(self._decode_impl))
+                           impl=self._decode_impl, **self._decode_options)
       heads = ops.batched_gemv(o_latent.astype(q_latent.dtype), wv_b, impl=self._gemv_impl,
                                **self._gemv_options)
       return heads[:, None], cache
@@ -255,6 +262,13 @@ class MLAttention(nnx.Module):
   @property
   def _decode_impl(self) -> str:
     return self.backend
+
+  @property
+  def _decode_options(self) -> dict:
+    options = self._kernel_options(self._decode_impl)
+    if self.decode_lowering is not None:
+      options["lowering"] = self.decode_lowering
+    return options
 
   @property
   def _gemv_impl(self) -> str:
@@ -317,6 +331,15 @@ def _check_gemv_lowering(gemv_lowering: str, backend: str, dtype):
   if gemv_lowering == "mosaic" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"gemv_lowering='mosaic' with dtype={jnp.dtype(dtype)}: the Mosaic kernel "
                      "needs bfloat16 or float16 activations")
+
+
+def _check_decode_lowering(decode_lowering: str | None, backend: str):
+  if decode_lowering not in (None, *ops.decode.LOWERINGS):
+    raise ValueError(f"decode_lowering={decode_lowering!r}; expected None or one of "
+                     f"{ops.decode.LOWERINGS}")
+  if decode_lowering is not None and backend != "pallas":
+    raise ValueError(f"decode_lowering={decode_lowering!r} with backend={backend!r}: only "
+                     "backend='pallas' runs the split-KV kernels")
 
 
 @functools.cache

@@ -50,23 +50,24 @@ def h200_compile_only_device():
   return topology.devices[0]
 
 
-def compile_for_h200(f, *args, donate_argnums=()):
+def compile_for_h200(f, *args, donate_argnums=(), compiler_options=None):
   """jit(f) compiled for an H200 (a jax.stages.Compiled: as_text() is its optimised HLO): on the
   GPU where one is attached, else for a compile-only H200 (h200_compile_only_device). args are
-  arrays or jax.ShapeDtypeStruct pytrees; nothing runs. The whole GPU pipeline runs: XLA's fusion and
+  arrays or jax.ShapeDtypeStruct pytrees; nothing runs. compiler_options: XLA debug options for
+  this compilation, e.g. {"xla_dump_to": path}. The whole GPU pipeline runs: XLA's fusion and
   scheduling, and the compilation of every Triton kernel to the H200, whose shared-memory limit
   it checks."""
   jitted = jax.jit(f, donate_argnums=donate_argnums)
   # The program users run: conftest's "highest" matmul precision changes how XLA fuses.
   with jax.default_matmul_precision("default"):
     if jax.default_backend() == "gpu":
-      return jitted.lower(*args).compile()
+      return jitted.lower(*args).compile(compiler_options)
     sharding = jax.sharding.SingleDeviceSharding(h200_compile_only_device())
     specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                          args)
     with _on_h200():
       lowered = jitted.lower(*specs)
-    return lowered.compile()
+    return lowered.compile(compiler_options)
 
 
 def rel_err(x, ref) -> float:

@@ -397,6 +397,29 @@ def test_bad_construction_raises_value_error():
     mla_jax.MLAttention(TINY, "absorbed", rngs=nnx.Rngs(0))
 
 
+def test_decode_lowering_reaches_the_split_kv_kernel(monkeypatch, rng):
+  """decode_lowering picks the split-KV kernel of a pallas decode step; a kernel that cannot take
+  the step's arguments says why (the Mosaic kernel needs bfloat16), and a bad value is refused
+  when the module is built."""
+  decode_lowering = "triton"
+  seen = []
+  decode = mla_jax.ops.decode.mla_decode
+  monkeypatch.setattr(mla_jax.ops.decode, "mla_decode",
+                      lambda *a, **k: seen.append(k.get("lowering")) or decode(*a, **k))
+  x, positions = inputs(rng, TINY, 2, 1)
+  layer = mla_jax.MLAttention(TINY, backend="pallas", decode_lowering=decode_lowering,
+                              rngs=nnx.Rngs(0))
+  layer(x, positions, layer.init_cache(2, 8))
+  assert seen == [decode_lowering]
+  mosaic = mla_jax.MLAttention(TINY, backend="pallas", decode_lowering="mosaic", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="lowering='mosaic'.*bfloat16"):
+    mosaic(x, positions, mosaic.init_cache(2, 8))
+  with pytest.raises(ValueError, match="decode_lowering='cuda'"):
+    mla_jax.MLAttention(TINY, backend="pallas", decode_lowering="cuda", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="backend='pallas'"):
+    mla_jax.MLAttention(TINY, backend="xla", decode_lowering="triton", rngs=nnx.Rngs(0))
+
+
 def test_signature_shows_the_constructor_arguments():
   params = inspect.signature(mla_jax.MLAttention).parameters
   assert list(params)[:3] == ["cfg", "mode", "backend"]

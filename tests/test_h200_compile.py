@@ -9,6 +9,7 @@ many kernels a decode step launches.
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +26,10 @@ pytestmark = [pytest.mark.aot, pytest.mark.filterwarnings("ignore:MLAttention.*i
 V2_LITE = mla_jax.MLAConfig.deepseek_v2_lite()
 
 
-def compile_step(num_layers, *, cache_dtype=jnp.bfloat16, S=16384, B=1, **options):
-  """The single decode step of a V2-Lite stack (bf16, caches donated), compiled for an H200;
-  returns (compiled, caches as ShapeDtypeStructs)."""
+def compile_step(num_layers, *, cache_dtype=jnp.bfloat16, S=16384, B=1, compiler_options=None,
+                 **options):
+  """The single decode step of a V2-Lite stack (bf16, caches donated; options go to
+  AttentionStack), compiled for an H200; returns (compiled, caches as ShapeDtypeStructs)."""
   cfg = dataclasses.replace(V2_LITE, num_layers=num_layers)
   model = nnx.eval_shape(lambda: mla_jax.AttentionStack(
       cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0), **options))
@@ -36,7 +38,7 @@ def compile_step(num_layers, *, cache_dtype=jnp.bfloat16, S=16384, B=1, **option
   compiled = compile_for_h200(lambda s, x, p, c: nnx.merge(graphdef, s)(x, p, c), state,
                               jax.ShapeDtypeStruct((B, 1, cfg.hidden_size), jnp.bfloat16),
                               jax.ShapeDtypeStruct((B, 1), jnp.int32), caches,
-                              donate_argnums=(3,))
+                              donate_argnums=(3,), compiler_options=compiler_options)
   return compiled, caches
 
 
@@ -57,6 +59,26 @@ def test_v2_lite_absorbed_step_kernels_per_layer(cache_dtype, S):
   two = step_kernels(2, backend="pallas", cache_dtype=cache_dtype, S=S)
   assert sum(two.values()) - sum(one.values()) <= 7, (one, two)
   assert two["custom-call"] - one["custom-call"] == 3, (one, two)
+
+
+@pytest.mark.parametrize("decode_lowering,split_target", [(None, "mosaic_gpu_v2"),
+                                                           ("triton", "__gpu$xla.gpu.triton")])
+def test_decode_lowering_picks_the_split_and_the_command_buffers(decode_lowering, split_target,
+                                                                  tmp_path):
+  """On the H200 the step's split runs Mosaic by default and Triton with decode_lowering="triton",
+  in as many kernels (2 layers: 2 latent, 2 split, 2 merge custom calls). XLA launches the
+  Mosaic split outside its command buffers (CUDA graphs), so that they break at every layer's
+  split; with the Triton split the whole step is one command buffer (XLA's thunk sequence)."""
+  compiled = compile_step(2, backend="pallas", decode_lowering=decode_lowering,
+                          compiler_options={"xla_dump_to": str(tmp_path)})[0]
+  targets = re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
+  assert len(targets) == 6 and targets.count(split_target) == (2 if decode_lowering is None else 6)
+  thunks = next(tmp_path.glob("*thunk_sequence_after_thunk_passes.txt")).read_text()
+  top_level = [line.split()[1] for line in thunks.splitlines() if re.match(r"\d+:", line)]
+  if decode_lowering is None:  # kernels, Mosaic, [graph], Mosaic, kernels
+    assert top_level.count("kCustomCall") == 2 and top_level.count("kCommandBuffer") == 1
+  else:
+    assert top_level == ["kCommandBuffer"], top_level
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.int8], ids=["bf16_cache", "int8_cache"])
@@ -121,7 +143,8 @@ def test_v2_lite_moe_decode_step_allocates_no_weight_sized_temporary(B, weight_f
   its product. The chosen experts' weights are read where they lie (one expert's projection is
   5.8 MB in bf16; the gathered copies of gate_proj and up_proj took 69 MB at B=1 and,
   transposed, 554 MB at B=8), and quantized weights are decoded in the fused GEMV's registers
-  (XLA wrote q_proj's dequantized 12.6 MB out before its product)."""
+  (XLA wrote q_proj's dequantized 12.6 MB out before its product). The dense first layer is left
+  out: XLA pads its down_proj's 10944-long rows to 11008, a 45 MB copy of the weight."""
   cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=2,
                             first_k_dense_replace=0)
 
