@@ -84,7 +84,9 @@ def test_merge_values_equals_merge_then_projection(rng, merge, P, B, N, H, C, V)
   np.testing.assert_array_equal(out[B - 1, H // 2], 0.0)
   np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
   finite = np.isfinite(want_lse)
-  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], rtol=1e-6)
+  # lse = m + log(l) from float32 parts of magnitude ~10: its rounding is absolute, ~1e-6, and
+  # an lse near 0 (0.02 in one draw) has no relative bound
+  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], rtol=1e-6, atol=2e-6)
 
 
 def test_merge_values_rounds_the_merged_rows_like_merge_heads(rng):
