@@ -152,3 +152,14 @@ def test_quantized_linear_on_the_fused_gemv_equals_xla(fmt, lead, rng):
   got = layers.quantized_gemv(x, linear.weight.get_value(), interpret=True)
   assert got.shape == (*lead, 96)
   assert rel_err(got, linear(x)) <= RTOL[jnp.float32]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_row_product_equals_the_dot(dtype, rng):
+  """layers.one_row_product, a GPU Linear's product for one row, against the float64 product."""
+  x = jnp.asarray(rng.standard_normal((1, 1, 10944)), dtype)
+  w = jnp.asarray(rng.standard_normal((96, 10944)) / 100, dtype)
+  y = layers.one_row_product(x, w)
+  assert y.shape == (1, 1, 96) and y.dtype == dtype
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+  assert rel_err(y, want) <= RTOL[dtype]
