@@ -2,8 +2,8 @@
 
 That is the default device, unless the code is traced under an abstract mesh whose abstract
 device is a GPU (`jax.sharding.use_abstract_mesh`): then that device, which is how a GPU step is
-compiled on a machine without one (tests/aot.py compiles for an H200 this way). Pallas' Triton
-lowering reads the same abstract device.
+compiled on a machine without one (tests/helpers.compile_for_h200 compiles for an H200 this
+way). Pallas' Triton lowering reads the same abstract device.
 """
 
 from __future__ import annotations
