@@ -14,7 +14,7 @@ false, where the two agree.
 Experts are stacked, [E, out, in] per projection (layers.Linear's layout for each expert):
 gate_proj and up_proj [E, I, D], down_proj [E, D, I]. Two ways to run them:
 - "gather" (decode, few tokens): index the stacked weights with each token's k expert ids and
-  run k GEMVs a token. It reads N·k expert matrices, not all E, where they lie (MoE.gather says
+  run k GEMVs a token. It reads N·k expert matrices, not all E, where they lie (Experts.gather says
   how it keeps XLA GPU from copying them first).
 - "grouped" (prefill): sort the N·k (token, expert) pairs by expert and run one grouped matmul
   per projection (jax.lax.ragged_dot_general: the rows of group e meet expert e's weight).
