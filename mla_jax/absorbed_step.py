@@ -61,12 +61,7 @@ def _fold_input_norm(module, x, input_norm, q_in_kernel: bool):
     return module._query(x), module.kv_a_proj_with_mqa(x), {}
   xg = x * input_norm.weight[...].astype(x.dtype)
   scale_q = q_in_kernel and module.cfg.q_lora_rank is None
-  if scale_q:
-    q = module._query(xg)
-  elif module.cfg.q_lora_rank is None:
-    q = (module._query(xg).astype(jnp.float32) * input_norm.inv_rms(x)).astype(x.dtype)
-  else:
-    q = module._query(xg, q_a_scale=input_norm.inv_rms(x))
+  q = module._query(xg, input_scale=None if scale_q else input_norm.inv_rms(x))
   xf = x.astype(jnp.float32)
   norm_args = dict(input_ss=jnp.sum(xf * xf, axis=-1), input_dim=x.shape[-1],
                    input_eps=input_norm.eps, scale_q=scale_q)

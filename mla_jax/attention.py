@@ -215,14 +215,14 @@ class MLAttention(nnx.Module):
     attend = self._absorbed if self.mode == "absorbed" else self._standard
     return attend(q, q_rope, pack(c_kv), pack(k_rope), q_slots, num_new, cache)
 
-  def _query(self, x, q_a_scale=None):
-    """q from x; q_a_scale [..., 1] or None multiplies q_a_proj's output (q_lora only)."""
+  def _query(self, x, input_scale=None):
+    """q from x; input_scale [..., 1] float32 or None multiplies the projection that reads x
+    (q_proj, or q_a_proj before q_a_layernorm), rounded to its dtype."""
+    scale = lambda y: y if input_scale is None else (
+        (y.astype(jnp.float32) * input_scale).astype(y.dtype))
     if self.cfg.q_lora_rank is None:
-      return self.q_proj(x)
-    q_a = self.q_a_proj(x)
-    if q_a_scale is not None:
-      q_a = (q_a.astype(jnp.float32) * q_a_scale).astype(q_a.dtype)
-    return self.q_b_proj(self.q_a_layernorm(q_a))
+      return scale(self.q_proj(x))
+    return self.q_b_proj(self.q_a_layernorm(scale(self.q_a_proj(x))))
 
   def _standard(self, q, q_rope, c_kv, k_rope, q_slots, num_new, cache):
     """q [B,T,H,K+R] unrotated (its first K columns are q_nope), q_rope rotated."""
