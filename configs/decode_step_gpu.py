@@ -3,10 +3,10 @@
 experiments/decode_step.py: a correctness gate against float32 first, then per (implementation,
 batch, prompt length) the µs per token of 64 steps inside one jit, the byte floor (weights and
 cache read at floor_tbps), the kernels each layer launches, and the µs per token when each step
-is its own jitted call. A quick run: --config.prompt_lengths='(128,16384)'
---config.batch_sizes='(1,)'. Without a GPU: --config.num_layers=2 --config.prompt_lengths='(64,)'
---config.impls=absorbed/xla --config.dtype=float32 --config.param_dtype=float32
---config.cache_dtype=float32 (the path, not the speed).
+is its own jitted call. A quick run: --config.shapes='((1,128),(1,16384),(8,16384))'.
+Without a GPU: --config.num_layers=2 --config.prompt_lengths='(64,)' --config.impls=absorbed/xla
+--config.dtype=float32 --config.param_dtype=float32 --config.cache_dtype=float32
+(the path, not the speed).
 """
 
 import ml_collections
@@ -24,6 +24,8 @@ def get_config():
                   "absorbed/pallas:decode_lowering=triton,absorbed/pallas:gemv_lowering=mosaic")
   config.batch_sizes = (1, 8)  # B: sequences decoded together (the gate runs at the first)
   config.prompt_lengths = (128, 2048, 16384, 65536)  # S: valid cache entries a row holds
+  # (B, S) pairs to time instead of every batch × prompt length, e.g. ((1, 128), (8, 16384)).
+  config.shapes = ()
   config.n_gen = 64  # decode steps inside one jit per timed rep
   config.reps = 5  # timed reps; µs per token is their median
   config.dispatch_steps = 16  # single-step jitted calls timed for the dispatched µs per token

@@ -153,6 +153,13 @@ def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
   return row
 
 
+def shapes(config) -> list[tuple[int, int]]:
+  """The (batch, prompt length) pairs timed: config.shapes, or every batch × prompt length."""
+  if config.shapes:
+    return [tuple(shape) for shape in config.shapes]
+  return [(B, S) for B in config.batch_sizes for S in config.prompt_lengths]
+
+
 def _fits(config, cfg, impl, B, S) -> str | None:
   """Why (impl, B, S) is not run, or None: caches larger than config.max_cache_gb."""
   if impl.layer == "standard":
@@ -179,25 +186,24 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
       stack = _stack(impl, cfg, dtype=dtype, param_dtype=param_dtype, seed=config.seed)
       key, sub = jax.random.split(key)
       gate = _gate(config, stack, cfg, impl, sub)
-      print(f"{impl.name}: gate rel err {gate['gate_rel_err']:.2e} "
+      print(f"[{time.perf_counter() - start:.0f} s] {impl.name}: gate rel err {gate['gate_rel_err']:.2e} "
             f"({'ok' if gate['gate_ok'] else 'FAILED'})", flush=True)
       w_bytes = weight_bytes(stack)
-      for B in config.batch_sizes:
-        for S in config.prompt_lengths:
-          row = {"impl": impl.name, "batch": B, "prompt_len": S, **gate}
-          reason = _fits(config, cfg, impl, B, S) or (None if gate["gate_ok"] else
-                                                       "failed the correctness gate")
-          if reason is None:
-            key, sub = jax.random.split(key)
-            try:
-              row.update(_time(config, stack, impl, B, S, sub, w_bytes))
-            except Exception as err:  # pylint: disable=broad-except  # a failure is a result
-              reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-          if reason is not None:
-            row["skipped"] = reason
-          results["rows"].append(row)
-          print(_line(row), flush=True)
-          write(workdir, results)
+      for B, S in shapes(config):
+        row = {"impl": impl.name, "batch": B, "prompt_len": S, **gate}
+        reason = _fits(config, cfg, impl, B, S) or (None if gate["gate_ok"] else
+                                                     "failed the correctness gate")
+        if reason is None:
+          key, sub = jax.random.split(key)
+          try:
+            row.update(_time(config, stack, impl, B, S, sub, w_bytes))
+          except Exception as err:  # pylint: disable=broad-except  # a failure is a result
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        if reason is not None:
+          row["skipped"] = reason
+        results["rows"].append(row)
+        print(f"[{time.perf_counter() - start:.0f} s] {_line(row)}", flush=True)
+        write(workdir, results)
       del stack
     results["status"] = "complete"
   except KeyboardInterrupt:

@@ -475,6 +475,16 @@ def test_decode_step_runs_gated_and_counts_kernels(tmp_path):
   assert "| absorbed/xla | 1 | 40 |" in (tmp_path / "tiny.md").read_text()
 
 
+def test_decode_step_times_the_named_shapes_or_every_pair():
+  """config.shapes names the (batch, prompt length) pairs; left empty, every pair is timed."""
+  from configs import decode_step_gpu  # pylint: disable=import-outside-toplevel
+  config = decode_step_gpu.get_config()
+  config.update(dict(batch_sizes=(1, 8), prompt_lengths=(128, 16384)))
+  assert decode_step.shapes(config) == [(1, 128), (1, 16384), (8, 128), (8, 16384)]
+  config.shapes = ((1, 128), (8, 16384))
+  assert decode_step.shapes(config) == [(1, 128), (8, 16384)]
+
+
 def test_kernel_count_sees_kernels_with_several_outputs():
   """A kernel with a tuple of outputs (a Pallas call, a multi-output fusion) counts once, as a
   single-output one does; parameters, tuples and bitcasts count for nothing."""
