@@ -11,7 +11,7 @@ a head whose pieces are all empty gives out = 0 and lse = -inf. Each caller pick
 program, the Mosaic decodes blocks of heads with 64 columns (a contiguous partial row).
 
 merge_values merges and then applies the value up-projection wv_b [H,C,V] in the same kernel, a
-program per (b, h): the absorbed decode step's merge and its wv_b GEMV as one launch.
+program per (b, h, block of V): the absorbed decode step's merge and its wv_b GEMV as one launch.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from mla_jax.ops import device
 from mla_jax.ops.common import next_pow2
 from mla_jax.ops.merge import merge_partials, project_values
 
 MERGES = ("pallas", "xla")  # the merge kernel below, or ops.merge_partials
-_VALUES_TILE = 8192  # partial values merge_values loads per step
+_VALUES_TILE = 8192  # partial values (and wv_b values) merge_values loads per step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +120,10 @@ def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
                          wv_ref,         # [H, C, V]
                          out_ref,        # [B, H, V]
                          lse_ref,        # [B, H]
-                         *, num_pieces: int, chunk: int, block_c: int):
-  b, h = pl.program_id(0), pl.program_id(1)
+                         *, num_pieces: int, chunk: int, block_c: int, block_v: int):
+  b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   C = o_parts_ref.shape[-1]
+  values = pl.ds(pl.multiple_of(j * block_v, block_v), block_v)
   P_pad = next_pow2(num_pieces)
   lse_p = pltriton.load(lse_parts_ref.at[pl.ds(0, P_pad), b, h],
                         mask=jnp.arange(P_pad) < num_pieces, other=-jnp.inf)
@@ -145,29 +147,51 @@ def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
                                jnp.zeros((block_c,), jnp.float32))
     # merge_heads' output rounding, then the product in float32 as ops.batched_gemv does
     merged = (merged / safe_l).astype(out_ref.dtype).astype(jnp.float32)
-    return acc + jnp.sum(merged[:, None] * wv_ref[h, cols, :].astype(jnp.float32), axis=0)
+    return acc + jnp.sum(merged[:, None] * wv_ref[h, cols, values].astype(jnp.float32), axis=0)
 
-  acc = jax.lax.fori_loop(0, C // block_c, column_block,
-                          jnp.zeros(wv_ref.shape[-1:], jnp.float32))
-  out_ref[b, h, :] = acc.astype(out_ref.dtype)
-  lse_ref[b, h] = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+  acc = jax.lax.fori_loop(0, C // block_c, column_block, jnp.zeros((block_v,), jnp.float32))
+  out_ref[b, h, values] = acc.astype(out_ref.dtype)
+
+  @pl.when(j == 0)
+  def _():
+    lse_ref[b, h] = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+
+
+def _column_block(C: int, block_v: int) -> int:
+  """The largest power of two dividing C with a [block, block_v] tile of wv_b within
+  _VALUES_TILE: at block_v = 16, a whole 512-wide latent row merges in one step."""
+  return min(C & -C, _VALUES_TILE // block_v)
+
+
+def _value_block(B: int, H: int, V: int) -> int:
+  """V (a power of two) halved, down to 16, while B·H·(V / block) programs still leave half
+  the GPU's SMs idle: one program per (b, h) alone is 16 programs at B=1, H=16, and each walks
+  all of wv_b[h] (128 KB) on one SM. The merge is recomputed per value block; its partials
+  are L2-resident after the first."""
+  block_v = V
+  while block_v > 16 and 2 * B * H * (V // block_v) <= device.num_sms():
+    block_v //= 2
+  return block_v
 
 
 def merge_values(o_parts, lse_parts, wv_b, out_dtype, *, merge: str, interpret: bool = False):
   """Partials o_p [P, B, N, C] and lse_p [P, B, N] merged for the first H heads (wv_b [H,C,V],
-  H <= N), then projected: out [B,H,V] = merged o [B,H,C] (rounded to out_dtype) · wv_b[h], in
-  out_dtype, and lse [B,H] float32. merge "pallas": one kernel, a program per (b, h) walking C
-  in column blocks and P in chunks; "xla": ops.merge_partials and ops.project_values."""
+  H <= N, V a power of two), then projected: out [B,H,V] = merged o [B,H,C] (rounded to
+  out_dtype) · wv_b[h], in out_dtype, and lse [B,H] float32. merge "pallas": one kernel, a
+  program per (b, h, block of V) walking C in column blocks and P in chunks; "xla":
+  ops.merge_partials and ops.project_values."""
   P, B, _, C = o_parts.shape
   H, _, V = wv_b.shape
   if merge == "xla":
     out, lse = merge_partials(o_parts[:, :, :H].astype(jnp.float32), lse_parts[:, :, :H])
     return project_values(out.astype(out_dtype), wv_b, out_dtype), lse
-  block_c = min(C, 64)
+  block_v = _value_block(B, H, V)
+  block_c = _column_block(C, block_v)
   chunk = min(next_pow2(P), max(1, _VALUES_TILE // block_c))
   return pl.pallas_call(
-      functools.partial(_merge_values_kernel, num_pieces=P, chunk=chunk, block_c=block_c),
-      grid=(B, H),
+      functools.partial(_merge_values_kernel, num_pieces=P, chunk=chunk, block_c=block_c,
+                        block_v=block_v),
+      grid=(B, H, V // block_v),
       out_shape=[jax.ShapeDtypeStruct((B, H, V), out_dtype),
                  jax.ShapeDtypeStruct((B, H), jnp.float32)],
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
