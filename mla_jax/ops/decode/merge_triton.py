@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from mla_jax.ops import device
 from mla_jax.ops.common import next_pow2
 from mla_jax.ops.merge import merge_partials, project_values
 
@@ -157,21 +156,15 @@ def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
     lse_ref[b, h] = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
 
 
-def _column_block(C: int, block_v: int) -> int:
-  """The largest power of two dividing C with a [block, block_v] tile of wv_b within
-  _VALUES_TILE: at block_v = 16, a whole 512-wide latent row merges in one step."""
-  return min(C & -C, _VALUES_TILE // block_v)
-
-
-def _value_block(B: int, H: int, V: int) -> int:
-  """V (a power of two) halved, down to 16, while B·H·(V / block) programs still leave half
-  the GPU's SMs idle: one program per (b, h) alone is 16 programs at B=1, H=16, and each walks
-  all of wv_b[h] (128 KB) on one SM. The merge is recomputed per value block; its partials
-  are L2-resident after the first."""
-  block_v = V
-  while block_v > 16 and 2 * B * H * (V // block_v) <= device.num_sms():
-    block_v //= 2
-  return block_v
+def _blocks(C: int, V: int) -> tuple[int, int]:
+  """(block_c, block_v): a program merges block_c columns at a time (the largest power of two
+  dividing C, at most 512, so that a 512-wide latent row merges in one step) and projects them
+  onto block_v values, with the [block_c, block_v] tile of wv_b within _VALUES_TILE. One pass
+  over C keeps a program's loads off a chain of dependent steps: with 64 columns a step, a
+  program at B=1 took 8 steps and the kernel 10–15 µs on the H200 for 4 MB. The merge is
+  recomputed per value block; after the first, its partials come from L2."""
+  block_c = min(C & -C, _VALUES_TILE // 16)
+  return block_c, min(V, _VALUES_TILE // block_c)
 
 
 def merge_values(o_parts, lse_parts, wv_b, out_dtype, *, merge: str, interpret: bool = False):
@@ -185,8 +178,7 @@ def merge_values(o_parts, lse_parts, wv_b, out_dtype, *, merge: str, interpret: 
   if merge == "xla":
     out, lse = merge_partials(o_parts[:, :, :H].astype(jnp.float32), lse_parts[:, :, :H])
     return project_values(out.astype(out_dtype), wv_b, out_dtype), lse
-  block_v = _value_block(B, H, V)
-  block_c = _column_block(C, block_v)
+  block_c, block_v = _blocks(C, V)
   chunk = min(next_pow2(P), max(1, _VALUES_TILE // block_c))
   return pl.pallas_call(
       functools.partial(_merge_values_kernel, num_pieces=P, chunk=chunk, block_c=block_c,
