@@ -19,7 +19,7 @@ def get_config():
   config.num_layers = 27  # attention layers in the stack (all of V2-Lite's)
   config.mla_overrides = ""  # other MLAConfig fields, "name=value,..." (e.g. "num_heads=8")
   # Implementations "layer/backend[:cache=dtype][:option=value]" (experiments/model.py).
-  # decode_lowering=triton: the split on Triton, inside XLA's command buffers (docs/decode_step.md).
+  # decode_lowering=triton: the split on Triton instead of Mosaic (docs/decode_step.md).
   config.impls = ("standard/xla,absorbed/xla,absorbed/pallas,absorbed/pallas:cache=int8,"
                   "absorbed/pallas:decode_lowering=triton,absorbed/pallas:gemv_lowering=mosaic")
   config.batch_sizes = (1, 8)  # B: sequences decoded together (the gate runs at the first)
