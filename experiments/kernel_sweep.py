@@ -17,7 +17,10 @@ where Mosaic's interpret mode runs them.
 
 from __future__ import annotations
 
+from concurrent import futures
+import multiprocessing
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -192,38 +195,76 @@ _FAMILIES = {"decode": (DECODE_PATHS, _draw_decode, _run_decode),
              "gemv": (GEMV_PATHS, _draw_gemv, _run_gemv)}
 
 
+def _path_row(family: str, path: str, cases: int, seed: int) -> dict:
+  """config.cases cases of one path, drawn from their own stream (the seed and the path's name),
+  so that a path's cases do not depend on which other paths run or where."""
+  interpret = jax.default_backend() != "gpu"
+  _, draw, check = _FAMILIES[family]
+  rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+  row = {"family": family, "path": path, "cases": 0, "failures": [], "worst_ratio": 0.0,
+         "skipped": ""}
+  for _ in range(cases):
+    case = draw(rng, path, large=not interpret)
+    try:
+      outcome = check(path, case, interpret)
+    except (NotImplementedError, ImportError) as err:  # a kernel the device lacks
+      row["skipped"] = f"{type(err).__name__}: {err}"[:200]
+      break
+    except Exception as err:  # pylint: disable=broad-except
+      outcome = {"ok": False, "errors": [f"{type(err).__name__}: {err}"[:300]], "ratio": None}
+    row["cases"] += 1
+    if not outcome["ok"]:
+      row["failures"].append({"case": case, "errors": outcome["errors"][:3]})
+    if outcome["ratio"] is not None:
+      row["worst_ratio"] = max(row["worst_ratio"], outcome["ratio"])
+  return row
+
+
+def _selected(config) -> list[tuple[str, str]]:
+  """(family, path) of config.paths ("" all), in the families' order; refuses unknown paths and
+  counts below 1."""
+  every = [(family, path) for family, (paths, _, _) in _FAMILIES.items() for path in paths]
+  wanted = set(config.paths.split(",")) if config.paths else {path for _, path in every}
+  unknown = wanted - {path for _, path in every}
+  if unknown:
+    raise harness.ConfigError(f"config.paths: {sorted(unknown)}; expected some of "
+                              f"{[path for _, path in every]}")
+  for field in ("cases", "workers"):
+    if int(config[field]) < 1:
+      raise harness.ConfigError(f"config.{field}={config[field]}: expected >= 1")
+  return [(family, path) for family, path in every if path in wanted]
+
+
+def _rows(config, selected):
+  """(family, path, row) as each path finishes: in this process, or over config.workers
+  processes (spawned: each compiles its kernels on its own cores; the cases are small, so
+  they share one GPU)."""
+  if config.workers <= 1:
+    for family, path in selected:
+      yield family, path, _path_row(family, path, config.cases, config.seed)
+    return
+  context = multiprocessing.get_context("spawn")
+  with futures.ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+    jobs = {pool.submit(_path_row, family, path, config.cases, config.seed): (family, path)
+            for family, path in selected}
+    for job in futures.as_completed(jobs):
+      yield *jobs[job], job.result()
+
+
 def run(config, workdir: str, name: str = "kernel_sweep", title: str = "") -> dict:
   """config.cases cases a path, for every path of config.paths; writes <name>.json and .md."""
-  interpret = jax.default_backend() != "gpu"
   results = harness.new_results(config, name, KIND, title)
-  rng = np.random.default_rng(config.seed)
+  selected = _selected(config)
   start = time.perf_counter()
-  for family, (paths, draw, check) in _FAMILIES.items():
-    for path in paths:
-      if config.paths and path not in config.paths.split(","):
-        continue
-      row = {"family": family, "path": path, "cases": 0, "failures": [], "worst_ratio": 0.0,
-             "skipped": ""}
-      for _ in range(config.cases):
-        case = draw(rng, path, large=not interpret)
-        try:
-          outcome = check(path, case, interpret)
-        except (NotImplementedError, ImportError) as err:  # a kernel the device lacks
-          row["skipped"] = f"{type(err).__name__}: {err}"[:200]
-          break
-        except Exception as err:  # pylint: disable=broad-except
-          outcome = {"ok": False, "errors": [f"{type(err).__name__}: {err}"[:300]],
-                     "ratio": None}
-        row["cases"] += 1
-        if not outcome["ok"]:
-          row["failures"].append({"case": case, "errors": outcome["errors"][:3]})
-        if outcome["ratio"] is not None:
-          row["worst_ratio"] = max(row["worst_ratio"], outcome["ratio"])
-      results["rows"].append(row)
-      note = f" ({row['skipped']})" if row["skipped"] else ""
-      print(f"{family} {path}: {row['cases']} cases, {len(row['failures'])} failures, worst "
-            f"error {row['worst_ratio']:.2f} of its tolerance{note}", flush=True)
-      write(workdir, results)
+  done = {}
+  for family, path, row in _rows(config, selected):
+    done[path] = row
+    results["rows"] = [done[p] for _, p in selected if p in done]
+    note = f" ({row['skipped']})" if row["skipped"] else ""
+    print(f"[{time.perf_counter() - start:.0f} s] {family} {path}: {row['cases']} cases, "
+          f"{len(row['failures'])} failures, worst error {row['worst_ratio']:.2f} of its "
+          f"tolerance{note}", flush=True)
+    write(workdir, results)
   results["status"] = "complete"
   results["elapsed_s"] = time.perf_counter() - start
   write(workdir, results)

@@ -572,8 +572,8 @@ def test_model_floor_counts_one_embedding_row_and_the_chosen_experts():
 
 
 def test_kernel_sweep_checks_every_case_and_records_failures(tmp_path, monkeypatch):
-  """configs/kernel_sweep_gpu.py interpreted on two paths: every case passes; a decode that is
-  off by 1% on one row is recorded as that path's failure, with the case that redraws it."""
+  """configs/kernel_sweep_gpu.py interpreted on two paths: every case passes; a decode that
+  negates one row is recorded as that path's failure, with the case that redraws it."""
   from configs import kernel_sweep_gpu  # pylint: disable=import-outside-toplevel
   from experiments import kernel_sweep  # pylint: disable=import-outside-toplevel
   config = kernel_sweep_gpu.get_config()
@@ -584,14 +584,41 @@ def test_kernel_sweep_checks_every_case_and_records_failures(tmp_path, monkeypat
   assert "| decode | triton | 2 | 0 |" in (tmp_path / "sweep.md").read_text()
 
   real = kernel_sweep.decode.mla_decode
-  def off(*args, **kwargs):
+  def off(*args, **kwargs):  # the first row that holds a token, negated
     out, lse = real(*args, **kwargs)
-    return out.at[0].multiply(1.01), lse
+    b = int(np.argmax(np.asarray(args[4]) > 0))
+    return out.at[b].multiply(-1), lse
   monkeypatch.setattr(kernel_sweep.decode, "mla_decode", off)
   config.update(dict(paths="triton", seed=3))
   [row] = kernel_sweep.run(config, str(tmp_path), name="sweep")["rows"]
-  failed = [f for f in row["failures"] if "row 0" in f["errors"][0]]
+  failed = [f for f in row["failures"] if f["errors"][0].startswith("row ")]
   assert failed and set(failed[0]["case"]) >= {"B", "H", "S", "lengths", "fill", "seed"}
+
+
+def test_kernel_sweep_in_worker_processes_gives_the_same_rows(tmp_path):
+  """Paths run in spawned worker processes give the rows that one process gives, in the
+  families' order, each path drawing the same cases wherever it runs."""
+  from configs import kernel_sweep_gpu  # pylint: disable=import-outside-toplevel
+  from experiments import kernel_sweep  # pylint: disable=import-outside-toplevel
+  config = kernel_sweep_gpu.get_config()
+  config.update(dict(cases=1, paths="triton_bf16,triton", seed=5))
+  alone = kernel_sweep.run(config, str(tmp_path / "one"), name="sweep")["rows"]
+  config.workers = 2
+  spread = kernel_sweep.run(config, str(tmp_path / "two"), name="sweep")["rows"]
+  assert [r["path"] for r in spread] == ["triton", "triton_bf16"]
+  assert spread == alone
+
+
+@pytest.mark.parametrize("field,value,message", [("paths", "triton,tritn", "'tritn'"),
+                                                 ("cases", 0, "cases=0"),
+                                                 ("workers", 0, "workers=0")])
+def test_kernel_sweep_refuses_bad_configs(tmp_path, field, value, message):
+  from configs import kernel_sweep_gpu  # pylint: disable=import-outside-toplevel
+  from experiments import kernel_sweep  # pylint: disable=import-outside-toplevel
+  config = kernel_sweep_gpu.get_config()
+  config[field] = value
+  with pytest.raises(harness.ConfigError, match=message):
+    kernel_sweep.run(config, str(tmp_path), name="sweep")
 
 
 def test_a_sweep_timed_before_the_generation_loop_says_so():
