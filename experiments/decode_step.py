@@ -191,8 +191,8 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
       impl = model.Implementation.parse(spec, config.cache_dtype)
       stack = _stack(impl, cfg, dtype=dtype, param_dtype=param_dtype, seed=config.seed)
       gate = _gate(config, stack, cfg, impl, references)
-      print(f"[{time.perf_counter() - start:.0f} s] {impl.name}: gate rel err {gate['gate_rel_err']:.2e} "
-            f"({'ok' if gate['gate_ok'] else 'FAILED'})", flush=True)
+      print(f"[{time.perf_counter() - start:.0f} s] {impl.name}: gate rel err "
+            f"{gate['gate_rel_err']:.2e} ({'ok' if gate['gate_ok'] else 'FAILED'})", flush=True)
       w_bytes = weight_bytes(stack)
       for B, S in shapes(config):
         row = {"impl": impl.name, "batch": B, "prompt_len": S, **gate}

@@ -196,7 +196,7 @@ _FAMILIES = {"decode": (DECODE_PATHS, _draw_decode, _run_decode),
 
 
 def _path_row(family: str, path: str, cases: int, seed: int) -> dict:
-  """config.cases cases of one path, drawn from their own stream (the seed and the path's name),
+  """`cases` cases of one path, drawn from their own stream (the seed and the path's name),
   so that a path's cases do not depend on which other paths run or where."""
   interpret = jax.default_backend() != "gpu"
   _, draw, check = _FAMILIES[family]
