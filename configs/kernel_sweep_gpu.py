@@ -16,5 +16,5 @@ def get_config():
   config.cases = 60  # cases drawn per path (10 paths: 600 cases)
   config.paths = ""  # comma-separated paths to run ("" all): triton, mosaic, triton_q8_0, ...
   config.seed = 0  # seed of the case draws (each path draws from the seed and its own name)
-  config.workers = 1  # processes running paths side by side (spawned; e.g. 10 on a 16-core GPU host)
+  config.workers = 1  # processes running paths side by side (spawned; e.g. 10 on a GPU host)
   return config
