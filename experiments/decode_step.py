@@ -113,7 +113,9 @@ def _gate(config, stack, cfg, impl, references: dict) -> dict:
 def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
   cfg = stack.cfg
   dtype = jnp.dtype(config.dtype)
-  max_len = S + config.n_gen + 1
+  # A capacity that every decode kernel takes: the Mosaic kernels need a multiple of 8 slots,
+  # and a cache of S + 65 would run the split on Triton
+  max_len = mla_jax.cache.round_slots(S + config.n_gen + 1)
   caches = fill_caches(stack.init_cache(B, max_len, dtype=jnp.dtype(impl.cache_dtype)), S, key)
   x = jax.random.normal(key, (B, 1, cfg.hidden_size), jnp.float32).astype(dtype)
   pos = jnp.full((B, 1), S, jnp.int32)

@@ -111,9 +111,8 @@ class MLAttention(nnx.Module):
     weight_format: None, "bf16", "q8_0" or "iq4_nl": how wk_b and wv_b are stored.
     gemv_lowering: "triton" or "mosaic", the fused GEMV kernel of backend="pallas".
     decode_lowering: None, "triton" or "mosaic", the split-KV kernel of backend="pallas" (None:
-      ops.mla_decode's choice, Mosaic on a Hopper GPU where it takes the arguments). On the
-      H200 both run inside XLA's command buffers and take the same time in the decode step
-      (docs/decode_step.md).
+      ops.mla_decode's choice, Mosaic on a Hopper GPU where it takes the arguments, among
+      them a cache of a multiple of 8 slots, as cache.round_slots gives).
     mesh: None, or a jax.sharding.Mesh for context-parallel decode: init_cache shards the latent
       cache along S over mesh axis `mesh_axis` (absorbed mode), and decode steps run
       parallel.mla_decode_sharded on it with the backend's kernel on each device.

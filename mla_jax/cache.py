@@ -30,8 +30,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mla_jax import parallel, quant
 from mla_jax.config import MLAConfig
+from mla_jax.ops.common import TMA_SLOTS
 
 MODES = ("standard", "absorbed")  # MLAttention's modes; each has its own cache type
+
+
+def round_slots(num_tokens: int) -> int:
+  """The least slot count of at least num_tokens that every decode kernel takes: the Mosaic
+  GPU kernels read the latent cache in TMA tiles, which need a multiple of ops.common.TMA_SLOTS
+  slots, and run the Triton kernel otherwise. A cache sized for a known number of tokens
+  (mla_jax.generate's) allocates this many."""
+  return -(-num_tokens // TMA_SLOTS) * TMA_SLOTS
 
 
 def _scatter_rows(buffer, new, start, num_new, seq_axis=1):

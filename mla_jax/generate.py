@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mla_jax.cache import round_slots
+
 
 def decode_loop_fn(module: nnx.Module, num_steps: int, *,
                    next_input: Callable[[jax.Array], jax.Array] | None = None):
@@ -63,7 +65,8 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, *, positions=Non
 
   model: a model.CausalLM. positions [B,T] (-1 = padding, e.g. left padding; default: each
   row's cache length + 0..T-1). cache: what the prompt continues (default: a fresh one of
-  T + max_new_tokens slots in the model's dtype); it is donated. One jitted prefill takes the
+  T + max_new_tokens slots, rounded up as cache.round_slots does, in the model's dtype); it is
+  donated. One jitted prefill takes the
   prompt; the first token comes from the logits of each row's last real token, and the next
   max_new_tokens - 1 tokens from decode steps inside one jit (lax.scan), each row's positions
   counting on from its last real one. A row of padding only stays padding (its tokens mean
@@ -80,7 +83,7 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, *, positions=Non
     raise ValueError(f"input_ids.shape={tuple(input_ids.shape)}; expected [B,T]")
   B, T = input_ids.shape
   if cache is None:
-    cache = model.init_cache(B, T + max_new_tokens, dtype=model.dtype)
+    cache = model.init_cache(B, round_slots(T + max_new_tokens), dtype=model.dtype)
   if positions is None:
     positions = cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
   positions = jnp.asarray(positions, jnp.int32)

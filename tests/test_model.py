@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import mla_jax
 from mla_jax.generate import _nucleus  # pylint: disable=protected-access
+from mla_jax.ops.decode import mosaic_common
 from helpers import GOLDEN_DIR, rel_err
 import hlo
 
@@ -109,6 +110,24 @@ def test_greedy_generation_equals_argmax_steps(rng):
     token, p = jnp.argmax(logits[:, 0], axis=-1), p + 1
     expected.append(token)
   np.testing.assert_array_equal(tokens, jnp.stack(expected, axis=1))
+
+
+@pytest.mark.parametrize("tokens,slots", [(1, 8), (8, 8), (9, 16), (16449, 16456)])
+def test_generation_caches_have_slots_every_decode_kernel_takes(tokens, slots):
+  """mla_jax.generate sizes its cache by round_slots: the least count of at least the tokens
+  that the Mosaic kernels' TMA tiles take (an S they refuse runs on Triton)."""
+  assert mla_jax.cache.round_slots(tokens) == slots
+  assert mosaic_common.rows_unsupported(slots) is None
+  assert mosaic_common.rows_unsupported(slots + 1) is not None
+
+
+def test_generation_rounds_its_cache_up(rng):
+  """A prompt of 3 and 2 new tokens get a fresh cache of 8 slots, 5 of them used."""
+  model, _ = _golden_model("absorbed")
+  ids = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (1, 3)), jnp.int32)
+  _, cache = mla_jax.generate(model, ids, 2)
+  assert cache[0].max_len == 8
+  np.testing.assert_array_equal(cache[0].lengths, [4])  # the last token is not yet fed
 
 
 def test_sampling_follows_rng(rng):

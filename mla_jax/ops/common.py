@@ -16,6 +16,7 @@ from mla_jax.ops import device
 LOG2E = math.log2(math.e)  # softmax in base 2: exp(x) = 2^(x·log2 e)
 LN2 = math.log(2.0)
 TRITON_MIN_DOT = 16  # Triton's minimum dot extent per dimension
+TMA_SLOTS = 8  # the Mosaic decode kernels' TMA tiles need the cache's slot count a multiple of it
 # 1.5·2^23: float32 values in [2^23, 2^24) have unit spacing, so the float whose bits are
 # MAGIC_BITS + i is MAGIC + i for every integer |i| < 2^22, and MAGIC + v rounds v to an integer
 # (to nearest even).

@@ -11,7 +11,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from mla_jax.ops.common import cache_dtype, next_pow2
+from mla_jax.ops.common import TMA_SLOTS, cache_dtype, next_pow2
 from mla_jax.ops.decode.merge_triton import MergeLaunch, merge_heads, merge_values
 from mla_jax.ops.mosaic.common import interpret_params
 
@@ -55,8 +55,8 @@ def few_heads_unsupported(q_latent, c_kv, k_rope) -> str | None:
 
 def rows_unsupported(S: int) -> str | None:
   """Why TMA cannot load tiles of an S-row cache, or None if it can."""
-  if S % 8:
-    return f"S={S}: the cache length must be a multiple of 8 (TMA tiles)"
+  if S % TMA_SLOTS:
+    return f"S={S}: the cache length must be a multiple of {TMA_SLOTS} (TMA tiles)"
   return None
 
 
