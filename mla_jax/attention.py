@@ -41,10 +41,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax import absorbed_step, ops, parallel, quant, rope
-from mla_jax.cache import MODES, KVCache, LatentCache, init_cache
+from mla_jax.cache import MODES, KVCache, LatentCache, init_cache, round_slots
 from mla_jax.config import MLAConfig
 from mla_jax.layers import InitSignature, Linear, RMSNorm
 from mla_jax.ops import device, xla
+from mla_jax.ops.common import TMA_SLOTS, resolve_impl
 
 BACKENDS = ("auto", "xla", "pallas", "cpu")
 WEIGHT_FORMATS = (None, "bf16", *quant.FORMATS)
@@ -162,11 +163,30 @@ class MLAttention(nnx.Module):
     over the module's mesh if it has one.
 
     dtype: None (the default) is the module's dtype, so that decode reads the cache without
-    converting it; int8 (absorbed only) stores c_kv as quant.Int8Rows.
+    converting it; int8 (absorbed only) stores c_kv as quant.Int8Rows. Warns where decode would
+    run a Mosaic kernel but for max_len, which they need a multiple of ops.common.TMA_SLOTS.
     """
-    return init_cache(self.cfg, batch_size, max_len, mode=self.mode,
-                      dtype=self.dtype if dtype is None else dtype, mesh=self.mesh,
-                      axis=self.mesh_axis)
+    cache = init_cache(self.cfg, batch_size, max_len, mode=self.mode,
+                       dtype=self.dtype if dtype is None else dtype, mesh=self.mesh,
+                       axis=self.mesh_axis)
+    if (self.mode == "absorbed" and self.mesh is None and self.decode_lowering is None
+        and resolve_impl(self.backend) == "pallas" and max_len % TMA_SLOTS
+        and self._decode_kernel(cache, max_len) == "triton"
+        and self._decode_kernel(cache, round_slots(max_len)) != "triton"):
+      warnings.warn(f"max_len={max_len} is not a multiple of {TMA_SLOTS}, which the Mosaic "
+                    "decode kernels need: decode runs the Triton kernel; "
+                    f"mla_jax.cache.round_slots({max_len}) = {round_slots(max_len)}",
+                    stacklevel=2)
+    return cache
+
+  def _decode_kernel(self, cache: LatentCache, slots: int) -> str:
+    """The kernel that decode would run on `cache` resized to `slots` (ops.decode.plan)."""
+    B, H, R = cache.lengths.shape[0], self.cfg.num_heads, self.cfg.qk_rope_head_dim
+    resized = jax.tree.map(lambda a: jax.ShapeDtypeStruct((B, slots, *a.shape[2:]), a.dtype),
+                           (cache.c_kv, cache.k_rope))
+    query = lambda n: jax.ShapeDtypeStruct((B, H, n), self.dtype)
+    return ops.decode.plan(query(self.cfg.kv_lora_rank), query(R), *resized, cache.lengths,
+                           impl="pallas", **self._decode_options).kernel
 
   def __call__(self, x, positions, cache, *, input_norm: RMSNorm | None = None):
     """x [B,T,D], positions [B,T] int (-1 = padding), cache -> (y [B,T,D], updated cache).

@@ -556,3 +556,23 @@ def test_pallas_without_a_gpu_warns_once():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     mla_jax.MLAttention(TINY, backend="pallas", rngs=nnx.Rngs(0))  # no second warning
+
+
+def test_init_cache_warns_when_max_len_keeps_decode_off_the_mosaic_kernels(monkeypatch):
+  """On a Hopper GPU (faked: only the plan is asked), a cache whose max_len is not a multiple of
+  8 would send decode to the Triton kernel where the Mosaic one takes a rounded one: a warning
+  names the rounded length. None for 16 slots, an explicit lowering, or an f32 module."""
+  monkeypatch.setattr(attention.device, "is_gpu", lambda: True)
+  monkeypatch.setattr(attention.device, "is_hopper", lambda: True)
+  cfg = dataclasses.replace(TINY, kv_lora_rank=128, qk_rope_head_dim=64)  # Mosaic's, int8 too
+  make = lambda **kw: mla_jax.MLAttention(cfg, backend="pallas", rngs=nnx.Rngs(0), **kw)
+  attn = make(dtype=jnp.bfloat16)
+  with pytest.warns(UserWarning, match=r"max_len=13 .*round_slots\(13\) = 16"):
+    attn.init_cache(1, 13)
+  with pytest.warns(UserWarning, match="max_len=13"):
+    attn.init_cache(1, 13, dtype=jnp.int8)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    attn.init_cache(1, 16)
+    make(dtype=jnp.bfloat16, decode_lowering="triton").init_cache(1, 13)
+    make(dtype=jnp.float32).init_cache(1, 13)
