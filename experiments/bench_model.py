@@ -128,20 +128,19 @@ def run(config, workdir: str, name: str = "model_tg", title: str = "") -> dict:
     raise harness.ConfigError(f"compare: {err}") from err
   results = harness.new_results(config, name, KIND, title)
   results.update(model_config=dataclasses.asdict(cfg), pairs=[list(p) for p in pairs])
-  start = time.perf_counter()
   reference: dict[int, list] = {}
-  for impl in impls:
-    lm = _build(impl, cfg, config)
-    for prompt_len in config.prompt_lengths:
-      row = _row(lm, impl, config, int(prompt_len))
-      expected = np.asarray(reference.setdefault(row["prompt_len"], row["tokens"]))
-      row["tokens_agree"] = float(np.mean(np.asarray(row["tokens"]) == expected))
-      results["rows"].append(row)
-      print(f"{impl.name} tg{row['n_gen']}@pp{row['prompt_len']}: tg {row['tg_tps']:.1f} t/s, "
-            f"pp {row['pp_tps']:.1f} t/s, tokens agree {row['tokens_agree']:.2f}", flush=True)
-      write(workdir, results)
-  results["status"] = "complete"
-  results["elapsed_s"] = time.perf_counter() - start
+  with harness.run_status(results):
+    for impl in impls:
+      lm = _build(impl, cfg, config)
+      for prompt_len in config.prompt_lengths:
+        row = _row(lm, impl, config, int(prompt_len))
+        expected = np.asarray(reference.setdefault(row["prompt_len"], row["tokens"]))
+        row["tokens_agree"] = float(np.mean(np.asarray(row["tokens"]) == expected))
+        results["rows"].append(row)
+        print(f"{impl.name} tg{row['n_gen']}@pp{row['prompt_len']}: tg {row['tg_tps']:.1f} "
+              f"t/s, pp {row['pp_tps']:.1f} t/s, tokens agree {row['tokens_agree']:.2f}",
+              flush=True)
+        write(workdir, results)
   write(workdir, results)
   print(table(results))
   return results

@@ -188,7 +188,7 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
   key = jax.random.key(config.seed)
   references = {}  # the gate's float32 outputs, by weight format
   start = time.perf_counter()
-  try:
+  with harness.run_status(results):
     for spec in config.impls.split(","):
       impl = model.Implementation.parse(spec, config.cache_dtype)
       stack = _stack(impl, cfg, dtype=dtype, param_dtype=param_dtype, seed=config.seed)
@@ -212,10 +212,6 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
         print(f"[{time.perf_counter() - start:.0f} s] {_line(row)}", flush=True)
         write(workdir, results)
       del stack
-    results["status"] = "complete"
-  except KeyboardInterrupt:
-    results["status"] = "interrupted"
-  results["elapsed_s"] = time.perf_counter() - start
   write(workdir, results)
   return results
 

@@ -25,6 +25,7 @@ after every row so that an interrupted run keeps what it finished.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import glob
@@ -405,6 +406,21 @@ def new_results(config, name: str, kind: str, title: str = "") -> dict:
   return {"name": name, "kind": kind, "title": title, "environment": environment(),
           "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
           "status": "running", "rows": []}
+
+
+@contextlib.contextmanager
+def run_status(results: dict):
+  """Around a benchmark's loop: results["status"] becomes "complete", or "interrupted" on a
+  KeyboardInterrupt (Ctrl-C, or SIGTERM, which main.py turns into one), which stops there;
+  results["elapsed_s"] is the seconds spent inside. The rows finished stay in the results."""
+  start = time.perf_counter()
+  try:
+    yield
+    results["status"] = "complete"
+  except KeyboardInterrupt:
+    results["status"] = "interrupted"
+  finally:
+    results["elapsed_s"] = time.perf_counter() - start
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence], align: str | None = None) -> str:

@@ -257,16 +257,15 @@ def run(config, workdir: str, name: str = "kernel_sweep", title: str = "") -> di
   selected = _selected(config)
   start = time.perf_counter()
   done = {}
-  for family, path, row in _rows(config, selected):
-    done[path] = row
-    results["rows"] = [done[p] for _, p in selected if p in done]
-    note = f" ({row['skipped']})" if row["skipped"] else ""
-    print(f"[{time.perf_counter() - start:.0f} s] {family} {path}: {row['cases']} cases, "
-          f"{len(row['failures'])} failures, worst error {row['worst_ratio']:.2f} of its "
-          f"tolerance{note}", flush=True)
-    write(workdir, results)
-  results["status"] = "complete"
-  results["elapsed_s"] = time.perf_counter() - start
+  with harness.run_status(results):
+    for family, path, row in _rows(config, selected):
+      done[path] = row
+      results["rows"] = [done[p] for _, p in selected if p in done]
+      note = f" ({row['skipped']})" if row["skipped"] else ""
+      print(f"[{time.perf_counter() - start:.0f} s] {family} {path}: {row['cases']} cases, "
+            f"{len(row['failures'])} failures, worst error {row['worst_ratio']:.2f} of its "
+            f"tolerance{note}", flush=True)
+      write(workdir, results)
   write(workdir, results)
   print(table(results))
   return results

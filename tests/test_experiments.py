@@ -485,6 +485,24 @@ def test_decode_step_times_the_named_shapes_or_every_pair():
   assert decode_step.shapes(config) == [(1, 128), (8, 16384)]
 
 
+def test_run_status_marks_a_run_complete_interrupted_or_neither():
+  """A loop that ends is complete; one stopped by Ctrl-C (or SIGTERM) is interrupted, and the
+  interrupt stops there; any other error leaves the status as it was and goes on up."""
+  for body, status in [(lambda: None, "complete"), (_interrupt, "interrupted")]:
+    results = {"status": "running"}
+    with harness.run_status(results):
+      body()
+    assert results["status"] == status and results["elapsed_s"] >= 0
+  results = {"status": "running"}
+  with pytest.raises(ValueError), harness.run_status(results):
+    raise ValueError("a bug")
+  assert results["status"] == "running" and "elapsed_s" in results
+
+
+def _interrupt():
+  raise KeyboardInterrupt
+
+
 def test_kernel_count_sees_kernels_with_several_outputs():
   """A kernel with a tuple of outputs (a Pallas call, a multi-output fusion) counts once, as a
   single-output one does; parameters, tuples and bitcasts count for nothing."""
