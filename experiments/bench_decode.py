@@ -92,7 +92,7 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
   results["clock"] = "device" if jax.default_backend() == "gpu" else "wall"
   results["sm_scale"] = SM_SCALE
   key = jax.random.key(config.seed)
-  try:
+  with harness.run_status(results):
     for H in config.heads:
       for B, S in config.shapes:
         for fmt in config.formats:
@@ -101,9 +101,6 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
           lines = table({**results, "rows": results["rows"][-1:]}).splitlines()
           print("\n".join(lines if len(results["rows"]) == 1 else lines[-1:]), flush=True)
           write(workdir, results)
-    results["status"] = "complete"
-  except KeyboardInterrupt:
-    results["status"] = "interrupted"
   write(workdir, results)
   return results
 

@@ -116,7 +116,7 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
   results["devices"] = mesh.shape["kv"]
   results["merge_rows"] = []
   key = jax.random.key(config.seed)
-  try:
+  with harness.run_status(results):
     for B, S in config.shapes:
       for fmt in config.formats:
         key, sub = jax.random.split(key)
@@ -128,9 +128,6 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
       key, sub = jax.random.split(key)
       results["merge_rows"].append(_merge_case(config, sub, mesh, B, H))
       write(workdir, results)
-    results["status"] = "complete"
-  except KeyboardInterrupt:
-    results["status"] = "interrupted"
   write(workdir, results)
   print(markdown(results))
   return results
