@@ -113,9 +113,7 @@ def _gate(config, stack, cfg, impl, references: dict) -> dict:
 def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
   cfg = stack.cfg
   dtype = jnp.dtype(config.dtype)
-  # A capacity that every decode kernel takes: the Mosaic kernels need a multiple of 8 slots,
-  # and a cache of S + 65 would run the split on Triton
-  max_len = mla_jax.cache.round_slots(S + config.n_gen + 1)
+  max_len = _slots(config, S)
   caches = fill_caches(stack.init_cache(B, max_len, dtype=jnp.dtype(impl.cache_dtype)), S, key)
   x = jax.random.normal(key, (B, 1, cfg.hidden_size), jnp.float32).astype(dtype)
   pos = jnp.full((B, 1), S, jnp.int32)
@@ -160,6 +158,13 @@ def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
   return row
 
 
+def _slots(config, S: int) -> int:
+  """The caches' slots for prompt length S: room for the timed steps, rounded up to a count that
+  every decode kernel takes (the Mosaic kernels need a multiple of 8; S + 65 slots would run the
+  split on Triton)."""
+  return mla_jax.cache.round_slots(S + config.n_gen + 1)
+
+
 def shapes(config) -> list[tuple[int, int]]:
   """The (batch, prompt length) pairs timed: config.shapes, or every batch × prompt length."""
   if config.shapes:
@@ -174,7 +179,7 @@ def _fits(config, cfg, impl, B, S) -> str | None:
   else:
     per_token = cfg.kv_lora_rank + cfg.qk_rope_head_dim * 2 + (
         4 if impl.cache_dtype == "int8" else cfg.kv_lora_rank)
-  gb = cfg.num_layers * B * (S + config.n_gen + 1) * per_token / 1e9
+  gb = cfg.num_layers * B * _slots(config, S) * per_token / 1e9
   if gb > config.max_cache_gb:
     return f"caches of {gb:.0f} GB exceed max_cache_gb={config.max_cache_gb}"
   return None
