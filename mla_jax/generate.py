@@ -66,12 +66,12 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, *, positions=Non
   model: a model.CausalLM. positions [B,T] (-1 = padding, e.g. left padding; default: each
   row's cache length + 0..T-1). cache: what the prompt continues (default: a fresh one of
   T + max_new_tokens slots, rounded up as cache.round_slots does, in the model's dtype); it is
-  donated. One jitted prefill takes the
-  prompt; the first token comes from the logits of each row's last real token, and the next
-  max_new_tokens - 1 tokens from decode steps inside one jit (lax.scan), each row's positions
-  counting on from its last real one. A row of padding only stays padding (its tokens mean
-  nothing). The returned cache holds the prompt and every generated token but the last (feed
-  tokens[:, -1:] with it to continue); a cache too short raises ValueError (cache.check).
+  donated. One jitted prefill takes the prompt; the first token comes from the logits of each
+  row's last real token, and the next max_new_tokens - 1 tokens from decode steps inside one jit
+  (lax.scan), each row's positions counting on from its last real one. A row of padding only
+  stays padding (its tokens mean nothing). The returned cache holds the prompt and every
+  generated token but the last (feed tokens[:, -1:] with it to continue); a cache too short
+  raises ValueError (cache.check).
 
   Sampling: temperature 0 takes the argmax (greedy); otherwise softmax(logits / temperature),
   restricted to the top_p nucleus (the smallest set of most likely tokens whose probability
