@@ -32,7 +32,8 @@ def test_merge_pieces_equals_merge_partials(rng, P, B, C, N, launch):
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
   finite = np.isfinite(ref_lse)
-  np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=1e-6,
+                             atol=1e-6)
 
 
 @pytest.mark.parametrize("merge", merge_triton.MERGES)
@@ -47,7 +48,7 @@ def test_merge_heads_returns_the_first_heads(rng, merge):
   ref_out, ref_lse = merge_partials(o_parts[:, :, :H], lse_parts[:, :, :H])
   assert out.shape == (B, H, C) and out.dtype == jnp.bfloat16 and lse.shape == (B, H)
   np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, rtol=1e-2, atol=1e-2)
-  np.testing.assert_allclose(lse, ref_lse, rtol=1e-6)
+  np.testing.assert_allclose(lse, ref_lse, rtol=1e-6, atol=1e-6)
 
 
 def _merged_and_projected(o_parts, lse_parts, wv_b):
