@@ -1,5 +1,7 @@
 """The XLA CPU shard path (ops/decode/cpu.py) against the float32 reference."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +61,7 @@ def test_default_shard_size_several_steps(rng, fmt):
   under jit with traced lengths; the loop stops at the longest row."""
   B, H, C, R = 2, 8, 128, 32
   shard = cpu.default_shard_size(H, C, R, jnp.dtype(fmt))
-  step = shard * cpu.default_shards_per_step(shard, C, R, jnp.dtype(fmt))
+  step = shard * cpu.default_shards_per_step(shard, C, R)
   S = 2 * step + shard // 2 + 3
   lengths = [S - 1, int(rng.integers(shard, 2 * shard))]
   args = _inputs(rng, fmt, B, H, S, C, R, lengths)
@@ -99,15 +101,24 @@ def test_shards_per_step_do_not_change_the_result(rng):
     _check(args, out, lse, "float32", 0.1)
 
 
-def test_shard_size_heuristic_is_cache_aware():
-  sizes = {d: cpu.default_shard_size(16, 512, 64, jnp.dtype(d))
-           for d in ("float32", "float16", "bfloat16", "int8")}
-  assert sizes["float32"] < sizes["bfloat16"] and sizes["int8"] == sizes["bfloat16"]
-  for d, size in sizes.items():
-    itemsize = cpu.compute_dtype(d).itemsize
-    row = (512 + 64) * itemsize + 16 * (8 + itemsize)
+def test_shard_sizes_follow_the_caches():
+  """A step's float32 rows fill at most L3_FILL of the L3 (and no less than half of it); shards
+  whose rows are the score product's right operand fit L2_FILL of one core's L2; those whose rows
+  are its left operand split a step over the cores."""
+  W = cpu.default_rows_per_step(512, 64)
+  f32_row = (512 + 64) * 4
+  assert W & (W - 1) == 0 and W * f32_row <= cpu.L3_FILL * cpu.L3_BYTES < 2 * W * f32_row
+  for d in ("float32", "float16", "bfloat16", "int8"):
+    tuning = cpu.choose_tuning(16, 512, 64, jnp.dtype(d))
+    size, dtype = tuning.shard_size, cpu.compute_dtype(d)
     assert size & (size - 1) == 0
-    assert size * row <= cpu.L2_FILL * cpu.L2_BYTES < 2 * size * row
+    assert tuning.shard_size * tuning.shards_per_step == max(W, size * cpu.CORES)
+    if cpu.rows_left(dtype):
+      assert d in ("float32", "float16")
+      assert size == max(cpu.MIN_SHARD, 1 << int(math.log2(W / cpu.CORES)))
+    else:
+      row = (512 + 64) * dtype.itemsize + 16 * (8 + dtype.itemsize)
+      assert size * row <= cpu.L2_FILL * cpu.L2_BYTES < 2 * size * row
 
 
 def test_bad_arguments_raise(rng):

@@ -22,10 +22,16 @@ What XLA CPU makes of it (jax 0.11): every dot is a YNNPACK fusion; the whole-ca
 (impl="xla") computes its value product [H,S]·[S,C] as one GEMM with a K=S reduction, which gets
 slower per FLOP as S grows, while the per-shard GEMMs keep K = S_p. See docs/cpu_decode.md.
 
-Sizes (ShardTuning, from `default_shard_size` and `default_shards_per_step`): a shard's working
-set (its rows in the compute dtype plus its [H,S_p] scores and probabilities) fits in L2_FILL of
-one core's L2; a step's rows fit in L3_FILL of the L3. Few large steps are faster than many small ones: each
-step's GEMMs end with the cores waiting for each other.
+The score product's operand order follows the compute dtype (`rows_left`): XLA CPU's float32
+GEMM is faster with the shard's rows as the left operand ([S_p,C]·[C,H], then transposed), its
+bfloat16 GEMM with the queries there ([H,C]·[C,S_p]).
+
+Sizes (ShardTuning, from `default_rows_per_step`, `default_shard_size` and
+`default_shards_per_step`): a step's rows, counted as float32, fit in L3_FILL of the L3, so they
+stay in cache between the two products; few large steps are faster than many small ones, since
+each step's GEMMs end with the cores waiting for each other. Where the rows are the right operand
+(bfloat16), a shard's working set (its rows plus its [H,S_p] scores and probabilities) fits in
+L2_FILL of one core's L2; where they are the left one (float32), the step is one shard per core.
 
 A quant.Int8Rows cache is cast to bfloat16 per step (exact: |q| <= 127) and its per-token scale
 multiplies the scores and the probabilities, so no dequantized copy of the cache is ever made.
@@ -49,7 +55,7 @@ f32 = jnp.float32
 MASK_VALUE = -jnp.inf
 
 L2_FILL = 0.75  # share of one core's L2 that a shard's working set may take
-L3_FILL = 0.25  # share of the shared L3 that one loop step's rows may take
+L3_FILL = 0.3  # share of the shared L3 that one loop step's rows, as float32, may take
 MIN_SHARD, MAX_SHARD = 64, 4096
 
 
@@ -97,39 +103,65 @@ def _pow2_floor(x: float) -> int:
   return 1 << max(0, int(x).bit_length() - 1)
 
 
+def rows_left(dtype) -> bool:
+  """Whether a shard's score product takes its cache rows as the left operand, [S_p,C]·[C,H]
+  (then transposed), rather than the queries, [H,C]·[C,S_p]. Measured on XLA CPU's YNNPACK
+  GEMMs (jax 0.11, AVX-512 BF16; docs/cpu_decode.md): float32 runs the rows-left form 1.3–2×
+  faster, bfloat16 is as fast or faster with the queries on the left."""
+  return jnp.dtype(dtype) == f32
+
+
+@functools.lru_cache(maxsize=None)
+def default_rows_per_step(kv_lora_rank: int, rope_dim: int) -> int:
+  """Largest power of two W with W float32 rows (c_kv and k_rope) within L3_FILL of the L3: 4096
+  on a 32 MiB L3. Measured there (S = 16384): float32 steps of 2048, 4096 and 8192 rows took
+  5.8, 5.0 and 6.2 ms; bfloat16 ones of 4096 and 8192 rows were even, and the larger lost under
+  load from other jobs, so bfloat16 steps have the same rows (half the bytes)."""
+  row = (kv_lora_rank + rope_dim) * jnp.dtype(f32).itemsize
+  return max(MIN_SHARD * CORES, _pow2_floor(L3_FILL * L3_BYTES / row))
+
+
 @functools.lru_cache(maxsize=None)
 def default_shard_size(num_heads: int, kv_lora_rank: int, rope_dim: int, cache_dtype) -> int:
-  """Largest power of two S_p with S_p·(bytes of one row's working set) <= L2_FILL·L2_BYTES.
+  """Rows of one shard, S_p (a power of two).
 
-  A row's working set: its c_kv and k_rope in the compute dtype plus H float32 scores, H float32
-  and H compute-dtype probabilities. bfloat16 and int8 caches give 512 rows on a 1 MiB L2,
-  float32 and float16 ones 256.
+  Rows on the left of the score product (float32 and float16 caches): a step's rows over the
+  cores, one shard per core (2048 rows on 2 cores; measured 2.40 ms at S = 8224 against 2.58 for
+  1024-row and 2.55 for 512-row shards). Rows on the right (bfloat16 and int8 caches): the
+  largest S_p whose working set fits in L2_FILL of one core's L2, a row's working set being its
+  c_kv and k_rope in the compute dtype plus H float32 scores, H float32 and H compute-dtype
+  probabilities: 512 rows on a 1 MiB L2.
   """
-  itemsize = compute_dtype(cache_dtype).itemsize
-  row = (kv_lora_rank + rope_dim) * itemsize + num_heads * (4 + 4 + itemsize)
-  return max(MIN_SHARD, min(MAX_SHARD, _pow2_floor(L2_FILL * L2_BYTES / row)))
+  dtype = compute_dtype(cache_dtype)
+  if rows_left(dtype):
+    shard = _pow2_floor(default_rows_per_step(kv_lora_rank, rope_dim) / CORES)
+  else:
+    row = (kv_lora_rank + rope_dim) * dtype.itemsize + num_heads * (4 + 4 + dtype.itemsize)
+    shard = _pow2_floor(L2_FILL * L2_BYTES / row)
+  return max(MIN_SHARD, min(MAX_SHARD, shard))
 
 
-@functools.lru_cache(maxsize=None)
-def default_shards_per_step(shard_size: int, kv_lora_rank: int, rope_dim: int,
-                            cache_dtype) -> int:
-  """Largest power of two g (at least CORES) with g·shard_size rows in the compute dtype within
-  L3_FILL of L3: few, large steps (each step's GEMMs synchronise the cores) whose rows still stay
-  in L3 between the two products. 8 shards of 512 bfloat16 rows (4096 rows) on a 32 MiB L3."""
-  row = (kv_lora_rank + rope_dim) * compute_dtype(cache_dtype).itemsize
-  return max(CORES, _pow2_floor(L3_FILL * L3_BYTES / (row * shard_size)))
+def default_shards_per_step(shard_size: int, kv_lora_rank: int, rope_dim: int) -> int:
+  """Shards a step: default_rows_per_step over shard_size, and at least one per core."""
+  return max(CORES, default_rows_per_step(kv_lora_rank, rope_dim) // shard_size)
 
 
 def choose_tuning(H: int, C: int, R: int, cache_dtype) -> ShardTuning:
   """The cache-aware sizes: default_shard_size, then default_shards_per_step."""
-  cache_dtype = jnp.dtype(cache_dtype)
-  shard_size = default_shard_size(H, C, R, cache_dtype)
-  return ShardTuning(shard_size, default_shards_per_step(shard_size, C, R, cache_dtype))
+  shard_size = default_shard_size(H, C, R, jnp.dtype(cache_dtype))
+  return ShardTuning(shard_size, default_shards_per_step(shard_size, C, R))
 
 
 def _dot(a, b, contract_a, contract_b):
   return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
                          preferred_element_type=f32)
+
+
+def _scores(q_HK, rows_SK):
+  """q·rowsᵀ [H,S_p] float32, with the operand order that `rows_left` picks for the dtype."""
+  if rows_left(rows_SK.dtype):
+    return _dot(rows_SK, q_HK, 1, 1).T
+  return _dot(q_HK, rows_SK, 1, 1)
 
 
 def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_scale,
@@ -149,10 +181,10 @@ def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_sc
   j = jnp.arange(c_kv_SC.shape[0])
   visible = (j >= lo) & (j < hi)
   values = jnp.where(visible[:, None], c_kv_SC, 0) if stale_rows else c_kv_SC
-  scores = _dot(q_latent_HC, values if rows_copied else c_kv_SC, 1, 1)  # [H,S_p]
+  scores = _scores(q_latent_HC, values if rows_copied else c_kv_SC)  # [H,S_p]
   if scale_S is not None:
     scores = scores * scale_S[None, :]
-  scores = (scores + _dot(q_rope_HR, k_rope_SR, 1, 1)) * sm_scale
+  scores = (scores + _scores(q_rope_HR, k_rope_SR)) * sm_scale
   scores = jnp.where(visible[None, :], scores, MASK_VALUE)
   m = jnp.max(scores, axis=1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
