@@ -27,7 +27,8 @@ def get_config():
   # Implementations "layer/backend[:cache=dtype][:option=value]" (experiments/model.py).
   config.impls = "standard/xla,absorbed/xla,absorbed/cpu"
   # Speedup columns "candidate vs baseline", comma-separated: t/s(candidate) / t/s(baseline).
-  config.compare = "absorbed/xla vs standard/xla,absorbed/cpu vs standard/xla"
+  config.compare = ("absorbed/xla vs standard/xla,absorbed/cpu vs standard/xla,"
+                    "absorbed/cpu vs absorbed/xla")
   config.gate_reference = "standard/xla"  # decode output every impl must match at the first N
   # Gate tolerance on ‖attn − ref‖/‖ref‖ (all layers' attention outputs), keyed by the least
   # precise dtype an impl uses (compute or cache).

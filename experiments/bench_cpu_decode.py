@@ -12,8 +12,8 @@ order rotating every round (harness.interleave); the median per formulation is r
 memory floor is cache bytes over the read bandwidth of a large array sum timed in the same
 process (before the cases and after each format; the fastest is used); the compute floor is the
 step's GEMM FLOPs over the rate of a large GEMM timed in the same process. The rate of the shard
-path's own GEMM shape, [H, C+R]·[C+R, shard], is timed beside it: what XLA CPU makes of the
-skinny products, against the large GEMM.
+path's own score product, a step's [H, C+R]·[C+R, shard] batched over its shards, is timed
+beside it: what XLA CPU makes of the skinny products, against the large GEMM.
 """
 
 from __future__ import annotations
@@ -107,36 +107,49 @@ def read_bandwidth(nbytes: int, trials: int = 9) -> float:
   return nbytes / statistics.median(samples)
 
 
-def gemm_rate(dtype, m: int, k: int, n: int, trials: int = 3) -> float:
-  """FLOP/s of an [m,k]·[k,n] XLA dot with float32 accumulation (best of trials; a small dot
-  repeated inside one call, so that a trial lasts long enough to time)."""
-  a = jax.random.normal(jax.random.key(2), (m, k), dtype)
-  b = jax.random.normal(jax.random.key(3), (k, n), dtype)
-  repeats = max(1, 2**31 // (2 * m * k * n))
+def _rate(product, a, b, flops: int, trials: int = 3) -> float:
+  """FLOP/s of product(a, b), `flops` each (best of trials; repeated inside one call, with a
+  changed by each repeat so that XLA cannot hoist the product out of the loop)."""
+  repeats = max(1, 2**31 // flops)
+  out = jax.eval_shape(product, a, b)
 
-  def dots(a, b):
-    body = lambda i, acc: acc + jnp.dot(a + i.astype(dtype), b, preferred_element_type=f32)
-    return jax.lax.fori_loop(0, repeats, body, jnp.zeros((m, n), f32))
+  def products(a, b):
+    body = lambda i, acc: acc + product(a + i.astype(a.dtype), b)
+    return jax.lax.fori_loop(0, repeats, body, jnp.zeros(out.shape, out.dtype))
 
-  dot = jax.jit(dots)
-  jax.block_until_ready(dot(a, b))
+  timed = jax.jit(products)
+  jax.block_until_ready(timed(a, b))
   best = math.inf
   for _ in range(trials):
     t0 = time.perf_counter()
-    jax.block_until_ready(dot(a, b))
+    jax.block_until_ready(timed(a, b))
     best = min(best, time.perf_counter() - t0)
-  return 2 * m * k * n * repeats / best
+  return flops * repeats / best
+
+
+def gemm_rate(dtype, m: int, k: int, n: int) -> float:
+  """FLOP/s of an [m,k]·[k,n] XLA dot with float32 accumulation."""
+  a = jax.random.normal(jax.random.key(2), (m, k), dtype)
+  b = jax.random.normal(jax.random.key(3), (k, n), dtype)
+  return _rate(functools.partial(jnp.dot, preferred_element_type=f32), a, b, 2 * m * k * n)
 
 
 def _shard_gemm_gflops(config) -> dict:
-  """GFLOP/s of the shard path's score product, [H, C+R]·[C+R, shard] with its default shard
-  size, per compute dtype (float32 for a float32 cache, bfloat16 otherwise)."""
+  """GFLOP/s of the shard path's score product as a step runs it: the queries [H, C+R] against
+  each of a step's shards [shard, C+R], batched over the shards, in the operand order the path
+  uses (cpu.rows_left), with the default sizes; per compute dtype (float32 for a float32 cache,
+  bfloat16 otherwise)."""
   H, K = config.num_heads, config.kv_lora_rank + config.rope_dim
   found = {}
   for dtype in ("float32", "bfloat16"):
-    shard = cpu.choose_tuning(H, config.kv_lora_rank, config.rope_dim, dtype).shard_size
-    found[dtype] = {"shape": f"[{H},{K}]·[{K},{shard}]",
-                    "gflops": gemm_rate(cpu.compute_dtype(jnp.dtype(dtype)), H, K, shard) / 1e9}
+    tuning = cpu.choose_tuning(H, config.kv_lora_rank, config.rope_dim, dtype)
+    g, shard = tuning.shards_per_step, tuning.shard_size
+    q = jax.random.normal(jax.random.key(2), (g, H, K), dtype)
+    rows = jax.random.normal(jax.random.key(3), (g, shard, K), dtype)
+    order = "rows·qᵀ" if cpu.rows_left(dtype) else "q·rowsᵀ"
+    found[dtype] = {"shape": f"{g}× [{H},{K}]·[{K},{shard}], {order}",
+                    "gflops": _rate(jax.vmap(cpu.score_product), q, rows,
+                                    2 * g * H * K * shard) / 1e9}
   return found
 
 

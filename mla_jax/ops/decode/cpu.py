@@ -157,7 +157,7 @@ def _dot(a, b, contract_a, contract_b):
                          preferred_element_type=f32)
 
 
-def _scores(q_HK, rows_SK):
+def score_product(q_HK, rows_SK):
   """q·rowsᵀ [H,S_p] float32, with the operand order that `rows_left` picks for the dtype."""
   if rows_left(rows_SK.dtype):
     return _dot(rows_SK, q_HK, 1, 1).T
@@ -181,10 +181,10 @@ def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_sc
   j = jnp.arange(c_kv_SC.shape[0])
   visible = (j >= lo) & (j < hi)
   values = jnp.where(visible[:, None], c_kv_SC, 0) if stale_rows else c_kv_SC
-  scores = _scores(q_latent_HC, values if rows_copied else c_kv_SC)  # [H,S_p]
+  scores = score_product(q_latent_HC, values if rows_copied else c_kv_SC)  # [H,S_p]
   if scale_S is not None:
     scores = scores * scale_S[None, :]
-  scores = (scores + _scores(q_rope_HR, k_rope_SR)) * sm_scale
+  scores = (scores + score_product(q_rope_HR, k_rope_SR)) * sm_scale
   scores = jnp.where(visible[None, :], scores, MASK_VALUE)
   m = jnp.max(scores, axis=1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
