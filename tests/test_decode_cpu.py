@@ -73,10 +73,11 @@ def test_default_shard_size_several_steps(rng, fmt):
 
 
 def test_cut_visits_each_row_once():
-  """Hand-computed cuts for float32's sizes on a 1 MiB L2 (256-row shards, 8 a step)."""
+  """Hand-computed cuts for 256-row shards, 8 a step (W = 2048 rows)."""
   tuning = cpu.ShardTuning(shard_size=256, shards_per_step=8)
-  assert cpu.cut(2080, tuning) == (0, 0, 2080)  # under two steps: one shard
-  assert cpu.cut(4095, tuning) == (0, 0, 4095)
+  assert cpu.cut(2047, tuning) == (0, 0, 2047)  # under one step: one shard
+  assert cpu.cut(2080, tuning) == (1, 0, 32)
+  assert cpu.cut(4095, tuning) == (1, 7, 255)
   assert cpu.cut(4096, tuning) == (2, 0, 0)
   assert cpu.cut(8224, tuning) == (4, 0, 32)
   assert cpu.cut(5152, tuning) == (2, 4, 32)  # 2048·2 + 256·4 + 32
