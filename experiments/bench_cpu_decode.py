@@ -153,14 +153,6 @@ def _shard_gemm_gflops(config) -> dict:
   return found
 
 
-def _loadavg():
-  try:
-    with open("/proc/loadavg", encoding="ascii") as f:
-      return [float(x) for x in f.read().split()[:3]]
-  except OSError:
-    return None
-
-
 def _case(config, key, S, fmt, bandwidth, rates, length=None) -> dict:
   B, H, C, R = config.batch_size, config.num_heads, config.kv_lora_rank, config.rope_dim
   length = S if length is None else length
@@ -210,7 +202,7 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
   results["partial_fills"] = []
   start = time.perf_counter()
   key = jax.random.key(config.seed)
-  results["loadavg_before"] = _loadavg()
+  results["loadavg_before"] = harness.loadavg()
   bandwidths = [read_bandwidth(config.bandwidth_bytes)]
   n = config.gemm_size
   rates = {d: gemm_rate(d, n, n, n) for d in ("bfloat16", "float32")}
@@ -242,7 +234,7 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
     r["memory_floor_ms"] = r["cache_bytes"] / bandwidth * 1e3
     for impl in IMPLS:
       r[f"{impl}_over_floor"] = r[f"{impl}_ms"] / r["memory_floor_ms"]
-  results["loadavg_after"] = _loadavg()
+  results["loadavg_after"] = harness.loadavg()
   results["read_bandwidth_gbps"] = {"before": bandwidths[0] / 1e9, "after": bandwidths[-1] / 1e9,
                                     "all": [b / 1e9 for b in bandwidths], "used": bandwidth / 1e9}
   results["elapsed_s"] = time.perf_counter() - start

@@ -199,6 +199,16 @@ def interleave(timers: Mapping[str, Timer], *, rounds: int,
   return samples
 
 
+def loadavg() -> list[float] | None:
+  """The host's 1-, 5- and 15-minute load averages (Linux), or None where there are none: a run
+  on a shared host records them, since other jobs move its timings."""
+  try:
+    with open("/proc/loadavg", encoding="ascii") as f:
+      return [float(x) for x in f.read().split()[:3]]
+  except OSError:
+    return None
+
+
 def mean_std(values) -> tuple[float, float]:
   """Mean and sample standard deviation (0 for a single value)."""
   n = len(values)

@@ -2,8 +2,9 @@
 
 <name>.json holds, besides harness.new_results's name, kind, title, config, environment, status
 and rows: mla_config, impls and pairs (the speedup columns: (candidate, baseline)), one row per
-prompt length and implementation (status, pp/tg seconds and t/s), implementations (status,
-reason and gate error of each) and elapsed_s.
+prompt length and implementation (status, pp/tg seconds and t/s per rep, the implementations
+whose reps alternated with its own), implementations (status, reason and gate error of each),
+elapsed_s and the host's load averages before and after.
 
 `python -m experiments.publish --render=<workdir>` re-renders <name>.md and <name>.png from the
 JSON file.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 
 from experiments import harness
 
@@ -94,10 +96,17 @@ def _cell(row, which: str) -> str:
 
 
 def speedup(a: dict | None, b: dict | None) -> tuple[float, float] | None:
-  """tg t/s(a) / t/s(b) and its std: the two relative stds added in quadrature."""
+  """tg t/s(a) / t/s(b) and its spread. The sweep alternates the reps of the implementations that
+  share a prefill (a row's `alternated`), so rep i of a and of b ran side by side: their speedup
+  is the median of the per-rep ratios and the spread the ratios' sample std, which a change in a
+  shared host's load moves far less than the ratio of means. Other pairs (and older results)
+  give the ratio of means and the two relative stds added in quadrature."""
   ta, tb = _tps(a, "tg"), _tps(b, "tg")
   if not ta or not tb:
     return None
+  if b["impl"] in a.get("alternated", ()):
+    ratios = [x / y for x, y in zip(a["tg_tps"], b["tg_tps"])]
+    return statistics.median(ratios), harness.mean_std(ratios)[1]
   ratio = ta / tb
   return ratio, ratio * math.hypot(a["tg_tps_std"] / ta, b["tg_tps_std"] / tb)
 
@@ -137,8 +146,12 @@ def markdown(results: dict) -> str:
            "calls" if in_jit else "each its own jitted call")
   lines.append(f"t/s = B·tokens / seconds; tg: mean ± sample std over "
                f"{results['config']['reps']} reps of {results['config']['n_gen']} decode steps "
-               f"{steps}; pp: the prompt's prefill, compile excluded; sweep "
-               f"{results['status']}.")
+               f"{steps}; speedup: the median of the per-rep ratios where the two "
+               f"implementations' reps alternated (they share a prefill), else the ratio of the "
+               f"means; pp: the prompt's prefill, compile excluded; sweep {results['status']}"
+               + (f"; host load {results['loadavg_before']} before, "
+                  f"{results.get('loadavg_after')} after" if results.get("loadavg_before") else "")
+               + ".")
   for name, info in results.get("implementations", {}).items():
     if info["state"] != "ok" or info.get("gate_rel_err") is not None:
       gate = (f"gate rel err {info['gate_rel_err']:.2e} (tolerance {info['gate_rtol']:.0e})"

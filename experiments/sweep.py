@@ -114,6 +114,7 @@ class Sweep:
   def run(self) -> dict:
     prompt_lengths = [int(n) for n in self.config.prompt_lengths]
     progress = Progress(prompt_lengths, self.config.n_gen)
+    self.results["loadavg_before"] = harness.loadavg()
     try:
       self._build()
       for i, prompt_len in enumerate(prompt_lengths):
@@ -132,6 +133,7 @@ class Sweep:
       self.results["status"] = "interrupted"
       print("\ninterrupted: keeping the rows finished so far", flush=True)
     self.results["elapsed_s"] = progress.elapsed()
+    self.results["loadavg_after"] = harness.loadavg()
     self._write(partial=False)
     return self.results
 
@@ -286,13 +288,14 @@ class Sweep:
           failed[impl.name] = ("oom" if _is_oom(err) else "error", _short(err))
     caches[0].check()
     tokens = config.batch_size * config.n_gen
+    names = [impl.name for impl, _, _ in timed]  # their reps alternated
     for impl, _, compile_s in timed:
       if impl.name in failed:
         state, note = failed[impl.name]
         self._row(prompt_len, impl, state, progress, note=note)
         continue
       loop, dispatch = timings[impl.name]["loop"], timings[impl.name]["dispatch"]
-      self._row(prompt_len, impl, "ok", progress, pp_s=pp_s,
+      self._row(prompt_len, impl, "ok", progress, pp_s=pp_s, alternated=names,
                 pp_tps=config.batch_size * prompt_len / pp_s, tg_s=loop,
                 tg_tps=[tokens / t for t in loop], tg_dispatch_s=dispatch,
                 tg_dispatch_tps=[tokens / t for t in dispatch], compile_decode_s=compile_s,

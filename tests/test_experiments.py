@@ -139,7 +139,8 @@ def test_gate_rejects_a_wrong_implementation(tmp_path, monkeypatch):
 
 def test_implementations_of_one_prefill_are_timed_in_alternating_reps(tmp_path, monkeypatch):
   """absorbed/xla and absorbed/cpu decode the same prefilled caches: after each compiles its
-  loop, their timed reps alternate, the order rotating every rep."""
+  loop, their timed reps alternate, the order rotating every rep; their speedup is the median of
+  the per-rep ratios, and the host's load is recorded."""
   calls = []
   decode_loop = model.AttentionStack.decode_loop
 
@@ -150,9 +151,16 @@ def test_implementations_of_one_prefill_are_timed_in_alternating_reps(tmp_path, 
   monkeypatch.setattr(model.AttentionStack, "decode_loop", logged)
   config = tiny_config(impls="absorbed/xla,absorbed/cpu", compare="absorbed/cpu vs absorbed/xla",
                        gate_reference="absorbed/xla", prompt_lengths=(8,), reps=3)
-  sweep.run(config, str(tmp_path), "tiny")
+  results = sweep.run(config, str(tmp_path), "tiny")
   x, c = "absorbed/xla", "absorbed/cpu"
   assert calls == [x, c, x, c, c, x, x, c]  # compiles, then reps 0, 1 (rotated), 2
+  rows = {r["impl"]: r for r in results["rows"]}
+  assert rows[x]["alternated"] == rows[c]["alternated"] == [x, c]
+  ratios = [a / b for a, b in zip(rows[c]["tg_tps"], rows[x]["tg_tps"])]
+  header, table = parse_table((tmp_path / "tiny.md").read_text())
+  assert table[0][header.index("Speedup")] == f"{sorted(ratios)[1]:.2f}"
+  assert len(results["loadavg_before"]) == len(results["loadavg_after"]) == 3
+  assert f"host load {results['loadavg_before']} before" in (tmp_path / "tiny.md").read_text()
 
 
 def test_missing_kernel_and_unknown_option_are_reported_not_timed(tmp_path, monkeypatch):
