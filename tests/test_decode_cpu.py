@@ -13,6 +13,7 @@ from mla_jax.ops import decode
 from mla_jax.ops.decode import cpu
 
 FORMATS = ("bfloat16", "float16", "float32", "int8")
+SV2_SCALE = (128 + 64) ** -0.5  # V2-Lite's softmax scale (qk_nope + qk_rope head dims)
 
 
 def _inputs(rng, fmt, B, H, S, C, R, lengths, garbage=1e3):
@@ -70,6 +71,20 @@ def test_default_shard_size_several_steps(rng, fmt):
   short = _inputs(rng, fmt, B, H, S, C, R, [3, 0])
   out, lse = jax.jit(lambda *a: ops.mla_decode(*a, sm_scale=0.1, impl="cpu"))(*short)
   _check(short, out, lse, fmt, 0.1)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_benchmark_shapes_with_the_heuristic(rng, fmt):
+  """V2-Lite's heads and widths, the sizes the heuristic picks, and a module's cache of two
+  steps' rows plus 32 (max_len = prompt + 32; S = 8224, the benchmarks' pp8192, on a 32 MiB L3):
+  two steps, then a shard of the last rows; rows end inside a step, in the last rows, and at 0."""
+  H, C, R = 16, 512, 64
+  tuning = cpu.choose_tuning(H, C, R, jnp.dtype(fmt))
+  S = 2 * tuning.shard_size * tuning.shards_per_step + 32
+  assert cpu.cut(S, tuning) == (2, 0, 32)
+  args = _inputs(rng, fmt, 3, H, S, C, R, [S - 7, S // 2 + 3, 0])
+  out, lse = jax.jit(lambda *a: ops.mla_decode(*a, sm_scale=SV2_SCALE, impl="cpu"))(*args)
+  _check(args, out, lse, fmt, SV2_SCALE)
 
 
 def test_cut_visits_each_row_once():
