@@ -24,6 +24,7 @@ class Instruction:
   args: str  # the text in the parentheses: operands, or a parameter's number
   calls: str | None  # a fusion's body
   tuple_index: int | None  # a get-tuple-element's index
+  control: tuple[str, ...] = ()  # computations a while or conditional runs (body, branches)
 
 
 def parse(text: str) -> tuple[dict[str, dict[str, Instruction]], dict[str, str], str]:
@@ -38,9 +39,13 @@ def parse(text: str) -> tuple[dict[str, dict[str, Instruction]], dict[str, str],
       args = m.group(5).split("), ")[0].rstrip(")")
       calls = re.search(r"calls=%([\w.\-]+)", m.group(5))
       index = re.search(r"\), index=(\d+)", m.group(5))
+      control = re.findall(r"(?:body|condition|true_computation|false_computation)=%([\w.\-]+)",
+                           m.group(5))
+      if branches := re.search(r"branch_computations=\{([^}]*)\}", m.group(5)):
+        control += re.findall(r"%([\w.\-]+)", branches.group(1))
       computations[current][m.group(2)] = Instruction(
           m.group(2), m.group(3), m.group(4), tuple(re.findall(r"%([\w.\-]+)", args)),
-          args, calls and calls.group(1), index and int(index.group(1)))
+          args, calls and calls.group(1), index and int(index.group(1)), tuple(control))
       if m.group(1):
         roots[current] = m.group(2)
   return computations, roots, entry
@@ -62,13 +67,30 @@ _NO_BUFFER = ("parameter", "bitcast", "get-tuple-element", "tuple", "opt-barrier
               "while")
 
 
+def _run_by(computations, name: str) -> list[str]:
+  """name and the computations its whiles and conditionals run, recursively (not fusion bodies,
+  whose values live in registers and loops, not buffers)."""
+  found = [name]
+  for inst in computations[name].values():
+    for called in inst.control:
+      found += [c for c in _run_by(computations, called) if c not in found]
+  return found
+
+
 def large_temporaries(text: str, min_bytes: int) -> list[str]:
-  """Arrays of at least min_bytes that the entry computation writes and does not return (so
-  neither inputs nor outputs such as the in-place cache updates), as "name opcode shape". The
-  s8 workspace that a cuBLAS custom call carries is not counted."""
+  """Arrays of at least min_bytes that the entry computation, or a loop body or conditional
+  branch it runs, writes and does not return (so neither inputs nor outputs such as the in-place
+  cache updates), as "name opcode shape". The s8 workspace that a cuBLAS custom call carries is
+  not counted."""
   computations, roots, entry = parse(text)
-  body = computations[entry]
-  returned = {inst.name for inst in _outputs(body, roots[entry])}
+  found = []
+  for name in _run_by(computations, entry):
+    found += _written(computations[name], roots[name], min_bytes)
+  return found
+
+
+def _written(body, root: str, min_bytes: int) -> list[str]:
+  returned = {inst.name for inst in _outputs(body, root)}
   found = []
   for inst in body.values():
     if inst.opcode in _NO_BUFFER or inst.name in returned:

@@ -19,6 +19,7 @@ from mla_jax import attention, quant, rope
 from mla_jax.layers import RMSNorm
 from mla_jax.ops import reference
 from mla_jax.ops import xla as ops_xla
+from mla_jax.ops.decode import cpu as cpu_decode
 from helpers import RTOL, rel_err, run_chunks
 import hlo
 
@@ -306,8 +307,12 @@ def test_absorbed_decode_step_has_no_cache_sized_temporaries(rng):
   cfg = dataclasses.replace(TINY, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
                             v_head_dim=32)  # powers of two, as the GPU kernels need
   attn = mla_jax.MLAttention(cfg, backend="auto", rngs=nnx.Rngs(0))
-  compiled, cache = compiled_decode_step(rng, "absorbed", 1, 4096, attn=attn)
-  smallest = min(leaf.nbytes for leaf in jax.tree.leaves(cache) if 4096 in leaf.shape)
+  # The CPU path's temporaries are a step's rows (W·(C+R) values; a cache shorter than a step is
+  # one shard, whose rows past the lengths it zeroes in a copy, as the einsum does), so the cache
+  # is 8 steps and 32 slots: its smallest array, k_rope (S·R), is larger than a step of c_kv.
+  S = 8 * cpu_decode.default_rows_per_step(64, 16) + 32
+  compiled, cache = compiled_decode_step(rng, "absorbed", 1, S, attn=attn)
+  smallest = min(leaf.nbytes for leaf in jax.tree.leaves(cache) if S in leaf.shape)
   assert hlo.large_temporaries(compiled.as_text(), smallest) == []
 
 
@@ -315,11 +320,12 @@ def test_absorbed_decode_step_has_no_cache_sized_temporaries(rng):
 def test_standard_decode_reads_a_cache_of_another_dtype_without_a_converted_copy(rng,
                                                                                 cache_dtype):
   """A float32 module with a 16-bit standard cache: the decode step converts the cache block by
-  block, never into a cache-sized copy, and matches the float32-cache step within the 16-bit
-  rounding of the cached entries."""
+  block (ops/xla.py's PREFILL_BLOCK slots), never into a cache-sized copy, and matches the
+  float32-cache step within the 16-bit rounding of the cached entries."""
   attn = make(mode="standard")
-  compiled, cache = compiled_decode_step(rng, "standard", 1, 4096, cache_dtype, attn=attn)
-  smallest = min(leaf.nbytes for leaf in jax.tree.leaves(cache) if 4096 in leaf.shape)
+  S = 16 * ops_xla.PREFILL_BLOCK  # a float32 block of k smaller than the 16-bit v cache
+  compiled, cache = compiled_decode_step(rng, "standard", 1, S, cache_dtype, attn=attn)
+  smallest = min(leaf.nbytes for leaf in jax.tree.leaves(cache) if S in leaf.shape)
   assert hlo.large_temporaries(compiled.as_text(), smallest) == []
   x, pos = inputs(rng, TINY, 2, 9)
   y16, _ = run_chunks(attn, x, pos, [6, 1, 1, 1], 12, cache_dtype)
@@ -329,7 +335,7 @@ def test_standard_decode_reads_a_cache_of_another_dtype_without_a_converted_copy
 
 def test_hlo_checks_see_copies_and_temporaries():
   """The HLO readings used above tell an in-place update from a copied one, and see a
-  cache-sized temporary."""
+  cache-sized temporary, also one written inside a loop or a conditional branch."""
   cache, x = jnp.zeros((2, 64, 8)), jnp.ones((2, 8))
   update = lambda c, x: c.at[:, 3].set(x)
   masked = lambda c, x: jnp.where(jnp.arange(64)[None, :, None] == 3, x[:, None], c)
@@ -340,6 +346,12 @@ def test_hlo_checks_see_copies_and_temporaries():
   for f, expected in [(update, False), (lambda c, x: (update(c, x), jnp.sort(c, 1)[:, 0]), True)]:
     text = jax.jit(f, donate_argnums=(0,)).lower(cache, x).compile().as_text()
     assert bool(hlo.large_temporaries(text, cache.nbytes)) == expected
+  sorted_row = lambda c: jnp.sort(c, 1)[:, 0]
+  in_loop = lambda c, x: jax.lax.fori_loop(0, 3, lambda i, y: y + sorted_row(c + i), x)
+  in_branch = lambda c, x: jax.lax.cond(x[0, 0] > 0, lambda: sorted_row(c), lambda: x)
+  for f in (in_loop, in_branch):
+    text = jax.jit(f).lower(cache, x).compile().as_text()
+    assert hlo.large_temporaries(text, cache.nbytes), text
 
 
 def test_int8_cache_close_to_float(rng):
