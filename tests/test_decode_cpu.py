@@ -46,8 +46,9 @@ def _check(args, out, lse, fmt, sm_scale):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("S,shard_size", [(200, 32), (256, 64), (50, 64), (37, 8)])
-def test_matches_reference_ragged(rng, fmt, S, shard_size):
-  B, H, C, R = 4, 4, 64, 16
+@pytest.mark.parametrize("H", [4, 16])  # rope scores of all rows at once (4), or per step (16)
+def test_matches_reference_ragged(rng, fmt, S, shard_size, H):
+  B, C, R = 4, 64, 16
   lengths = [S, 0, int(rng.integers(1, S)), shard_size + 1 if shard_size < S else 1]
   args = _inputs(rng, fmt, B, H, S, C, R, lengths)
   sm_scale = float(rng.uniform(0.05, 0.2))
@@ -99,12 +100,13 @@ def test_cut_visits_each_row_once():
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_tail_shards_and_rest_match_reference(rng, fmt):
+@pytest.mark.parametrize("H", [4, 16])
+def test_tail_shards_and_rest_match_reference(rng, fmt, H):
   """Two steps, one whole tail shard and a 5-row rest (S = 2·32 + 16 + 5); rows end inside and
   at the edges of each piece, and the slots past them hold NaN."""
   S, tuning = 85, cpu.ShardTuning(shard_size=16, shards_per_step=2)
   lengths = [S, 70, 82, 64, 80, 0, 33]
-  args = _inputs(rng, fmt, len(lengths), 4, S, 64, 16, lengths, garbage=np.nan)
+  args = _inputs(rng, fmt, len(lengths), H, S, 64, 16, lengths, garbage=np.nan)
   out, lse = jax.jit(lambda *a: cpu.mla_decode(*a, sm_scale=0.1, tuning=tuning))(*args)
   _check(args, out, lse, fmt, 0.1)
 
