@@ -238,7 +238,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuni
   # The rope scores of every row in one product, [B,H,S], where they take less memory than the
   # k_rope rows (H float32 scores against R values a row: V2-Lite's 16 heads, not V3's 128),
   # rather than each step's R-wide product on a copy of its k_rope rows. A module's cache at
-  # S = 8224, in 3-5 alternating runs: bf16 1.60-1.85 vs 1.84-2.03 ms, float32 2.29-2.89 vs
+  # S = 8224, alternating runs: bf16 1.68 and 1.85 vs 1.84 and 2.03 ms, float32 2.51-2.89 vs
   # 2.52-3.16 ms (one run of four slower). Otherwise each step computes its own.
   rope = None
   if H * 4 < R * jnp.dtype(dtype).itemsize:
