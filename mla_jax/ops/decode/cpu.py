@@ -7,15 +7,16 @@ shard of S_p cache rows serves all H heads with GEMMs,
   scores [H,S_p] = q_latent [H,C]·c_kvᵀ [C,S_p] + q_rope [H,R]·k_ropeᵀ [R,S_p]
   o_p    [H,C]   = softmax(scores) [H,S_p]·c_kv [S_p,C],
 
-and returns (o_p, lse_p); `ops.merge_partials` combines the shards. A loop visits the cache in
-steps of several shards, `jax.vmap`-ed over the shards, so each step's batched GEMMs spread the
-shards over the cores. A step first copies its rows into one buffer (XLA's dynamic-slice; the
-int8→bfloat16 and float16→float32 casts fuse into that copy) that both products then read from
-cache. Steps past the longest row are skipped (`lax.cond`): an empty tail of the cache is never
-read. The last S mod W rows (W rows a step) are their whole shards, batched as one more span,
-and a shard of the remaining rows, so no row is read twice: a module's cache is a little longer
-than the prompt (max_len = prompt + new tokens), and a last step that slid back to stay inside
-the cache re-read nearly a whole step (at S = 2080 with 2048 rows a step, twice the work). A
+and returns (o_p, lse_p); `ops.merge_partials` combines the shards. The rope term is one product
+over all rows before the loop where its scores are smaller than the k_rope rows. A loop visits the
+cache in steps of several shards, `jax.vmap`-ed over the shards, so each step's batched GEMMs
+spread the shards over the cores. A step first copies its rows into one buffer (XLA's
+dynamic-slice; the int8→bfloat16 and float16→float32 casts fuse into that copy) that both products
+then read from cache. Steps past the longest row are skipped (`lax.cond`): an empty tail of the
+cache is never read. The last S mod W rows (W rows a step) are their whole shards, batched as one
+more span, and a shard of the remaining rows, so no row is read twice: a module's cache is a little
+longer than the prompt (max_len = prompt + new tokens), and a last step that slid back to stay
+inside the cache re-read nearly a whole step (at S = 2080 with 2048 rows a step, twice the work). A
 cache of fewer than W rows is one shard (`cut`).
 
 What XLA CPU makes of it (jax 0.11): every dot is a YNNPACK fusion; the whole-cache einsum
