@@ -46,7 +46,7 @@ def _check(args, out, lse, fmt, sm_scale):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("S,shard_size", [(200, 32), (256, 64), (50, 64), (37, 8)])
-@pytest.mark.parametrize("H", [4, 16])  # rope scores of all rows at once (4), or per step (16)
+@pytest.mark.parametrize("H", [4, 16])
 def test_matches_reference_ragged(rng, fmt, S, shard_size, H):
   B, C, R = 4, 64, 16
   lengths = [S, 0, int(rng.integers(1, S)), shard_size + 1 if shard_size < S else 1]

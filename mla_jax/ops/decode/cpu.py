@@ -7,16 +7,15 @@ shard of S_p cache rows serves all H heads with GEMMs,
   scores [H,S_p] = q_latent [H,C]·c_kvᵀ [C,S_p] + q_rope [H,R]·k_ropeᵀ [R,S_p]
   o_p    [H,C]   = softmax(scores) [H,S_p]·c_kv [S_p,C],
 
-and returns (o_p, lse_p); `ops.merge_partials` combines the shards. The rope term is one product
-over all rows before the loop where its scores are smaller than the k_rope rows. A loop visits the
-cache in steps of several shards, `jax.vmap`-ed over the shards, so each step's batched GEMMs
-spread the shards over the cores. A step first copies its rows into one buffer (XLA's
-dynamic-slice; the int8→bfloat16 and float16→float32 casts fuse into that copy) that both products
-then read from cache. Steps past the longest row are skipped (`lax.cond`): an empty tail of the
-cache is never read. The last S mod W rows (W rows a step) are their whole shards, batched as one
-more span, and a shard of the remaining rows, so no row is read twice: a module's cache is a little
-longer than the prompt (max_len = prompt + new tokens), and a last step that slid back to stay
-inside the cache re-read nearly a whole step (at S = 2080 with 2048 rows a step, twice the work). A
+and returns (o_p, lse_p); `ops.merge_partials` combines the shards. A loop visits the cache in
+steps of several shards, `jax.vmap`-ed over the shards, so each step's batched GEMMs spread the
+shards over the cores. A step first copies its rows into one buffer (XLA's dynamic-slice; the
+int8→bfloat16 and float16→float32 casts fuse into that copy) that both products then read from
+cache. Steps past the longest row are skipped (`lax.cond`): an empty tail of the cache is never
+read. The last S mod W rows (W rows a step) are their whole shards, batched as one more span,
+and a shard of the remaining rows, so no row is read twice: a module's cache is a little longer
+than the prompt (max_len = prompt + new tokens), and a last step that slid back to stay inside
+the cache re-read nearly a whole step (at S = 2080 with 2048 rows a step, twice the work). A
 cache of fewer than W rows is one shard (`cut`).
 
 What XLA CPU makes of it (jax 0.11): every dot is a YNNPACK fusion; the whole-cache einsum
@@ -165,11 +164,11 @@ def score_product(q_HK, rows_SK):
   return _dot(q_HK, rows_SK, 1, 1)
 
 
-def _shard(q_latent_HC, rope_HS, c_kv_SC, scale_S, lo, hi, *, sm_scale, stale_rows, rows_copied):
+def _shard(q_latent_HC, q_rope_HR, c_kv_SC, scale_S, k_rope_SR, lo, hi, *, sm_scale,
+           stale_rows, rows_copied):
   """One shard's partial softmax: rows j with lo <= j < hi are visible.
 
-  rope_HS: the shard's rope scores q_rope·k_ropeᵀ [H,S_p] float32. scale_S is the int8 cache's
-  per-row scale or None. stale_rows: whether rows past hi may be
+  scale_S is the int8 cache's per-row scale or None. stale_rows: whether rows past hi may be
   in the shard; they may hold anything, NaN included, and 0·NaN is NaN, so their c_kv is then
   zeroed before the value product (a pass over the rows, hence only where needed).
   rows_copied: whether c_kv_SC is a copy of the cache's rows (a step's slice, or a cast); the
@@ -185,7 +184,7 @@ def _shard(q_latent_HC, rope_HS, c_kv_SC, scale_S, lo, hi, *, sm_scale, stale_ro
   scores = score_product(q_latent_HC, values if rows_copied else c_kv_SC)  # [H,S_p]
   if scale_S is not None:
     scores = scores * scale_S[None, :]
-  scores = (scores + rope_HS) * sm_scale
+  scores = (scores + score_product(q_rope_HR, k_rope_SR)) * sm_scale
   scores = jnp.where(visible[None, :], scores, MASK_VALUE)
   m = jnp.max(scores, axis=1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -236,14 +235,6 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuni
   steps, tail_shards, rest = cut(S, tuning)
   W = shard_size * tuning.shards_per_step
   in_scale = None if scales is None else 0
-  # The rope scores of every row in one product, [B,H,S], where they take less memory than the
-  # k_rope rows (H float32 scores against R values a row: V2-Lite's 16 heads, not V3's 128),
-  # rather than each step's R-wide product on a copy of its k_rope rows. A module's cache at
-  # S = 8224, alternating runs: bf16 1.68 and 1.85 vs 1.84 and 2.03 ms, float32 2.51-2.89 vs
-  # 2.52-3.16 ms (one run of four slower). Otherwise each step computes its own.
-  rope = None
-  if H * 4 < R * jnp.dtype(dtype).itemsize:
-    rope = jax.vmap(score_product)(q_rope.astype(dtype), k_rope.astype(dtype))
 
   def span(start, rows, shards):
     """Partials of cache rows [start, start + rows) in `shards` equal shards: [B,shards,H,C],
@@ -256,25 +247,21 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuni
   def shards_of(start, rows, shards, *, stale_rows):
     shard = functools.partial(_shard, sm_scale=sm_scale, stale_rows=stale_rows,
                               rows_copied=rows < S or dtype != values.dtype)
-    over_shards = jax.vmap(shard, (0, 0, 0, in_scale, 0, 0))
-    over_batch = jax.vmap(over_shards, (0, 0, 0, in_scale, None, 0))
+    over_shards = jax.vmap(shard, (0, 0, 0, in_scale, 0, 0, 0))
+    over_batch = jax.vmap(over_shards, (0, 0, 0, in_scale, 0, None, 0))
 
-    def rows_of(x, axis=1):
+    def rows_of(x):
       if rows < S:
-        x = lax.dynamic_slice_in_dim(x, start, rows, axis=axis)
-      return x.reshape(x.shape[:axis] + (shards, rows // shards) + x.shape[axis + 1:])
+        x = lax.dynamic_slice_in_dim(x, start, rows, axis=1)
+      return x.reshape((B, shards, rows // shards) + x.shape[2:])
 
     # The queries are copied per shard: with an unbatched q, XLA folds the shards into one wide
     # score GEMM and transposes the whole step's c_kv for it.
-    per_shard = lambda x, width: jnp.broadcast_to(x.astype(dtype)[:, None], (B, shards, H, width))
-    if rope is None:
-      rope_scores = jax.vmap(jax.vmap(score_product))(per_shard(q_rope, R),
-                                                      rows_of(k_rope).astype(dtype))
-    else:
-      rope_scores = jnp.swapaxes(rows_of(rope, axis=2), 1, 2)  # [B,shards,H,S_p]
+    q = jnp.broadcast_to(q_latent.astype(dtype)[:, None], (B, shards, H, C))
+    q_r = jnp.broadcast_to(q_rope.astype(dtype)[:, None], (B, shards, H, R))
     first = start + jnp.arange(shards) * (rows // shards)  # cache row of each shard's row 0
-    return over_batch(per_shard(q_latent, C), rope_scores, rows_of(values).astype(dtype),
-                      None if scales is None else rows_of(scales),
+    return over_batch(q, q_r, rows_of(values).astype(dtype),
+                      None if scales is None else rows_of(scales), rows_of(k_rope).astype(dtype),
                       jnp.zeros((shards,), jnp.int32), lengths[:, None] - first[None, :])
 
   if not steps:  # one shard, its stale rows zeroed as the einsum does: its partial is the result
