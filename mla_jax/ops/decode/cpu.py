@@ -224,7 +224,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, tuni
   k_rope [B,S,R], lengths [B].
   """
   B, H, C = q_latent.shape
-  S, R = k_rope.shape[1:]
+  S = k_rope.shape[1]
   if isinstance(c_kv, quant.Int8Rows):
     values, scales = c_kv.values, c_kv.scales
   else:
