@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import hlo
 from mla_jax import ops, quant
-from mla_jax.ops import reference
+from mla_jax.ops import reference, xla as ops_xla
 from helpers import RTOL, rel_err
 
 B, H, S, C, R = 3, 5, 70, 64, 16
@@ -113,6 +114,42 @@ def test_xla_batched_gemv_matches_reference(dtype, rng):
   for impl in ("xla", "reference"):
     np.testing.assert_array_equal(ops.batched_gemv(wide, w, impl=impl),
                                   ops.batched_gemv(x, w, impl=impl))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("spec,x_shape,w_shape", [
+    ("rd,nd->rn", (1, 64), (96, 64)),  # a Linear's product, one row and three
+    ("rd,nd->rn", (3, 64), (96, 64)),
+    ("hbk,hkn->hbn", (4, 1, 32), (4, 32, 48)),  # the batched GEMV at B=1
+    ("btc,hkc->bthk", (1, 1, 32), (4, 8, 32)),  # standard mode's k_nope, a decode step
+    ("btc,hkc->bthk", (2, 3, 32), (4, 8, 32)),
+])
+def test_weight_einsum_equals_the_einsum(spec, x_shape, w_shape, dtype, rng):
+  """ops.xla.weight_einsum (a one-row product over a bfloat16 weight on a CPU runs on two rows)
+  against the float64 einsum, in the einsum's shape and dtype, and with an f32 result."""
+  x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+  w = jnp.asarray(rng.standard_normal(w_shape), dtype)
+  want = np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64))
+  y = ops_xla.weight_einsum(spec, x, w)
+  assert y.shape == want.shape and y.dtype == dtype
+  assert rel_err(y, want) <= RTOL[dtype]
+  y32 = ops_xla.weight_einsum(spec, x, w, preferred_element_type=jnp.float32)
+  assert y32.dtype == jnp.float32 and rel_err(y32, want) <= RTOL[dtype]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="how XLA CPU runs a one-row dot")
+def test_one_row_products_read_a_bfloat16_weight_in_place():
+  """On a CPU, XLA converts a bfloat16 weight that a one-row dot reads into a float32 copy (the
+  plain einsum, the control); the Linear's product and the batched GEMV at B=1 write no
+  temporary the size of the weight."""
+  x, w = jnp.ones((1, 512), jnp.bfloat16), jnp.ones((384, 512), jnp.bfloat16)
+  temporaries = lambda f, *args: hlo.large_temporaries(
+      jax.jit(f).lower(*args).compile().as_text(), w.nbytes)
+  assert temporaries(lambda x, w: jnp.einsum("rd,nd->rn", x, w), x, w)
+  assert temporaries(lambda x, w: ops_xla.weight_einsum("rd,nd->rn", x, w), x, w) == []
+  heads = w.reshape(3, 128, 512)
+  assert temporaries(lambda x, w: ops.batched_gemv(x, w, impl="xla"), x[None, :, :128].repeat(3, 1),
+                     heads) == []
 
 
 @pytest.mark.parametrize("arg,shape", [(0, (B, H)), (1, (B, H + 1, R)), (2, (B, S, C + 1)),

@@ -12,10 +12,13 @@ attention read the module's own caches, whose slots past the length hold finite 
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 from jax import lax
 
 from mla_jax import quant
+from mla_jax.ops import device
 from mla_jax.ops.common import causal_visibility
 
 f32 = jnp.float32
@@ -177,5 +180,28 @@ def batched_gemv(x, w):
   w = quant.dequantize(w, x.dtype)
   # Heads-major operands: XLA CPU (jax 0.11.2) rejects "bhk,hkn->bhn" for bf16 inputs with an
   # f32 result at run time (DotThunk: BF16 x BF16 = F32). x and y are small; w is not moved.
-  y = jnp.einsum("hbk,hkn->hbn", x.transpose(1, 0, 2), w, preferred_element_type=f32)
+  y = weight_einsum("hbk,hkn->hbn", x.transpose(1, 0, 2), w, preferred_element_type=f32)
   return y.transpose(1, 0, 2).astype(x.dtype)
+
+
+def weight_einsum(spec: str, x, w, **kwargs):
+  """jnp.einsum(spec, x, w, **kwargs) for activations x and a weight w (spec without "...").
+
+  XLA CPU (jax 0.11.2) runs a dot whose left operand is one row (x's axes that w lacks all of
+  extent 1) and whose weight is bfloat16 by converting the whole weight to float32 first, then an
+  Eigen product: a temporary the size of the weight, written on every call when decode steps
+  are dispatched one by one, or once a loop inside a decode loop, where the float32 copies of
+  all the layers' weights are then alive together. From two rows up the dot is a YNNPACK GEMM
+  that reads the bfloat16 weight as it lies. So there x gets a second row of zeros, the product
+  accumulates in float32 and the result drops that row. float16 weights are converted either way,
+  and GPUs are not concerned: elsewhere this is the einsum.
+  """
+  (xs, ws), out = spec.split("->")[0].split(","), spec.split("->")[1]
+  rows = [axis for axis, name in enumerate(xs) if name not in ws]
+  one_row = rows and math.prod(x.shape[axis] for axis in rows) == 1
+  if not (one_row and w.dtype == jnp.bfloat16 and device.platform() == "cpu"):
+    return jnp.einsum(spec, x, w, **kwargs)
+  dtype = kwargs.pop("preferred_element_type", None) or jnp.result_type(x, w)
+  x = jnp.concatenate([x, jnp.zeros_like(x)], axis=rows[0])
+  y = jnp.einsum(spec, x, w, preferred_element_type=f32, **kwargs)
+  return lax.slice_in_dim(y, 0, 1, axis=out.index(xs[rows[0]])).astype(dtype)
