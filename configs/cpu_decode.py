@@ -23,6 +23,9 @@ def get_config():
   config.calls_per_block = 3  # timed calls per formulation per round, after one untimed call
   config.min_rounds = 7  # fewest alternating rounds of the three formulations
   config.max_rounds = 201  # most rounds
+  # passes over all cases, each timing a share of every case's rounds: load from other jobs
+  # then slows a few rounds of many cases rather than all the rounds of one
+  config.passes = 3
   config.shard_size = config_dict.placeholder(int)  # cache entries per shard; None: the plan's
   # (S, length): a long cache holding a short sequence, as MLAttention's cache is during
   # generation; bytes and floors count the live rows only

@@ -8,9 +8,10 @@ Three formulations of the absorbed MLA decode step (one layer, B=1, H=16, C=512,
 Each is first checked against ops.reference.mla_decode. Timing: the harness's timer for a shared
 host (one waited-for call at a time, on the next of a set of input copies that together exceed
 rotate_bytes, so the cache comes from DRAM, not L3), in rounds of one block per formulation, the
-order rotating every round (harness.interleave); the median per formulation is reported. The
+order rotating every round (harness.interleave); every case is prepared first, and its rounds are
+timed in `passes` spread over the run; the median per formulation is reported. The
 memory floor is cache bytes over the read bandwidth of a large array sum timed in the same
-process (before the cases and after each format; the fastest is used); the compute floor is the
+process (before the cases and after each pass; the fastest is used); the compute floor is the
 step's GEMM FLOPs over the rate of a large GEMM timed in the same process. The rate of the shard
 path's own score product, a step's [H, C+R]·[C+R, shard] batched over its shards, is timed
 beside it: what XLA CPU makes of the skinny products, against the large GEMM.
@@ -153,53 +154,71 @@ def _shard_gemm_gflops(config) -> dict:
   return found
 
 
-def _case(config, key, S, fmt, bandwidth, rates, length=None) -> dict:
-  B, H, C, R = config.batch_size, config.num_heads, config.kv_lora_rank, config.rope_dim
-  length = S if length is None else length
-  sets = _input_sets(config, key, S, fmt, length)
-  shard = {"impl": "cpu"}
-  if config.shard_size is not None:
-    shard["tuning"] = {"shard_size": config.shard_size}
-  plan, shard_options = harness.plan_variant(ops.decode.plan, sets[0], shard)
-  fns = {"einsum": lambda *a: ops.mla_decode(*a, sm_scale=SM_SCALE, impl="xla"),
-         "head_parallel": lambda *a: head_parallel_decode(*a, sm_scale=SM_SCALE),
-         "shard": lambda *a: ops.mla_decode(*a, sm_scale=SM_SCALE, **shard_options)}
-  nbytes = cache_bytes(B, length, C, R, fmt)
-  flops = 2 * B * H * length * (2 * C + R)
-  row = {"format": fmt, "S": S, "length": length, "cache_bytes": nbytes, "input_sets": len(sets),
-         "shard_size": getattr(plan.tuning, "shard_size", None), "plan": str(plan)}
-  ref_out, ref_lse = reference.mla_decode(*sets[0], sm_scale=SM_SCALE)
-  for name, fn in fns.items():
-    out, lse = fn(*sets[0])
-    row[f"{name}_rel_err"] = harness.rel_err(out, ref_out)
-    row[f"{name}_lse_max_abs_err"] = float(jnp.max(jnp.abs(lse - ref_lse)))
-  timers = {name: harness.Timer(fn, sets, fused=False) for name, fn in fns.items()}
-  warm = {name: timer.sample(min(3, len(sets)), sync_each=True) for name, timer in timers.items()}
-  rounds = int(config.seconds_per_case / ((config.calls_per_block + 1) * sum(warm.values())))
-  rounds = max(config.min_rounds, min(config.max_rounds, rounds))
-  samples = harness.interleave(timers, rounds=rounds, calls_per_block=config.calls_per_block)
-  row["rounds"] = rounds
-  floor_ms = nbytes / bandwidth * 1e3
-  row["memory_floor_ms"] = floor_ms
-  row["compute_floor_ms"] = flops / rates["float32" if fmt == "float32" else "bfloat16"] * 1e3
-  for name in IMPLS:
-    ms = statistics.median(samples[name]) * 1e3
-    row[f"{name}_ms"] = ms
-    row[f"{name}_ms_min"] = min(samples[name]) * 1e3
-    row[f"{name}_gbps"] = nbytes / ms * 1e-6
-    row[f"{name}_over_floor"] = ms / floor_ms
-  row["shard_over_compute_floor"] = row["shard_ms"] / row["compute_floor_ms"]
-  row["einsum_over_compute_floor"] = row["einsum_ms"] / row["compute_floor_ms"]
-  row["shard_vs_einsum"] = row["einsum_ms"] / row["shard_ms"]
-  row["shard_vs_head_parallel"] = row["head_parallel_ms"] / row["shard_ms"]
-  row["head_parallel_vs_einsum"] = row["einsum_ms"] / row["head_parallel_ms"]
-  return row
+class _Case:
+  """One (format, S, length): its inputs, checked against the reference, and its timers.
+
+  Every case of a run is prepared first and then timed in `passes` spread over the run, each pass
+  a share of the case's alternating rounds: a spell of load from another job on the shared host
+  then slows a few rounds of many cases, not all rounds of one.
+  """
+
+  def __init__(self, config, key, S, fmt, length=None):
+    B, H, C, R = config.batch_size, config.num_heads, config.kv_lora_rank, config.rope_dim
+    length = S if length is None else length
+    sets = _input_sets(config, key, S, fmt, length)
+    shard = {"impl": "cpu"}
+    if config.shard_size is not None:
+      shard["tuning"] = {"shard_size": config.shard_size}
+    plan, shard_options = harness.plan_variant(ops.decode.plan, sets[0], shard)
+    fns = {"einsum": lambda *a: ops.mla_decode(*a, sm_scale=SM_SCALE, impl="xla"),
+           "head_parallel": lambda *a: head_parallel_decode(*a, sm_scale=SM_SCALE),
+           "shard": lambda *a: ops.mla_decode(*a, sm_scale=SM_SCALE, **shard_options)}
+    self.flops = 2 * B * H * length * (2 * C + R)
+    self.row = {"format": fmt, "S": S, "length": length,
+                "cache_bytes": cache_bytes(B, length, C, R, fmt), "input_sets": len(sets),
+                "shard_size": getattr(plan.tuning, "shard_size", None), "plan": str(plan)}
+    ref_out, ref_lse = reference.mla_decode(*sets[0], sm_scale=SM_SCALE)
+    for name, fn in fns.items():
+      out, lse = fn(*sets[0])
+      self.row[f"{name}_rel_err"] = harness.rel_err(out, ref_out)
+      self.row[f"{name}_lse_max_abs_err"] = float(jnp.max(jnp.abs(lse - ref_lse)))
+    self.timers = {name: harness.Timer(fn, sets, fused=False) for name, fn in fns.items()}
+    warm = {name: timer.sample(min(3, len(sets)), sync_each=True)
+            for name, timer in self.timers.items()}
+    rounds = int(config.seconds_per_case / ((config.calls_per_block + 1) * sum(warm.values())))
+    self.rounds = max(config.min_rounds, min(config.max_rounds, rounds))
+    self.samples = {name: [] for name in IMPLS}
+    self.timed_rounds = 0
+
+  def time(self, config, rounds: int):
+    """`rounds` more alternating rounds of the three formulations."""
+    found = harness.interleave(self.timers, rounds=rounds, calls_per_block=config.calls_per_block)
+    for name, seconds in found.items():
+      self.samples[name] += seconds
+    self.timed_rounds += rounds
+
+  def result(self, rates) -> dict:
+    """The row: medians over all samples so far, ratios and the compute floor (the memory floor
+    is set by run, from the fastest bandwidth of the run)."""
+    row = dict(self.row, rounds=self.timed_rounds)
+    row["compute_floor_ms"] = self.flops / rates["float32" if row["format"] == "float32"
+                                                 else "bfloat16"] * 1e3
+    for name in IMPLS:
+      ms = statistics.median(self.samples[name]) * 1e3
+      row[f"{name}_ms"] = ms
+      row[f"{name}_ms_min"] = min(self.samples[name]) * 1e3
+      row[f"{name}_gbps"] = row["cache_bytes"] / ms * 1e-6
+    row["shard_over_compute_floor"] = row["shard_ms"] / row["compute_floor_ms"]
+    row["einsum_over_compute_floor"] = row["einsum_ms"] / row["compute_floor_ms"]
+    row["shard_vs_einsum"] = row["einsum_ms"] / row["shard_ms"]
+    row["shard_vs_head_parallel"] = row["head_parallel_ms"] / row["shard_ms"]
+    row["head_parallel_vs_einsum"] = row["einsum_ms"] / row["head_parallel_ms"]
+    return row
 
 
 def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
   """Checks and times every (format, S) of `config`; writes <name>.json, .md and .png."""
   results = harness.new_results(config, name, KIND, title)
-  results["partial_fills"] = []
   start = time.perf_counter()
   key = jax.random.key(config.seed)
   results["loadavg_before"] = harness.loadavg()
@@ -212,28 +231,32 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
         + ", ".join(f"{d} {r / 1e9:.0f} GFLOP/s" for d, r in rates.items()) + "; shard GEMM "
         + ", ".join(f"{d} {g['gflops']:.0f} GFLOP/s ({g['shape']})"
                     for d, g in results["shard_gemm_gflops"].items()), flush=True)
+  grid = [(S, fmt, None) for fmt in config.formats for S in config.seq_lens]
+  grid += [(S, "bfloat16", length) for S, length in config.partial_fills]
+  cases = []
   try:
-    for fmt in config.formats:
-      for S in config.seq_lens:
-        key, sub = jax.random.split(key)
-        results["rows"].append(_case(config, sub, S, fmt, bandwidths[0], rates))
-        lines = table({"rows": results["rows"][-1:]}).splitlines()
-        print("\n".join(lines if len(results["rows"]) == 1 else lines[-1:]), flush=True)
-        write(workdir, results, plot_too=False)
-      bandwidths.append(read_bandwidth(config.bandwidth_bytes))
-    for S, length in config.partial_fills:
+    for S, fmt, length in grid:
       key, sub = jax.random.split(key)
-      results["partial_fills"].append(_case(config, sub, S, "bfloat16", bandwidths[0], rates,
-                                            length))
-      print(table({"rows": results["partial_fills"][-1:]}).splitlines()[-1], flush=True)
+      cases.append((length is not None, _Case(config, sub, S, fmt, length)))
+      print(f"checked {fmt} S={S}" + (f" ({length} live)" if length else "") + ": "
+            f"{cases[-1][1].rounds} rounds", flush=True)
+    for p in range(config.passes):
+      for _, case in cases:
+        case.time(config, _share(case.rounds, config.passes, p))
+      bandwidths.append(read_bandwidth(config.bandwidth_bytes))
+      print(f"pass {p + 1}/{config.passes} timed ({time.perf_counter() - start:.0f} s)",
+            flush=True)
     results["status"] = "complete"
   except KeyboardInterrupt:
     results["status"] = "interrupted"
   bandwidth = max(bandwidths)
-  for r in results["rows"] + results["partial_fills"]:  # floors against the fastest bandwidth
+  rows = [(partial, case.result(rates)) for partial, case in cases if case.timed_rounds]
+  for _, r in rows:  # floors against the fastest bandwidth
     r["memory_floor_ms"] = r["cache_bytes"] / bandwidth * 1e3
     for impl in IMPLS:
       r[f"{impl}_over_floor"] = r[f"{impl}_ms"] / r["memory_floor_ms"]
+  results["rows"] = [r for partial, r in rows if not partial]
+  results["partial_fills"] = [r for partial, r in rows if partial]
   results["loadavg_after"] = harness.loadavg()
   results["read_bandwidth_gbps"] = {"before": bandwidths[0] / 1e9, "after": bandwidths[-1] / 1e9,
                                     "all": [b / 1e9 for b in bandwidths], "used": bandwidth / 1e9}
@@ -241,6 +264,11 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
   write(workdir, results, plot_too=config.plot)
   print(table(results))
   return results
+
+
+def _share(rounds: int, passes: int, p: int) -> int:
+  """Pass p's share of `rounds` rounds split over `passes` passes (they sum to `rounds`)."""
+  return rounds * (p + 1) // passes - rounds * p // passes
 
 
 def table(results: dict) -> str:
@@ -265,7 +293,8 @@ def markdown(results: dict) -> str:
   gemm = results.get("gemm_gflops") or {}
   lines = [table(results), "",
            "ms: median of single waited-for calls over alternating rounds of the three "
-           "formulations, rotating input copies; floor ms: cache bytes over the fastest read "
+           f"formulations, timed in {results['config'].get('passes', 1)} passes over all cases, "
+           "rotating input copies; floor ms: cache bytes over the fastest read "
            f"bandwidth measured in the run ({harness.fmt(bw.get('used'), '.1f')} GB/s); compute "
            "floor: the step's GEMM FLOPs at the rate of a large GEMM "
            + ", ".join(f"({d} {g:.0f} GFLOP/s)" for d, g in gemm.items())
@@ -302,7 +331,8 @@ def plot(results: dict, path: str):
       f"Absorbed MLA decode, one layer: B={config['batch_size']}, {config['num_heads']} heads, "
       f"latent {config['kv_lora_rank']} + rope {config['rope_dim']}, on "
       f"{harness.run_info(results)['device']}\nmedian of single calls over "
-      f"{rounds[0]}–{rounds[-1]} alternating rounds of {config['calls_per_block']} calls; "
+      f"{rounds[0]}–{rounds[-1]} alternating rounds of {config['calls_per_block']} calls "
+      f"in {config.get('passes', 1)} passes; "
       f"dashed: 3×; host load "
       f"{results.get('loadavg_before')} → {results.get('loadavg_after')}", fontsize=9)
   fig.tight_layout()

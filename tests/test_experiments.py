@@ -274,7 +274,7 @@ KERNEL_RUNS = {
                      "--config.repeats=1", "--config.rotate_bytes=1", "--config.max_chain=2",
                      "--config.decode_len=32"],
     "cpu_decode": ["--config.seq_lens=(128,)", "--config.formats=(\"bfloat16\",\"int8\")",
-                   "--config.seconds_per_case=0", "--config.min_rounds=1",
+                   "--config.seconds_per_case=0", "--config.min_rounds=2", "--config.passes=2",
                    "--config.partial_fills=((256,64),)", "--config.rotate_bytes=1",
                    "--config.bandwidth_bytes=1048576", "--config.gemm_size=64"],
     "parallel_decode": ["--config.num_heads=4", "--config.shapes=((2,64),)",
@@ -321,7 +321,8 @@ def test_kernel_benchmark_runs_on_cpu_through_the_runner(name, tmp_path):
     assert len(rows) == 2 and len(results["partial_fills"]) == 1
     for r in rows + results["partial_fills"]:
       assert max(r[f"{i}_rel_err"] for i in ("einsum", "head_parallel", "shard")) < 2e-2
-      assert r["plan"].startswith("cpu") and r["shard_ms"] > 0
+      assert r["plan"].startswith("cpu") and r["shard_ms"] > 0 and r["rounds"] == 2
+    assert [(r["S"], r["length"]) for r in results["partial_fills"]] == [(256, 64)]
     assert (tmp_path / "cpu_decode.png").exists()
 
 
