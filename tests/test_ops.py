@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import hlo
-from mla_jax import ops, quant
+from mla_jax import layers, ops, quant
 from mla_jax.ops import reference, xla as ops_xla
 from helpers import RTOL, rel_err
 
@@ -121,7 +122,7 @@ def test_xla_batched_gemv_matches_reference(dtype, rng):
     ("rd,nd->rn", (1, 64), (96, 64)),  # a Linear's product, one row and three
     ("rd,nd->rn", (3, 64), (96, 64)),
     ("hbk,hkn->hbn", (4, 1, 32), (4, 32, 48)),  # the batched GEMV at B=1
-    ("btc,hkc->bthk", (1, 1, 32), (4, 8, 32)),  # standard mode's k_nope, a decode step
+    ("btc,hkc->bthk", (1, 1, 32), (4, 8, 32)),  # rows along two axes: one, and six
     ("btc,hkc->bthk", (2, 3, 32), (4, 8, 32)),
 ])
 def test_weight_einsum_equals_the_einsum(spec, x_shape, w_shape, dtype, rng):
@@ -140,16 +141,19 @@ def test_weight_einsum_equals_the_einsum(spec, x_shape, w_shape, dtype, rng):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="how XLA CPU runs a one-row dot")
 def test_one_row_products_read_a_bfloat16_weight_in_place():
   """On a CPU, XLA converts a bfloat16 weight that a one-row dot reads into a float32 copy (the
-  plain einsum, the control); the Linear's product and the batched GEMV at B=1 write no
-  temporary the size of the weight."""
-  x, w = jnp.ones((1, 512), jnp.bfloat16), jnp.ones((384, 512), jnp.bfloat16)
+  plain einsum, the control); a bfloat16 Linear at one token and the batched GEMV at B=1 write
+  no temporary the size of the weight."""
+  bf16 = jnp.bfloat16
+  linear = layers.Linear(512, 384, dtype=bf16, param_dtype=bf16, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(linear)
+  x, w = jnp.ones((1, 1, 512), bf16), linear.weight.get_value()
   temporaries = lambda f, *args: hlo.large_temporaries(
       jax.jit(f).lower(*args).compile().as_text(), w.nbytes)
-  assert temporaries(lambda x, w: jnp.einsum("rd,nd->rn", x, w), x, w)
-  assert temporaries(lambda x, w: ops_xla.weight_einsum("rd,nd->rn", x, w), x, w) == []
-  heads = w.reshape(3, 128, 512)
-  assert temporaries(lambda x, w: ops.batched_gemv(x, w, impl="xla"), x[None, :, :128].repeat(3, 1),
-                     heads) == []
+  assert temporaries(lambda x, w: jnp.einsum("btd,nd->btn", x, w), x, w)
+  assert temporaries(lambda state, x: nnx.merge(graphdef, state)(x), state, x) == []
+  heads = jnp.ones((3, 128, 512), bf16)
+  assert temporaries(lambda x, w: ops.batched_gemv(x, w, impl="xla"),
+                     jnp.ones((1, 3, 128), bf16), heads) == []
 
 
 @pytest.mark.parametrize("arg,shape", [(0, (B, H)), (1, (B, H + 1, R)), (2, (B, S, C + 1)),
