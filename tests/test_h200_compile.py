@@ -18,6 +18,7 @@ from flax import nnx
 
 import mla_jax
 from experiments import decode_step
+from mla_jax import quant
 from helpers import compile_for_h200
 
 ON_GPU = jax.default_backend() == "gpu"  # an attached GPU, not the compile-only one
@@ -168,3 +169,15 @@ def test_v2_lite_moe_decode_step_allocates_no_weight_sized_temporary(B, weight_f
   compiled = compile_for_h200(lambda s, i, p, c: nnx.merge(graphdef, s)(i, p, c), state, ids, ids,
                               cache, donate_argnums=(3,))
   assert compiled.memory_analysis().temp_size_in_bytes < 8 << 20
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quantize_takes_temporaries_under_twice_the_weights_size(fmt):
+  """quantize of a MoE layer's stacked experts ([64, 2048, 1408] float32, 738 MB) compiled for
+  the H200 needs under twice the weight's bytes of temporaries (a transposed copy of it and the
+  outputs), working a chunk of block rows at a time. Unchunked, IQ4_NL took 213 bytes a weight
+  (39 GB here, 7 GB for a [128, 512, 512] weight, which ran out of memory on the GPU)."""
+  shape = (64, 2048, 1408)
+  compiled = compile_for_h200(lambda w: quant.quantize(w, fmt),
+                              jax.ShapeDtypeStruct(shape, jnp.float32))
+  assert compiled.memory_analysis().temp_size_in_bytes < 2 * 4 * 64 * 2048 * 1408
