@@ -114,7 +114,8 @@ def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
   cfg = stack.cfg
   dtype = jnp.dtype(config.dtype)
   max_len = _slots(config, S)
-  caches = fill_caches(stack.init_cache(B, max_len, dtype=jnp.dtype(impl.cache_dtype)), S, key)
+  shapes = jax.eval_shape(lambda: stack.init_cache(B, max_len, dtype=jnp.dtype(impl.cache_dtype)))
+  caches = fill_caches(shapes, S, key)
   x = jax.random.normal(key, (B, 1, cfg.hidden_size), jnp.float32).astype(dtype)
   pos = jnp.full((B, 1), S, jnp.int32)
   row = {"impl": impl.name, "batch": B, "prompt_len": S}

@@ -58,7 +58,10 @@ class AttentionStack(nnx.Module):
 
 def fill_caches(caches: list, length: int, key: jax.Array) -> list:
   """The caches with every row holding `length` random entries (normal, scale 1): a cache as a
-  prompt of that length would leave it, without running the prefill. For benchmarks."""
+  prompt of that length would leave it, without running the prefill. For benchmarks. caches may
+  be their shapes, `jax.eval_shape(lambda: stack.init_cache(...))`, which builds the filled
+  caches without first holding empty ones as large (a cache that fits once in device memory
+  need not fit twice)."""
   filled = []
   for cache, layer_key in zip(caches, jax.random.split(key, len(caches))):
     leaves, treedef = jax.tree.flatten(cache)
@@ -66,13 +69,14 @@ def fill_caches(caches: list, length: int, key: jax.Array) -> list:
     leaves = [_random_like(leaf, k) for leaf, k in zip(leaves, keys)]
     cache = jax.tree.unflatten(treedef, leaves)
     filled.append(dataclasses.replace(cache, lengths=jnp.full_like(cache.lengths, length),
-                                overflow=jnp.zeros_like(cache.overflow)))
+                                      overflow=jnp.zeros_like(cache.overflow)))
   return filled
 
 
 def _random_like(x, key):
+  """Random entries of x's shape and dtype (x an array or a jax.ShapeDtypeStruct)."""
   if x.dtype == jnp.int8:
     return jax.random.randint(key, x.shape, -127, 128, jnp.int8)
   if jnp.issubdtype(x.dtype, jnp.floating):
     return jax.random.normal(key, x.shape, jnp.float32).astype(x.dtype)
-  return x
+  return jnp.zeros(x.shape, x.dtype)

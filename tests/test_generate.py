@@ -100,13 +100,22 @@ def test_decode_loop_bad_inputs_are_named():
     stack(x, jnp.zeros((1, 2), jnp.int32), caches[:1])
 
 
-def test_fill_caches_sets_lengths_and_random_contents():
+@pytest.mark.parametrize("from_shapes", [False, True], ids=["arrays", "shapes"])
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.int8])
+def test_fill_caches_sets_lengths_and_random_contents(cache_dtype, from_shapes):
   stack = _stack("absorbed")
-  caches = mla_jax.stack.fill_caches(stack.init_cache(2, 16, dtype=jnp.bfloat16), 11,
+  empty = lambda: stack.init_cache(2, 16, dtype=cache_dtype)
+  caches = mla_jax.stack.fill_caches(jax.eval_shape(empty) if from_shapes else empty(), 11,
                                      jax.random.key(0))
-  for cache in caches:
+  for cache, want in zip(caches, empty()):
+    assert jax.tree.structure(cache) == jax.tree.structure(want)
+    for leaf, want_leaf in zip(jax.tree.leaves(cache), jax.tree.leaves(want)):
+      assert isinstance(leaf, jax.Array)
+      assert (leaf.shape, leaf.dtype) == (want_leaf.shape, want_leaf.dtype)
     np.testing.assert_array_equal(cache.lengths, [11, 11])
-    assert float(jnp.std(cache.c_kv.astype(jnp.float32))) > 0.5
+    assert not np.any(cache.overflow)
+    c_kv = mla_jax.quant.dequantize(cache.c_kv)
+    assert float(jnp.std(c_kv)) > 0.5 and float(jnp.std(cache.k_rope.astype(jnp.float32))) > 0.5
 
 
 def _cache_arrays(caches, max_len):
