@@ -1,5 +1,7 @@
-"""A seeded random sweep through every GPU kernel path (decode: Triton, Mosaic few-heads, int8 and
-many-heads; GEMV: Triton and Mosaic over bf16, q8_0 and iq4_nl weights) against float64 oracles.
+"""A seeded random sweep through every GPU kernel path against float64 oracles.
+
+The paths: decode on Triton, Mosaic few-heads, int8 and many-heads; the GEMV on Triton and Mosaic
+over bf16, q8_0 and iq4_nl weights.
 
 experiments/kernel_sweep.py: config.cases cases a path, compiled on the GPU, with the slots past
 each row's length poisoned (NaN, ±Inf, stale). Without a GPU the kernels run interpreted: a
