@@ -42,7 +42,7 @@ FORMATS = ("q8_0", "iq4_nl")
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 _IQ4_NL_NTRY = 7  # quantize_iq4_nl's search: scales (itry + values[0]) / max for |itry| <= 7
 _GROUP_MAX_EPS = 1e-15
-_CHUNK = 1 << 20  # weights quantize() works on at a time
+_CHUNK = 1 << 20  # the most weights quantize() works on at a time
 
 
 @jax.tree_util.register_dataclass
@@ -201,7 +201,7 @@ def _quantize_iq4_nl(xb):
   sumqx, sumq2 = fit(-values[0] / safe_max)
   d = sumqx / jnp.where(sumq2 > 0, sumq2, 1.0)
   # One candidate at a time: unrolled, XLA kept every candidate's [..., 32] temporaries alive
-  # together (six times the bytes of one candidate at a time).
+  # together (5.7 times the temporaries of one at a time, compiled for an H200).
   d, _ = jax.lax.fori_loop(-_IQ4_NL_NTRY, _IQ4_NL_NTRY + 1, search, (d, d * sumqx))
   d = jnp.where(valid, d, 0.0)
   inv = jnp.where(d != 0, 1.0 / jnp.where(d != 0, d, 1.0), 0.0)
