@@ -141,6 +141,7 @@ def run(config, workdir: str, name: str = "model_tg", title: str = "") -> dict:
               f"t/s, pp {row['pp_tps']:.1f} t/s, tokens agree {row['tokens_agree']:.2f}",
               flush=True)
         write(workdir, results)
+      del lm  # before the next is built: two bf16 V2-Lite models (63 GB) leave an H100 no room
   write(workdir, results)
   print(table(results))
   return results
