@@ -6,6 +6,8 @@ one decode step, compared with the same weights in float32 on standard/xla. Then
 (batch, prompt length), the caches are filled with random entries at that length (a prefill of
 65536 tokens through 27 layers would take longer than the timing) and:
 - us_per_token: generate.decode_loop_fn's n_gen steps inside one jit, median over reps;
+- device_us_per_token and kernel_us_per_token (GPU only): one more loop call under the profiler,
+  the GPU kernels' summed time and its longest kernels by name, over the steps;
 - us_per_token_dispatch: one jitted step a call (mla_jax.jit_step), dispatch_steps calls
   enqueued and waited for once;
 - floor_us: (weight bytes + cache bytes one step reads) / floor_tbps;
@@ -33,6 +35,10 @@ from experiments import harness, model
 KIND = "decode_step"
 # Instructions of an optimised HLO entry computation that launch nothing.
 _NO_KERNEL = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant"}
+
+
+_TRACED_KERNELS = 24  # kernels a traced row keeps in its results, by time
+_LISTED_KERNELS = 8  # of which the markdown lists
 
 
 def _stack(impl: model.Implementation, cfg, *, dtype, param_dtype, seed: int):
@@ -139,6 +145,8 @@ def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
     samples.append((time.perf_counter() - start) / config.n_gen * 1e6)
   row["us_per_token"] = float(np.median(samples))
   row["us_per_token_samples"] = samples
+  traced, caches = _traced(config, loop, x, pos, caches, S)
+  row.update(traced)
 
   caches = model.with_lengths(caches, S)
   y, caches = compiled(state, x, pos, caches)  # warm
@@ -157,6 +165,18 @@ def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
   row["floor_us"] = (floor_bytes_w + row["cache_bytes"]) / config.floor_tbps / 1e6
   row["x_floor"] = row["us_per_token"] / row["floor_us"]
   return row
+
+
+def _traced(config, loop, x, pos, caches, S) -> tuple[dict, list]:
+  """({device_us_per_token: the kernels' summed time, kernel_us_per_token: {kernel: µs} of the
+  _TRACED_KERNELS longest}, or {} without a GPU; the caches) of one more loop call under the
+  profiler."""
+  device, (_, caches) = harness.device_trace(
+      lambda: loop(x, pos, model.with_lengths(caches, S)), calls=config.n_gen)
+  if device is None:
+    return {}, caches
+  return {"device_us_per_token": device.us,
+          "kernel_us_per_token": dict(list(device.kernels_us.items())[:_TRACED_KERNELS])}, caches
 
 
 def _slots(config, S: int) -> int:
@@ -231,16 +251,19 @@ def _line(r: dict) -> str:
 
 
 def table(results: dict) -> str:
-  header = ["impl", "B", "prompt", "µs/token", "floor µs", "× floor", "kernels/layer",
-            "µs/token dispatched", "gate rel err"]
+  """The rows; the device time column where a row has one (a run on a GPU)."""
+  traced = any("device_us_per_token" in r for r in results["rows"])
+  header = ["impl", "B", "prompt", "µs/token", *(["device µs/token"] if traced else []),
+            "floor µs", "× floor", "kernels/layer", "µs/token dispatched", "gate rel err"]
   rows = []
   for r in results["rows"]:
     f = lambda k, spec=".1f": harness.fmt(r.get(k), spec)
     if "skipped" in r:
       rows.append([r["impl"], r["batch"], r["prompt_len"], "skipped: " + r["skipped"][:60],
-                   "", "", "", "", f("gate_rel_err", ".1e")])
+                   *[""] * (len(header) - 5), f("gate_rel_err", ".1e")])
       continue
-    rows.append([r["impl"], r["batch"], r["prompt_len"], f("us_per_token"), f("floor_us"),
+    rows.append([r["impl"], r["batch"], r["prompt_len"], f("us_per_token"),
+                 *([f("device_us_per_token")] if traced else []), f("floor_us"),
                  f("x_floor", ".2f"), f("kernels_per_layer"), f("us_per_token_dispatch"),
                  f("gate_rel_err", ".1e")])
   return harness.md_table(header, rows, "lrr" + "r" * (len(header) - 3))
@@ -255,8 +278,24 @@ def markdown(results: dict) -> str:
            f"{c['dispatch_steps']}; floor: (weight bytes + cache bytes read) / "
            f"{c['floor_tbps']} TB/s; kernels/layer: kernels of the compiled single step over "
            f"{c['num_layers']} layers; gate: one decode step after a {c['gate_prompt_len']}-token "
-           "prefill against the same weights in float32 on standard/xla."]
+           "prefill against the same weights in float32 on standard/xla" +
+           ("; device: the GPU kernels' summed time in a profiler trace of one more loop call, "
+            "over its steps." if _kernel_lines(results["rows"]) else "."),
+           *_kernel_lines(results["rows"])]
   return harness.page(lines, results, ("impl", "batch", "prompt_len"))
+
+
+def _kernel_lines(rows) -> list[str]:
+  """Where each traced row's device time goes: its longest kernels, µs a token."""
+  traced = [r for r in rows if r.get("kernel_us_per_token")]
+  if not traced:
+    return []
+  lines = ["", f"The {_LISTED_KERNELS} longest kernels of each traced loop, µs a token:"]
+  for r in traced:
+    kernels = list(r["kernel_us_per_token"].items())[:_LISTED_KERNELS]
+    lines.append(f"- {r['impl']} B={r['batch']} pp{r['prompt_len']}: " +
+                 ", ".join(f"{name} {us:.1f}" for name, us in kernels))
+  return lines
 
 
 plot = None  # no plot: the table is the result

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -150,30 +150,42 @@ class Timer:
     if jax.default_backend() != "gpu":
       return None
     jax.block_until_ready(self._run())
-    with tempfile.TemporaryDirectory(prefix="mla_jax_trace_") as tmp:
-      with jax.profiler.trace(tmp):
-        for _ in range(runs):
-          out = self._run()
-        jax.block_until_ready(out)
-      paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
-      profile = jax.profiler.ProfileData.from_file(paths[-1])
-    calls = runs * self.calls_per_run
-    per_kernel, launches, copies_us = collections.Counter(), 0, 0.0
-    for plane in profile.planes:
-      if not plane.name.startswith("/device:GPU"):
+
+    def run():
+      for _ in range(runs):
+        out = self._run()
+      return out
+
+    return device_trace(run, runs * self.calls_per_run)[0]
+
+
+def device_trace(run: Callable[[], Any], calls: int = 1) -> tuple[DeviceTime | None, Any]:
+  """(device time per call, run()'s result): run() once under a jax.profiler trace, then its
+  GPU kernels' durations (stream events other than Memcpy/Memset, which are the copies) summed
+  and divided by `calls`, the calls that run makes. Without a GPU: (None, run())."""
+  if jax.default_backend() != "gpu":
+    return None, run()
+  with tempfile.TemporaryDirectory(prefix="mla_jax_trace_") as tmp:
+    with jax.profiler.trace(tmp):
+      out = jax.block_until_ready(run())
+    paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+    profile = jax.profiler.ProfileData.from_file(paths[-1])
+  per_kernel, launches, copies_us = collections.Counter(), 0, 0.0
+  for plane in profile.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      if "Stream" not in line.name:
         continue
-      for line in plane.lines:
-        if "Stream" not in line.name:
-          continue
-        for event in line.events:
-          us = event.duration_ns / 1e3 / calls
-          if event.name.startswith(("Memcpy", "Memset")):
-            copies_us += us
-          else:
-            per_kernel[event.name] += us
-            launches += 1
-    return DeviceTime(us=sum(per_kernel.values()), kernels=launches / calls,
-                      kernels_us=dict(per_kernel.most_common()), copies_us=copies_us)
+      for event in line.events:
+        us = event.duration_ns / 1e3 / calls
+        if event.name.startswith(("Memcpy", "Memset")):
+          copies_us += us
+        else:
+          per_kernel[event.name] += us
+          launches += 1
+  return DeviceTime(us=sum(per_kernel.values()), kernels=launches / calls,
+                    kernels_us=dict(per_kernel.most_common()), copies_us=copies_us), out
 
 
 def measure(fn: Callable, sets: Sequence, *, reps: int, trials: int, warmup: int = 2,

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
@@ -481,7 +482,50 @@ def test_decode_step_runs_gated_and_counts_kernels(tmp_path):
   assert row["cache_bytes"] == 2 * 40 * (32 + 8) * 4  # 2 layers, 40 rows of c_kv and k_rope
   assert row["floor_us"] == pytest.approx((row["weight_bytes"] + row["cache_bytes"]) / 4e6)
   assert row["kernels_per_layer"] >= 1
-  assert "| absorbed/xla | 1 | 40 |" in (tmp_path / "tiny.md").read_text()
+  page = (tmp_path / "tiny.md").read_text()
+  assert "| absorbed/xla | 1 | 40 |" in page
+  if jax.default_backend() == "gpu":  # the traced loop call: its kernels' time, by kernel
+    assert 0 < row["device_us_per_token"] <= row["us_per_token"]
+    assert 0 < len(row["kernel_us_per_token"]) <= decode_step._TRACED_KERNELS
+    assert "longest kernels of each traced loop" in page
+  else:
+    assert "device_us_per_token" not in row and "kernel_us_per_token" not in row
+
+
+def test_decode_step_lists_the_longest_kernels_of_each_traced_row():
+  """The markdown names each traced row's longest kernels, longest first, µs a token; rows
+  without a trace (no GPU) add nothing."""
+  kernels = {f"k{i}": 10.0 - i for i in range(10)}
+  rows = [{"impl": "absorbed/pallas", "batch": 1, "prompt_len": 128,
+           "kernel_us_per_token": kernels}, {"impl": "standard/xla", "batch": 1, "prompt_len": 128}]
+  lines = decode_step._kernel_lines(rows)
+  assert len(lines) == 3 and lines[-1].startswith("- absorbed/pallas B=1 pp128: k0 10.0, k1 9.0")
+  assert lines[-1].endswith("k7 3.0")
+  assert decode_step._kernel_lines(rows[1:]) == []
+
+
+def test_decode_step_table_has_a_device_column_only_for_traced_runs():
+  row = {"impl": "absorbed/pallas", "batch": 1, "prompt_len": 128, "us_per_token": 800.0,
+         "floor_us": 200.0, "x_floor": 4.0, "kernels_per_layer": 7.0,
+         "us_per_token_dispatch": 900.0, "gate_rel_err": 1e-2}
+  skipped = {"impl": "standard/xla", "batch": 8, "prompt_len": 65536, "skipped": "too large",
+             "gate_rel_err": 1e-2}
+  plain = decode_step.table({"rows": [row, skipped]}).splitlines()
+  traced = decode_step.table({"rows": [{**row, "device_us_per_token": 700.0}, skipped]})
+  traced = traced.splitlines()
+  assert "device" not in plain[0] and "| device µs/token |" in traced[0]
+  assert "| 800.0 | 700.0 | 200.0 |" in traced[2]
+  assert all(line.count("|") == plain[0].count("|") for line in plain)
+  assert all(line.count("|") == traced[0].count("|") for line in traced)
+
+
+def test_device_trace_returns_the_result_and_on_a_gpu_the_kernels_time():
+  device, out = harness.device_trace(lambda: jnp.cumsum(jnp.arange(1 << 16) % 7))
+  assert int(out[-1]) == sum(i % 7 for i in range(1 << 16))
+  if jax.default_backend() == "gpu":
+    assert device is not None and device.us > 0 and device.kernels >= 1
+  else:
+    assert device is None
 
 
 def test_decode_step_times_the_named_shapes_or_every_pair():
