@@ -485,7 +485,7 @@ def test_decode_step_runs_gated_and_counts_kernels(tmp_path):
   page = (tmp_path / "tiny.md").read_text()
   assert "| absorbed/xla | 1 | 40 |" in page
   if jax.default_backend() == "gpu":  # the traced loop call: its kernels' time, by kernel
-    assert 0 < row["device_us_per_token"] <= row["us_per_token"]
+    assert row["device_us_per_token"] > 0
     assert 0 < len(row["kernel_us_per_token"]) <= decode_step._TRACED_KERNELS
     assert "longest kernels of each traced loop" in page
   else:
