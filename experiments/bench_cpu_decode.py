@@ -234,7 +234,7 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
   grid = [(S, fmt, None) for fmt in config.formats for S in config.seq_lens]
   grid += [(S, "bfloat16", length) for S, length in config.partial_fills]
   cases = []
-  try:
+  with harness.run_status(results):
     for S, fmt, length in grid:
       key, sub = jax.random.split(key)
       cases.append((length is not None, _Case(config, sub, S, fmt, length)))
@@ -246,9 +246,6 @@ def run(config, workdir: str, name: str = KIND, title: str = "") -> dict:
       bandwidths.append(read_bandwidth(config.bandwidth_bytes))
       print(f"pass {p + 1}/{config.passes} timed ({time.perf_counter() - start:.0f} s)",
             flush=True)
-    results["status"] = "complete"
-  except KeyboardInterrupt:
-    results["status"] = "interrupted"
   bandwidth = max(bandwidths)
   rows = [(partial, case.result(rates)) for partial, case in cases if case.timed_rounds]
   for _, r in rows:  # floors against the fastest bandwidth
