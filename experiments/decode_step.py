@@ -120,8 +120,8 @@ def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
   cfg = stack.cfg
   dtype = jnp.dtype(config.dtype)
   max_len = _slots(config, S)
-  shapes = jax.eval_shape(lambda: stack.init_cache(B, max_len, dtype=jnp.dtype(impl.cache_dtype)))
-  caches = fill_caches(shapes, S, key)
+  empty = jax.eval_shape(lambda: stack.init_cache(B, max_len, dtype=jnp.dtype(impl.cache_dtype)))
+  caches = fill_caches(empty, S, key)
   x = jax.random.normal(key, (B, 1, cfg.hidden_size), jnp.float32).astype(dtype)
   pos = jnp.full((B, 1), S, jnp.int32)
   row = {"impl": impl.name, "batch": B, "prompt_len": S}
@@ -271,6 +271,7 @@ def table(results: dict) -> str:
 
 def markdown(results: dict) -> str:
   c = results["config"]
+  kernel_lines = _kernel_lines(results["rows"])
   lines = [table(results), "",
            f"µs/token: wall time of {c['n_gen']} decode steps inside one jit "
            f"(generate.decode_loop_fn), median of {c['reps']} reps, over {c['n_gen']}; "
@@ -280,8 +281,8 @@ def markdown(results: dict) -> str:
            f"{c['num_layers']} layers; gate: one decode step after a {c['gate_prompt_len']}-token "
            "prefill against the same weights in float32 on standard/xla" +
            ("; device: the GPU kernels' summed time in a profiler trace of one more loop call, "
-            "over its steps." if _kernel_lines(results["rows"]) else "."),
-           *_kernel_lines(results["rows"])]
+            "over its steps." if kernel_lines else "."),
+           *kernel_lines]
   return harness.page(lines, results, ("impl", "batch", "prompt_len"))
 
 
