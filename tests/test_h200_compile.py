@@ -126,6 +126,19 @@ def test_decode_kernels_compile_for_h200(lowering, B, H, S, cache, values):
   assert "custom-call" in decode_step.kernels(compiled.as_text())
 
 
+@pytest.mark.parametrize("V", [12, 96])
+def test_merge_with_values_compiles_for_h200_at_any_value_width(V):
+  """The merge with wv_b [H,C,V] compiles for a V that is not a power of two, which Triton's
+  blocks must be (interpreted, on a CPU, any V ran): it projects onto blocks of V's largest
+  power-of-two divisor."""
+  wv_b = jax.ShapeDtypeStruct((16, 512, V), jnp.bfloat16)
+  compiled = compile_for_h200(
+      lambda *a: mla_jax.ops.mla_decode(*a[:5], sm_scale=0.1, impl="pallas", lowering="triton",
+                                        wv_b=a[5]),
+      *_decode_args(1, 16, 4096, "bf16"), wv_b)
+  assert "custom-call" in decode_step.kernels(compiled.as_text())
+
+
 @pytest.mark.parametrize("lowering", ["triton", "mosaic"])
 @pytest.mark.parametrize("fmt", ["bf16", "q8_0", "iq4_nl"])
 @pytest.mark.parametrize("B,H", [(1, 16), (64, 128)])

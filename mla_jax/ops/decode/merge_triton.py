@@ -159,22 +159,23 @@ def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
 def _blocks(C: int, V: int) -> tuple[int, int]:
   """(block_c, block_v): a program merges block_c columns at a time (the largest power of two
   dividing C, at most 512, so that a 512-wide latent row merges in one step) and projects them
-  onto block_v values, with the [block_c, block_v] tile of wv_b within _VALUES_TILE. One pass
-  over C keeps a program's loads off a chain of dependent steps. The merge is recomputed per
-  value block; after the first, its partials come from L2. Timed alone on the H200 (C=512,
+  onto block_v values (the largest power of two dividing V: Triton's blocks are powers of two),
+  with the [block_c, block_v] tile of wv_b within _VALUES_TILE. One pass over C keeps a
+  program's loads off a chain of dependent steps. The merge is recomputed per value block;
+  after the first, its partials come from L2. Timed alone on the H200 (C=512,
   V=128, H=16, bf16; docs/decode_step.md), 512 × 32 with 32 pieces a step was the fastest or
   within 0.4 µs of it at (P, B) = (132, 1), (16, 8) and (2, 1): 8.1, 5.8 and 2.9 µs, against
   14.8, 9.2 and 7.6 µs for 64 columns a step and all 128 values a program."""
   block_c = min(C & -C, 512)
-  return block_c, min(V, _VALUES_TILE // block_c)
+  return block_c, min(V & -V, _VALUES_TILE // block_c)
 
 
 def merge_values(o_parts, lse_parts, wv_b, out_dtype, *, merge: str, interpret: bool = False):
   """Partials o_p [P, B, N, C] and lse_p [P, B, N] merged for the first H heads (wv_b [H,C,V],
-  H <= N, V a power of two), then projected: out [B,H,V] = merged o [B,H,C] (rounded to
-  out_dtype) · wv_b[h], in out_dtype, and lse [B,H] float32. merge "pallas": one kernel, a
-  program per (b, h, block of V) walking C in column blocks and P in chunks; "xla":
-  ops.merge_partials and ops.project_values."""
+  H <= N), then projected: out [B,H,V] = merged o [B,H,C] (rounded to out_dtype) · wv_b[h], in
+  out_dtype, and lse [B,H] float32. merge "pallas": one kernel, a program per (b, h, block of
+  V) walking C in column blocks and P in chunks; "xla": ops.merge_partials and
+  ops.project_values."""
   P, B, _, C = o_parts.shape
   H, _, V = wv_b.shape
   if merge == "xla":
