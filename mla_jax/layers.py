@@ -12,6 +12,7 @@ from flax import nnx
 
 from mla_jax import ops, quant
 from mla_jax.ops import device, xla
+from mla_jax.ops.gemv import triton as gemv_triton
 
 WEIGHT_FORMATS = (None, "bf16", *quant.FORMATS)
 # Rows (tokens) up to which a quantized Linear on a GPU runs the fused GEMV (quantized_gemv).
@@ -49,7 +50,8 @@ class Linear(nnx.Module):
 
   set_weight_format stores the weight in bfloat16 or a GGML block format (to_weight_format).
   A quantized weight meets up to GEMV_MAX_ROWS rows (decode) on a GPU in the fused GEMV
-  (quantized_gemv); elsewhere it is dequantized when used.
+  (quantized_gemv) where its kernel takes the shape (fused_gemv_takes); elsewhere it is
+  dequantized when used.
   """
 
   __signature__ = InitSignature()
@@ -70,7 +72,7 @@ class Linear(nnx.Module):
     """x [..., in_features] -> [..., out_features] in self.dtype."""
     w, x = self.weight.get_value(), x.astype(self.dtype)
     rows = math.prod(x.shape[:-1])
-    if isinstance(w, quant.QuantizedTensor) and device.is_gpu() and rows <= GEMV_MAX_ROWS:
+    if device.is_gpu() and rows <= GEMV_MAX_ROWS and fused_gemv_takes(x, w):
       return quantized_gemv(x, w)
     w = as_array(w, self.dtype)
     if rows == 1 and device.is_gpu():
@@ -97,6 +99,16 @@ def quantized_gemv(x, w, *, interpret: bool = False):
   y = ops.batched_gemv(rows, jax.tree.map(lambda a: a[None], w), impl="pallas",
                        lowering="triton", interpret=interpret)
   return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def fused_gemv_takes(x, w) -> bool:
+  """Whether quantized_gemv's kernel takes rows of x with w, a quantized weight of
+  to_weight_format (its last two axes [in, out], any leading ones): the kernel needs both
+  multiples of 32 (ops/gemv/triton.py's unsupported). A weight it does not take is dequantized."""
+  if not isinstance(w, quant.QuantizedTensor):
+    return False
+  heads = jax.eval_shape(lambda t: jax.tree.map(lambda a: a.reshape(-1, *a.shape[-2:]), t), w)
+  return gemv_triton.unsupported(x, heads) is None
 
 
 def to_weight_format(w, weight_format: str | None):

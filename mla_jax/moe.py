@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import ops, quant
+from mla_jax import ops
 from mla_jax.config import ModelConfig
 from mla_jax.layers import (GEMV_MAX_ROWS, MLP, InitSignature, Linear, as_array,
-                            to_weight_format)
+                            fused_gemv_takes, to_weight_format)
 from mla_jax.ops import device
 
 IMPLS = ("auto", "gather", "grouped")
@@ -103,11 +103,13 @@ class Experts(nnx.Module):
     product over the gathered weights fuses as it is.
 
     Quantized experts meet up to GEMV_MAX_ROWS (token, expert) pairs on a GPU in the fused GEMV
-    instead (gathered_gemv), which decodes their blocks in registers: XLA writes a dequantized
-    expert out before its product."""
+    instead (gathered_gemv), which decodes their blocks in registers, where its kernel takes
+    their shapes (layers.fused_gemv_takes): XLA writes a dequantized expert out before its
+    product."""
     x = x.astype(self.dtype)
-    if (isinstance(self.gate_proj.get_value(), quant.QuantizedTensor) and device.is_gpu()
-        and ids.size <= GEMV_MAX_ROWS):
+    if (device.is_gpu() and ids.size <= GEMV_MAX_ROWS
+        and all(fused_gemv_takes(x, p.get_value())
+                for p in (self.gate_proj, self.up_proj, self.down_proj))):
       return self.gathered_gemv(x, ids, weights)
 
     def expert(param, e):  # [out,in]; a quantized weight's blocks are sliced, then dequantized

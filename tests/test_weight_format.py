@@ -163,3 +163,23 @@ def test_one_row_product_equals_the_dot(dtype, rng):
   assert y.shape == (1, 1, 96) and y.dtype == dtype
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
   assert rel_err(y, want) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("out_features,fused", [(96, True), (80, False)])
+def test_quantized_linear_takes_the_fused_gemv_only_where_its_kernel_does(
+    out_features, fused, monkeypatch, rng):
+  """On a GPU, a quantized Linear decodes through the fused GEMV when its kernel takes the
+  weight (both dims multiples of 32) and dequantizes it otherwise, instead of failing: here
+  with a GPU pretended and the kernel interpreted."""
+  linear = layers.Linear(64, out_features, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  linear.set_weight_format("q8_0")
+  x = jnp.asarray(rng.standard_normal((2, 1, 64)), jnp.float32)
+  want = linear(x)  # no GPU: the dequantized weight on XLA
+  ran = []
+  gemv = layers.quantized_gemv
+  monkeypatch.setattr(device, "is_gpu", lambda: True)
+  monkeypatch.setattr(layers, "quantized_gemv",
+                      lambda x, w: ran.append(w.shape) or gemv(x, w, interpret=True))
+  assert layers.fused_gemv_takes(x, linear.weight.get_value()) == fused
+  assert rel_err(linear(x), want) <= RTOL[jnp.float32]
+  assert ran == ([(64, out_features)] if fused else [])
