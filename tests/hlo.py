@@ -25,6 +25,7 @@ class Instruction:
   calls: str | None  # a fusion's body
   tuple_index: int | None  # a get-tuple-element's index
   control: tuple[str, ...] = ()  # computations a while or conditional runs (body, branches)
+  aliased: tuple[int, ...] = ()  # a custom call's outputs written into an operand's buffer
 
 
 def parse(text: str) -> tuple[dict[str, dict[str, Instruction]], dict[str, str], str]:
@@ -43,9 +44,11 @@ def parse(text: str) -> tuple[dict[str, dict[str, Instruction]], dict[str, str],
                            m.group(5))
       if branches := re.search(r"branch_computations=\{([^}]*)\}", m.group(5)):
         control += re.findall(r"%([\w.\-]+)", branches.group(1))
+      aliased = re.search(r"output_to_operand_aliasing=\{(.*?)\)\}", m.group(5))
       computations[current][m.group(2)] = Instruction(
           m.group(2), m.group(3), m.group(4), tuple(re.findall(r"%([\w.\-]+)", args)),
-          args, calls and calls.group(1), index and int(index.group(1)), tuple(control))
+          args, calls and calls.group(1), index and int(index.group(1)), tuple(control),
+          tuple(int(i) for i in re.findall(r"\{(\d+)\}:", aliased.group(1))) if aliased else ())
       if m.group(1):
         roots[current] = m.group(2)
   return computations, roots, entry
@@ -80,8 +83,9 @@ def _run_by(computations, name: str) -> list[str]:
 def large_temporaries(text: str, min_bytes: int) -> list[str]:
   """Arrays of at least min_bytes that the entry computation, or a loop body or conditional
   branch it runs, writes and does not return (so neither inputs nor outputs such as the in-place
-  cache updates), as "name opcode shape". The s8 workspace that a cuBLAS custom call carries is
-  not counted."""
+  cache updates), as "name opcode shape". Not counted: the s8 workspace that a cuBLAS custom
+  call carries, and a custom call's outputs aliased to its operands (a Pallas kernel's in-place
+  cache write: the buffer is the operand's)."""
   computations, roots, entry = parse(text)
   found = []
   for name in _run_by(computations, entry):
@@ -95,8 +99,8 @@ def _written(body, root: str, min_bytes: int) -> list[str]:
   for inst in body.values():
     if inst.opcode in _NO_BUFFER or inst.name in returned:
       continue
-    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", inst.shape):
-      if inst.opcode == "custom-call" and dtype == "s8":
+    for index, (dtype, dims) in enumerate(re.findall(r"(\w+)\[([\d,]*)\]", inst.shape)):
+      if inst.opcode == "custom-call" and (dtype == "s8" or index in inst.aliased):
         continue
       size = _BYTES[dtype]
       for d in filter(None, dims.split(",")):

@@ -352,6 +352,17 @@ def test_hlo_checks_see_copies_and_temporaries():
   for f in (in_loop, in_branch):
     text = jax.jit(f).lower(cache, x).compile().as_text()
     assert hlo.large_temporaries(text, cache.nbytes), text
+  # A custom call's output aliased to its operand (a Pallas kernel's in-place cache write) is
+  # none; its other outputs are.
+  call = ("ENTRY %main (p: f32[2,64,8]) -> f32[2,64,8] {\n"
+          "  %p = f32[2,64,8]{2,1,0} parameter(0)\n"
+          "  %k = (f32[2,64,8]{2,1,0}, f32[2,64,8]{2,1,0}) custom-call(%p), "
+          "custom_call_target=\"kernel\", output_to_operand_aliasing={{0}: (0, {})}\n"
+          "  ROOT %out = f32[2,64,8]{2,1,0} get-tuple-element(%k), index=0\n}")
+  assert hlo.large_temporaries(call, cache.nbytes) == ["k custom-call f32[2,64,8]"]
+  assert len(hlo.large_temporaries(call.replace("output_to_operand_aliasing={{0}: (0, {})}",
+                                                "api_version=API_VERSION_TYPED_FFI"),
+                                   cache.nbytes)) == 2
 
 
 def test_int8_cache_close_to_float(rng):
