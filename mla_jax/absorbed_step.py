@@ -17,8 +17,9 @@ the length bookkeeping and the absorption of wk_b as some ten small fusions. Her
   projection   o_proj on XLA
 
 Quantized kv_b_proj weights (weight_format "q8_0"/"iq4_nl"), or gemv_lowering="mosaic", leave
-the absorption of wk_b and the product with wv_b to ops.batched_gemv (that lowering's kernel),
-and the latent kernel and the merge do the rest. The arithmetic is the module's other path's, in
+the absorption of wk_b and the product with wv_b to ops.batched_gemv (that lowering's kernel,
+or XLA where the Triton kernel does not take the weight: MLAttention._gemv), and the latent
+kernel and the merge do the rest. The arithmetic is the module's other path's, in
 the same order and with the same roundings, but for the folded input norm, which scales after
 the projections instead of before (a rounding's difference); tests/test_absorbed_step.py checks
 both against the XLA path.
@@ -86,8 +87,7 @@ def decode_step(module, x, positions, cache, input_norm=None):
       tuning=latent_update.choose_tuning(cfg.kv_lora_rank),
       interpret=not device.is_gpu(), **norm_args)
   if gemv_absorbs:
-    q_latent = ops.batched_gemv(q.reshape(B, H, cfg.qk_head_dim), wk_b, impl=module._gemv_impl,
-                                **module._gemv_options)
+    q_latent = module._gemv(q.reshape(B, H, cfg.qk_head_dim), wk_b)
   cache = dataclasses.replace(cache, c_kv=quant.Int8Rows(values, scales) if int8 else values,
                               k_rope=k_rope, lengths=lengths, overflow=overflow)
   decode = functools.partial(ops.mla_decode, q_latent, q_rope.astype(q_latent.dtype), cache.c_kv,
@@ -96,7 +96,6 @@ def decode_step(module, x, positions, cache, input_norm=None):
                              **module._decode_options)
   if gemv_absorbs:
     o_latent, _ = decode()
-    return ops.batched_gemv(o_latent.astype(q_latent.dtype), wv_b, impl=module._gemv_impl,
-                            **module._gemv_options), cache
+    return module._gemv(o_latent.astype(q_latent.dtype), wv_b), cache
   heads, _ = decode(wv_b=wv_b)
   return heads, cache

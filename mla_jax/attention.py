@@ -18,8 +18,9 @@ Weight formats (`weight_format`): only kv_b_proj's wk_b and wv_b, the weights of
 GEMVs of absorbed decoding, change format. None (the default) keeps them in param_dtype like every
 other parameter; "bf16" stores them as bfloat16; "q8_0" / "iq4_nl" store them as GGML blocks
 (quant.QuantizedTensor, blocks of 32 along the contraction axis). Absorbed decode with
-backend="pallas" decodes quantized blocks inside the fused GEMV kernel (ops/gemv/triton.py); every
-other path (xla/cpu decode, prefill, standard mode) dequantizes them first.
+backend="pallas" decodes quantized blocks inside the fused GEMV kernel (ops/gemv/triton.py) where
+it takes the weight (K and N multiples of 32); every other path (xla/cpu decode, prefill,
+standard mode, other sizes) dequantizes them first.
 
 Absorbed decode steps on the Pallas backend run as absorbed_step.py says: one kernel
 (ops/latent_update.py) absorbs a float wk_b into the query and does the rope, the kv norm and the
@@ -44,7 +45,7 @@ from mla_jax import absorbed_step, ops, parallel, quant, rope
 from mla_jax.cache import MODES, KVCache, LatentCache, init_cache, round_slots
 from mla_jax.config import MLAConfig
 from mla_jax.layers import InitSignature, Linear, RMSNorm
-from mla_jax.ops import device, xla
+from mla_jax.ops import device, gemv, xla
 from mla_jax.ops.common import TMA_SLOTS, resolve_impl
 
 BACKENDS = ("auto", "xla", "pallas", "cpu")
@@ -261,7 +262,7 @@ class MLAttention(nnx.Module):
     cache = cache.write(c_kv, k_rope, num_new)
     T = q.shape[1]
     if T == 1:  # decode: two batched GEMVs (q_nope read in place from q), the split-KV kernel
-      q_latent = ops.batched_gemv(q[:, 0], wk_b, impl=self._gemv_impl, **self._gemv_options)
+      q_latent = self._gemv(q[:, 0], wk_b)
       decode = ops.mla_decode
       if self.mesh is not None:  # the cache split along S over devices (parallel.py)
         decode = functools.partial(parallel.mla_decode_sharded, mesh=self.mesh,
@@ -269,8 +270,7 @@ class MLAttention(nnx.Module):
       o_latent, _ = decode(q_latent, q_rope[:, 0].astype(q_latent.dtype), cache.c_kv,
                            cache.k_rope, cache.lengths, sm_scale=self.cfg.softmax_scale,
                            impl=self._decode_impl, **self._decode_options)
-      heads = ops.batched_gemv(o_latent.astype(q_latent.dtype), wv_b, impl=self._gemv_impl,
-                               **self._gemv_options)
+      heads = self._gemv(o_latent.astype(q_latent.dtype), wv_b)
       return heads[:, None], cache
     q_nope = q[..., :self.cfg.qk_nope_head_dim]
     q_latent = jnp.einsum("bthk,hkc->bthc", q_nope, quant.dequantize(wk_b, q.dtype))
@@ -288,6 +288,16 @@ class MLAttention(nnx.Module):
     if self.decode_lowering is not None:
       options["lowering"] = self.decode_lowering
     return options
+
+  def _gemv(self, x, w):
+    """ops.batched_gemv(x, w) of the absorbed decode (wk_b or wv_b) on the module's backend.
+    Where the default Triton kernel does not take w (it needs K and N multiples of 32) the
+    product runs on XLA instead, so that any head size decodes; gemv_lowering="mosaic" is a
+    request, and refuses what it cannot take."""
+    impl, options = self._gemv_impl, self._gemv_options
+    if impl == "pallas" and self.gemv_lowering == "triton" and gemv.unsupported(x, w):
+      impl, options = "xla", {}
+    return ops.batched_gemv(x, w, impl=impl, **options)
 
   @property
   def _gemv_impl(self) -> str:

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax import ops, quant
-from mla_jax.ops import device, xla
-from mla_jax.ops.gemv import triton as gemv_triton
+from mla_jax.ops import device, gemv, xla
 
 WEIGHT_FORMATS = (None, "bf16", *quant.FORMATS)
 # Rows (tokens) up to which a quantized Linear on a GPU runs the fused GEMV (quantized_gemv).
@@ -104,11 +103,11 @@ def quantized_gemv(x, w, *, interpret: bool = False):
 def fused_gemv_takes(x, w) -> bool:
   """Whether quantized_gemv's kernel takes rows of x with w, a quantized weight of
   to_weight_format (its last two axes [in, out], any leading ones): the kernel needs both
-  multiples of 32 (ops/gemv/triton.py's unsupported). A weight it does not take is dequantized."""
+  multiples of 32 (ops.gemv.unsupported). A weight it does not take is dequantized."""
   if not isinstance(w, quant.QuantizedTensor):
     return False
   heads = jax.eval_shape(lambda t: jax.tree.map(lambda a: a.reshape(-1, *a.shape[-2:]), t), w)
-  return gemv_triton.unsupported(x, heads) is None
+  return gemv.unsupported(x, heads, lowering="triton") is None
 
 
 def to_weight_format(w, weight_format: str | None):

@@ -73,6 +73,23 @@ def test_pallas_decode_gets_the_quantized_weights(monkeypatch, rng):
                   (quant.QuantizedTensor, SMALL.kv_lora_rank)]
 
 
+def test_weights_the_gemv_kernel_does_not_take_run_on_xla(monkeypatch, rng):
+  """A wv_b of 16 values a head (the Triton GEMV needs N a multiple of 32) runs its product on
+  XLA, dequantized, while wk_b stays on the kernel; the output is the dequantized module's."""
+  seen = []
+  kernel = gemv_triton.batched_gemv
+  monkeypatch.setattr(gemv_triton, "batched_gemv",
+                      lambda x, w, **kw: seen.append(w.shape) or kernel(x, w, **kw))
+  cfg = dataclasses.replace(SMALL, num_heads=2, v_head_dim=16)  # o_proj: 2 * 16 inputs
+  attn = mla_jax.MLAttention(cfg, mode="absorbed", backend="pallas", weight_format="q8_0",
+                             rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  x = jnp.asarray(rng.standard_normal((2, PREFILL + 2, cfg.hidden_size)), jnp.float32)
+  positions = jnp.asarray(np.arange(PREFILL + 2)[None].repeat(2, 0), jnp.int32)
+  y = _run(attn, x, positions)
+  assert seen and all(shape == (2, cfg.qk_nope_head_dim, cfg.kv_lora_rank) for shape in seen)
+  assert rel_err(y, _run(_dequantized_twin(attn), x, positions)) <= RTOL[jnp.float32] * 10
+
+
 def test_weight_formats_store_what_they_say():
   default = mla_jax.MLAttention(SMALL, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
   assert default.kv_b_proj.wk_b[...].dtype == jnp.float32

@@ -57,6 +57,12 @@ def plan(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
   return Plan(impl, kernel, check_tuning(tuning, tuning_type, kernel))
 
 
+def unsupported(x, w, *, lowering: str | None = None) -> str | None:
+  """Why impl="pallas" with this lowering (None: Triton) cannot take x and w (shapes and dtypes
+  as batched_gemv's), or None if it can."""
+  return _KERNELS[lowering or "triton"][0].unsupported(x, w)
+
+
 def batched_gemv(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
                  interpret: bool = False, head_ids=None):
   """y[b,h] = x[b,h,:K] · w[h]: x [B,H,K'] with K' >= K, w [H,K,N] array or
