@@ -184,6 +184,40 @@ def test_v2_lite_moe_decode_step_allocates_no_weight_sized_temporary(B, weight_f
   assert compiled.memory_analysis().temp_size_in_bytes < 8 << 20
 
 
+# Small shapes of the kind the CPU tests run interpreted, where a kernel takes sizes that compiled
+# Triton refuses (its blocks must be powers of two): a v_head_dim of 12 (quantized weights need
+# o_proj's H·V inputs a multiple of 32, so they get 16), and kv_a_proj_with_mqa's 64 + 16 = 80
+# outputs, no multiple of the quantized GEMV's 32-column blocks.
+SMALL_MODEL = dataclasses.replace(
+    mla_jax.ModelConfig.deepseek_v2_lite(), hidden_size=256, num_heads=2, kv_lora_rank=64,
+    qk_nope_head_dim=32, qk_rope_head_dim=16, num_layers=2, vocab_size=512,
+    intermediate_size=256, moe_intermediate_size=256, n_routed_experts=16, n_shared_experts=1,
+    num_experts_per_tok=2, first_k_dense_replace=1)
+
+
+@pytest.mark.parametrize("weight_format,v_head_dim", [(None, 12), ("q8_0", 16), ("iq4_nl", 16)])
+@pytest.mark.parametrize("mode", ["absorbed", "standard"])
+def test_small_model_decode_step_compiles_for_h200(mode, weight_format, v_head_dim):
+  """A CausalLM of small odd sizes (SMALL_MODEL) compiles its B=1 decode step for the H200 on
+  the Pallas backend, float32 and quantized: what runs interpreted in CI also compiles."""
+  cfg = dataclasses.replace(SMALL_MODEL, v_head_dim=v_head_dim)
+
+  def build():
+    lm = mla_jax.CausalLM(cfg, mode=mode, backend="pallas", rngs=nnx.Rngs(0))
+    lm.set_weight_format(weight_format)
+    return lm
+
+  lm = nnx.eval_shape(build)
+  graphdef, state = nnx.split(lm)
+  cache = jax.eval_shape(lambda: lm.init_cache(1, 64, jnp.float32))
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  compiled = compile_for_h200(lambda s, i, p, c: nnx.merge(graphdef, s)(i, p, c), state, ids, ids,
+                              cache, donate_argnums=(3,))
+  # standard mode on float weights runs XLA alone; otherwise a kernel (latent, GEMV) runs
+  kernels = decode_step.kernels(compiled.as_text())
+  assert ("custom-call" in kernels) == (mode == "absorbed" or weight_format is not None)
+
+
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_quantize_takes_temporaries_under_twice_the_weights_size(fmt):
   """quantize of a MoE layer's stacked experts ([64, 2048, 1408] float32, 738 MB) compiled for
