@@ -7,7 +7,8 @@
 # the k-th, so each part mixes all files), deals them round-robin to SHARDS pytest processes
 # that share the GPU (each may take 0.9/SHARDS of its memory) and stops them after LIMIT
 # seconds. Each shard logs one line a test to $OUT/shard_<i>.log, so a stopped shard still
-# says which tests passed and failed; $OUT/summary.txt has each shard's counts.
+# says which tests passed and failed (a finished one also lists its 20 slowest tests);
+# $OUT/summary.txt has each shard's counts.
 set -u
 PART=${PART:-1/1} SHARDS=${SHARDS:-6} LIMIT=${LIMIT:-540} OUT=${OUT:?set OUT to a folder}
 k=${PART%/*} n=${PART#*/}
@@ -19,7 +20,7 @@ python3 -m pytest --collect-only -q -p no:cacheprovider "${@:-tests}" 2>/dev/nul
 echo "part $PART: $(wc -l < "$OUT/ids.txt") tests in $SHARDS shards, $LIMIT s"
 for i in $(seq 0 $((SHARDS - 1))); do
   awk -v i="$i" -v s="$SHARDS" '(NR - 1) % s == i' "$OUT/ids.txt" > "$OUT/shard_$i.ids"
-  (timeout "$LIMIT" python3 -m pytest -v -p no:cacheprovider --no-header -rfE \
+  (timeout "$LIMIT" python3 -m pytest -v -p no:cacheprovider --no-header -rfE --durations=20 \
      $(cat "$OUT/shard_$i.ids") > "$OUT/shard_$i.log" 2>&1
    rc=$?
    counts=$(grep -oE ' (PASSED|FAILED|SKIPPED|ERROR)' "$OUT/shard_$i.log" | sort | uniq -c \
