@@ -4,10 +4,11 @@ module is its one dispatcher. `plan` names the kernel and tuning that `batched_g
   impl "reference" | "xla"  ops/reference.py, ops/xla.py
   impl "pallas"             lowering "triton" (triton.py, the default) or "mosaic" (mosaic.py)
 
-The Mosaic kernel takes less GPU time at every benchmark shape, but XLA launches it outside its
-CUDA graphs, which costs 2-5 µs of host time per call: more than it saves where the step is
-launch-bound, as small-batch decoding is (docs/batched_gemv.md). So Triton is the default and
-Mosaic runs on request.
+The Mosaic kernel takes less GPU time at every benchmark shape, but timed as a standalone call
+XLA launched it outside its CUDA graphs, at 2-5 µs of host time per call: more than it saves
+where the step is launch-bound, as small-batch decoding is (docs/batched_gemv.md). So Triton is
+the default and Mosaic runs on request, until the whole decode step, where XLA may capture it,
+is timed with each.
 """
 
 from __future__ import annotations
