@@ -1,5 +1,6 @@
-"""The whole model on a GPU: tg@pp t/s of DeepSeek-V2-Lite's real shape (random weights, MoE),
-standard vs absorbed, bf16 and IQ4_NL weights, in the published tables' form.
+"""The whole model on a GPU: tg@pp t/s of DeepSeek-V2-Lite, standard vs absorbed, bf16 and IQ4_NL.
+
+The real shape with random weights (MoE), in the published tables' form.
 
 experiments/bench_model.py on the full V2-Lite configuration (27 layers, 64 routed experts, top
 6, 2 shared; about 31 GB in bf16, 9 GB in IQ4_NL), B=1. The byte floor of a step is the weights
