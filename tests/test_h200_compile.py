@@ -113,17 +113,23 @@ DECODE_CASES = [("mosaic", 1, 16, 16384, "bf16"), ("mosaic", 64, 16, 4096, "bf16
                 ("triton", 64, 128, 4096, "bf16")]
 
 
+def _decode_kernels(lowering, B, H, S, cache, V=None):
+  """The kernels of ops.mla_decode (impl "pallas") compiled for the H200, with wv_b [H,512,V]
+  when V is given."""
+  wv_b = [jax.ShapeDtypeStruct((H, 512, V), jnp.bfloat16)] if V else []
+  compiled = compile_for_h200(
+      lambda *a: mla_jax.ops.mla_decode(*a[:5], sm_scale=0.1, impl="pallas", lowering=lowering,
+                                        wv_b=(a[5:] or [None])[0]),
+      *_decode_args(B, H, S, cache), *wv_b)
+  return decode_step.kernels(compiled.as_text())
+
+
 @pytest.mark.parametrize("lowering,B,H,S,cache", DECODE_CASES,
                          ids=["-".join(map(str, c)) for c in DECODE_CASES])
 @pytest.mark.parametrize("values", [False, True], ids=["latent", "wv_b"])
 def test_decode_kernels_compile_for_h200(lowering, B, H, S, cache, values):
   """ops.mla_decode's Pallas kernels, and the merge (with wv_b or without), compile to the H200."""
-  wv_b = [jax.ShapeDtypeStruct((H, 512, 128), jnp.bfloat16)] if values else []
-  compiled = compile_for_h200(
-      lambda *a: mla_jax.ops.mla_decode(*a[:5], sm_scale=0.1, impl="pallas", lowering=lowering,
-                                        wv_b=(a[5:] or [None])[0]),
-      *_decode_args(B, H, S, cache), *wv_b)
-  assert "custom-call" in decode_step.kernels(compiled.as_text())
+  assert "custom-call" in _decode_kernels(lowering, B, H, S, cache, V=128 if values else None)
 
 
 @pytest.mark.parametrize("V", [12, 96])
@@ -131,12 +137,7 @@ def test_merge_with_values_compiles_for_h200_at_any_value_width(V):
   """The merge with wv_b [H,C,V] compiles for a V that is not a power of two, which Triton's
   blocks must be (interpreted, on a CPU, any V ran): it projects onto blocks of V's largest
   power-of-two divisor."""
-  wv_b = jax.ShapeDtypeStruct((16, 512, V), jnp.bfloat16)
-  compiled = compile_for_h200(
-      lambda *a: mla_jax.ops.mla_decode(*a[:5], sm_scale=0.1, impl="pallas", lowering="triton",
-                                        wv_b=a[5]),
-      *_decode_args(1, 16, 4096, "bf16"), wv_b)
-  assert "custom-call" in decode_step.kernels(compiled.as_text())
+  assert "custom-call" in _decode_kernels("triton", 1, 16, 4096, "bf16", V=V)
 
 
 @pytest.mark.parametrize("lowering", ["triton", "mosaic"])
