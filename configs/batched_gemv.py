@@ -13,7 +13,7 @@ import ml_collections
 # The Triton kernel's knobs at their dataclass defaults: a sweep entry sets all of them, so that
 # it names one tuning whatever the default tuning of a shape is.
 _TRITON = dict(block_n=128, block_b=None, dot=True, int8=False, num_warps=4, num_stages=3,
-               unroll=False, block_k=1)
+               unroll=False, block_k=1, split_k=1)
 
 
 def _triton(**knobs):
@@ -69,6 +69,13 @@ def get_config():
       "dot32unr": _triton(block_n=32, unroll=True),
       "dot64unr": _triton(block_n=64, unroll=True),
       "int8_64": _triton(block_n=64, int8=True),
+      "fma32k8s8": _triton(block_n=32, dot=False, block_k=8, split_k=8),
+      "fma32k4s8": _triton(block_n=32, dot=False, block_k=4, split_k=8),
+      "fma64k8s8": _triton(block_n=64, dot=False, block_k=8, split_k=8),
+      "fma32k16s4": _triton(block_n=32, dot=False, block_k=16, split_k=4),
+      "fma32k4s16": _triton(block_n=32, dot=False, block_k=4, split_k=16),
+      "dot32k8s8": _triton(block_n=32, block_k=8, split_k=8),
+      "dot32k4s8": _triton(block_n=32, block_k=4, split_k=8),
   })
   config.timed = ("pallas", "pallas_mosaic", "pallas_int8")  # names in variants or sweep to time
   config.interpret = False  # run the Pallas kernels in interpret mode (no GPU needed; slow)

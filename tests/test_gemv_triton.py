@@ -23,6 +23,8 @@ TUNINGS = {
     "fma_unrolled": triton.TritonGemvTuning(dot=False, block_n=64, unroll=True),
     "dot_k2": triton.TritonGemvTuning(dot=True, block_n=32, block_k=2),
     "int8": triton.TritonGemvTuning(dot=True, int8=True, block_n=16),
+    "dot_split3": triton.TritonGemvTuning(dot=True, block_n=32, split_k=3),
+    "fma_split3_k2": triton.TritonGemvTuning(dot=False, block_n=32, block_k=2, split_k=3),
 }
 
 

@@ -24,7 +24,11 @@ them). Here one launch covers every head and batch row:
 - `dot=False` (one batch row per program) accumulates x·w elementwise into a [32, block_n] tile
   and reduces it once at the end, instead of padding B to Triton's minimum dot of 16 rows;
 - the K loop is a pipelined loop (Triton's num_stages), not unrolled: on the H200 the pipelined
-  loop measured up to 2x faster than a fully unrolled one at K=512 (docs/batched_gemv.md).
+  loop measured up to 2x faster than a fully unrolled one at K=512 (docs/batched_gemv.md);
+- `split_k=G` gives each output block G programs, each over a G-th of K, which write float32
+  partial sums [G, B, H, N] that one small XLA reduction adds (split-K, as in GEMM libraries):
+  with one head (a Linear's weight), N / block_n programs alone cannot fill the GPU's SMs nor
+  keep enough loads in flight, and each would walk all of K.
 
 ops/gemv/mosaic.py is the Hopper kernel of the same product; ops.gemv's dispatcher runs it on
 request (lowering="mosaic") and says why this one stays the default.
@@ -69,6 +73,7 @@ class TritonGemvTuning:
   num_stages: int = 3  # Triton software pipelining depth of the K loop
   unroll: bool = False  # unroll the K loop fully (all loads in flight, no pipelining)
   block_k: int = 1  # GGML blocks of 32 rows per step of the (pipelined) K loop
+  split_k: int = 1  # programs per output block, each over 1/split_k of K (float32 partials)
 
   def __post_init__(self):
     check_field(self, "block_n", isinstance(self.block_n, int) and is_pow2(self.block_n),
@@ -80,6 +85,7 @@ class TritonGemvTuning:
                 "a power of two")
     check_field(self, "num_stages", is_positive_int(self.num_stages), "an integer >= 1")
     check_field(self, "block_k", is_positive_int(self.block_k), "an integer >= 1")
+    check_field(self, "split_k", is_positive_int(self.split_k), "an integer >= 1")
     check_field(self, "int8", not self.int8 or self.dot, "False unless dot=True")
 
 
@@ -161,16 +167,19 @@ def _dividing_block(block: int, n: int) -> int:
 
 
 def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, unroll,
-                 compute_dtype, gathered):
+                 compute_dtype, gathered, split_k):
   # x_ref: [B, H, K'] (K' >= K; columns [0, K) are read in place)
   # ids_ref: [H] int32, the weight head of each x head (gathered)
   # dense:  w_ref [E, K, N]
   # q8_0:   qs_ref int8 [E, K, N], d_ref float16 [E, K/32, N]
   # iq4_nl: qs_ref uint8 [E, K/2, N], d_ref float16 [E, K/32, N]
-  # o_ref:  [B, H, N]
+  # o_ref:  [B, H, N], or [split_k, B, H, N] float32 partial sums over pieces of K
   # E = H, and head h reads w[h], unless gathered: then head h reads w[ids[h]].
   ids_ref, *w_refs, o_ref = refs if gathered else (None, *refs)
-  h, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  h, j = pl.program_id(0), pl.program_id(1)
+  i, g = pl.program_id(2) // split_k, pl.program_id(2) % split_k  # batch block, piece of K
+  num_blocks = K // BLOCK // split_k  # GGML blocks of this program's piece of K
+  first_block = g * num_blocks
   e = ids_ref[h] if gathered else h
   rows = pl.ds(i * block_b, block_b)
   cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
@@ -217,18 +226,19 @@ def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, 
   acc_rows = block_b if dot else (HALF if fmt == "iq4_nl" else BLOCK)
   acc = jnp.zeros((acc_rows, block_n), jnp.float32)
   if unroll:  # every block's loads are issued before the first is used
-    for kb in range(K // BLOCK):
-      acc = body(kb, acc)
+    for kb in range(num_blocks):
+      acc = body(first_block + kb, acc)
   else:  # Triton pipelines the loads of the next num_stages steps (cp.async)
     def step(ks, acc):
       for sub in range(block_k):
-        acc = body(ks * block_k + sub, acc)
+        acc = body(first_block + ks * block_k + sub, acc)
       return acc
-    acc = jax.lax.fori_loop(0, K // BLOCK // block_k, step, acc)
+    acc = jax.lax.fori_loop(0, num_blocks // block_k, step, acc)
   if not dot:
     acc = jnp.sum(acc, axis=0, keepdims=True)  # [1, block_n]
   mask = jnp.broadcast_to(row_ok[:, None], (block_b, block_n))
-  pltriton.store(o_ref.at[rows, h, cols], acc.astype(o_ref.dtype), mask=mask)
+  out = o_ref.at[g, rows, h, cols] if split_k > 1 else o_ref.at[rows, h, cols]
+  pltriton.store(out, acc.astype(o_ref.dtype), mask=mask)
 
 
 def unsupported(x, w) -> str | None:
@@ -266,20 +276,24 @@ def batched_gemv(x, w, *, tuning: TritonGemvTuning, interpret: bool = False, hea
     block_b = max(min(tuning.block_b or next_pow2(B), MAX_BLOCK_B), TRITON_MIN_DOT)
     block_n = max(block_n, TRITON_MIN_DOT)
   compute_dtype = x.dtype if quantized else jnp.promote_types(x.dtype, w.dtype)
+  split_k = math.gcd(tuning.split_k, K // BLOCK)  # pieces of whole GGML blocks
   kernel = functools.partial(
       _gemv_kernel, fmt=fmt, B=B, K=K, block_b=block_b, block_n=block_n,
-      block_k=math.gcd(tuning.block_k, K // BLOCK), dot=tuning.dot,
+      block_k=math.gcd(tuning.block_k, K // BLOCK // split_k), dot=tuning.dot,
       int8=tuning.int8, unroll=tuning.unroll, compute_dtype=compute_dtype,
-      gathered=head_ids is not None)
+      gathered=head_ids is not None, split_k=split_k)
   w_args = (w.qs, w.d) if quantized else (w,)
   if head_ids is not None:
     w_args = (jnp.clip(head_ids.astype(jnp.int32), 0, w.shape[0] - 1), *w_args)
-  return pl.pallas_call(
+  out_shape = (jax.ShapeDtypeStruct((split_k, B, H, N), jnp.float32) if split_k > 1
+               else jax.ShapeDtypeStruct((B, H, N), x.dtype))
+  y = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((B, H, N), x.dtype),
-      grid=(H, N // block_n, pl.cdiv(B, block_b)),
+      out_shape=out_shape,
+      grid=(H, N // block_n, pl.cdiv(B, block_b) * split_k),
       compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
                                               num_stages=tuning.num_stages),
       interpret=interpret,
       name="mla_batched_gemv",
   )(x, *w_args)
+  return y.sum(axis=0).astype(x.dtype) if split_k > 1 else y
