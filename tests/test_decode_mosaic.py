@@ -98,6 +98,9 @@ def test_choose_splits_covers_the_cache_and_fills_the_gpu():
     assert P * piece >= tiles and (P - 1) * piece < tiles, "pieces cover S, none wholly past it"
     if S >= 4096:
       assert 0.9 * 132 <= B * P <= 132 or P == 1
+  assert mosaic_common.choose_splits(1, 128, 132) == 2  # a short cache: a piece a tile
+  assert mosaic_common.choose_splits(1, 2048, 132) == 32
+  assert mosaic_common.choose_splits(1, 2048, 132, min_tiles=2) == 16
 
 
 def _unsupported(case):

@@ -62,8 +62,9 @@ class HeadsTuning:
 
 
 def choose_splits(B: int, H: int, S: int, num_sms: int) -> int:
-  """P pieces so that head blocks × B × P ≈ num_sms (one program an SM), as for few heads."""
-  return mc.choose_splits(B * pl.cdiv(H, HEADS), S, num_sms)
+  """P pieces so that head blocks × B × P ≈ num_sms (one program an SM), as for few heads, of
+  at least two tiles each."""
+  return mc.choose_splits(B * pl.cdiv(H, HEADS), S, num_sms, min_tiles=2)
 
 
 def choose_tuning(B: int, H: int, S: int, *, num_sms: int) -> HeadsTuning:
