@@ -63,6 +63,18 @@ def test_columns_not_a_power_of_two(N, block_n, fmt, rng):
   _check(rng, 2, 1, 64, N, fmt, triton.TritonGemvTuning(block_n=block_n))
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
+def test_one_row_long_contraction_splits_k(fmt, rng):
+  """A quantized Linear's product (H=1, B=1, K >= 1024) splits K by default; K=1056 has 33
+  blocks, so the pieces are 11 (the largest count <= 16 that divides 33), and the float32
+  partial sums match the oracle."""
+  tuning = triton.choose_tuning(1, 1, 1056, 64, fmt)
+  assert tuning.split_k == 16 and not tuning.dot
+  _check(rng, 1, 1, 1056, 64, fmt, None, dtype=jnp.float32)
+  assert triton.choose_tuning(1, 1, 512, 64, fmt).split_k == 1  # a short contraction
+  assert triton.choose_tuning(1, 1, 2048, 102400, fmt).split_k == 1  # enough column blocks
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", ["dot", "fma"])
 def test_head_ids_gather_the_weight_heads(name, fmt, rng):

@@ -25,10 +25,11 @@ them). Here one launch covers every head and batch row:
   and reduces it once at the end, instead of padding B to Triton's minimum dot of 16 rows;
 - the K loop is a pipelined loop (Triton's num_stages), not unrolled: on the H200 the pipelined
   loop measured up to 2x faster than a fully unrolled one at K=512 (docs/batched_gemv.md);
-- `split_k=G` gives each output block G programs, each over a G-th of K, which write float32
-  partial sums [G, B, H, N] that one small XLA reduction adds (split-K, as in GEMM libraries):
-  with one head (a Linear's weight), N / block_n programs alone cannot fill the GPU's SMs nor
-  keep enough loads in flight, and each would walk all of K.
+- `split_k=G` gives each output block G programs (the largest count <= G that divides K's
+  GGML blocks), each over a piece of K, which write float32 partial sums [G, B, H, N] that one
+  small XLA reduction adds (split-K, as in GEMM libraries): with one head (a Linear's weight),
+  N / block_n programs alone cannot fill the GPU's SMs nor keep enough loads in flight, and each
+  would walk all of K.
 
 ops/gemv/mosaic.py is the Hopper kernel of the same product; ops.gemv's dispatcher runs it on
 request (lowering="mosaic") and says why this one stays the default.
@@ -52,6 +53,8 @@ from mla_jax.ops.common import (MAGIC, MAGIC_BITS, TRITON_MIN_DOT, check_field, 
 BLOCK = quant.BLOCK
 HALF = BLOCK // 2
 MAX_BLOCK_B = 64
+_LONG_K = 1024  # contractions from here on (projections, experts) may split K at B=1
+_SPLIT_PROGRAMS = 1536  # programs a split-K launch aims at: about a dozen an SM
 
 # IQ4_NL_VALUES[i] == round(-127 + i·(c3 + i·(c2 + i·(c1 + i·c0)))) for i in 0..15: the minimax
 # fit with the constant pinned to the integer IQ4_NL_VALUES[0] (max error 0.44, scipy linprog),
@@ -73,7 +76,7 @@ class TritonGemvTuning:
   num_stages: int = 3  # Triton software pipelining depth of the K loop
   unroll: bool = False  # unroll the K loop fully (all loads in flight, no pipelining)
   block_k: int = 1  # GGML blocks of 32 rows per step of the (pipelined) K loop
-  split_k: int = 1  # programs per output block, each over 1/split_k of K (float32 partials)
+  split_k: int = 1  # at most this many programs per output block, each over a piece of K
 
   def __post_init__(self):
     check_field(self, "block_n", isinstance(self.block_n, int) and is_pow2(self.block_n),
@@ -90,9 +93,9 @@ class TritonGemvTuning:
 
 
 def choose_tuning(B: int, H: int, K: int, N: int, fmt: str | None) -> TritonGemvTuning:
-  """The configuration used when none is given: rules read off the H200 sweep of every variant
-  at every benchmark shape (docs/results/gemv_sweep.json, summarised in docs/batched_gemv.md),
-  kept only where a rule won by more than the ~5% run-to-run noise.
+  """The configuration used when none is given: rules read off sweeps of the variants at the
+  benchmark shapes (docs/batched_gemv.md, "Default tuning", has their figures), kept only where
+  a rule won by more than the ~5% run-to-run noise.
 
   - Many heads fill the GPU with wider column blocks: block_n 64 at H >= 64, else 32.
   - Long contractions (K > N, the wv_b product) move 4 GGML blocks per pipelined step, so each
@@ -100,12 +103,19 @@ def choose_tuning(B: int, H: int, K: int, N: int, fmt: str | None) -> TritonGemv
     wk_b product) 2 blocks for bf16 at few heads.
   - Quantized weights with one batch row and many heads skip the 16-row padding of the tensor-core
     dot (dot=False): for the short contraction 4 blocks per step (q8_0 128 columns, iq4_nl 64),
-    for the long one 32 columns with the whole K in one step and 8 warps (sweeps
-    docs/results/gemv_sweep_k512.json and, for the warps, docs/results/gemv_sweep_warps.json).
+    for the long one 32 columns with the whole K in one step and 8 warps.
   - q8_0 with a few batch rows and many heads, short contraction: 128-column blocks
-    (docs/results/gemv_sweep_magic.json: 6.9 vs 7.8 µs at H=128, B=8; slower at B=64 and H=16).
+    (6.9 vs 7.8 µs at H=128, B=8; slower at B=64 and H=16).
+  - Quantized weights with one row, few heads and a long contraction (a Linear's weight, a MoE
+    layer's chosen experts): split-K into up to 16 pieces, about _SPLIT_PROGRAMS programs in
+    all, FMA, 4 blocks a step. H100, 2048 -> 3072, B=1: 8.0 µs (iq4_nl) and 8.6 µs (q8_0) of
+    GPU time, the partials' sum included, against 26 µs for the rule below and 16 µs for XLA's
+    dequantize-then-dot.
   """
   block_n = min(64 if H >= 64 else 32, N)
+  if fmt is not None and B == 1 and H < 64 and K >= _LONG_K:
+    return TritonGemvTuning(block_n=min(32, N), dot=False, block_k=4,
+                            split_k=max(1, min(16, _SPLIT_PROGRAMS // (H * pl.cdiv(N, 32)))))
   if fmt is None:
     if K > N:
       return TritonGemvTuning(block_n=block_n, block_k=4)
@@ -276,7 +286,7 @@ def batched_gemv(x, w, *, tuning: TritonGemvTuning, interpret: bool = False, hea
     block_b = max(min(tuning.block_b or next_pow2(B), MAX_BLOCK_B), TRITON_MIN_DOT)
     block_n = max(block_n, TRITON_MIN_DOT)
   compute_dtype = x.dtype if quantized else jnp.promote_types(x.dtype, w.dtype)
-  split_k = math.gcd(tuning.split_k, K // BLOCK)  # pieces of whole GGML blocks
+  split_k = max(g for g in range(1, tuning.split_k + 1) if (K // BLOCK) % g == 0)
   kernel = functools.partial(
       _gemv_kernel, fmt=fmt, B=B, K=K, block_b=block_b, block_n=block_n,
       block_k=math.gcd(tuning.block_k, K // BLOCK // split_k), dot=tuning.dot,
