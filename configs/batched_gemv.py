@@ -76,6 +76,10 @@ def get_config():
       "fma32k4s16": _triton(block_n=32, dot=False, block_k=4, split_k=16),
       "dot32k8s8": _triton(block_n=32, block_k=8, split_k=8),
       "dot32k4s8": _triton(block_n=32, block_k=4, split_k=8),
+      "fma32k4s16w2": _triton(block_n=32, dot=False, block_k=4, split_k=16, num_warps=2),
+      "fma32k4s16w1": _triton(block_n=32, dot=False, block_k=4, split_k=16, num_warps=1),
+      "fma64k4s16w2": _triton(block_n=64, dot=False, block_k=4, split_k=16, num_warps=2),
+      "fma128k4s8": _triton(block_n=128, dot=False, block_k=4, split_k=8),
   })
   config.timed = ("pallas", "pallas_mosaic", "pallas_int8")  # names in variants or sweep to time
   config.interpret = False  # run the Pallas kernels in interpret mode (no GPU needed; slow)
