@@ -12,7 +12,9 @@ prompt length N, with a random prompt of B rows:
   embedding row a token and only the chosen routed experts; and the cache up to N) over
   floor_tbps, and x_floor the measured µs a step over it;
 - tokens_agree: the fraction of the generated tokens equal to the first implementation's (the
-  same weights and prompt: 1.0 unless rounding flips a near-tie).
+  same weights and prompt: 1.0 unless rounding flips a near-tie);
+- device_us_per_token, kernels_per_token and kernel_us_per_token (GPU only): one more tg call
+  under the profiler, its GPU kernels' summed time, count and longest kernels, per token.
 Each timed call runs once before timing (compilation). config.compare names the pairs
 "candidate vs baseline" of the published table's form (t/s standard, t/s MLA, speedup) and of
 the plot.
@@ -109,12 +111,24 @@ def _row(lm, impl, config, prompt_len: int) -> dict:
   copy = lambda: (jax.tree.map(jnp.copy, cache),)
   tg_s, (tokens, _) = _timed(copy, lambda c: mla_jax.generate(lm, first, n_gen, cache=c),
                              config.reps)
+  traced = _traced(lambda c=copy()[0]: mla_jax.generate(lm, first, n_gen, cache=c), n_gen)
   floor_bytes = active_weight_bytes(lm, B) + decode_step.cache_read_bytes(cache, prompt_len)
   floor_us = floor_bytes / (config.floor_tbps * 1e6)
   return {"impl": impl.name, "prompt_len": prompt_len, "batch": B, "n_gen": n_gen,
           "pp_s": pp_s, "pp_tps": B * prompt_len / pp_s, "tg_s": tg_s, "tg_tps": B * n_gen / tg_s,
           "floor_us": floor_us, "x_floor": tg_s / n_gen * 1e6 / floor_us,
-          "tokens": np.asarray(tokens).tolist()}
+          "tokens": np.asarray(tokens).tolist(), **traced}
+
+
+def _traced(generate, n_gen: int) -> dict:
+  """Where a token's GPU time goes, from generate() run once under the profiler: {} without a
+  GPU (and generate is not run)."""
+  if jax.default_backend() != "gpu":
+    return {}
+  device, _ = harness.device_trace(generate, calls=n_gen)
+  return {"device_us_per_token": device.us, "kernels_per_token": device.kernels,
+          "kernel_us_per_token": dict(list(device.kernels_us.items())[
+              :decode_step.TRACED_KERNELS])}
 
 
 def run(config, workdir: str, name: str = "model_tg", title: str = "") -> dict:
@@ -192,6 +206,7 @@ def markdown(results: dict) -> str:
       "a step reads (one embedding row a token, only the chosen routed experts) and the cache "
       f"up to the prompt, over {c['floor_tbps']} TB/s; × floor: µs a step over it. tokens "
       "agree: generated tokens equal to the first implementation's.")
+  lines += decode_step.kernel_lines(results["rows"])
   return harness.page(lines, results)
 
 

@@ -37,8 +37,8 @@ KIND = "decode_step"
 _NO_KERNEL = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant"}
 
 
-_TRACED_KERNELS = 24  # kernels a traced row keeps in its results, by time
-_LISTED_KERNELS = 8  # of which the markdown lists
+TRACED_KERNELS = 24  # kernels a traced row keeps in its results, by time
+LISTED_KERNELS = 8  # of which the markdown lists
 
 
 def _stack(impl: model.Implementation, cfg, *, dtype, param_dtype, seed: int):
@@ -169,14 +169,14 @@ def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
 
 def _traced(config, loop, x, pos, caches, S) -> tuple[dict, list]:
   """({device_us_per_token: the kernels' summed time, kernel_us_per_token: {kernel: µs} of the
-  _TRACED_KERNELS longest}, or {} without a GPU; the caches) of one more loop call under the
+  TRACED_KERNELS longest}, or {} without a GPU; the caches) of one more loop call under the
   profiler."""
   device, (_, caches) = harness.device_trace(
       lambda: loop(x, pos, model.with_lengths(caches, S)), calls=config.n_gen)
   if device is None:
     return {}, caches
   return {"device_us_per_token": device.us,
-          "kernel_us_per_token": dict(list(device.kernels_us.items())[:_TRACED_KERNELS])}, caches
+          "kernel_us_per_token": dict(list(device.kernels_us.items())[:TRACED_KERNELS])}, caches
 
 
 def _slots(config, S: int) -> int:
@@ -271,7 +271,7 @@ def table(results: dict) -> str:
 
 def markdown(results: dict) -> str:
   c = results["config"]
-  kernel_lines = _kernel_lines(results["rows"])
+  longest = kernel_lines(results["rows"])
   lines = [table(results), "",
            f"µs/token: wall time of {c['n_gen']} decode steps inside one jit "
            f"(generate.decode_loop_fn), median of {c['reps']} reps, over {c['n_gen']}; "
@@ -281,19 +281,19 @@ def markdown(results: dict) -> str:
            f"{c['num_layers']} layers; gate: one decode step after a {c['gate_prompt_len']}-token "
            "prefill against the same weights in float32 on standard/xla" +
            ("; device: the GPU kernels' summed time in a profiler trace of one more loop call, "
-            "over its steps." if kernel_lines else "."),
-           *kernel_lines]
+            "over its steps." if longest else "."),
+           *longest]
   return harness.page(lines, results, ("impl", "batch", "prompt_len"))
 
 
-def _kernel_lines(rows) -> list[str]:
+def kernel_lines(rows) -> list[str]:
   """Where each traced row's device time goes: its longest kernels, µs a token."""
   traced = [r for r in rows if r.get("kernel_us_per_token")]
   if not traced:
     return []
-  lines = ["", f"The {_LISTED_KERNELS} longest kernels of each traced loop, µs a token:"]
+  lines = ["", f"The {LISTED_KERNELS} longest kernels of each traced loop, µs a token:"]
   for r in traced:
-    kernels = list(r["kernel_us_per_token"].items())[:_LISTED_KERNELS]
+    kernels = list(r["kernel_us_per_token"].items())[:LISTED_KERNELS]
     lines.append(f"- {r['impl']} B={r['batch']} pp{r['prompt_len']}: " +
                  ", ".join(f"{name} {us:.1f}" for name, us in kernels))
   return lines

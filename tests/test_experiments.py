@@ -486,7 +486,7 @@ def test_decode_step_runs_gated_and_counts_kernels(tmp_path):
   assert "| absorbed/xla | 1 | 40 |" in page
   if jax.default_backend() == "gpu":  # the traced loop call: its kernels' time, by kernel
     assert row["device_us_per_token"] > 0
-    assert 0 < len(row["kernel_us_per_token"]) <= decode_step._TRACED_KERNELS
+    assert 0 < len(row["kernel_us_per_token"]) <= decode_step.TRACED_KERNELS
     assert "longest kernels of each traced loop" in page
   else:
     assert "device_us_per_token" not in row and "kernel_us_per_token" not in row
@@ -498,10 +498,10 @@ def test_decode_step_lists_the_longest_kernels_of_each_traced_row():
   kernels = {f"k{i}": 10.0 - i for i in range(10)}
   rows = [{"impl": "absorbed/pallas", "batch": 1, "prompt_len": 128,
            "kernel_us_per_token": kernels}, {"impl": "standard/xla", "batch": 1, "prompt_len": 128}]
-  lines = decode_step._kernel_lines(rows)
+  lines = decode_step.kernel_lines(rows)
   assert len(lines) == 3 and lines[-1].startswith("- absorbed/pallas B=1 pp128: k0 10.0, k1 9.0")
   assert lines[-1].endswith("k7 3.0")
-  assert decode_step._kernel_lines(rows[1:]) == []
+  assert decode_step.kernel_lines(rows[1:]) == []
 
 
 def test_decode_step_table_has_a_device_column_only_for_traced_runs():
@@ -614,6 +614,12 @@ def test_model_benchmark_runs_the_whole_model(tmp_path):
   assert "| t/s (standard/xla) | t/s (absorbed/xla) | Speedup |" in text
   assert f"| {speedup:.2f} |" in text
   assert (tmp_path / "tiny.png").stat().st_size > 0
+  if jax.default_backend() == "gpu":  # one more tg call traced: its kernels' time, by kernel
+    assert row["device_us_per_token"] > 0 and row["kernels_per_token"] >= 1
+    assert 0 < len(row["kernel_us_per_token"]) <= decode_step.TRACED_KERNELS
+    assert "longest kernels of each traced loop" in text
+  else:
+    assert "device_us_per_token" not in row and "longest kernels" not in text
 
 
 def test_model_floor_counts_one_embedding_row_and_the_chosen_experts():
