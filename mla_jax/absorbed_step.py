@@ -7,7 +7,8 @@ the length bookkeeping and the absorption of wk_b as some ten small fusions. Her
 
   projections  q_proj (or q_a_proj, q_a_layernorm, q_b_proj) and kv_a_proj_with_mqa on XLA: in
                transformers' [out, in] layout XLA reads the weights once, and a Triton GEMV
-               measured slower (docs/decode_step.md). The layer's input RMSNorm, when the
+               measured slower (docs/decode_step.md). Quantized, the two that read x run in
+               one launch of the fused GEMV (layers.project). The layer's input RMSNorm, when the
                module is given it (input_norm), folds into them and the latent kernel
   latent       ops/latent_update.py, one launch: the input norm's 1/rms, wk_b absorbed into
                the query, rope of q and k, the kv norm, the cache write and the lengths and
@@ -59,14 +60,14 @@ def _fold_input_norm(module, x, input_norm, q_in_kernel: bool):
   residual add making x). Otherwise q is divided here: with q_lora, q_a_layernorm needs q_a
   itself, and a GEMV that absorbs wk_b reads q."""
   if input_norm is None:
-    return module._query(x), module.kv_a_proj_with_mqa(x), {}
+    return (*module._project(x), {})
   xg = x * input_norm.weight[...].astype(x.dtype)
   scale_q = q_in_kernel and module.cfg.q_lora_rank is None
-  q = module._query(xg, input_scale=None if scale_q else input_norm.inv_rms(x))
+  q, kv = module._project(xg, input_scale=None if scale_q else input_norm.inv_rms(x))
   xf = x.astype(jnp.float32)
   norm_args = dict(input_ss=jnp.sum(xf * xf, axis=-1), input_dim=x.shape[-1],
                    input_eps=input_norm.eps, scale_q=scale_q)
-  return q, module.kv_a_proj_with_mqa(xg), norm_args
+  return q, kv, norm_args
 
 
 def decode_step(module, x, positions, cache, input_norm=None):

@@ -44,7 +44,7 @@ from flax import nnx
 from mla_jax import absorbed_step, ops, parallel, quant, rope
 from mla_jax.cache import MODES, KVCache, LatentCache, init_cache, round_slots
 from mla_jax.config import MLAConfig
-from mla_jax.layers import InitSignature, Linear, RMSNorm
+from mla_jax.layers import InitSignature, Linear, RMSNorm, project
 from mla_jax.ops import device, gemv, xla
 from mla_jax.ops.common import TMA_SLOTS, resolve_impl
 
@@ -209,7 +209,7 @@ class MLAttention(nnx.Module):
       heads = heads[:, None]
     else:
       x = (x if input_norm is None else input_norm(x)).astype(self.dtype)
-      heads, cache = self._attend(self._query(x), self.kv_a_proj_with_mqa(x), positions, cache)
+      heads, cache = self._attend(*self._project(x), positions, cache)
     y = self.o_proj(heads.reshape(B, T, -1).astype(self.dtype))
     _raise_if_overflow(cache)
     return jnp.where(positions[..., None] >= 0, y, 0).astype(self.dtype), cache
@@ -235,14 +235,15 @@ class MLAttention(nnx.Module):
     attend = self._absorbed if self.mode == "absorbed" else self._standard
     return attend(q, q_rope, pack(c_kv), pack(k_rope), q_slots, num_new, cache)
 
-  def _query(self, x, input_scale=None):
-    """q from x; input_scale [..., 1] float32 or None multiplies the projection that reads x
-    (q_proj, or q_a_proj before q_a_layernorm), rounded to its dtype."""
-    scale = lambda y: y if input_scale is None else (
-        (y.astype(jnp.float32) * input_scale).astype(y.dtype))
-    if self.cfg.q_lora_rank is None:
-      return scale(self.q_proj(x))
-    return self.q_b_proj(self.q_a_layernorm(scale(self.q_a_proj(x))))
+  def _project(self, x, input_scale=None):
+    """(q, kv_a_proj_with_mqa(x)) from x, the two projections that read x (q_proj, or q_a_proj
+    before q_a_layernorm and q_b_proj) as one (layers.project); input_scale [..., 1] float32
+    or None multiplies the query's, rounded to its dtype."""
+    lora = self.cfg.q_lora_rank is not None
+    q, kv = project(x, self.q_a_proj if lora else self.q_proj, self.kv_a_proj_with_mqa)
+    if input_scale is not None:
+      q = (q.astype(jnp.float32) * input_scale).astype(q.dtype)
+    return (self.q_b_proj(self.q_a_layernorm(q)) if lora else q), kv
 
   def _standard(self, q, q_rope, c_kv, k_rope, q_slots, num_new, cache):
     """q [B,T,H,K+R] unrotated (its first K columns are q_nope), q_rope rotated."""

@@ -80,6 +80,21 @@ class Linear(nnx.Module):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def project(x, *linears: Linear) -> tuple:
+  """(linear(x) for each of linears): Linears that read the same x (gate_proj and up_proj,
+  q_proj and kv_a_proj_with_mqa). Quantized weights of one format that the fused GEMV takes
+  meet up to GEMV_MAX_ROWS rows on a GPU in one launch of it (quantized_gemv), a kernel fewer
+  per extra Linear; otherwise each Linear runs as it would alone."""
+  weights = tuple(linear.weight.get_value() for linear in linears)
+  cast = x.astype(linears[0].dtype)
+  if (device.is_gpu() and math.prod(x.shape[:-1]) <= GEMV_MAX_ROWS
+      and len({linear.dtype for linear in linears}) == 1
+      and len({getattr(w, "fmt", None) for w in weights}) == 1
+      and all(fused_gemv_takes(cast, w) for w in weights)):
+    return quantized_gemv(cast, weights)
+  return tuple(linear(x) for linear in linears)
+
+
 def one_row_product(x, w):
   """x [..., in] (one row) · w [out, in] -> [..., out] in x's dtype, as the multiply and the row
   reduction (float32) that XLA GPU makes of a one-row dot anyway. Written so, long rows are not
@@ -93,11 +108,14 @@ def quantized_gemv(x, w, *, interpret: bool = False):
   x's dtype, through the project's fused GEMV kernel (ops/gemv/triton.py, one head), which
   decodes the blocks in registers. XLA GPU writes the dequantized weight out before its product
   instead (compiled for an H200: 12.6 MB for a 2048 -> 3072 q8_0 or iq4_nl weight), so that a
-  quantized weight would move more bytes than a bfloat16 one. interpret: Pallas' interpret mode."""
+  quantized weight would move more bytes than a bfloat16 one. w may be a tuple of such weights
+  (one format and `in`): the tuple of products, from one launch. interpret: Pallas' interpret
+  mode."""
   rows = x.reshape(-1, 1, x.shape[-1])
-  y = ops.batched_gemv(rows, jax.tree.map(lambda a: a[None], w), impl="pallas",
-                       lowering="triton", interpret=interpret)
-  return y.reshape(*x.shape[:-1], y.shape[-1])
+  heads = jax.tree.map(lambda a: a[None], w)  # a tuple stays a tuple of one-head weights
+  y = ops.batched_gemv(rows, heads, impl="pallas", lowering="triton", interpret=interpret)
+  unflat = lambda y: y.reshape(*x.shape[:-1], y.shape[-1])
+  return tuple(map(unflat, y)) if isinstance(w, tuple) else unflat(y)
 
 
 def fused_gemv_takes(x, w) -> bool:
@@ -184,4 +202,5 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     """x [..., dim] -> [..., dim]."""
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    gate, up = project(x, self.gate_proj, self.up_proj)
+    return self.down_proj(jax.nn.silu(gate) * up)

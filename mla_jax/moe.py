@@ -132,19 +132,22 @@ class Experts(nnx.Module):
     return jnp.einsum("nkd,nk->nd", y, weights)
 
   def gathered_gemv(self, x, ids, weights, *, interpret: bool = False):
-    """gather's sum for quantized experts, one fused GEMV launch a projection: the N·k pairs are
-    the GEMV's heads, and head (n, j) reads expert ids[n, j]'s blocks where they lie
-    (ops.batched_gemv's head_ids). interpret: Pallas' interpret mode."""
+    """gather's sum for quantized experts in two fused GEMV launches, gate_proj and up_proj in
+    one, down_proj in the other: the N·k pairs are the GEMV's heads, and head (n, j) reads
+    expert ids[n, j]'s blocks where they lie (ops.batched_gemv's head_ids). interpret: Pallas'
+    interpret mode."""
     N, k = ids.shape
     flat = ids.reshape(N * k)
 
-    def gemv(rows, param):  # rows [N·k, in] -> [N·k, out]
-      return ops.batched_gemv(rows[None], param.get_value(), impl="pallas", lowering="triton",
-                              interpret=interpret, head_ids=flat)[0]
+    def gemv(rows, weights):  # rows [N·k, in] -> [N·k, out], for each weight (a tuple)
+      ys = ops.batched_gemv(rows[None], weights, impl="pallas", lowering="triton",
+                            interpret=interpret, head_ids=flat)
+      return tuple(y[0] for y in ys)
 
     rows = jnp.repeat(x.astype(self.dtype), k, axis=0)  # token n for each of its k experts
-    h = jax.nn.silu(gemv(rows, self.gate_proj)) * gemv(rows, self.up_proj)
-    y = gemv(h, self.down_proj).astype(jnp.float32).reshape(N, k, -1)
+    gate, up = gemv(rows, (self.gate_proj.get_value(), self.up_proj.get_value()))
+    (y,) = gemv(jax.nn.silu(gate) * up, (self.down_proj.get_value(),))
+    y = y.astype(jnp.float32).reshape(N, k, -1)
     return jnp.einsum("nkd,nk->nd", y, weights)
 
   def grouped(self, x, ids, weights):

@@ -99,6 +99,42 @@ def test_head_ids_gather_the_weight_heads(name, fmt, rng):
     gemv.batched_gemv(x, w, impl="xla", head_ids=ids[:3])
 
 
+@pytest.mark.parametrize("gathered", [False, True], ids=["heads", "gathered"])
+@pytest.mark.parametrize("name", ["dot", "fma", "fma_split3_k2"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_several_weights_share_one_launch(fmt, name, gathered, rng):
+  """A tuple of weights (here 96 and 32 columns, as a gate and a narrower product of the same
+  x) gives the tuple of their products from one pallas_call, each equal to its own oracle; the
+  XLA path gives the same tuple."""
+  B, H, E, K = 2, 3, 5, 96
+  x = jnp.asarray(rng.standard_normal((B, H, K)), jnp.float32)
+  ws = (gemv_weights(rng, E if gathered else H, K, 96, fmt),
+        gemv_weights(rng, E if gathered else H, K, 32, fmt))
+  ids = jnp.asarray([4, 0, 4], jnp.int32) if gathered else None
+  run = lambda x, ws, impl="pallas": gemv.batched_gemv(
+      x, ws, impl=impl, interpret=not ON_GPU and impl == "pallas", head_ids=ids,
+      **({"lowering": "triton", "tuning": TUNINGS[name]} if impl == "pallas" else {}))
+  ys = run(x, ws)
+  chosen = [jax.tree.map(lambda a: a[np.asarray(ids)], w) for w in ws] if gathered else ws
+  for y, w in zip(ys, chosen, strict=True):
+    assert y.shape == (B, H, w.shape[2])
+    assert rel_err(y, gemv_oracle(x, w)) <= RTOL[jnp.float32]
+  for y, y_xla in zip(ys, run(x, ws, impl="xla"), strict=True):
+    assert rel_err(y, y_xla) <= RTOL[jnp.float32]
+  assert str(jax.make_jaxpr(run)(x, ws)).count("pallas_call") == 1
+
+
+def test_weights_of_one_launch_must_match(rng):
+  x = jnp.asarray(rng.standard_normal((1, 2, 64)), jnp.bfloat16)
+  w = gemv_weights(rng, 2, 64, 32, "q8_0")
+  for other in (gemv_weights(rng, 2, 64, 32, "iq4_nl"), gemv_weights(rng, 2, 64, 32, "bf16")):
+    with pytest.raises(ValueError, match=r"w\[1\]"):
+      gemv.batched_gemv(x, (w, other), impl="pallas", lowering="triton", interpret=not ON_GPU)
+  with pytest.raises(ValueError, match="w.shape"):
+    gemv.batched_gemv(x, (w, gemv_weights(rng, 3, 64, 32, "q8_0")), impl="pallas",
+                      interpret=not ON_GPU)
+
+
 @pytest.mark.parametrize("name", sorted(TUNINGS))
 @pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
 @pytest.mark.parametrize("B", [1, 5, 17])

@@ -200,3 +200,27 @@ def test_quantized_linear_takes_the_fused_gemv_only_where_its_kernel_does(
   assert layers.fused_gemv_takes(x, linear.weight.get_value()) == fused
   assert rel_err(linear(x), want) <= RTOL[jnp.float32]
   assert ran == ([(64, out_features)] if fused else [])
+
+
+@pytest.mark.parametrize("fmts,launches", [(("q8_0", "q8_0"), [2]), (("q8_0", "iq4_nl"), [1, 1]),
+                                           (("q8_0", None), [1])])
+def test_linears_that_read_one_x_share_a_launch(fmts, launches, monkeypatch, rng):
+  """layers.project: on a GPU (pretended here, the kernel interpreted), quantized Linears of
+  one format that read the same x run in one fused GEMV launch, with each Linear's own result;
+  mixed formats fall back to one call per Linear."""
+  key = int(rng.integers(1 << 30))
+  linears = [layers.Linear(64, n, rngs=nnx.Rngs(key + n)) for n in (96, 32)]
+  for linear, fmt in zip(linears, fmts):
+    linear.set_weight_format(fmt)
+  x = jnp.asarray(rng.standard_normal((2, 1, 64)), jnp.float32)
+  want = [linear(x) for linear in linears]  # no GPU: the dequantized weights on XLA
+  ran = []
+  gemv = layers.quantized_gemv
+  monkeypatch.setattr(device, "is_gpu", lambda: True)
+  monkeypatch.setattr(layers, "quantized_gemv", lambda x, w: ran.append(
+      len(w) if isinstance(w, tuple) else 1) or gemv(x, w, interpret=True))
+  ys = layers.project(x, *linears)
+  assert ran == launches
+  for y, w in zip(ys, want, strict=True):
+    assert y.shape == w.shape and rel_err(y, w) <= RTOL[jnp.float32]
+

@@ -32,8 +32,11 @@ def plan(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
   quant.QuantizedTensor): only shapes and dtypes are read. lowering (impl "pallas" only):
   "triton", "mosaic" or None (Triton). tuning: the chosen kernel's tuning dataclass, or None for
   its choose_tuning. interpret (impl "pallas" only) does not change the plan; it is here so that
-  plan and batched_gemv take the same arguments."""
-  check_gemv_args(x, w if head_ids is None else _gathered_shape(x, w, head_ids))
+  plan and batched_gemv take the same arguments. w may be a tuple of weights (batched_gemv).
+  """
+  weights = w if isinstance(w, tuple) else (w,)
+  for wt in weights:
+    check_gemv_args(x, wt if head_ids is None else _gathered_shape(x, wt, head_ids))
   impl = resolve_impl(impl, allowed=GEMV_IMPLS)
   if impl != "pallas":
     if lowering is not None or tuning is not None or interpret:
@@ -46,13 +49,14 @@ def plan(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
   if head_ids is not None and kernel != "triton":
     raise ValueError(f"head_ids with lowering={kernel!r}: only the Triton kernel gathers heads")
   module, tuning_type = _KERNELS[kernel]
-  reason = module.unsupported(x, w)
+  reason = next(filter(None, (module.unsupported(x, wt) for wt in weights)), None)
   if reason is not None:
     raise ValueError(f"lowering={kernel!r}: {reason}")
-  if tuning is None:
+  if tuning is None:  # several weights: the program count of their columns together
     B, H, _ = x.shape
-    _, K, N = w.shape
-    fmt = getattr(w, "fmt", None)
+    _, K, _ = weights[0].shape
+    N = sum(wt.shape[2] for wt in weights)
+    fmt = getattr(weights[0], "fmt", None)
     tuning = (triton.choose_tuning(B, H, K, N, fmt) if kernel == "triton"
               else mosaic.choose_tuning(B, H, K, N, fmt, num_sms=device.num_sms()))
   return Plan(impl, kernel, check_tuning(tuning, tuning_type, kernel))
@@ -72,18 +76,25 @@ def batched_gemv(x, w, *, impl: str = "auto", lowering: str | None = None, tunin
   interpret: run a Pallas kernel in interpret mode (on a CPU).
 
   head_ids [H] int32: y[b,h] = x[b,h,:K] · w[head_ids[h]] instead, for w [E,K,N] of any E (a MoE
-  layer's experts, chosen per token); the Triton kernel reads the chosen heads where they lie."""
+  layer's experts, chosen per token); the Triton kernel reads the chosen heads where they lie.
+
+  w may be a tuple of weights of one kind, E and K (products of the same x, e.g. gate_proj and
+  up_proj): y is then the tuple of their products, which the Triton kernel computes in one
+  launch (the other paths one product at a time)."""
   p = plan(x, w, impl=impl, lowering=lowering, tuning=tuning, interpret=interpret,
            head_ids=head_ids)
-  if head_ids is not None and p.kernel == "triton":
+  if p.kernel == "triton":
     return triton.batched_gemv(x, w, tuning=p.tuning, interpret=interpret, head_ids=head_ids)
+  if isinstance(w, tuple):
+    return tuple(batched_gemv(x, wt, impl=impl, lowering=lowering, tuning=tuning,
+                              interpret=interpret, head_ids=head_ids) for wt in w)
   if head_ids is not None:
     w = jax.tree.map(lambda a: jnp.take(a, head_ids, axis=0), w)
   if p.kernel == "reference":
     return reference.batched_gemv(x[..., :w.shape[1]], w)
   if p.kernel == "xla":
     return xla.batched_gemv(x[..., :w.shape[1]], w)
-  return _KERNELS[p.kernel][0].batched_gemv(x, w, tuning=p.tuning, interpret=interpret)
+  return mosaic.batched_gemv(x, w, tuning=p.tuning, interpret=interpret)
 
 
 def _gathered_shape(x, w, head_ids):

@@ -177,78 +177,95 @@ def _dividing_block(block: int, n: int) -> int:
 
 
 def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, unroll,
-                 compute_dtype, gathered, split_k):
+                 compute_dtype, gathered, split_k, col_blocks):
   # x_ref: [B, H, K'] (K' >= K; columns [0, K) are read in place)
   # ids_ref: [H] int32, the weight head of each x head (gathered)
-  # dense:  w_ref [E, K, N]
-  # q8_0:   qs_ref int8 [E, K, N], d_ref float16 [E, K/32, N]
-  # iq4_nl: qs_ref uint8 [E, K/2, N], d_ref float16 [E, K/32, N]
-  # o_ref:  [B, H, N], or [split_k, B, H, N] float32 partial sums over pieces of K
+  # then per weight t (col_blocks[t] column blocks of N_t):
+  #   dense:  w_ref [E, K, N_t]
+  #   q8_0:   qs_ref int8 [E, K, N_t], d_ref float16 [E, K/32, N_t]
+  #   iq4_nl: qs_ref uint8 [E, K/2, N_t], d_ref float16 [E, K/32, N_t]
+  # then per weight t, o_ref: [B, H, N_t], or [split_k, B, H, N_t] float32 partial sums over
+  #   pieces of K
   # E = H, and head h reads w[h], unless gathered: then head h reads w[ids[h]].
-  ids_ref, *w_refs, o_ref = refs if gathered else (None, *refs)
-  h, j = pl.program_id(0), pl.program_id(1)
+  ids_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
+  arity = 1 if fmt is None else 2  # arrays a weight is made of
+  num_weights = len(col_blocks)
+  h, column_block = pl.program_id(0), pl.program_id(1)
   i, g = pl.program_id(2) // split_k, pl.program_id(2) % split_k  # batch block, piece of K
   num_blocks = K // BLOCK // split_k  # GGML blocks of this program's piece of K
   first_block = g * num_blocks
   e = ids_ref[h] if gathered else h
   rows = pl.ds(i * block_b, block_b)
-  cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
   row_ok = (i * block_b + jnp.arange(block_b)) < B  # [block_b]
 
   def load_x(k0, width):  # [block_b, width]
     mask = jnp.broadcast_to(row_ok[:, None], (block_b, width))
     return pltriton.load(x_ref.at[rows, h, pl.ds(k0, width)], mask=mask, other=0.0)
 
-  def weight_block(kb):
-    """Block kb of w: ([(row offset in the block, rows [r, block_n])], d [1, block_n] or None)."""
-    k0 = _aligned(kb * BLOCK, BLOCK)
-    if fmt is None:
-      return [(0, w_refs[0][e, pl.ds(k0, BLOCK), cols])], None  # [32, block_n]
-    qs_ref, d_ref = w_refs
-    d = d_ref[e, kb, cols].astype(jnp.float32)[None, :]  # [1, block_n]
-    if fmt == "q8_0":
-      return [(0, qs_ref[e, pl.ds(k0, BLOCK), cols])], d  # int8 [32, block_n]
-    packed = qs_ref[e, pl.ds(_aligned(kb * HALF, HALF), HALF), cols]  # uint8 [16, block_n]
-    return [(0, _iq4_nl_values(packed & 0xF)), (HALF, _iq4_nl_values(packed >> 4))], d
+  def product(w_refs, o_ref, j):
+    """Column block j of this weight: [block_b, block_n] outputs of head h."""
+    cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
 
-  def dot_body(kb, acc):  # acc: [block_b, block_n] float32
-    k0 = kb * BLOCK
-    parts, d = weight_block(kb)
-    if int8:  # Q8_1 activation block (quant.quantize_q8_1's arithmetic), int8 x int8 -> int32
-      x = load_x(k0, BLOCK).astype(jnp.float32)  # [block_b, 32]
-      d_x, inv = quant.q8_block_scale(jnp.max(jnp.abs(x), axis=1, keepdims=True))
-      x_q = quant.round_half_away(x * inv).astype(jnp.int8)
-      part = jax.lax.dot(x_q, parts[0][1], preferred_element_type=jnp.int32)
-      return acc + part.astype(jnp.float32) * d_x * d
-    part = sum(jax.lax.dot(load_x(k0 + off, q.shape[0]).astype(compute_dtype),
-                           _as_dot_operand(q, compute_dtype), preferred_element_type=jnp.float32)
-               for off, q in parts)
-    return acc + (part if d is None else part * d)
+    def weight_block(kb):
+      """Block kb of w: ([(row offset in the block, rows [r, block_n])], d [1, block_n] or None)."""
+      k0 = _aligned(kb * BLOCK, BLOCK)
+      if fmt is None:
+        return [(0, w_refs[0][e, pl.ds(k0, BLOCK), cols])], None  # [32, block_n]
+      qs_ref, d_ref = w_refs
+      d = d_ref[e, kb, cols].astype(jnp.float32)[None, :]  # [1, block_n]
+      if fmt == "q8_0":
+        return [(0, qs_ref[e, pl.ds(k0, BLOCK), cols])], d  # int8 [32, block_n]
+      packed = qs_ref[e, pl.ds(_aligned(kb * HALF, HALF), HALF), cols]  # uint8 [16, block_n]
+      return [(0, _iq4_nl_values(packed & 0xF)), (HALF, _iq4_nl_values(packed >> 4))], d
 
-  def fma_body(kb, acc):  # one batch row; acc: [rows of a part, block_n] float32
-    k0 = kb * BLOCK
-    parts, d = weight_block(kb)
-    part = sum(x_ref[i, h, pl.ds(k0 + off, q.shape[0])].astype(jnp.float32)[:, None]
-               * q.astype(jnp.float32) for off, q in parts)
-    return acc + (part if d is None else part * d)
+    def dot_body(kb, acc):  # acc: [block_b, block_n] float32
+      k0 = kb * BLOCK
+      parts, d = weight_block(kb)
+      if int8:  # Q8_1 activation block (quant.quantize_q8_1's arithmetic), int8 x int8 -> int32
+        x = load_x(k0, BLOCK).astype(jnp.float32)  # [block_b, 32]
+        d_x, inv = quant.q8_block_scale(jnp.max(jnp.abs(x), axis=1, keepdims=True))
+        x_q = quant.round_half_away(x * inv).astype(jnp.int8)
+        part = jax.lax.dot(x_q, parts[0][1], preferred_element_type=jnp.int32)
+        return acc + part.astype(jnp.float32) * d_x * d
+      part = sum(jax.lax.dot(load_x(k0 + off, q.shape[0]).astype(compute_dtype),
+                             _as_dot_operand(q, compute_dtype), preferred_element_type=jnp.float32)
+                 for off, q in parts)
+      return acc + (part if d is None else part * d)
 
-  body = dot_body if dot else fma_body
-  acc_rows = block_b if dot else (HALF if fmt == "iq4_nl" else BLOCK)
-  acc = jnp.zeros((acc_rows, block_n), jnp.float32)
-  if unroll:  # every block's loads are issued before the first is used
-    for kb in range(num_blocks):
-      acc = body(first_block + kb, acc)
-  else:  # Triton pipelines the loads of the next num_stages steps (cp.async)
-    def step(ks, acc):
-      for sub in range(block_k):
-        acc = body(first_block + ks * block_k + sub, acc)
-      return acc
-    acc = jax.lax.fori_loop(0, num_blocks // block_k, step, acc)
-  if not dot:
-    acc = jnp.sum(acc, axis=0, keepdims=True)  # [1, block_n]
-  mask = jnp.broadcast_to(row_ok[:, None], (block_b, block_n))
-  out = o_ref.at[g, rows, h, cols] if split_k > 1 else o_ref.at[rows, h, cols]
-  pltriton.store(out, acc.astype(o_ref.dtype), mask=mask)
+    def fma_body(kb, acc):  # one batch row; acc: [rows of a part, block_n] float32
+      k0 = kb * BLOCK
+      parts, d = weight_block(kb)
+      part = sum(x_ref[i, h, pl.ds(k0 + off, q.shape[0])].astype(jnp.float32)[:, None]
+                 * q.astype(jnp.float32) for off, q in parts)
+      return acc + (part if d is None else part * d)
+
+    body = dot_body if dot else fma_body
+    acc_rows = block_b if dot else (HALF if fmt == "iq4_nl" else BLOCK)
+    acc = jnp.zeros((acc_rows, block_n), jnp.float32)
+    if unroll:  # every block's loads are issued before the first is used
+      for kb in range(num_blocks):
+        acc = body(first_block + kb, acc)
+    else:  # Triton pipelines the loads of the next num_stages steps (cp.async)
+      def step(ks, acc):
+        for sub in range(block_k):
+          acc = body(first_block + ks * block_k + sub, acc)
+        return acc
+      acc = jax.lax.fori_loop(0, num_blocks // block_k, step, acc)
+    if not dot:
+      acc = jnp.sum(acc, axis=0, keepdims=True)  # [1, block_n]
+    mask = jnp.broadcast_to(row_ok[:, None], (block_b, block_n))
+    out = o_ref.at[g, rows, h, cols] if split_k > 1 else o_ref.at[rows, h, cols]
+    pltriton.store(out, acc.astype(o_ref.dtype), mask=mask)
+
+  first = 0  # the weights' column blocks follow each other along the grid's axis 1
+  for t, blocks in enumerate(col_blocks):
+    run = functools.partial(product, refs[t * arity:(t + 1) * arity],
+                            refs[num_weights * arity + t], column_block - first)
+    if num_weights == 1:
+      run()
+    else:
+      pl.when((column_block >= first) & (column_block < first + blocks))(run)
+    first += blocks
 
 
 def unsupported(x, w) -> str | None:
@@ -269,41 +286,67 @@ def batched_gemv(x, w, *, tuning: TritonGemvTuning, interpret: bool = False, hea
 
   x: [B,H,K'] with K' >= K, e.g. the whole query [B,H,K+R] (only x[..., :K] is read, in place).
   w: [H,K,N] float array (bf16/f16/f32) or quant.QuantizedTensor ("q8_0"/"iq4_nl"); K and N
-  multiples of 32 (see unsupported()). interpret: Pallas' interpret mode.
+  multiples of 32 (see unsupported()). Or a tuple of such weights of one kind, E and K (a
+  gate and an up projection, q_proj and kv_a_proj_with_mqa: products of the same x): their
+  column blocks share the launch's grid, and y is the tuple of their products.
+  interpret: Pallas' interpret mode.
   head_ids [H] int32 or None: head h multiplies w[head_ids[h]] instead, w [E,K,N] for any E
   (a MoE layer's chosen experts, read where they lie). Ids outside [0, E) are clamped.
   """
+  weights = w if isinstance(w, tuple) else (w,)
+  ys = _launch(x, weights, tuning, interpret, head_ids)
+  return ys if isinstance(w, tuple) else ys[0]
+
+
+def _check_same_kind(weights):
+  """Weights that share a launch: one type, dtype, format, E and K."""
+  first = weights[0]
+  for t, wt in enumerate(weights[1:], 1):
+    if (type(wt) is not type(first) or wt.dtype != first.dtype
+        or getattr(wt, "fmt", None) != getattr(first, "fmt", None)
+        or tuple(wt.shape[:2]) != tuple(first.shape[:2])):
+      raise ValueError(f"w[{t}]: {type(wt).__name__} {tuple(wt.shape)} {wt.dtype}; the weights "
+                       f"of one launch must be like w[0]: {type(first).__name__} "
+                       f"{tuple(first.shape)} {first.dtype}, of one format, E and K")
+
+
+def _launch(x, weights, tuning, interpret, head_ids):
+  """The products of x with each of `weights` in one pallas_call: a tuple of [B,H,N_t]."""
+  _check_same_kind(weights)
   B, H, _ = x.shape
-  _, K, N = w.shape
-  quantized = isinstance(w, quant.QuantizedTensor)
-  fmt = w.fmt if quantized else None
+  E, K, _ = weights[0].shape
+  widths = [wt.shape[2] for wt in weights]
+  quantized = isinstance(weights[0], quant.QuantizedTensor)
+  fmt = weights[0].fmt if quantized else None
   if tuning.int8 and fmt != "q8_0":
     raise ValueError(f"{tuning=}: int8=True needs q8_0 weights and dot=True (Triton's int8 dot "
                      "needs K >= 32 and an IQ4_NL block splits into two 16-row nibble halves)")
-  block_n = _dividing_block(min(tuning.block_n, N), N)
+  common = math.gcd(*widths)
+  block_n = _dividing_block(min(tuning.block_n, common), common)
   block_b = 1
   if tuning.dot:
     block_b = max(min(tuning.block_b or next_pow2(B), MAX_BLOCK_B), TRITON_MIN_DOT)
     block_n = max(block_n, TRITON_MIN_DOT)
-  compute_dtype = x.dtype if quantized else jnp.promote_types(x.dtype, w.dtype)
+  compute_dtype = x.dtype if quantized else jnp.promote_types(x.dtype, weights[0].dtype)
   split_k = max(g for g in range(1, tuning.split_k + 1) if (K // BLOCK) % g == 0)
+  col_blocks = tuple(n // block_n for n in widths)
   kernel = functools.partial(
       _gemv_kernel, fmt=fmt, B=B, K=K, block_b=block_b, block_n=block_n,
       block_k=math.gcd(tuning.block_k, K // BLOCK // split_k), dot=tuning.dot,
       int8=tuning.int8, unroll=tuning.unroll, compute_dtype=compute_dtype,
-      gathered=head_ids is not None, split_k=split_k)
-  w_args = (w.qs, w.d) if quantized else (w,)
+      gathered=head_ids is not None, split_k=split_k, col_blocks=col_blocks)
+  w_args = tuple(a for wt in weights for a in ((wt.qs, wt.d) if quantized else (wt,)))
   if head_ids is not None:
-    w_args = (jnp.clip(head_ids.astype(jnp.int32), 0, w.shape[0] - 1), *w_args)
-  out_shape = (jax.ShapeDtypeStruct((split_k, B, H, N), jnp.float32) if split_k > 1
-               else jax.ShapeDtypeStruct((B, H, N), x.dtype))
-  y = pl.pallas_call(
+    w_args = (jnp.clip(head_ids.astype(jnp.int32), 0, E - 1), *w_args)
+  out_shape = [jax.ShapeDtypeStruct((split_k, B, H, n), jnp.float32) if split_k > 1
+               else jax.ShapeDtypeStruct((B, H, n), x.dtype) for n in widths]
+  ys = pl.pallas_call(
       kernel,
       out_shape=out_shape,
-      grid=(H, N // block_n, pl.cdiv(B, block_b) * split_k),
+      grid=(H, sum(col_blocks), pl.cdiv(B, block_b) * split_k),
       compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
                                               num_stages=tuning.num_stages),
       interpret=interpret,
       name="mla_batched_gemv",
   )(x, *w_args)
-  return y.sum(axis=0).astype(x.dtype) if split_k > 1 else y
+  return tuple(y.sum(axis=0).astype(x.dtype) if split_k > 1 else y for y in ys)
