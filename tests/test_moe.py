@@ -120,9 +120,9 @@ def test_bad_arguments_are_named():
 
 @pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
 def test_quantized_experts_on_the_fused_gemv_equal_xla(fmt, rng):
-  """Experts.gathered_gemv, a GPU's decode path for quantized experts (one GEMV launch a
-  projection, interpreted here), equals gather on XLA over the same quantized weights, repeated
-  experts included."""
+  """Experts.gathered_gemv, a GPU's decode path for quantized experts (two GEMV launches: gate
+  and up in one, down; interpreted here), equals gather on XLA over the same quantized weights,
+  repeated experts included."""
   experts = moe.Experts(8, 64, 32, rngs=nnx.Rngs(int(rng.integers(2**31))))
   experts.set_weight_format(fmt)
   x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
@@ -131,4 +131,6 @@ def test_quantized_experts_on_the_fused_gemv_equal_xla(fmt, rng):
   want = experts.gather(x, ids, weights)
   got = experts.gathered_gemv(x, ids, weights, interpret=True)
   assert got.shape == want.shape == (3, 64)
+  launches = jax.make_jaxpr(lambda x: experts.gathered_gemv(x, ids, weights, interpret=True))(x)
+  assert str(launches).count("pallas_call") == 2
   assert _rel(got, np.asarray(want, np.float64)) < F32_TOL
