@@ -71,7 +71,7 @@ class Linear(nnx.Module):
     """x [..., in_features] -> [..., out_features] in self.dtype."""
     w, x = self.weight.get_value(), x.astype(self.dtype)
     rows = math.prod(x.shape[:-1])
-    if device.is_gpu() and rows <= GEMV_MAX_ROWS and fused_gemv_takes(x, w):
+    if on_fused_gemv(x, (w,), rows):
       return quantized_gemv(x, w)
     w = as_array(w, self.dtype)
     if rows == 1 and device.is_gpu():
@@ -87,10 +87,8 @@ def project(x, *linears: Linear) -> tuple:
   per extra Linear; otherwise each Linear runs as it would alone."""
   weights = tuple(linear.weight.get_value() for linear in linears)
   cast = x.astype(linears[0].dtype)
-  if (device.is_gpu() and math.prod(x.shape[:-1]) <= GEMV_MAX_ROWS
-      and len({linear.dtype for linear in linears}) == 1
-      and len({getattr(w, "fmt", None) for w in weights}) == 1
-      and all(fused_gemv_takes(cast, w) for w in weights)):
+  if (len({linear.dtype for linear in linears}) == 1
+      and on_fused_gemv(cast, weights, math.prod(x.shape[:-1]))):
     return quantized_gemv(cast, weights)
   return tuple(linear(x) for linear in linears)
 
@@ -116,6 +114,15 @@ def quantized_gemv(x, w, *, interpret: bool = False):
   y = ops.batched_gemv(rows, heads, impl="pallas", lowering="triton", interpret=interpret)
   unflat = lambda y: y.reshape(*x.shape[:-1], y.shape[-1])
   return tuple(map(unflat, y)) if isinstance(w, tuple) else unflat(y)
+
+
+def on_fused_gemv(x, weights: tuple, rows: int) -> bool:
+  """Whether `rows` rows of x meet `weights` in one launch of the fused GEMV (quantized_gemv):
+  on a GPU, at most GEMV_MAX_ROWS rows (decode), and quantized weights of one format that its
+  kernel takes (fused_gemv_takes)."""
+  return (device.is_gpu() and rows <= GEMV_MAX_ROWS
+          and len({getattr(w, "fmt", None) for w in weights}) == 1
+          and all(fused_gemv_takes(x, w) for w in weights))
 
 
 def fused_gemv_takes(x, w) -> bool:

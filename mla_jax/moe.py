@@ -33,9 +33,8 @@ from flax import nnx
 
 from mla_jax import ops
 from mla_jax.config import ModelConfig
-from mla_jax.layers import (GEMV_MAX_ROWS, MLP, InitSignature, Linear, as_array,
-                            fused_gemv_takes, to_weight_format)
-from mla_jax.ops import device
+from mla_jax.layers import (MLP, InitSignature, Linear, as_array, on_fused_gemv,
+                            to_weight_format)
 
 IMPLS = ("auto", "gather", "grouped")
 
@@ -102,14 +101,13 @@ class Experts(nnx.Module):
     against none this way, in as many kernels at N=1; tests/test_h200_compile.py). down_proj's
     product over the gathered weights fuses as it is.
 
-    Quantized experts meet up to GEMV_MAX_ROWS (token, expert) pairs on a GPU in the fused GEMV
-    instead (gathered_gemv), which decodes their blocks in registers, where its kernel takes
-    their shapes (layers.fused_gemv_takes): XLA writes a dequantized expert out before its
-    product."""
+    Quantized experts meet up to layers.GEMV_MAX_ROWS (token, expert) pairs on a GPU in the
+    fused GEMV instead (gathered_gemv), which decodes their blocks in registers, where its
+    kernel takes their shapes (layers.on_fused_gemv): XLA writes a dequantized expert out
+    before its product."""
     x = x.astype(self.dtype)
-    if (device.is_gpu() and ids.size <= GEMV_MAX_ROWS
-        and all(fused_gemv_takes(x, p.get_value())
-                for p in (self.gate_proj, self.up_proj, self.down_proj))):
+    params = (self.gate_proj, self.up_proj, self.down_proj)
+    if on_fused_gemv(x, tuple(p.get_value() for p in params), ids.size):
       return self.gathered_gemv(x, ids, weights)
 
     def expert(param, e):  # [out,in]; a quantized weight's blocks are sliced, then dequantized
