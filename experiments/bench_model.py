@@ -111,7 +111,7 @@ def _row(lm, impl, config, prompt_len: int) -> dict:
   copy = lambda: (jax.tree.map(jnp.copy, cache),)
   tg_s, (tokens, _) = _timed(copy, lambda c: mla_jax.generate(lm, first, n_gen, cache=c),
                              config.reps)
-  traced = _traced(lambda c=copy()[0]: mla_jax.generate(lm, first, n_gen, cache=c), n_gen)
+  traced = _traced(copy, lambda c: mla_jax.generate(lm, first, n_gen, cache=c), n_gen)
   floor_bytes = active_weight_bytes(lm, B) + decode_step.cache_read_bytes(cache, prompt_len)
   floor_us = floor_bytes / (config.floor_tbps * 1e6)
   return {"impl": impl.name, "prompt_len": prompt_len, "batch": B, "n_gen": n_gen,
@@ -120,15 +120,15 @@ def _row(lm, impl, config, prompt_len: int) -> dict:
           "tokens": np.asarray(tokens).tolist(), **traced}
 
 
-def _traced(generate, n_gen: int) -> dict:
-  """Where a token's GPU time goes, from generate() run once under the profiler: {} without a
-  GPU (and generate is not run)."""
+def _traced(prepare, generate, n_gen: int) -> dict:
+  """Where a token's GPU time goes, from generate(*prepare()) run once under the profiler
+  (prepare's work outside it): decode_step.traced_fields and kernels_per_token; {} without a
+  GPU, where nothing runs."""
   if jax.default_backend() != "gpu":
     return {}
-  device, _ = harness.device_trace(generate, calls=n_gen)
-  return {"device_us_per_token": device.us, "kernels_per_token": device.kernels,
-          "kernel_us_per_token": dict(list(device.kernels_us.items())[
-              :decode_step.TRACED_KERNELS])}
+  args = jax.block_until_ready(prepare())
+  device, _ = harness.device_trace(lambda: generate(*args), calls=n_gen)
+  return {**decode_step.traced_fields(device), "kernels_per_token": device.kernels}
 
 
 def run(config, workdir: str, name: str = "model_tg", title: str = "") -> dict:

@@ -173,10 +173,14 @@ def _traced(config, loop, x, pos, caches, S) -> tuple[dict, list]:
   profiler."""
   device, (_, caches) = harness.device_trace(
       lambda: loop(x, pos, model.with_lengths(caches, S)), calls=config.n_gen)
-  if device is None:
-    return {}, caches
+  return ({} if device is None else traced_fields(device)), caches
+
+
+def traced_fields(device: harness.DeviceTime) -> dict:
+  """A row's fields from a trace's device time per token: device_us_per_token, the kernels'
+  summed time, and kernel_us_per_token, {kernel: µs} of the TRACED_KERNELS longest."""
   return {"device_us_per_token": device.us,
-          "kernel_us_per_token": dict(list(device.kernels_us.items())[:TRACED_KERNELS])}, caches
+          "kernel_us_per_token": dict(list(device.kernels_us.items())[:TRACED_KERNELS])}
 
 
 def _slots(config, S: int) -> int:
