@@ -234,8 +234,10 @@ def quantize(w: jax.Array, fmt: str) -> QuantizedTensor:
   of 32; the result's .shape is w's (see the module docstring for qs and d).
 
   The block rows (32 rows of K) run in chunks of at most _CHUNK weights, so that the
-  temporaries stay that size whatever w's: compiled for an H200, a [128, 512, 512] weight
-  quantized at once to IQ4_NL took 7.2 GB (213 bytes a weight), in chunks 0.19 GB."""
+  working temporaries stay that size whatever w's: compiled for an H200, a [128, 512, 512]
+  weight quantized at once to IQ4_NL took 7.2 GB (213 bytes a weight), in chunks 0.19 GB. Of
+  those, 0.15 GB are a transposed copy of w and of the packed result (4.5 bytes a weight): XLA:GPU
+  lays the loop's operands out with the 32 rows of a block minor."""
   if fmt not in FORMATS:
     raise ValueError(f"fmt={fmt!r}; expected one of {FORMATS}")
   _check_blocked(w, "w")

@@ -149,12 +149,14 @@ def test_quantize_in_chunks_equals_quantize_at_once(fmt, rows, chunk_rows, rng, 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_quantize_takes_temporaries_under_the_weights_size(fmt):
   """quantize works a chunk of block rows at a time: a [128, 512, 512] float32 weight compiles
-  with temporaries under its own bytes. With every block at once and the 15 IQ4_NL candidate
-  scales unrolled, XLA kept each candidate's [..., 32] temporaries alive together: 54 times
-  the weight's bytes on this CPU, 7 GB for this weight on an H200."""
+  with temporaries under twice its own bytes. With every block at once and the 15 IQ4_NL
+  candidate scales unrolled, XLA kept each candidate's [..., 32] temporaries alive together: 54
+  times the weight's bytes on this CPU, 7 GB for this weight on an H200. Chunked, IQ4_NL takes
+  0.09 of the weight's bytes on the CPU and 1.38 compiled for an H200, where XLA transposes w
+  and the result around the loop (4.5 bytes a weight; quant.quantize)."""
   w = jax.ShapeDtypeStruct((128, 512, 512), jnp.float32)
   compiled = jax.jit(lambda w: quant.quantize(w, fmt)).lower(w).compile()
-  assert compiled.memory_analysis().temp_size_in_bytes < 128 * 512 * 512 * 4
+  assert compiled.memory_analysis().temp_size_in_bytes < 2 * 128 * 512 * 512 * 4
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
