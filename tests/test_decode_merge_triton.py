@@ -90,14 +90,53 @@ def test_merge_values_equals_merge_then_projection(rng, merge, P, B, N, H, C, V)
   np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], rtol=1e-6, atol=2e-6)
 
 
-def test_merge_values_rounds_the_merged_rows_like_merge_heads(rng):
-  """bf16: the merged row is rounded to bf16 before the product, as merge_heads' output is."""
+@pytest.mark.parametrize("splits", [2, 4, 8])
+@pytest.mark.parametrize("P,B,N,H,C,V", [(132, 1, 16, 16, 512, 128), (300, 2, 16, 3, 256, 64)])
+def test_merge_values_split_over_columns(rng, splits, P, B, N, H, C, V):
+  """splits pieces of C, each with programs of its own, their float32 products summed after
+  the kernel: the same result, empty pieces and an empty head included."""
+  o_parts = jnp.asarray(rng.standard_normal((P, B, N, C)), jnp.float32)
+  lse_parts = np.asarray(rng.standard_normal((P, B, N)) * 3, np.float32)
+  lse_parts[1, 0, :] = -np.inf
+  lse_parts[:, B - 1, H // 2] = -np.inf
+  wv_b = jnp.asarray(rng.standard_normal((H, C, V)) / np.sqrt(C), jnp.float32)
+  out, lse = merge_triton.merge_values(o_parts, jnp.asarray(lse_parts), wv_b, jnp.float32,
+                                       merge="pallas", interpret=not ON_GPU, splits=splits)
+  want, want_lse = _merged_and_projected(o_parts, lse_parts, wv_b)
+  assert out.shape == (B, H, V) and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(out[B - 1, H // 2], 0.0)
+  finite = np.isfinite(want_lse)
+  np.testing.assert_array_equal(np.isneginf(lse), ~finite)
+  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], rtol=1e-6, atol=2e-6)
+  with pytest.raises(ValueError, match="splits=3"):
+    merge_triton.merge_values(o_parts, jnp.asarray(lse_parts), wv_b, jnp.float32,
+                              merge="pallas", interpret=True, splits=3)
+
+
+@pytest.mark.parametrize("P,splits", [(32, 1), (33, 8), (132, 8)])
+def test_merge_values_splits_columns_beyond_32_pieces(P, splits):
+  """By default the kernel splits C=512 into 8 pieces when more than 32 pieces of S come in:
+  the float32 products [8, B, H, V] show in the jaxpr."""
+  spec = jax.ShapeDtypeStruct
+  jaxpr = str(jax.make_jaxpr(lambda o, lse, w: merge_triton.merge_values(
+      o, lse, w, jnp.bfloat16, merge="pallas", interpret=True))(
+          spec((P, 1, 16, 512), jnp.bfloat16), spec((P, 1, 16), jnp.float32),
+          spec((16, 512, 128), jnp.bfloat16)))
+  assert ("f32[8,1,16,128]" in jaxpr) == (splits == 8)
+  assert merge_triton.column_splits(P, 512) == splits
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_merge_values_rounds_the_merged_rows_like_merge_heads(rng, splits):
+  """bf16: the merged row is rounded to bf16 before the product, as merge_heads' output is,
+  also when pieces of C are projected apart."""
   P, B, N, C, V = 4, 2, 16, 64, 32
   o_parts = jnp.asarray(rng.standard_normal((P, B, N, C)), jnp.bfloat16)
   lse_parts = jnp.asarray(rng.standard_normal((P, B, N)), jnp.float32)
   wv_b = jnp.asarray(rng.standard_normal((N, C, V)), jnp.bfloat16)
   out, _ = merge_triton.merge_values(o_parts, lse_parts, wv_b, jnp.bfloat16, merge="pallas",
-                                     interpret=not ON_GPU)
+                                     interpret=not ON_GPU, splits=splits)
   merged, _ = merge_partials(o_parts.astype(jnp.float32), lse_parts)
   want = np.einsum("bhc,hcv->bhv", np.asarray(merged.astype(jnp.bfloat16), np.float64),
                    np.asarray(wv_b, np.float64))
@@ -105,12 +144,14 @@ def test_merge_values_rounds_the_merged_rows_like_merge_heads(rng):
   np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("P,B,H", [(1, 1, 16), (128, 1, 16), (300, 8, 128)])
-def test_merge_values_lowers_for_cuda(P, B, H):
+@pytest.mark.parametrize("P,B,H,splits", [(1, 1, 16, None), (128, 1, 16, None), (128, 1, 16, 8),
+                                          (300, 8, 128, None)])
+def test_merge_values_lowers_for_cuda(P, B, H, splits):
   """The merge with the value projection lowers through Pallas' Triton lowering for an H200."""
   spec = jax.ShapeDtypeStruct
   text = lower_for_h200(
-      lambda o, lse, w: merge_triton.merge_values(o, lse, w, jnp.bfloat16, merge="pallas"),
+      lambda o, lse, w: merge_triton.merge_values(o, lse, w, jnp.bfloat16, merge="pallas",
+                                                  splits=splits),
       spec((P, B, H, 512), jnp.bfloat16), spec((P, B, H), jnp.float32),
       spec((H, 512, 128), jnp.bfloat16))
   assert "mla_decode_merge_values" in text

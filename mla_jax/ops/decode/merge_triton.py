@@ -117,11 +117,14 @@ def merge_heads(o_parts, lse_parts, H: int, out_dtype, *, merge: str, launch: Me
 def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
                          o_parts_ref,    # [P, B, N, C]
                          wv_ref,         # [H, C, V]
-                         out_ref,        # [B, H, V]
+                         out_ref,        # [B, H, V], or [splits, B, H, V] float32 partial sums
                          lse_ref,        # [B, H]
-                         *, num_pieces: int, chunk: int, block_c: int, block_v: int):
-  b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  C = o_parts_ref.shape[-1]
+                         *, num_pieces: int, chunk: int, block_c: int, block_v: int,
+                         splits: int, dtype):
+  b, h = pl.program_id(0), pl.program_id(1)
+  value_blocks = wv_ref.shape[-1] // block_v
+  g, j = pl.program_id(2) // value_blocks, pl.program_id(2) % value_blocks  # piece of C, values
+  piece = o_parts_ref.shape[-1] // splits
   values = pl.ds(pl.multiple_of(j * block_v, block_v), block_v)
   P_pad = next_pow2(num_pieces)
   lse_p = pltriton.load(lse_parts_ref.at[pl.ds(0, P_pad), b, h],
@@ -132,7 +135,7 @@ def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
   safe_l = jnp.where(l > 0, l, 1.0)
 
   def column_block(k, acc):
-    cols = pl.ds(pl.multiple_of(k * block_c, block_c), block_c)
+    cols = pl.ds(pl.multiple_of(g * piece + k * block_c, block_c), block_c)
 
     def pieces(i, merged):
       valid = i * chunk + jnp.arange(chunk) < num_pieces
@@ -145,51 +148,73 @@ def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
     merged = jax.lax.fori_loop(0, pl.cdiv(num_pieces, chunk), pieces,
                                jnp.zeros((block_c,), jnp.float32))
     # merge_heads' output rounding, then the product in float32 as ops.batched_gemv does
-    merged = (merged / safe_l).astype(out_ref.dtype).astype(jnp.float32)
+    merged = (merged / safe_l).astype(dtype).astype(jnp.float32)
     return acc + jnp.sum(merged[:, None] * wv_ref[h, cols, values].astype(jnp.float32), axis=0)
 
-  acc = jax.lax.fori_loop(0, C // block_c, column_block, jnp.zeros((block_v,), jnp.float32))
-  out_ref[b, h, values] = acc.astype(out_ref.dtype)
+  acc = jax.lax.fori_loop(0, piece // block_c, column_block, jnp.zeros((block_v,), jnp.float32))
+  if splits > 1:
+    out_ref[g, b, h, values] = acc
+  else:
+    out_ref[b, h, values] = acc.astype(dtype)
 
-  @pl.when(j == 0)
+  @pl.when(pl.program_id(2) == 0)
   def _():
     lse_ref[b, h] = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
 
 
-def _blocks(C: int, V: int) -> tuple[int, int]:
-  """(block_c, block_v): a program merges block_c columns at a time (the largest power of two
-  dividing C, at most 512, so that a 512-wide latent row merges in one step) and projects them
-  onto block_v values (the largest power of two dividing V: Triton's blocks are powers of two),
-  with the [block_c, block_v] tile of wv_b within _VALUES_TILE. One pass over C keeps a
-  program's loads off a chain of dependent steps. The merge is recomputed per value block;
-  after the first, its partials come from L2. Timed alone on the H200 (C=512,
-  V=128, H=16, bf16; docs/decode_step.md), 512 × 32 with 32 pieces a step was the fastest or
-  within 0.4 µs of it at (P, B) = (132, 1), (16, 8) and (2, 1): 8.1, 5.8 and 2.9 µs, against
-  14.8, 9.2 and 7.6 µs for 64 columns a step and all 128 values a program."""
-  block_c = min(C & -C, 512)
+def _blocks(columns: int, V: int) -> tuple[int, int]:
+  """(block_c, block_v) for a program's `columns` of C: it merges block_c columns at a time
+  (the largest power of two dividing them, at most 512, so that a 512-wide latent row merges in
+  one step) and projects them onto block_v values (the largest power of two dividing V: Triton's
+  blocks are powers of two), with the [block_c, block_v] tile of wv_b within _VALUES_TILE. One
+  pass over the columns keeps a program's loads off a chain of dependent steps. The merge is
+  recomputed per value block; after the first, its partials come from L2. Timed alone on the
+  H200 (C=512, V=128, H=16, bf16; docs/decode_step.md), 512 × 32 with 32 pieces a step was the
+  fastest or within 0.4 µs of it at (P, B) = (132, 1), (16, 8) and (2, 1): 8.1, 5.8 and 2.9 µs,
+  against 14.8, 9.2 and 7.6 µs for 64 columns a step and all 128 values a program."""
+  block_c = min(columns & -columns, 512)
   return block_c, min(V & -V, _VALUES_TILE // block_c)
 
 
-def merge_values(o_parts, lse_parts, wv_b, out_dtype, *, merge: str, interpret: bool = False):
+def column_splits(P: int, C: int) -> int:
+  """Pieces of C that merge_values gives programs of their own: 8 when there are more pieces
+  of S than one step of a whole-row program loads (32 at C=512), else 1. A whole-row program
+  walks P in dependent steps of 32 partial rows, and at B=1 there are only B·H·V/32 = 64 of
+  them; in 8 pieces of 64 columns the programs are 8 times as many and take up to 256 partial
+  rows a step. The pieces' float32 products are summed by one small XLA fusion, ~1.2 µs.
+  Timed on an H100 (C=512, V=128, H=16, bf16, the sum included), 1 → 8 pieces: 11.2 → 5.8 µs
+  at (P, B) = (132, 1), 7.8 → 5.6 at (64, 1), 8.3 → 6.4 at (33, 4); 4.8 → 4.8 at (32, 1), 7.3
+  → 7.1 at (16, 8) and 3.8 → 4.0 at (3, 1), where the extra launch costs more in the step."""
+  return 8 if P > _VALUES_TILE // 512 and C % 8 == 0 else 1
+
+
+def merge_values(o_parts, lse_parts, wv_b, out_dtype, *, merge: str, interpret: bool = False,
+                 splits: int | None = None):
   """Partials o_p [P, B, N, C] and lse_p [P, B, N] merged for the first H heads (wv_b [H,C,V],
   H <= N), then projected: out [B,H,V] = merged o [B,H,C] (rounded to out_dtype) · wv_b[h], in
-  out_dtype, and lse [B,H] float32. merge "pallas": one kernel, a program per (b, h, block of
-  V) walking C in column blocks and P in chunks; "xla": ops.merge_partials and
-  ops.project_values."""
+  out_dtype, and lse [B,H] float32. merge "pallas": one kernel, a program per (b, h, piece of C,
+  block of V) walking its piece in column blocks and P in chunks; with splits > 1 pieces of C
+  (column_splits(P, C) if None) the pieces' float32 products are summed by XLA. "xla":
+  ops.merge_partials and ops.project_values."""
   P, B, _, C = o_parts.shape
   H, _, V = wv_b.shape
   if merge == "xla":
     out, lse = merge_partials(o_parts[:, :, :H].astype(jnp.float32), lse_parts[:, :, :H])
     return project_values(out.astype(out_dtype), wv_b, out_dtype), lse
-  block_c, block_v = _blocks(C, V)
+  splits = column_splits(P, C) if splits is None else splits
+  if splits < 1 or C % splits:
+    raise ValueError(f"splits={splits}; expected a divisor of C={C}")
+  block_c, block_v = _blocks(C // splits, V)
   chunk = min(next_pow2(P), max(1, _VALUES_TILE // block_c))
-  return pl.pallas_call(
+  out_shape = (splits, B, H, V) if splits > 1 else (B, H, V)
+  out, lse = pl.pallas_call(
       functools.partial(_merge_values_kernel, num_pieces=P, chunk=chunk, block_c=block_c,
-                        block_v=block_v),
-      grid=(B, H, V // block_v),
-      out_shape=[jax.ShapeDtypeStruct((B, H, V), out_dtype),
+                        block_v=block_v, splits=splits, dtype=jnp.dtype(out_dtype)),
+      grid=(B, H, splits * (V // block_v)),
+      out_shape=[jax.ShapeDtypeStruct(out_shape, jnp.float32 if splits > 1 else out_dtype),
                  jax.ShapeDtypeStruct((B, H), jnp.float32)],
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
       name="mla_decode_merge_values",
   )(lse_parts, o_parts, wv_b)
+  return (out.sum(axis=0).astype(out_dtype) if splits > 1 else out), lse
