@@ -245,16 +245,19 @@ def test_jitted_decode_step_writes_in_place_and_merges_only(rng):
 
 
 def test_stack_decode_loop_on_mesh_equals_without(rng):
-  """AttentionStack passes the mesh to every layer; decode_loop runs on the sharded caches."""
+  """AttentionStack passes the mesh to every layer; decode_loop runs on the sharded caches.
+  float32 caches: the mesh changes the float32 summation order of the first layer's output
+  (~1e-7), and a bfloat16 cache of the second layer can round a value it feeds to the other
+  side of a bfloat16 step (seed 321409533: one k_rope entry, one ulp, a 3.3e-5 output error)."""
   B, T, S = 2, 6, 16
   x = jnp.asarray(rng.standard_normal((B, T, TINY.hidden_size)), jnp.float32)
   positions = jnp.asarray(np.arange(T)[None] + rng.integers(0, 5000, (B, 1)), jnp.int32)
   results = []
   for mesh in (None, kv_mesh()):
     stack = mla_jax.AttentionStack(TINY, backend="cpu", mesh=mesh, rngs=nnx.Rngs(0))
-    y, caches = stack(x, positions, stack.init_cache(B, S, jnp.bfloat16))
+    y, caches = stack(x, positions, stack.init_cache(B, S, jnp.float32))
     ys, caches = mla_jax.decode_loop(stack, y[:, -1:], positions[:, -1:] + 1, caches, 4)
     results.append((y, ys))
   (y0, ys0), (y1, ys1) = results
-  assert rel_err(y1, y0) <= F32_TOL and rel_err(ys1, ys0) <= ROUNDED_P_TOL
+  assert rel_err(y1, y0) <= F32_TOL and rel_err(ys1, ys0) <= F32_TOL
   assert cache_spec(caches[0])[:2] == (P(None, "kv"), P(None, "kv"))
