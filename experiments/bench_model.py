@@ -15,7 +15,10 @@ prompt length N, with a random prompt of B rows:
   same weights and prompt: 1.0 unless rounding flips a near-tie);
 - device_us_per_token, kernels_per_token and kernel_us_per_token (GPU only): one more tg call
   under the profiler, its GPU kernels' summed time, count and longest kernels, per token.
-Each timed call runs once before timing (compilation). config.compare names the pairs
+Each timed call runs once before timing (compilation). With config.alternate (the CPU config)
+every model is built first and, at each prompt length, the implementations' timed reps
+alternate, the order rotating every rep, so that a change in a shared host's load falls on all
+of them (_rows); otherwise one model is built at a time. config.compare names the pairs
 "candidate vs baseline" of the published table's form (t/s standard, t/s MLA, speedup) and of
 the plot.
 """
@@ -87,47 +90,83 @@ def active_weight_bytes(lm, batch: int) -> int:
   return total
 
 
-def _timed(prepare, call, reps: int) -> tuple[float, object]:
-  """(median seconds of call(*prepare()) over reps calls after one untimed call, the last
-  result); prepare's work (fresh caches) is not timed."""
-  seconds, out = [], None
-  for rep in range(reps + 1):
-    args = prepare()
-    start = time.perf_counter()
-    out = jax.block_until_ready(call(*args))
-    if rep:
-      seconds.append(time.perf_counter() - start)
-  return statistics.median(seconds), out
+class _Case:
+  """One implementation at one prompt length: a random prompt of B rows, its prefill (pp: the
+  prompt and the first token) and n_gen greedy tokens from the prefilled cache (tg), each timed
+  as a single waited-for call; the cache each call gets is made outside the timing."""
+
+  def __init__(self, lm, impl, config, prompt_len: int):
+    self.lm, self.impl, self.config, self.prompt_len = lm, impl, config, prompt_len
+    key = jax.random.fold_in(jax.random.key(config.seed), prompt_len)
+    self.prompt = jax.random.randint(key, (config.batch_size, prompt_len), 0,
+                                     lm.cfg.vocab_size, jnp.int32)
+    self.pp_s, self.tg_s = [], []
+    self.first, self.cache, self.tokens = None, None, None
+
+  def _empty(self):
+    return jax.block_until_ready(self.lm.init_cache(
+        self.config.batch_size, self.prompt_len + self.config.n_gen,
+        dtype=jnp.dtype(self.impl.cache_dtype)))
+
+  def _copy(self):  # generate donates the cache it is given: each tg call continues from a copy
+    return jax.block_until_ready(jax.tree.map(jnp.copy, self.cache))
+
+  def _tg(self, cache):
+    return mla_jax.generate(self.lm, self.first, self.config.n_gen, cache=cache)
+
+  def run(self, timed: bool = True):
+    """One pp call and one tg call; timed=False: the untimed first calls (compilation)."""
+    seconds, (self.first, self.cache) = _seconds(
+        lambda c: mla_jax.generate(self.lm, self.prompt, 1, cache=c), self._empty())
+    if timed:
+      self.pp_s.append(seconds)
+    seconds, (self.tokens, _) = _seconds(self._tg, self._copy())
+    if timed:
+      self.tg_s.append(seconds)
+
+  def row(self) -> dict:
+    B, n_gen, prompt_len = self.config.batch_size, self.config.n_gen, self.prompt_len
+    pp_s, tg_s = statistics.median(self.pp_s), statistics.median(self.tg_s)
+    traced = _traced(self._copy, self._tg, n_gen)
+    floor_bytes = (active_weight_bytes(self.lm, B)
+                   + decode_step.cache_read_bytes(self.cache, prompt_len))
+    floor_us = floor_bytes / (self.config.floor_tbps * 1e6)
+    return {"impl": self.impl.name, "prompt_len": prompt_len, "batch": B, "n_gen": n_gen,
+            "pp_s": pp_s, "pp_tps": B * prompt_len / pp_s, "tg_s": tg_s,
+            "tg_tps": B * n_gen / tg_s, "floor_us": floor_us,
+            "x_floor": tg_s / n_gen * 1e6 / floor_us,
+            "tokens": np.asarray(self.tokens).tolist(), **traced}
 
 
-def _row(lm, impl, config, prompt_len: int) -> dict:
-  B, n_gen = config.batch_size, config.n_gen
-  key = jax.random.fold_in(jax.random.key(config.seed), prompt_len)
-  prompt = jax.random.randint(key, (B, prompt_len), 0, lm.cfg.vocab_size, jnp.int32)
-  empty = lambda: (lm.init_cache(B, prompt_len + n_gen, dtype=jnp.dtype(impl.cache_dtype)),)
-  pp_s, (first, cache) = _timed(empty, lambda c: mla_jax.generate(lm, prompt, 1, cache=c),
-                                config.reps)
-  # generate donates the cache it is given: each rep continues from a copy.
-  copy = lambda: (jax.tree.map(jnp.copy, cache),)
-  tg_s, (tokens, _) = _timed(copy, lambda c: mla_jax.generate(lm, first, n_gen, cache=c),
-                             config.reps)
-  traced = _traced(copy, lambda c: mla_jax.generate(lm, first, n_gen, cache=c), n_gen)
-  floor_bytes = active_weight_bytes(lm, B) + decode_step.cache_read_bytes(cache, prompt_len)
-  floor_us = floor_bytes / (config.floor_tbps * 1e6)
-  return {"impl": impl.name, "prompt_len": prompt_len, "batch": B, "n_gen": n_gen,
-          "pp_s": pp_s, "pp_tps": B * prompt_len / pp_s, "tg_s": tg_s, "tg_tps": B * n_gen / tg_s,
-          "floor_us": floor_us, "x_floor": tg_s / n_gen * 1e6 / floor_us,
-          "tokens": np.asarray(tokens).tolist(), **traced}
+def _seconds(call, args) -> tuple[float, object]:
+  start = time.perf_counter()
+  out = jax.block_until_ready(call(args))
+  return time.perf_counter() - start, out
+
+
+def _rows(config, entries, prompt_len: int) -> list[dict]:
+  """Rows of the (impl, lm) entries at one prompt length: each runs once untimed, then
+  config.reps timed reps; with several entries the reps alternate, the order rotating every
+  rep, so that a change in a shared host's load falls on all of them."""
+  cases = [_Case(lm, impl, config, prompt_len) for impl, lm in entries]
+  for case in cases:
+    case.run(timed=False)
+  for rep in range(config.reps):
+    for k in range(len(cases)):
+      cases[(rep + k) % len(cases)].run()
+  names = [case.impl.name for case in cases]
+  return [{**case.row(), **({"alternated": names} if len(cases) > 1 else {})}
+          for case in cases]
 
 
 def _traced(prepare, generate, n_gen: int) -> dict:
-  """Where a token's GPU time goes, from generate(*prepare()) run once under the profiler
+  """Where a token's GPU time goes, from generate(prepare()) run once under the profiler
   (prepare's work outside it): decode_step.traced_fields and kernels_per_token; {} without a
   GPU, where nothing runs."""
   if jax.default_backend() != "gpu":
     return {}
-  args = jax.block_until_ready(prepare())
-  device, _ = harness.device_trace(lambda: generate(*args), calls=n_gen)
+  arg = jax.block_until_ready(prepare())
+  device, _ = harness.device_trace(lambda: generate(arg), calls=n_gen)
   return {**decode_step.traced_fields(device), "kernels_per_token": device.kernels}
 
 
@@ -143,19 +182,28 @@ def run(config, workdir: str, name: str = "model_tg", title: str = "") -> dict:
   results = harness.new_results(config, name, KIND, title)
   results.update(model_config=dataclasses.asdict(cfg), pairs=[list(p) for p in pairs])
   reference: dict[int, list] = {}
+
+  def add(rows):
+    for row in rows:
+      expected = np.asarray(reference.setdefault(row["prompt_len"], row["tokens"]))
+      row["tokens_agree"] = float(np.mean(np.asarray(row["tokens"]) == expected))
+      results["rows"].append(row)
+      print(f"{row['impl']} tg{row['n_gen']}@pp{row['prompt_len']}: tg {row['tg_tps']:.1f} "
+            f"t/s, pp {row['pp_tps']:.1f} t/s, tokens agree {row['tokens_agree']:.2f}",
+            flush=True)
+    write(workdir, results)
+
   with harness.run_status(results):
-    for impl in impls:
-      lm = _build(impl, cfg, config)
+    if config.alternate:  # every model at once, their reps alternating
+      entries = [(impl, _build(impl, cfg, config)) for impl in impls]
       for prompt_len in config.prompt_lengths:
-        row = _row(lm, impl, config, int(prompt_len))
-        expected = np.asarray(reference.setdefault(row["prompt_len"], row["tokens"]))
-        row["tokens_agree"] = float(np.mean(np.asarray(row["tokens"]) == expected))
-        results["rows"].append(row)
-        print(f"{impl.name} tg{row['n_gen']}@pp{row['prompt_len']}: tg {row['tg_tps']:.1f} "
-              f"t/s, pp {row['pp_tps']:.1f} t/s, tokens agree {row['tokens_agree']:.2f}",
-              flush=True)
-        write(workdir, results)
-      del lm  # before the next is built: two bf16 V2-Lite models (63 GB) leave an H100 no room
+        add(_rows(config, entries, int(prompt_len)))
+    else:
+      for impl in impls:
+        lm = _build(impl, cfg, config)
+        for prompt_len in config.prompt_lengths:
+          add(_rows(config, [(impl, lm)], int(prompt_len)))
+        del lm  # before the next is built: two bf16 V2-Lite models (63 GB) leave an H100 no room
   write(workdir, results)
   print(table(results))
   return results
@@ -193,6 +241,8 @@ def _model_label(results: dict) -> str:
 
 def markdown(results: dict) -> str:
   c, m = results["config"], results["model_config"]
+  alternated = (", the implementations' reps alternating, the order rotating every rep"
+                if c.get("alternate") else "")
   lines = [table(results), ""]
   for candidate, baseline in results.get("pairs", []):
     lines += [published_table(results, candidate, baseline), ""]
@@ -202,7 +252,8 @@ def markdown(results: dict) -> str:
       f"{m['num_experts_per_tok']}) + {m['n_shared_experts']} shared, vocabulary "
       f"{m['vocab_size']}; random weights, {c['dtype']}, B={c['batch_size']}. pp: the prefill "
       f"and first token (mla_jax.generate, 1 token); tg: {c['n_gen']} greedy tokens from the "
-      f"prefilled cache; medians of {c['reps']} reps after one untimed call. floor: the weights "
+      f"prefilled cache; medians of {c['reps']} reps after one untimed call"
+      f"{alternated}. floor: the weights "
       "a step reads (one embedding row a token, only the chosen routed experts) and the cache "
       f"up to the prompt, over {c['floor_tbps']} TB/s; × floor: µs a step over it. tokens "
       "agree: generated tokens equal to the first implementation's.")

@@ -606,6 +606,7 @@ def test_model_benchmark_runs_the_whole_model(tmp_path):
   rows = {r["impl"]: r for r in results["rows"]}
   row = rows["absorbed/xla"]
   assert results["status"] == "complete" and row["tokens_agree"] == 1.0
+  assert row["alternated"] == ["absorbed/xla", "standard/xla"]  # the CPU config alternates
   assert row["pp_tps"] > 0 and row["tg_tps"] > 0 and np.shape(row["tokens"]) == (1, 3)
   assert row["x_floor"] == pytest.approx(row["tg_s"] / 3 * 1e6 / row["floor_us"])
   text = (tmp_path / "tiny.md").read_text()
@@ -620,6 +621,31 @@ def test_model_benchmark_runs_the_whole_model(tmp_path):
     assert "longest kernels of each traced loop" in text
   else:
     assert "device_us_per_token" not in row and "longest kernels" not in text
+
+
+def test_model_benchmark_alternates_the_implementations_reps(tmp_path, monkeypatch):
+  """config.alternate: after each implementation's untimed calls, their timed reps alternate, the
+  order rotating every rep (a pp call, then a tg call, each rep)."""
+  from configs import model_cpu  # pylint: disable=import-outside-toplevel
+  from experiments import bench_model  # pylint: disable=import-outside-toplevel
+  import mla_jax  # pylint: disable=import-outside-toplevel
+  calls, generate = [], mla_jax.generate
+
+  def logged(lm, tokens, n, **kwargs):
+    calls.append((id(lm), n))
+    return generate(lm, tokens, n, **kwargs)
+
+  monkeypatch.setattr(mla_jax, "generate", logged)
+  config = model_cpu.get_config()
+  config.update(dict(model_overrides=TINY + ",num_layers=1,vocab_size=64,intermediate_size=32",
+                     impls="absorbed/xla,standard/xla", compare="absorbed/xla vs standard/xla",
+                     prompt_lengths=(8,), n_gen=2, reps=3))
+  bench_model.run(config, str(tmp_path), name="tiny")
+  timed = calls[:16]  # a GPU then traces one more tg call of each
+  models = list(dict.fromkeys(lm for lm, _ in timed))
+  order = [models.index(lm) for lm, n in timed if n == 1]  # the pp calls, one a run
+  assert order == [0, 1, 0, 1, 1, 0, 0, 1]  # untimed, then reps 0, 1 (rotated), 2
+  assert [n for _, n in timed] == [1, 2] * 8
 
 
 def test_model_floor_counts_one_embedding_row_and_the_chosen_experts():
