@@ -177,15 +177,17 @@ def _blocks(columns: int, V: int) -> tuple[int, int]:
 
 
 def column_splits(P: int, C: int) -> int:
-  """Pieces of C that merge_values gives programs of their own: 8 when there are more pieces
-  of S than one step of a whole-row program loads (32 at C=512), else 1. A whole-row program
-  walks P in dependent steps of 32 partial rows, and at B=1 there are only B·H·V/32 = 64 of
-  them; in 8 pieces of 64 columns the programs are 8 times as many and take up to 256 partial
-  rows a step. The pieces' float32 products are summed by one small XLA fusion, ~1.2 µs.
-  Timed on an H100 (C=512, V=128, H=16, bf16, the sum included), 1 → 8 pieces: 11.2 → 5.8 µs
-  at (P, B) = (132, 1), 7.8 → 5.6 at (64, 1), 8.3 → 6.4 at (33, 4); 4.8 → 4.8 at (32, 1), 7.3
-  → 7.1 at (16, 8) and 3.8 → 4.0 at (3, 1), where the extra launch costs more in the step."""
-  return 8 if P > _VALUES_TILE // 512 and C % 8 == 0 else 1
+  """Pieces of C that merge_values gives programs of their own: 8 when P is more than the
+  pieces one step of a whole-row program loads (32 at C=512), else 1. Such a program walks P
+  in dependent steps, and at B=1, H=16, V=128 there are only 64 of them (4 blocks of 32
+  values a head); in 8 pieces of 64 columns the programs are 8 times as many and load up to
+  256 partial rows a step. One small XLA fusion then sums the pieces' float32 products, ~1.2
+  µs. Timed on an H100 (C=512, V=128, H=16, bf16, the sum included), 1 → 8 pieces: 11.2 → 5.8
+  µs at (P, B) = (132, 1), 7.8 → 5.6 at (64, 1), 8.3 → 6.4 at (33, 4); 4.8 → 4.8 at (32, 1),
+  7.3 → 7.1 at (16, 8) and 3.8 → 4.0 at (3, 1), where the extra launch costs more in the
+  step (docs/decode_step.md)."""
+  whole_row_step = _VALUES_TILE // _blocks(C, 1)[0]
+  return 8 if P > whole_row_step and C % 8 == 0 else 1
 
 
 def merge_values(o_parts, lse_parts, wv_b, out_dtype, *, merge: str, interpret: bool = False,
