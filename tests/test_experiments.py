@@ -640,12 +640,17 @@ def test_model_benchmark_alternates_the_implementations_reps(tmp_path, monkeypat
   config.update(dict(model_overrides=TINY + ",num_layers=1,vocab_size=64,intermediate_size=32",
                      impls="absorbed/xla,standard/xla", compare="absorbed/xla vs standard/xla",
                      prompt_lengths=(8,), n_gen=2, reps=3))
-  bench_model.run(config, str(tmp_path), name="tiny")
+  results = bench_model.run(config, str(tmp_path), name="tiny")
   timed = calls[:16]  # a GPU then traces one more tg call of each
   models = list(dict.fromkeys(lm for lm, _ in timed))
   order = [models.index(lm) for lm, n in timed if n == 1]  # the pp calls, one a run
   assert order == [0, 1, 0, 1, 1, 0, 0, 1]  # untimed, then reps 0, 1 (rotated), 2
   assert [n for _, n in timed] == [1, 2] * 8
+  a, b = ({r["impl"]: r for r in results["rows"]}[name] for name in ("absorbed/xla",
+                                                                      "standard/xla"))
+  ratios = sorted(tb / ta for ta, tb in zip(a["tg_s_reps"], b["tg_s_reps"]))  # paired by rep
+  assert len(ratios) == 3 and bench_model.speedup(a, b) == ratios[1]
+  assert f"| {ratios[1]:.2f} |" in (tmp_path / "tiny.md").read_text()
 
 
 def test_model_floor_counts_one_embedding_row_and_the_chosen_experts():
