@@ -65,20 +65,16 @@ def _merged_and_projected(o_parts, lse_parts, wv_b):
                                                       -np.inf)
 
 
-@pytest.mark.parametrize("merge", merge_triton.MERGES)
-@pytest.mark.parametrize("P,B,N,H,C,V", [(5, 2, 16, 5, 64, 32), (128, 1, 16, 16, 512, 128),
-                                         (1, 3, 32, 32, 128, 16), (300, 2, 16, 3, 256, 64)])
-def test_merge_values_equals_merge_then_projection(rng, merge, P, B, N, H, C, V):
-  """Partials of N padded heads, the first H projected; empty pieces, a head with no piece at all
-  (out 0, lse -inf), a single piece (the projection alone) and more pieces than one load holds
-  (300: chunked)."""
+def _check_merge_values(rng, P, B, N, H, C, V, **options):
+  """merge_values (options: merge, splits) on partials of N padded heads with piece 0 of row 0
+  empty and head H // 2 of the last row empty in every piece, against the float64 oracle."""
   o_parts = jnp.asarray(rng.standard_normal((P, B, N, C)), jnp.float32)
   lse_parts = np.asarray(rng.standard_normal((P, B, N)) * 3, np.float32)
   lse_parts[0, 0, :] = -np.inf
   lse_parts[:, B - 1, H // 2] = -np.inf
   wv_b = jnp.asarray(rng.standard_normal((H, C, V)) / np.sqrt(C), jnp.float32)
   out, lse = merge_triton.merge_values(o_parts, jnp.asarray(lse_parts), wv_b, jnp.float32,
-                                       merge=merge, interpret=not ON_GPU)
+                                       interpret=not ON_GPU, **options)
   want, want_lse = _merged_and_projected(o_parts, lse_parts, wv_b)
   assert out.shape == (B, H, V) and out.dtype == jnp.float32 and lse.shape == (B, H)
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
@@ -90,28 +86,26 @@ def test_merge_values_equals_merge_then_projection(rng, merge, P, B, N, H, C, V)
   np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], rtol=1e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("merge", merge_triton.MERGES)
+@pytest.mark.parametrize("P,B,N,H,C,V", [(5, 2, 16, 5, 64, 32), (128, 1, 16, 16, 512, 128),
+                                         (1, 3, 32, 32, 128, 16), (300, 2, 16, 3, 256, 64)])
+def test_merge_values_equals_merge_then_projection(rng, merge, P, B, N, H, C, V):
+  """Partials of N padded heads, the first H projected; empty pieces, a head with no piece at all
+  (out 0, lse -inf), a single piece (the projection alone) and more pieces than one load holds
+  (300: chunked)."""
+  _check_merge_values(rng, P, B, N, H, C, V, merge=merge)
+
+
 @pytest.mark.parametrize("splits", [2, 4, 8])
 @pytest.mark.parametrize("P,B,N,H,C,V", [(132, 1, 16, 16, 512, 128), (300, 2, 16, 3, 256, 64)])
 def test_merge_values_split_over_columns(rng, splits, P, B, N, H, C, V):
   """splits pieces of C, each with programs of its own, their float32 products summed after
-  the kernel: the same result, empty pieces and an empty head included."""
-  o_parts = jnp.asarray(rng.standard_normal((P, B, N, C)), jnp.float32)
-  lse_parts = np.asarray(rng.standard_normal((P, B, N)) * 3, np.float32)
-  lse_parts[1, 0, :] = -np.inf
-  lse_parts[:, B - 1, H // 2] = -np.inf
-  wv_b = jnp.asarray(rng.standard_normal((H, C, V)) / np.sqrt(C), jnp.float32)
-  out, lse = merge_triton.merge_values(o_parts, jnp.asarray(lse_parts), wv_b, jnp.float32,
-                                       merge="pallas", interpret=not ON_GPU, splits=splits)
-  want, want_lse = _merged_and_projected(o_parts, lse_parts, wv_b)
-  assert out.shape == (B, H, V) and out.dtype == jnp.float32
-  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
-  np.testing.assert_array_equal(out[B - 1, H // 2], 0.0)
-  finite = np.isfinite(want_lse)
-  np.testing.assert_array_equal(np.isneginf(lse), ~finite)
-  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], rtol=1e-6, atol=2e-6)
+  the kernel: the same result, empty pieces and an empty head included; a count that does not
+  divide C is refused."""
+  _check_merge_values(rng, P, B, N, H, C, V, merge="pallas", splits=splits)
+  parts = jnp.zeros((P, B, N, C)), jnp.zeros((P, B, N)), jnp.zeros((H, C, V))
   with pytest.raises(ValueError, match="splits=3"):
-    merge_triton.merge_values(o_parts, jnp.asarray(lse_parts), wv_b, jnp.float32,
-                              merge="pallas", interpret=True, splits=3)
+    merge_triton.merge_values(*parts, jnp.float32, merge="pallas", interpret=True, splits=3)
 
 
 @pytest.mark.parametrize("P,splits", [(32, 1), (33, 8), (132, 8)])
