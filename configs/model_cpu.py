@@ -26,8 +26,8 @@ def get_config():
   config.prompt_lengths = (128, 1024)  # pp: prompt lengths N, one row each
   config.n_gen = 32  # tg: greedy tokens generated per timed call (test name tg<n_gen>@pp<N>)
   config.reps = 11  # timed calls; t/s from their median
-  # every model built first, their timed reps alternating (the order
-  # rotating every rep), so that a change in the shared host's load falls on all of them.
+  # every model built first, their timed reps alternating (the order rotating every rep), so
+  # that a change in the shared host's load falls on all of them.
   config.alternate = True
   config.dtype = "float32"  # compute dtype
   config.param_dtype = "float32"  # dtype of the random weights

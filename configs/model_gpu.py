@@ -25,8 +25,8 @@ def get_config():
   config.prompt_lengths = (128, 512, 2048, 8192, 16384, 65536)  # pp: one row each
   config.n_gen = 64  # tg: greedy tokens generated per timed call (test name tg<n_gen>@pp<N>)
   config.reps = 3  # timed calls; t/s from their median
-  # one model at a time: two bf16 V2-Lite models do not fit
-  # one GPU together (True: every model built first, their timed reps alternating).
+  # one model at a time: two bf16 V2-Lite models do not fit one GPU together (True: every
+  # model built first, their timed reps alternating).
   config.alternate = False
   config.dtype = "bfloat16"  # compute dtype
   config.param_dtype = "bfloat16"  # dtype of the random weights

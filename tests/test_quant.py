@@ -147,7 +147,7 @@ def test_quantize_in_chunks_equals_quantize_at_once(fmt, rows, chunk_rows, rng, 
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-def test_quantize_takes_temporaries_under_the_weights_size(fmt):
+def test_quantize_takes_temporaries_under_twice_the_weights_size(fmt):
   """quantize works a chunk of block rows at a time: a [128, 512, 512] float32 weight compiles
   with temporaries under twice its own bytes. With every block at once and the 15 IQ4_NL
   candidate scales unrolled, XLA kept each candidate's [..., 32] temporaries alive together: 54
