@@ -7,9 +7,11 @@ the length bookkeeping and the absorption of wk_b as some ten small fusions. Her
 
   projections  q_proj (or q_a_proj, q_a_layernorm, q_b_proj) and kv_a_proj_with_mqa on XLA: in
                transformers' [out, in] layout XLA reads the weights once, and a Triton GEMV
-               measured slower (docs/decode_step.md). Quantized, the two that read x run in
-               one launch of the fused GEMV (layers.project). The layer's input RMSNorm, when the
-               module is given it (input_norm), folds into them and the latent kernel
+               measured slower (docs/decode_step.md). At one row, q_proj and kv_a_proj_with_mqa
+               run as one row reduction over both weights, whose output the latent kernel
+               reads in place (layers.joint_product); quantized, the two run in one launch of
+               the fused GEMV (layers.project). The layer's input RMSNorm, when the module is
+               given it (input_norm), folds into them and the latent kernel
   latent       ops/latent_update.py, one launch: the input norm's 1/rms, wk_b absorbed into
                the query, rope of q and k, the kv norm, the cache write and the lengths and
                overflow flags, in place
@@ -33,7 +35,7 @@ import functools
 
 import jax.numpy as jnp
 
-from mla_jax import ops, quant, rope
+from mla_jax import layers, ops, quant, rope
 from mla_jax.ops import device, latent_update
 from mla_jax.ops.common import resolve_impl
 
@@ -51,6 +53,20 @@ def supported(module, x) -> bool:
       latent_update.choose_tuning(cfg.kv_lora_rank)) is None
 
 
+def _project(module, x, input_scale, q_in_kernel: bool):
+  """(q, kv): module._project(x, input_scale); or (q | kv, None), both from one row reduction
+  over q_proj's and kv_a_proj_with_mqa's weights side by side (layers.joint_product), which the
+  latent kernel reads in place: a launch fewer a layer. That takes one row on a GPU,
+  unquantized weights, no q_lora, and q left whole to the latent kernel (q_in_kernel, no
+  input_scale)."""
+  if module.cfg.q_lora_rank is None and q_in_kernel and input_scale is None:
+    linears = (module.q_proj, module.kv_a_proj_with_mqa)
+    weights = tuple(linear.weight.get_value() for linear in linears)
+    if linears[0].dtype == linears[1].dtype and layers.on_joint_product(x, weights):
+      return layers.joint_product(x.astype(linears[0].dtype), weights), None
+  return module._project(x, input_scale=input_scale)
+
+
 def _fold_input_norm(module, x, input_norm, q_in_kernel: bool):
   """(q, kv, latent_update's input-norm arguments) for x [B,D] read through input_norm.
 
@@ -60,10 +76,10 @@ def _fold_input_norm(module, x, input_norm, q_in_kernel: bool):
   residual add making x). Otherwise q is divided here: with q_lora, q_a_layernorm needs q_a
   itself, and a GEMV that absorbs wk_b reads q."""
   if input_norm is None:
-    return (*module._project(x), {})
+    return (*_project(module, x, None, q_in_kernel), {})
   xg = x * input_norm.weight[...].astype(x.dtype)
   scale_q = q_in_kernel and module.cfg.q_lora_rank is None
-  q, kv = module._project(xg, input_scale=None if scale_q else input_norm.inv_rms(x))
+  q, kv = _project(module, xg, None if scale_q else input_norm.inv_rms(x), q_in_kernel)
   xf = x.astype(jnp.float32)
   norm_args = dict(input_ss=jnp.sum(xf * xf, axis=-1), input_dim=x.shape[-1],
                    input_eps=input_norm.eps, scale_q=scale_q)

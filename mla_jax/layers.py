@@ -8,6 +8,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mla_jax import ops, quant
@@ -82,15 +83,37 @@ class Linear(nnx.Module):
 
 def project(x, *linears: Linear) -> tuple:
   """(linear(x) for each of linears): Linears that read the same x (gate_proj and up_proj,
-  q_proj and kv_a_proj_with_mqa). Quantized weights of one format that the fused GEMV takes
-  meet up to GEMV_MAX_ROWS rows on a GPU in one launch of it (quantized_gemv), a kernel fewer
-  per extra Linear; otherwise each Linear runs as it would alone."""
+  q_proj and kv_a_proj_with_mqa) in one launch where they can: quantized weights of one format
+  that the fused GEMV takes meet up to GEMV_MAX_ROWS rows on a GPU in one launch of it
+  (quantized_gemv), and unquantized weights meet one row on a GPU in one row reduction
+  (joint_product); otherwise each Linear runs as it would alone."""
   weights = tuple(linear.weight.get_value() for linear in linears)
   cast = x.astype(linears[0].dtype)
-  if (len({linear.dtype for linear in linears}) == 1
-      and on_fused_gemv(cast, weights, math.prod(x.shape[:-1]))):
-    return quantized_gemv(cast, weights)
+  rows = math.prod(x.shape[:-1])
+  if len({linear.dtype for linear in linears}) == 1:
+    if on_fused_gemv(cast, weights, rows):
+      return quantized_gemv(cast, weights)
+    if on_joint_product(cast, weights):
+      ends = np.cumsum([w.shape[0] for w in weights])[:-1]
+      return tuple(jnp.split(joint_product(cast, weights), ends, axis=-1))
   return tuple(linear(x) for linear in linears)
+
+
+def on_joint_product(x, weights: tuple) -> bool:
+  """Whether joint_product takes x and weights: one row of x on a GPU, several weights of
+  one in_features, none of them quantized."""
+  return (device.is_gpu() and math.prod(x.shape[:-1]) == 1 and len(weights) > 1
+          and not any(isinstance(w, quant.QuantizedTensor) for w in weights)
+          and len({w.shape[-1] for w in weights}) == 1)
+
+
+def joint_product(x, weights: tuple):
+  """x [..., in] (one row) · [w_1; w_2; ...]ᵀ for weights w_i [out_i, in] -> [..., Σ out_i] in
+  x's dtype: the weights' one-row products side by side, as one row reduction. XLA fuses the
+  concatenation into the reduction, which reads each weight where it lies (no concatenated
+  copy is made), so the products take one kernel: compiled for an H200, q_proj and
+  kv_a_proj_with_mqa at B=1 take one fusion instead of two."""
+  return one_row_product(x, jnp.concatenate([w.astype(x.dtype) for w in weights], axis=0))
 
 
 def one_row_product(x, w):

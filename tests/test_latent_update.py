@@ -171,6 +171,30 @@ def test_latent_update_model_shapes(B, H, int8, rng):
       assert rel_err(values2[b, s], rms_norm(np.asarray(kv)[b, :C], g)) <= RTOL[jnp.bfloat16]
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float_cache", "int8_cache"])
+@pytest.mark.parametrize("norm_input", [False, True], ids=["plain", "input_norm"])
+def test_latent_update_reads_q_and_kv_side_by_side(norm_input, int8, rng):
+  """kv=None and q = [q | kv] (layers.joint_product's one buffer) give what q and kv apart
+  give, bit for bit: the kernel reads the same values at kv's offset."""
+  B, H, K, C, R, S = 3, 2, 16, 64, 8, 6
+  q, kv, g, wk, inv_freq, c, k_rope = _latent_inputs(rng, B, H, K, C, R, S, jnp.bfloat16, int8)
+  values, scales = (c.values, c.scales) if int8 else (c, None)
+  args = (jnp.asarray([0, 2, -1], jnp.int32), g, inv_freq, wk, values, scales, k_rope,
+          jnp.asarray([1, S, 4], jnp.int32), jnp.zeros(B, jnp.int32))
+  options = dict(num_heads=H, rope_scale=1.0, eps=EPS, dtype=jnp.bfloat16,
+                 tuning=latent.LatentTuning(block_c=16), interpret=not ON_GPU)
+  if norm_input:
+    options.update(input_ss=jnp.asarray(rng.random(B) * 64, jnp.float32), input_dim=32,
+                   input_eps=EPS)
+  apart = latent.latent_update(q, kv, *args, **options)
+  joint = latent.latent_update(jnp.concatenate([q, kv], axis=1), None, *args, **options)
+  for x, y in zip(apart, joint):
+    if x is not None:
+      np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+  with pytest.raises(ValueError, match=r"kv None and q \[B, H·\(K\+R\) \+ C\+R\]"):
+    latent.latent_update(jnp.concatenate([q, kv[:, :-1]], axis=1), None, *args, **options)
+
+
 def test_latent_unsupported_sizes_raise(rng):
   q, kv, g, wk, inv_freq, c, k_rope = _latent_inputs(rng, 1, 2, 12, 64, 8, 4, jnp.float32, False)
   with pytest.raises(ValueError, match="K=12"):

@@ -224,3 +224,27 @@ def test_linears_that_read_one_x_share_a_launch(fmts, launches, monkeypatch, rng
   for y, w in zip(ys, want, strict=True):
     assert y.shape == w.shape and rel_err(y, w) <= RTOL[jnp.float32]
 
+
+
+@pytest.mark.parametrize("rows,fmt,joint", [(1, None, True), (1, "bf16", True), (2, None, False),
+                                            (1, "q8_0", False)])
+def test_linears_that_read_one_row_share_a_reduction(rows, fmt, joint, monkeypatch, rng):
+  """layers.project: on a GPU (pretended here), unquantized Linears that read one row of x run
+  as one row reduction over their weights side by side (layers.joint_product), each with its
+  own result; more rows, or quantized weights, do not."""
+  key = int(rng.integers(1 << 30))
+  linears = [layers.Linear(64, n, rngs=nnx.Rngs(key + n)) for n in (96, 32, 48)]
+  for linear in linears:
+    linear.set_weight_format(fmt)
+  x = jnp.asarray(rng.standard_normal((rows, 1, 64)), jnp.float32)
+  want = [np.asarray(x, np.float64) @ np.asarray(layers.as_array(
+      linear.weight.get_value(), jnp.float32), np.float64).T for linear in linears]
+  ran = []
+  product, gemv = layers.joint_product, layers.quantized_gemv
+  monkeypatch.setattr(device, "is_gpu", lambda: True)
+  monkeypatch.setattr(layers, "quantized_gemv", lambda x, w: gemv(x, w, interpret=True))
+  monkeypatch.setattr(layers, "joint_product", lambda x, w: ran.append(len(w)) or product(x, w))
+  ys = layers.project(x, *linears)
+  assert ran == ([3] if joint else [])
+  for y, w in zip(ys, want, strict=True):
+    assert y.shape == w.shape and rel_err(y, w) <= RTOL[jnp.float32]

@@ -81,10 +81,11 @@ def _round_even(v):
 
 
 def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, S, K, R, C,
-            block_c, absorb, int8, eps, rope_scale, dtype, norm_input, scale_q, input_dim,
-            input_eps):
-  # pos_ref [B] int32 (-1: padding); q_ref [B, H·(K+R)] and qp_ref, the same array as
-  # [B, H·(K+R)/2, 2] (rope pairs); kv_ref [B, C+R] and kvp_ref [B, (C+R)/2, 2]; g_ref [C];
+            kv_at, block_c, absorb, int8, eps, rope_scale, dtype, norm_input, scale_q,
+            input_dim, input_eps):
+  # pos_ref [B] int32 (-1: padding); q_ref [B, H·(K+R) ...] and qp_ref, the same array as
+  # [B, H·(K+R)/2 ..., 2] (rope pairs); kv_ref [B, ...] with c_kv | k_rope at its columns
+  # kv_at.. kv_at+C+R, and kvp_ref, its pairs [B, .../2, 2]; g_ref [C];
   # freq_ref [R/2] float32; wk_ref [H, K, C] (absorb); ss_ref [B] float32 (norm_input); then the
   # aliased cache inputs (unused: the outputs are the same buffers); outputs q_latent [B, H, C]
   # (absorb), q_rope [B, H, R/2, 2], c_kv [B, S, C], scales [B, S] (int8), k_rope
@@ -155,7 +156,7 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
       valid = (pos >= 0).astype(jnp.int32)
       ok = (valid > 0) & (length < S)
       at = jnp.minimum(length, S - 1)
-      c_row = finish_kv(kv_ref[b, pl.ds(0, C)].astype(jnp.float32), b)
+      c_row = finish_kv(kv_ref[b, pl.ds(kv_at, C)].astype(jnp.float32), b)
       inv_rms = jax.lax.rsqrt(jnp.sum(c_row * c_row) / C + eps)
       row = norm(c_row, g_ref[...], inv_rms)
       if int8:  # quant.quantize_rows
@@ -169,7 +170,8 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
 
       @pl.when(ok)
       def _write_rope():
-        even, odd = (finish_kv(kvp_ref[b, pl.ds(C // 2, half), i].astype(jnp.float32), b)
+        even, odd = (finish_kv(kvp_ref[b, pl.ds((kv_at + C) // 2, half), i]
+                               .astype(jnp.float32), b)
                      for i in (0, 1))
         for i, part in enumerate(rotate(even, odd, pos)):
           kr_ref[b, at, :, i] = part.astype(dtype).astype(kr_ref.dtype)
@@ -192,9 +194,10 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   """One launch of the kernel above: (q_latent [B,H,C] in dtype, or None when wk_b is None;
   q_rope [B,H,R] in dtype; c_kv; scales; k_rope; lengths; overflow).
 
-  q [B, H·(K+R)] and kv [B, C+R]: the projections' outputs (H = num_heads). positions [B]: each
-  row's rope position, -1 for padding (nothing is written). kv_norm_weight [C]: kv_a_layernorm's
-  weight (eps). inv_freq [R/2] float32 and rope_scale: rope.inv_freq and rope.attention_factor.
+  q [B, H·(K+R)] and kv [B, C+R]: the projections' outputs (H = num_heads); or kv None and q
+  [B, H·(K+R) + C+R], the two side by side (layers.joint_product), read in place. positions
+  [B]: each row's rope position, -1 for padding (nothing is written). kv_norm_weight [C]:
+  kv_a_layernorm's weight (eps). inv_freq [R/2] float32 and rope_scale: rope.inv_freq and rope.attention_factor.
   wk_b [H,K,C] or None (q_latent is then left to the caller). c_kv [B,S,C] (a float array, or
   int8 values with scales [B,S] float32; scales None otherwise), k_rope [B,S,R], lengths [B]
   int32 and overflow [B] int32: a LatentCache's buffers, updated in place under jit when donated.
@@ -207,7 +210,14 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   B, S, C = c_kv.shape
   R = k_rope.shape[-1]
   H = num_heads
-  K = q.shape[1] // H - R
+  joint = kv is None
+  q_width = q.shape[1] - (C + R) if joint else q.shape[1]
+  kv_at = q_width if joint else 0  # kv's first column in its operand
+  K = q_width // H - R
+  kv = q if joint else kv
+  if q_width != H * (K + R) or kv.shape[1] != kv_at + C + R:
+    raise ValueError(f"q.shape={q.shape}, kv.shape={kv.shape}: expected [B, H·(K+R)] and "
+                     f"[B, C+R={C + R}] (H={H}, R={R}), or kv None and q [B, H·(K+R) + C+R]")
   int8 = scales is not None
   absorb = wk_b is not None
   reason = unsupported(B, H, K, C, R, tuning)
@@ -230,7 +240,7 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   first_out = 1 + int(absorb)  # the cache outputs follow q_latent and q_rope
   aliases = {len(operands) + i: first_out + i for i in range(len(cache))}
   kernel = functools.partial(
-      _kernel, B=B, S=S, K=K, R=R, C=C, block_c=tuning.block_c, absorb=absorb, int8=int8,
+      _kernel, B=B, S=S, K=K, R=R, C=C, kv_at=kv_at, block_c=tuning.block_c, absorb=absorb, int8=int8,
       eps=eps, rope_scale=rope_scale, dtype=jnp.dtype(dtype), norm_input=input_ss is not None,
       scale_q=input_ss is not None and scale_q, input_dim=input_dim, input_eps=input_eps)
   outs = list(pl.pallas_call(
