@@ -197,10 +197,11 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   q [B, H·(K+R)] and kv [B, C+R]: the projections' outputs (H = num_heads); or kv None and q
   [B, H·(K+R) + C+R], the two side by side (layers.joint_product), read in place. positions
   [B]: each row's rope position, -1 for padding (nothing is written). kv_norm_weight [C]:
-  kv_a_layernorm's weight (eps). inv_freq [R/2] float32 and rope_scale: rope.inv_freq and rope.attention_factor.
-  wk_b [H,K,C] or None (q_latent is then left to the caller). c_kv [B,S,C] (a float array, or
-  int8 values with scales [B,S] float32; scales None otherwise), k_rope [B,S,R], lengths [B]
-  int32 and overflow [B] int32: a LatentCache's buffers, updated in place under jit when donated.
+  kv_a_layernorm's weight (eps). inv_freq [R/2] float32 and rope_scale: rope.inv_freq and
+  rope.attention_factor. wk_b [H,K,C] or None (q_latent is then left to the caller). c_kv
+  [B,S,C] (a float array, or int8 values with scales [B,S] float32; scales None otherwise),
+  k_rope [B,S,R], lengths [B] int32 and overflow [B] int32: a LatentCache's buffers, updated in
+  place under jit when donated.
 
   input_ss [B] float32 or None: Σx² over each row of the layer's input x [B, input_dim], when
   the caller folded its input RMSNorm into the projections (q and kv are projections of x·g, g
@@ -212,12 +213,12 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   H = num_heads
   joint = kv is None
   q_width = q.shape[1] - (C + R) if joint else q.shape[1]
-  kv_at = q_width if joint else 0  # kv's first column in its operand
   K = q_width // H - R
-  kv = q if joint else kv
-  if q_width != H * (K + R) or kv.shape[1] != kv_at + C + R:
-    raise ValueError(f"q.shape={q.shape}, kv.shape={kv.shape}: expected [B, H·(K+R)] and "
-                     f"[B, C+R={C + R}] (H={H}, R={R}), or kv None and q [B, H·(K+R) + C+R]")
+  if q_width != H * (K + R) or (not joint and kv.shape[1] != C + R):
+    raise ValueError(f"q.shape={q.shape}, kv.shape={None if joint else kv.shape}: expected "
+                     f"[B, H·(K+R)] and [B, C+R={C + R}] (H={H}, R={R}), or kv None and q "
+                     "[B, H·(K+R) + C+R]")
+  kv_at, kv = (q_width, q) if joint else (0, kv)  # kv's first column in its operand
   int8 = scales is not None
   absorb = wk_b is not None
   reason = unsupported(B, H, K, C, R, tuning)
@@ -240,9 +241,10 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   first_out = 1 + int(absorb)  # the cache outputs follow q_latent and q_rope
   aliases = {len(operands) + i: first_out + i for i in range(len(cache))}
   kernel = functools.partial(
-      _kernel, B=B, S=S, K=K, R=R, C=C, kv_at=kv_at, block_c=tuning.block_c, absorb=absorb, int8=int8,
-      eps=eps, rope_scale=rope_scale, dtype=jnp.dtype(dtype), norm_input=input_ss is not None,
-      scale_q=input_ss is not None and scale_q, input_dim=input_dim, input_eps=input_eps)
+      _kernel, B=B, S=S, K=K, R=R, C=C, kv_at=kv_at, block_c=tuning.block_c, absorb=absorb,
+      int8=int8, eps=eps, rope_scale=rope_scale, dtype=jnp.dtype(dtype),
+      norm_input=input_ss is not None, scale_q=input_ss is not None and scale_q,
+      input_dim=input_dim, input_eps=input_eps)
   outs = list(pl.pallas_call(
       kernel,
       out_shape=out_shape,
