@@ -101,6 +101,21 @@ def test_v2_lite_absorbed_step_aliases_the_whole_cache(cache_dtype):
   assert "copy" not in decode_step.kernels(compiled.as_text())
 
 
+@pytest.mark.parametrize("mode,backend", [("absorbed", "pallas"), ("absorbed", "xla"),
+                                          ("standard", "xla")])
+def test_v2_lite_step_reads_q_and_kv_a_in_one_reduction(mode, backend):
+  """At B=1 both modes read q_proj's and kv_a_proj_with_mqa's weights in one fusion a layer
+  (layers.joint_product), and no fusion reads either alone: the standard and the absorbed
+  step share their projections."""
+  compiled, _ = compile_step(2, mode=mode, backend=backend, S=128)
+  entry = compiled.as_text().split("ENTRY", 1)[1]
+  fusions = [line for line in entry.splitlines() if " fusion(" in line]
+  reads = lambda line, name: re.search(rf"%\S*___{name}____weight\S*", line.split("fusion(")[1])
+  both = [f for f in fusions if reads(f, "q_proj") and reads(f, "kv_a_proj_with_mqa")]
+  either = [f for f in fusions if reads(f, "q_proj") or reads(f, "kv_a_proj_with_mqa")]
+  assert len(both) == len(either) == 2, either
+
+
 def _decode_args(B, H, S, cache, C=512, R=64):
   spec = jax.ShapeDtypeStruct
   c_kv = (mla_jax.quant.Int8Rows(spec((B, S, C), jnp.int8), spec((B, S), jnp.float32))
