@@ -7,10 +7,10 @@ the length bookkeeping and the absorption of wk_b as some ten small fusions. Her
 
   projections  q_proj (or q_a_proj, q_a_layernorm, q_b_proj) and kv_a_proj_with_mqa on XLA: in
                transformers' [out, in] layout XLA reads the weights once, and a Triton GEMV
-               measured slower (docs/decode_step.md). At one row, q_proj and kv_a_proj_with_mqa
-               run as one row reduction over both weights, whose output the latent kernel
-               reads in place (layers.joint_product); quantized, the two run in one launch of
-               the fused GEMV (layers.project). The layer's input RMSNorm, when the module is
+               measured slower (docs/decode_step.md). q_proj and kv_a_proj_with_mqa run as
+               one product over both weights, whose output the latent kernel reads in place
+               (layers.joint_product); quantized, the two run in one launch of the fused GEMV
+               (layers.project). The layer's input RMSNorm, when the module is
                given it (input_norm), folds into them and the latent kernel
   latent       ops/latent_update.py, one launch: the input norm's 1/rms, wk_b absorbed into
                the query, rope of q and k, the kv norm, the cache write and the lengths and
@@ -54,11 +54,11 @@ def supported(module, x) -> bool:
 
 
 def _project(module, x, input_scale, q_in_kernel: bool):
-  """(q, kv): module._project(x, input_scale); or (q | kv, None), both from one row reduction
-  over q_proj's and kv_a_proj_with_mqa's weights side by side (layers.joint_product), which the
-  latent kernel reads in place: a launch fewer a layer. That takes one row on a GPU,
-  unquantized weights, no q_lora, and q left whole to the latent kernel (q_in_kernel, no
-  input_scale)."""
+  """(q, kv): module._project(x, input_scale); or (q | kv, None), both from one product over
+  q_proj's and kv_a_proj_with_mqa's weights side by side (layers.joint_product), which the
+  latent kernel reads in place: a launch fewer a layer. That takes what on_joint_product takes
+  (decode rows on a GPU, unquantized weights), no q_lora, and q left whole to the latent kernel
+  (q_in_kernel, no input_scale)."""
   if module.cfg.q_lora_rank is None and q_in_kernel and input_scale is None:
     linears = (module.q_proj, module.kv_a_proj_with_mqa)
     weights = tuple(linear.weight.get_value() for linear in linears)

@@ -74,19 +74,25 @@ class Linear(nnx.Module):
     rows = math.prod(x.shape[:-1])
     if on_fused_gemv(x, (w,), rows):
       return quantized_gemv(x, w)
-    w = as_array(w, self.dtype)
-    if rows == 1 and device.is_gpu():
-      return one_row_product(x, w)
-    y = xla.weight_einsum("rd,nd->rn", x.reshape(rows, x.shape[-1]), w)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return weight_product(x, as_array(w, self.dtype))
+
+
+def weight_product(x, w):
+  """x [..., in] · w [out, in] (an array) -> [..., out] in x's dtype: one row on a GPU as
+  one_row_product, else XLA's einsum (ops.xla.weight_einsum)."""
+  rows = math.prod(x.shape[:-1])
+  if rows == 1 and device.is_gpu():
+    return one_row_product(x, w)
+  y = xla.weight_einsum("rd,nd->rn", x.reshape(rows, x.shape[-1]), w)
+  return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def project(x, *linears: Linear) -> tuple:
   """(linear(x) for each of linears): Linears that read the same x (gate_proj and up_proj,
   q_proj and kv_a_proj_with_mqa) in one launch where they can: quantized weights of one format
   that the fused GEMV takes meet up to GEMV_MAX_ROWS rows on a GPU in one launch of it
-  (quantized_gemv), and unquantized weights meet one row on a GPU in one row reduction
-  (joint_product); otherwise each Linear runs as it would alone."""
+  (quantized_gemv), and unquantized weights meet up to GEMV_MAX_ROWS rows on a GPU in one
+  product (joint_product); otherwise each Linear runs as it would alone."""
   weights = tuple(linear.weight.get_value() for linear in linears)
   cast = x.astype(linears[0].dtype)
   rows = math.prod(x.shape[:-1])
@@ -100,20 +106,21 @@ def project(x, *linears: Linear) -> tuple:
 
 
 def on_joint_product(x, weights: tuple) -> bool:
-  """Whether joint_product takes x and weights: one row of x on a GPU, several weights of
-  one in_features, none of them quantized."""
-  return (device.is_gpu() and math.prod(x.shape[:-1]) == 1 and len(weights) > 1
+  """Whether joint_product takes x and weights: up to GEMV_MAX_ROWS rows of x (decode) on a
+  GPU, several weights of one in_features, none of them quantized."""
+  return (device.is_gpu() and math.prod(x.shape[:-1]) <= GEMV_MAX_ROWS and len(weights) > 1
           and not any(isinstance(w, quant.QuantizedTensor) for w in weights)
           and len({w.shape[-1] for w in weights}) == 1)
 
 
 def joint_product(x, weights: tuple):
-  """x [..., in] (one row) · [w_1; w_2; ...]ᵀ for weights w_i [out_i, in] -> [..., Σ out_i] in
-  x's dtype: the weights' one-row products side by side, as one row reduction. XLA fuses the
-  concatenation into the reduction, which reads each weight where it lies (no concatenated
-  copy is made), so the products take one kernel: compiled for an H200, q_proj and
-  kv_a_proj_with_mqa at B=1 take one fusion instead of two."""
-  return one_row_product(x, jnp.concatenate([w.astype(x.dtype) for w in weights], axis=0))
+  """x [..., in] · [w_1; w_2; ...]ᵀ for weights w_i [out_i, in] -> [..., Σ out_i] in x's
+  dtype: the weights' products side by side, as one product over their concatenation. XLA
+  fuses the concatenation into the product, which reads each weight where it lies (no
+  concatenated copy is made). Compiled for an H200, q_proj and kv_a_proj_with_mqa take one
+  row-reduction fusion at one row instead of two; at 2–64 rows XLA already ran the two as one
+  split-K GEMM, whose sum is then one fusion instead of two slices."""
+  return weight_product(x, jnp.concatenate([w.astype(x.dtype) for w in weights], axis=0))
 
 
 def one_row_product(x, w):

@@ -8,6 +8,7 @@ the kernels the compiled V2-Lite step launches (marked gpu).
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -83,32 +84,36 @@ def test_equals_the_xla_path_with_quantized_weights(weight_format):
   assert rel_err(y, y_ref) < TOL[jnp.float32]
 
 
+def one_row_then_decode(model, cache_dtype):
+  """A one-row batch: a 3-token prefill, then 3 decode steps -> their outputs [1, 3, D]."""
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((1, 6, CFG.hidden_size)), jnp.float32)
+  caches = model.init_cache(1, 16, cache_dtype)
+  _, caches = model(x[:, :3], jnp.arange(3, dtype=jnp.int32)[None], caches)
+  ys = []
+  for t in range(3, 6):
+    y, caches = model(x[:, t:t + 1], jnp.asarray([[t]], jnp.int32), caches)
+    ys.append(y)
+  return jnp.concatenate(ys, axis=1)
+
+
 @pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.int8], ids=["f32_cache", "int8_cache"])
-def test_one_row_reads_both_projections_from_one_reduction(cache_dtype, monkeypatch):
-  """One row on a GPU: q_proj and kv_a_proj_with_mqa run as one row reduction, whose [q | kv]
+@pytest.mark.parametrize("batch", ["one_row", "ragged"])
+def test_decode_reads_both_projections_from_one_product(batch, cache_dtype, monkeypatch):
+  """Decode rows on a GPU: q_proj and kv_a_proj_with_mqa run as one product, whose [q | kv]
   output the latent kernel reads in place (layers.joint_product, latent_update with kv=None).
-  Here the GPU condition is dropped and the kernels interpreted: the steps of a one-row batch
-  (prefill, then decode through the stack's folded input norm) equal the XLA path's."""
-  monkeypatch.setattr(layers, "on_joint_product",
-                      lambda x, weights: x.size == x.shape[-1] and len(weights) > 1)
+  Here the GPU condition is dropped and the kernels interpreted: the decode steps of a one-row
+  batch and of a ragged one (padding, stack's folded input norm) equal the XLA path's."""
+  monkeypatch.setattr(layers, "on_joint_product", lambda x, weights: len(weights) > 1 and
+                      math.prod(x.shape[:-1]) <= layers.GEMV_MAX_ROWS)
   joint_kv = []
   update = latent_update.latent_update
   monkeypatch.setattr(latent_update, "latent_update",
                       lambda q, kv, *a, **k: joint_kv.append(kv is None) or update(q, kv, *a, **k))
-  rng = np.random.default_rng(5)
-  x = jnp.asarray(rng.standard_normal((1, 6, CFG.hidden_size)), jnp.float32)
-  outputs = []
-  for backend in ("pallas", "xla"):
-    model = stack(CFG, backend)
-    caches = model.init_cache(1, 16, cache_dtype)
-    _, caches = model(x[:, :3], jnp.arange(3, dtype=jnp.int32)[None], caches)
-    ys = []
-    for t in range(3, 6):
-      y, caches = model(x[:, t:t + 1], jnp.asarray([[t]], jnp.int32), caches)
-      ys.append(y)
-    outputs.append(jnp.concatenate(ys, axis=1))
+  run = (lambda model: one_row_then_decode(model, cache_dtype) if batch == "one_row"
+         else prefill_then_decode(model, 6, cache_dtype)[0])
+  y = run(stack(CFG, "pallas"))
   assert joint_kv and all(joint_kv)  # every latent kernel read the joint buffer
-  assert rel_err(outputs[0], outputs[1]) < TOL[jnp.float32]
+  assert rel_err(y, run(stack(CFG, "xla"))) < TOL[jnp.float32]
 
 
 def test_bfloat16_equals_the_xla_path():

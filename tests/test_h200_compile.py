@@ -49,21 +49,24 @@ def step_kernels(num_layers, **options):
   return decode_step.kernels(compile_step(num_layers, **options)[0].as_text())
 
 
-@pytest.mark.parametrize("cache_dtype,S,per_layer", [(jnp.bfloat16, 128, 6),
-                                                     (jnp.bfloat16, 16384, 7),
-                                                     (jnp.int8, 16384, 7)],
-                         ids=["bf16_128", "bf16_16384", "int8_16384"])
-def test_v2_lite_absorbed_step_kernels_per_layer(cache_dtype, S, per_layer):
-  """A V2-Lite layer adds 6 kernels to the compiled absorbed/pallas step (B=1) at S=128 and 7
+@pytest.mark.parametrize("cache_dtype,S,B,per_layer", [(jnp.bfloat16, 128, 1, 6),
+                                                       (jnp.bfloat16, 16384, 1, 7),
+                                                       (jnp.int8, 16384, 1, 7),
+                                                       (jnp.bfloat16, 16384, 8, 8)],
+                         ids=["bf16_128", "bf16_16384", "int8_16384", "bf16_16384_B8"])
+def test_v2_lite_absorbed_step_kernels_per_layer(cache_dtype, S, B, per_layer):
+  """A V2-Lite layer adds 6 kernels to the compiled absorbed/pallas step at B=1, S=128 and 7
   at S=16384: the difference between a 2- and a 1-layer stack. Per layer 3 fusions (the
   residual add with the input norm's Σx²; q_proj and kv_a_proj_with_mqa as one row reduction
   over both weights, reading x times the norm's weight; o_proj) and 3 custom calls (the latent
   kernel with the rest of the input norm and the cache bookkeeping, the split, the merge with
   wv_b); at S=16384 the split's 129 pieces make the merge split C into 8 pieces
-  (merge_triton.column_splits), whose products one more fusion sums. An accidental split of a
-  fusion shows here."""
-  one = step_kernels(1, backend="pallas", cache_dtype=cache_dtype, S=S)
-  two = step_kernels(2, backend="pallas", cache_dtype=cache_dtype, S=S)
+  (merge_triton.column_splits), whose products one more fusion sums. At B=8, 8: the two
+  projections are one split-K GEMM and a fusion that sums its pieces (read in place by the
+  latent kernel), o_proj a split-K GEMM whose sum fuses with the residual add, Σx² a fusion of
+  its own, and the merge does not split C. An accidental split of a fusion shows here."""
+  one = step_kernels(1, backend="pallas", cache_dtype=cache_dtype, S=S, B=B)
+  two = step_kernels(2, backend="pallas", cache_dtype=cache_dtype, S=S, B=B)
   assert sum(two.values()) - sum(one.values()) <= per_layer, (one, two)
   assert two["custom-call"] - one["custom-call"] == 3, (one, two)
 

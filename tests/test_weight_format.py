@@ -226,12 +226,13 @@ def test_linears_that_read_one_x_share_a_launch(fmts, launches, monkeypatch, rng
 
 
 
-@pytest.mark.parametrize("rows,fmt,joint", [(1, None, True), (1, "bf16", True), (2, None, False),
-                                            (1, "q8_0", False)])
-def test_linears_that_read_one_row_share_a_reduction(rows, fmt, joint, monkeypatch, rng):
-  """layers.project: on a GPU (pretended here), unquantized Linears that read one row of x run
-  as one row reduction over their weights side by side (layers.joint_product), each with its
-  own result; more rows, or quantized weights, do not."""
+@pytest.mark.parametrize("rows,fmt,joint", [(1, None, True), (1, "bf16", True), (8, None, True),
+                                            (65, None, False), (1, "q8_0", False)])
+def test_linears_that_read_decode_rows_share_a_product(rows, fmt, joint, monkeypatch, rng):
+  """layers.project: on a GPU (pretended here), unquantized Linears that read up to
+  GEMV_MAX_ROWS rows of x run as one product over their weights side by side
+  (layers.joint_product), each with its own result; more rows (a prefill), or quantized
+  weights, do not."""
   key = int(rng.integers(1 << 30))
   linears = [layers.Linear(64, n, rngs=nnx.Rngs(key + n)) for n in (96, 32, 48)]
   for linear in linears:
