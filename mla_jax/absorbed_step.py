@@ -9,7 +9,7 @@ the length bookkeeping and the absorption of wk_b as some ten small fusions. Her
                transformers' [out, in] layout XLA reads the weights once, and a Triton GEMV
                measured slower (docs/decode_step.md). q_proj and kv_a_proj_with_mqa run as
                one product over both weights, whose output the latent kernel reads in place
-               (layers.joint_product); quantized, the two run in one launch of the fused GEMV
+               (layers.joint_linears); quantized, the two run in one launch of the fused GEMV
                (layers.project). The layer's input RMSNorm, when the module is
                given it (input_norm), folds into them and the latent kernel
   latent       ops/latent_update.py, one launch: the input norm's 1/rms, wk_b absorbed into
@@ -55,15 +55,14 @@ def supported(module, x) -> bool:
 
 def _project(module, x, input_scale, q_in_kernel: bool):
   """(q, kv): module._project(x, input_scale); or (q | kv, None), both from one product over
-  q_proj's and kv_a_proj_with_mqa's weights side by side (layers.joint_product), which the
-  latent kernel reads in place: a launch fewer a layer. That takes what on_joint_product takes
+  q_proj's and kv_a_proj_with_mqa's weights side by side (layers.joint_linears), which the
+  latent kernel reads in place: a launch fewer a layer. That takes what joint_linears takes
   (decode rows on a GPU, unquantized weights), no q_lora, and q left whole to the latent kernel
   (q_in_kernel, no input_scale)."""
   if module.cfg.q_lora_rank is None and q_in_kernel and input_scale is None:
-    linears = (module.q_proj, module.kv_a_proj_with_mqa)
-    weights = tuple(linear.weight.get_value() for linear in linears)
-    if linears[0].dtype == linears[1].dtype and layers.on_joint_product(x, weights):
-      return layers.joint_product(x.astype(linears[0].dtype), weights), None
+    joint = layers.joint_linears(x, module.q_proj, module.kv_a_proj_with_mqa)
+    if joint is not None:
+      return joint, None
   return module._project(x, input_scale=input_scale)
 
 

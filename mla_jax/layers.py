@@ -95,14 +95,23 @@ def project(x, *linears: Linear) -> tuple:
   product (joint_product); otherwise each Linear runs as it would alone."""
   weights = tuple(linear.weight.get_value() for linear in linears)
   cast = x.astype(linears[0].dtype)
-  rows = math.prod(x.shape[:-1])
-  if len({linear.dtype for linear in linears}) == 1:
-    if on_fused_gemv(cast, weights, rows):
-      return quantized_gemv(cast, weights)
-    if on_joint_product(cast, weights):
-      ends = np.cumsum([w.shape[0] for w in weights])[:-1]
-      return tuple(jnp.split(joint_product(cast, weights), ends, axis=-1))
+  if (len({linear.dtype for linear in linears}) == 1
+      and on_fused_gemv(cast, weights, math.prod(x.shape[:-1]))):
+    return quantized_gemv(cast, weights)
+  joint = joint_linears(x, *linears)
+  if joint is not None:
+    ends = np.cumsum([w.shape[0] for w in weights])[:-1]
+    return tuple(jnp.split(joint, ends, axis=-1))
   return tuple(linear(x) for linear in linears)
+
+
+def joint_linears(x, *linears: Linear):
+  """The linears' products of x side by side, [..., Σ out_features] in their dtype, as one
+  joint_product, where on_joint_product takes them and they share a dtype; else None."""
+  weights = tuple(linear.weight.get_value() for linear in linears)
+  if len({linear.dtype for linear in linears}) == 1 and on_joint_product(x, weights):
+    return joint_product(x.astype(linears[0].dtype), weights)
+  return None
 
 
 def on_joint_product(x, weights: tuple) -> bool:

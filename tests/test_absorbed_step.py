@@ -48,9 +48,23 @@ def prefill(model, rng_seed, cache_dtype):
   return caches, x, jnp.asarray([[5], [3], [-1]], jnp.int32)
 
 
+def one_row_prefill(model, cache_dtype):
+  """A one-row batch's 3-token prefill -> (caches, the first decode step's x [1,1,D] and
+  positions [1,1])."""
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((1, 4, CFG.hidden_size)), jnp.float32)
+  _, caches = model(x[:, :3], jnp.arange(3, dtype=jnp.int32)[None],
+                    model.init_cache(1, 16, cache_dtype))
+  return caches, x[:, 3:], jnp.asarray([[3]], jnp.int32)
+
+
 def prefill_then_decode(model, rng_seed, cache_dtype, steps=3):
   """prefill, then `steps` single decode steps: (decode outputs [B, steps, D], caches)."""
-  caches, x, positions = prefill(model, rng_seed, cache_dtype)
+  return decode(model, *prefill(model, rng_seed, cache_dtype), steps)
+
+
+def decode(model, caches, x, positions, steps):
+  """`steps` single decode steps from x [B,1,D] at positions [B,1], each output the next input:
+  (decode outputs [B, steps, D], caches)."""
   ys = []
   for _ in range(steps):
     y, caches = model(x, positions, caches)
@@ -84,18 +98,6 @@ def test_equals_the_xla_path_with_quantized_weights(weight_format):
   assert rel_err(y, y_ref) < TOL[jnp.float32]
 
 
-def one_row_then_decode(model, cache_dtype):
-  """A one-row batch: a 3-token prefill, then 3 decode steps -> their outputs [1, 3, D]."""
-  x = jnp.asarray(np.random.default_rng(5).standard_normal((1, 6, CFG.hidden_size)), jnp.float32)
-  caches = model.init_cache(1, 16, cache_dtype)
-  _, caches = model(x[:, :3], jnp.arange(3, dtype=jnp.int32)[None], caches)
-  ys = []
-  for t in range(3, 6):
-    y, caches = model(x[:, t:t + 1], jnp.asarray([[t]], jnp.int32), caches)
-    ys.append(y)
-  return jnp.concatenate(ys, axis=1)
-
-
 @pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.int8], ids=["f32_cache", "int8_cache"])
 @pytest.mark.parametrize("batch", ["one_row", "ragged"])
 def test_decode_reads_both_projections_from_one_product(batch, cache_dtype, monkeypatch):
@@ -109,8 +111,9 @@ def test_decode_reads_both_projections_from_one_product(batch, cache_dtype, monk
   update = latent_update.latent_update
   monkeypatch.setattr(latent_update, "latent_update",
                       lambda q, kv, *a, **k: joint_kv.append(kv is None) or update(q, kv, *a, **k))
-  run = (lambda model: one_row_then_decode(model, cache_dtype) if batch == "one_row"
-         else prefill_then_decode(model, 6, cache_dtype)[0])
+  start = (lambda model: one_row_prefill(model, cache_dtype) if batch == "one_row"
+           else prefill(model, 6, cache_dtype))
+  run = lambda model: decode(model, *start(model), steps=3)[0]
   y = run(stack(CFG, "pallas"))
   assert joint_kv and all(joint_kv)  # every latent kernel read the joint buffer
   assert rel_err(y, run(stack(CFG, "xla"))) < TOL[jnp.float32]
