@@ -65,16 +65,15 @@ def until_eos(ids: list[int], eos: set[int]) -> list[int]:
 
 
 def _timed_generate(lm, prompt, config):
-  """(tokens, prefill seconds, decode seconds): mla_jax.generate of 1 token (the prefill), then
-  of max_new_tokens from the prompt, each after an untimed call that compiles it."""
+  """(tokens, prefill seconds, decode seconds): mla_jax.generate_fn of 1 token (the prefill),
+  then of max_new_tokens from the prompt, each after an untimed call that compiles it."""
   rng = jax.random.key(config.seed)
-  generate = lambda n: mla_jax.generate(lm, prompt, n, temperature=config.temperature,
-                                        top_p=config.top_p, rng=rng)
   seconds = []
   for n in (1, config.max_new_tokens):
-    jax.block_until_ready(generate(n))
+    generate = mla_jax.generate_fn(lm, n, temperature=config.temperature, top_p=config.top_p)
+    jax.block_until_ready(generate(prompt, rng=rng))
     start = time.perf_counter()
-    tokens, _ = jax.block_until_ready(generate(n))
+    tokens, _ = jax.block_until_ready(generate(prompt, rng=rng))
     seconds.append(time.perf_counter() - start)
   return tokens, seconds[0], max(seconds[1] - seconds[0], 0.0)
 

@@ -6,6 +6,7 @@ writes its token in place (the loop's carry aliases the input buffers).
 
 decode_loop feeds an attention stack's outputs back as its next inputs; generate runs a language
 model (model.CausalLM): one jitted prefill, then the same loop feeding back sampled tokens.
+decode_loop_fn and generate_fn split the module once and return the function to call many times.
 """
 
 from __future__ import annotations
@@ -76,36 +77,55 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, *, positions=Non
   Sampling: temperature 0 takes the argmax (greedy); otherwise softmax(logits / temperature),
   restricted to the top_p nucleus (the smallest set of most likely tokens whose probability
   reaches top_p; Holtzman et al. 2020), drawn with rng (a jax.random key, required then).
+
+  Each call splits the model (nnx.split), which walks all of its modules; to generate from one
+  model many times, build the function once with generate_fn.
+  """
+  run = generate_fn(model, max_new_tokens, temperature=temperature, top_p=top_p)
+  return run(input_ids, positions=positions, cache=cache, rng=rng)
+
+
+def generate_fn(model: nnx.Module, max_new_tokens: int, *, temperature: float = 0.0,
+                top_p: float = 1.0):
+  """Returns run(input_ids, *, positions=None, cache=None, rng=None) -> (tokens, cache), which is
+  `generate(model, input_ids, max_new_tokens, ...)` with the model split once, here, instead of
+  at every call. The split walks every module of the model: 22 ms for DeepSeek-V2-Lite's 27
+  layers (404 arrays) on a 2-core CPU, 340 µs a token of a 64-token call, spent on the host
+  before the GPU gets the step. Like decode_loop_fn, run follows the model's current parameter
+  values but not a Variable or submodule replaced by a new object.
   """
   _check_num_steps(max_new_tokens, "max_new_tokens")
-  input_ids = jnp.asarray(input_ids, jnp.int32)
-  if input_ids.ndim != 2:
-    raise ValueError(f"input_ids.shape={tuple(input_ids.shape)}; expected [B,T]")
-  B, T = input_ids.shape
-  if cache is None:
-    cache = model.init_cache(B, round_slots(T + max_new_tokens), dtype=model.dtype)
-  if positions is None:
-    positions = cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
-  positions = jnp.asarray(positions, jnp.int32)
-  if positions.shape != input_ids.shape:
-    raise ValueError(f"positions.shape={tuple(positions.shape)}; expected [B,T]={(B, T)}")
   sampler = Sampler(float(temperature), float(top_p))
-  if temperature > 0 and rng is None:
-    raise ValueError(f"temperature={temperature} samples: pass rng (a jax.random key)")
-  rng = jax.random.key(0) if rng is None else rng  # unused by greedy decoding
-  prefill_key, loop_key = jax.random.split(rng)
-
   graphdef, state = nnx.split(model)
-  first, next_positions, cache = _prefill(graphdef, state, input_ids, positions, cache,
-                                          prefill_key, sampler=sampler)
-  tokens = first[:, None]
-  if max_new_tokens > 1:
-    rest, cache = _decode_loop(graphdef, state, tokens, next_positions, cache,
-                               jax.random.split(loop_key, max_new_tokens - 1),
-                               num_steps=max_new_tokens - 1, next_input=_SampleNext(sampler))
-    tokens = jnp.concatenate([tokens, rest], axis=1)
-  cache[0].check()  # every layer caches the same tokens
-  return tokens, cache
+
+  def run(input_ids, *, positions=None, cache=None, rng: jax.Array | None = None):
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids.shape={tuple(input_ids.shape)}; expected [B,T]")
+    B, T = input_ids.shape
+    if cache is None:
+      cache = model.init_cache(B, round_slots(T + max_new_tokens), dtype=model.dtype)
+    if positions is None:
+      positions = cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
+    positions = jnp.asarray(positions, jnp.int32)
+    if positions.shape != input_ids.shape:
+      raise ValueError(f"positions.shape={tuple(positions.shape)}; expected [B,T]={(B, T)}")
+    if sampler.temperature > 0 and rng is None:
+      raise ValueError(f"temperature={sampler.temperature} samples: pass rng (a jax.random key)")
+    rng = jax.random.key(0) if rng is None else rng  # unused by greedy decoding
+    prefill_key, loop_key = jax.random.split(rng)
+    first, next_positions, cache = _prefill(graphdef, state, input_ids, positions, cache,
+                                            prefill_key, sampler=sampler)
+    tokens = first[:, None]
+    if max_new_tokens > 1:
+      rest, cache = _decode_loop(graphdef, state, tokens, next_positions, cache,
+                                 jax.random.split(loop_key, max_new_tokens - 1),
+                                 num_steps=max_new_tokens - 1, next_input=_SampleNext(sampler))
+      tokens = jnp.concatenate([tokens, rest], axis=1)
+    cache[0].check()  # every layer caches the same tokens
+    return tokens, cache
+
+  return run
 
 
 @dataclasses.dataclass(frozen=True)

@@ -629,13 +629,18 @@ def test_model_benchmark_alternates_the_implementations_reps(tmp_path, monkeypat
   from configs import model_cpu  # pylint: disable=import-outside-toplevel
   from experiments import bench_model  # pylint: disable=import-outside-toplevel
   import mla_jax  # pylint: disable=import-outside-toplevel
-  calls, generate = [], mla_jax.generate
+  calls, generate_fn = [], mla_jax.generate_fn
 
-  def logged(lm, tokens, n, **kwargs):
-    calls.append((id(lm), n))
-    return generate(lm, tokens, n, **kwargs)
+  def logged(lm, n, **kwargs):
+    run = generate_fn(lm, n, **kwargs)
 
-  monkeypatch.setattr(mla_jax, "generate", logged)
+    def logged_run(*args, **run_kwargs):
+      calls.append((id(lm), n))
+      return run(*args, **run_kwargs)
+
+    return logged_run
+
+  monkeypatch.setattr(mla_jax, "generate_fn", logged)
   config = model_cpu.get_config()
   config.update(dict(model_overrides=TINY + ",num_layers=1,vocab_size=64,intermediate_size=32",
                      impls="absorbed/xla,standard/xla", compare="absorbed/xla vs standard/xla",

@@ -112,6 +112,21 @@ def test_greedy_generation_equals_argmax_steps(rng):
   np.testing.assert_array_equal(tokens, jnp.stack(expected, axis=1))
 
 
+def test_generate_fn_generates_as_generate_and_follows_the_weights(rng):
+  """generate_fn splits the model once; its function gives generate's tokens, call after call,
+  and follows a weight changed in place after it was built."""
+  model = _load("absorbed")
+  ids = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (2, 4)), jnp.int32)
+  run = mla_jax.generate_fn(model, 3)
+  first = run(ids)[0]
+  np.testing.assert_array_equal(first, mla_jax.generate(model, ids, 3)[0])
+  np.testing.assert_array_equal(run(ids)[0], first)
+  model.lm_head.weight.set_value(-model.lm_head.weight.get_value())  # argmax becomes argmin
+  flipped = run(ids)[0]
+  np.testing.assert_array_equal(flipped, mla_jax.generate(model, ids, 3)[0])
+  assert not np.array_equal(flipped[:, 0], first[:, 0])
+
+
 @pytest.mark.parametrize("tokens,slots", [(1, 8), (8, 8), (9, 16), (16449, 16456)])
 def test_generation_caches_have_slots_every_decode_kernel_takes(tokens, slots):
   """mla_jax.generate sizes its cache by round_slots: the least count of at least the tokens
