@@ -26,6 +26,8 @@ def get_config():
   config.prompt_lengths = (128, 1024)  # pp: prompt lengths N, one row each
   config.n_gen = 32  # tg: greedy tokens generated per timed call (test name tg<n_gen>@pp<N>)
   config.reps = 11  # timed calls; t/s from their median
+  # prefill in chunks of this many tokens (0: the whole prompt at once)
+  config.prefill_chunk = 0
   # every model built first, their timed reps alternating (the order rotating every rep), so
   # that a change in the shared host's load falls on all of them.
   config.alternate = True

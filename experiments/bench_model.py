@@ -4,8 +4,8 @@ For each implementation (experiments/model.py's spec grammar "mode/backend[:key=
 options go to CausalLM, weight_format to its set_weight_format) the model is built once with
 random weights from config.seed (_build), so all implementations hold the same weights. For each
 prompt length N, with a random prompt of B rows:
-- pp t/s: B·N over the seconds of mla_jax.generate_fn(model, 1)(prompt) (the jitted prefill and
-  the first token), median over reps;
+- pp t/s: B·N over the seconds of mla_jax.generate_fn(model, 1)(prompt) (the jitted prefill,
+  config.prefill_chunk tokens at a time, and the first token), median over reps;
 - tg t/s: B·n_gen over the seconds of mla_jax.generate_fn(model, n_gen)(next_token) from a cache
   holding the prompt (n_gen greedy decode steps, the last n_gen - 1 inside one jit), median;
   each function is built once per implementation and prompt length, outside the timing;
@@ -104,7 +104,7 @@ class _Case:
     self.prompt = jax.random.randint(key, (config.batch_size, prompt_len), 0,
                                      lm.cfg.vocab_size, jnp.int32)
     self.pp_s, self.tg_s = [], []
-    self.prefill = mla_jax.generate_fn(lm, 1)
+    self.prefill = mla_jax.generate_fn(lm, 1, prefill_chunk=config.prefill_chunk or None)
     self.generate = mla_jax.generate_fn(lm, config.n_gen)
     self.first, self.cache, self.tokens = None, None, None
 

@@ -60,15 +60,16 @@ def decode_loop(module: nnx.Module, x, positions, caches, num_steps: int, *,
 
 
 def generate(model: nnx.Module, input_ids, max_new_tokens: int, *, positions=None, cache=None,
-             temperature: float = 0.0, top_p: float = 1.0, rng: jax.Array | None = None):
+             temperature: float = 0.0, top_p: float = 1.0, rng: jax.Array | None = None,
+             prefill_chunk: int | None = None):
   """Generates max_new_tokens tokens a row after the prompt input_ids [B,T] int32 ->
   (tokens [B,max_new_tokens] int32, cache).
 
   model: a model.CausalLM. positions [B,T] (-1 = padding, e.g. left padding; default: each
   row's cache length + 0..T-1). cache: what the prompt continues (default: a fresh one of
   T + max_new_tokens slots, rounded up as cache.round_slots does, in the model's dtype); it is
-  donated. One jitted prefill takes the prompt; the first token comes from the logits of each
-  row's last real token, and the next max_new_tokens - 1 tokens from decode steps inside one jit
+  donated. One jitted prefill takes the prompt, prefill_chunk tokens at a time (None: all at
+  once); the first token comes from the logits of each row's last real token, and the next max_new_tokens - 1 tokens from decode steps inside one jit
   (lax.scan), each row's positions counting on from its last real one. A row of padding only
   stays padding (its tokens mean nothing). The returned cache holds the prompt and every
   generated token but the last (feed tokens[:, -1:] with it to continue); a cache too short
@@ -78,15 +79,22 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, *, positions=Non
   restricted to the top_p nucleus (the smallest set of most likely tokens whose probability
   reaches top_p; Holtzman et al. 2020), drawn with rng (a jax.random key, required then).
 
+  prefill_chunk bounds the prefill's memory: its temporaries grow with the tokens it takes at
+  once (DeepSeek-V2-Lite in bf16, 16384 tokens at once: a 28 GB allocation, more than an 80 GB
+  GPU holding the 31 GB model had). Chunks run in order inside the one jit (lax.scan), each
+  attending to the cache that the chunks before it wrote (the chunked prefill of
+  MLAttention); the prompt is padded to whole chunks with padding tokens.
+
   Each call splits the model (nnx.split), which walks all of its modules; to generate from one
   model many times, build the function once with generate_fn.
   """
-  run = generate_fn(model, max_new_tokens, temperature=temperature, top_p=top_p)
+  run = generate_fn(model, max_new_tokens, temperature=temperature, top_p=top_p,
+                    prefill_chunk=prefill_chunk)
   return run(input_ids, positions=positions, cache=cache, rng=rng)
 
 
 def generate_fn(model: nnx.Module, max_new_tokens: int, *, temperature: float = 0.0,
-                top_p: float = 1.0):
+                top_p: float = 1.0, prefill_chunk: int | None = None):
   """Returns run(input_ids, *, positions=None, cache=None, rng=None) -> (tokens, cache), which is
   `generate(model, input_ids, max_new_tokens, ...)` with the model split once, here, instead of
   at every call. The split walks every module of the model: 22 ms for DeepSeek-V2-Lite's 27
@@ -95,6 +103,8 @@ def generate_fn(model: nnx.Module, max_new_tokens: int, *, temperature: float = 
   values but not a Variable or submodule replaced by a new object.
   """
   _check_num_steps(max_new_tokens, "max_new_tokens")
+  if prefill_chunk is not None:
+    _check_num_steps(prefill_chunk, "prefill_chunk")
   sampler = Sampler(float(temperature), float(top_p))
   graphdef, state = nnx.split(model)
 
@@ -115,7 +125,8 @@ def generate_fn(model: nnx.Module, max_new_tokens: int, *, temperature: float = 
     rng = jax.random.key(0) if rng is None else rng  # unused by greedy decoding
     prefill_key, loop_key = jax.random.split(rng)
     first, next_positions, cache = _prefill(graphdef, state, input_ids, positions, cache,
-                                            prefill_key, sampler=sampler)
+                                            prefill_key, sampler=sampler,
+                                            chunk=min(prefill_chunk or T, T))
     tokens = first[:, None]
     if max_new_tokens > 1:
       rest, cache = _decode_loop(graphdef, state, tokens, next_positions, cache,
@@ -212,17 +223,33 @@ def _decode_loop(graphdef, state, x, positions, caches, keys=None, *, num_steps,
   return jnp.moveaxis(outs, 0, 1), caches
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("sampler",),
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("sampler", "chunk"),
                    donate_argnames=("cache",))
-def _prefill(graphdef, state, input_ids, positions, cache, key, *, sampler):
-  """The prompt through a CausalLM -> (first tokens [B], next positions [B,1], cache); the lm
-  head runs on each row's last real token only."""
+def _prefill(graphdef, state, input_ids, positions, cache, key, *, sampler, chunk):
+  """The prompt through a CausalLM, chunk tokens at a time -> (first tokens [B], next positions
+  [B,1], cache); the lm head runs on each row's last real token only."""
   model = nnx.merge(graphdef, state)
-  hidden, cache = model.model(input_ids, positions, cache)
-  valid = positions >= 0
   T = positions.shape[1]
-  last = T - 1 - jnp.argmax(valid[:, ::-1], axis=1)  # each row's last real token
-  logits = model.lm_head(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+  pad = -T % chunk  # the last chunk is filled with padding tokens
+  pieces = lambda a, fill: jnp.moveaxis(
+      jnp.pad(a, ((0, 0), (0, pad)), constant_values=fill).reshape(a.shape[0], -1, chunk), 1, 0)
+
+  def step(carry, xs):  # one chunk; keeps each row's hidden state at its last real token so far
+    cache, last_hidden = carry
+    ids, pos = xs
+    hidden, cache = model.model(ids, pos, cache)
+    valid = pos >= 0
+    last = chunk - 1 - jnp.argmax(valid[:, ::-1], axis=1)
+    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    return (cache, jnp.where(jnp.any(valid, axis=1)[:, None], h, last_hidden)), None
+
+  # float32 holds any hidden dtype exactly; lm_head casts it to its own dtype
+  empty = jnp.zeros((positions.shape[0], model.cfg.hidden_size), jnp.float32)
+  (cache, last_hidden), _ = jax.lax.scan(step, (cache, empty),
+                                         (pieces(input_ids, 0), pieces(positions, -1)))
+  logits = model.lm_head(last_hidden)
+  valid = positions >= 0
+  last = T - 1 - jnp.argmax(valid[:, ::-1], axis=1)
   last_position = jnp.take_along_axis(positions, last[:, None], axis=1)
   next_positions = jnp.where(last_position >= 0, last_position + 1, -1)
   return sampler(logits, key), next_positions, cache

@@ -127,6 +127,23 @@ def test_generate_fn_generates_as_generate_and_follows_the_weights(rng):
   assert not np.array_equal(flipped[:, 0], first[:, 0])
 
 
+@pytest.mark.parametrize("mode", ["absorbed", "standard"])
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunked_prefill_generates_as_one_prefill(rng, mode, chunk):
+  """A prompt of 7 taken 1, 3 (two whole chunks and one padded) or 7 tokens at a time gives the
+  tokens and the cache of the prefill that takes it at once: row 0 is left-padded, and row 1's
+  last real token (right padding) lies in an earlier chunk than the prompt's end."""
+  model, _ = _golden_model(mode)
+  T, N = 7, 3
+  ids = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (2, T)), jnp.int32)
+  pos = jnp.asarray([[-1, -1, 0, 1, 2, 3, 4], [0, 1, 2, 3, -1, -1, -1]], jnp.int32)
+  want, want_cache = mla_jax.generate(model, ids, N, positions=pos)
+  tokens, cache = mla_jax.generate(model, ids, N, positions=pos, prefill_chunk=chunk)
+  np.testing.assert_array_equal(tokens, want)
+  for got, expected in zip(jax.tree.leaves(cache), jax.tree.leaves(want_cache)):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("tokens,slots", [(1, 8), (8, 8), (9, 16), (16449, 16456)])
 def test_generation_caches_have_slots_every_decode_kernel_takes(tokens, slots):
   """mla_jax.generate sizes its cache by round_slots: the least count of at least the tokens
@@ -261,6 +278,8 @@ def test_bad_inputs_are_named():
     model(ids, ids, cache[:1])
   with pytest.raises(ValueError, match="max_new_tokens"):
     mla_jax.generate(model, ids, 0)
+  with pytest.raises(ValueError, match="prefill_chunk"):
+    mla_jax.generate(model, ids, 1, prefill_chunk=0)
   with pytest.raises(ValueError, match="overflow"):
     mla_jax.generate(model, ids, 1, cache=model.init_cache(1, 2, jnp.float32))
 
