@@ -17,12 +17,14 @@ gate_proj and up_proj [E, I, D], down_proj [E, D, I]. Two ways to run them:
   run k GEMVs a token. It reads N·k expert matrices, not all E, where they lie (Experts.gather says
   how it keeps XLA GPU from copying them first).
 - "grouped" (prefill): sort the N·k (token, expert) pairs by expert and run one grouped matmul
-  per projection (jax.lax.ragged_dot_general: the rows of group e meet expert e's weight).
+  per projection (ops.grouped_matmul: the rows of group e meet expert e's weight; on a GPU a
+  Pallas kernel that reads each chosen expert's weight, where XLA's ragged_dot computes every
+  row against all E experts).
 "auto" gathers when N·k <= E, where gathering reads no more weight than the grouped product's E
-matrices, and groups otherwise. On CPU, jax 0.11.2 lowers ragged_dot to a dense product over all
-E groups with the other groups' rows masked (E times the FLOPs; at E=64, I=1408, D=2048 and 512
-rows, 3.1 s against 35 ms for one expert's dense product), so it is a correct but slow prefill
-there.
+matrices, and groups otherwise. On CPU the grouped matmul is ragged_dot, which jax 0.11.2 lowers
+to a dense product over all E groups with the other groups' rows masked (E times the FLOPs; at
+E=64, I=1408, D=2048 and 512 rows, 3.1 s against 35 ms for one expert's dense product), so it is
+a correct but slow prefill there.
 """
 
 from __future__ import annotations
@@ -37,12 +39,6 @@ from mla_jax.layers import (MLP, InitSignature, Linear, as_array, on_fused_gemv,
                             to_weight_format)
 
 IMPLS = ("auto", "gather", "grouped")
-
-# ragged_dot_general contracting x [M, in] with stacked weights [E, out, in] over `in`.
-_RAGGED_OUT_IN = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0],
-    rhs_group_dimensions=[0])
-
 
 def route(logits, *, top_k: int, topk_method: str = "greedy", n_group: int = 1,
           topk_group: int = 1, norm_topk_prob: bool = False,
@@ -157,12 +153,11 @@ class Experts(nnx.Module):
     group_sizes = jnp.bincount(flat_ids, length=self.num_experts).astype(jnp.int32)
     rows = x.astype(self.dtype)[token]  # [N·k, D]
 
-    def ragged(lhs, param, **kw):
-      return jax.lax.ragged_dot_general(lhs, as_array(param.get_value(), self.dtype),
-                                        group_sizes, _RAGGED_OUT_IN, **kw)
+    def grouped(lhs, param, **kw):
+      return ops.grouped_matmul(lhs, as_array(param.get_value(), self.dtype), group_sizes, **kw)
 
-    h = jax.nn.silu(ragged(rows, self.gate_proj)) * ragged(rows, self.up_proj)
-    y = ragged(h, self.down_proj, preferred_element_type=jnp.float32)  # [N·k, D]
+    h = jax.nn.silu(grouped(rows, self.gate_proj)) * grouped(rows, self.up_proj)
+    y = grouped(h, self.down_proj, out_dtype=jnp.float32)  # [N·k, D]
     y = y * weights.reshape(-1)[order][:, None]
     return jnp.zeros((N, x.shape[-1]), jnp.float32).at[token].add(y)
 

@@ -92,7 +92,7 @@ def test_auto_gathers_few_tokens_and_groups_many(rng):
   jaxpr = lambda n: str(jax.make_jaxpr(layer)(jnp.zeros((n, 1, CFG.hidden_size))))
   few, many = jaxpr(2), jaxpr(3)  # 2·3 <= 8 < 3·3
   assert "ragged_dot" not in few and "gather" in few
-  assert "ragged_dot" in many
+  assert "ragged_dot" in many or "mla_grouped_matmul" in many  # the kernel on a GPU
   x = jnp.asarray(rng.standard_normal((2, 1, CFG.hidden_size)), jnp.float32)
   grouped = mla_jax.MoE(CFG, impl="grouped", rngs=nnx.Rngs(0))
   assert _rel(layer(x), np.asarray(grouped(x), np.float64)) < F32_TOL

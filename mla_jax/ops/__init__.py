@@ -2,17 +2,19 @@
 on `impl` and can say what it runs (`plan`): decode/ (the split-KV attention) and gemv/ (the
 batched GEMV). `reference` is the float32 oracle (ops/reference.py), `xla` the plain-einsum
 baseline (ops/xla.py), merge_partials the split-KV merge (ops/merge.py); latent_update.py is the
-absorbed decode step's one kernel between its projections and the attention.
+absorbed decode step's one kernel between its projections and the attention; grouped.py the
+grouped matmul (the MoE prefill's rows, sorted by expert, against their experts' weights).
 """
 
 from __future__ import annotations
 
 from mla_jax.ops import decode, gemv, reference, xla
 from mla_jax.ops.common import DECODE_IMPLS, GEMV_IMPLS, Plan, resolve_impl
+from mla_jax.ops.grouped import grouped_matmul
 from mla_jax.ops.merge import merge_partials
 
-__all__ = ["mla_decode", "merge_partials", "batched_gemv", "resolve_impl", "reference", "xla",
-           "decode", "gemv", "Plan", "DECODE_IMPLS", "GEMV_IMPLS"]
+__all__ = ["mla_decode", "merge_partials", "batched_gemv", "grouped_matmul", "resolve_impl",
+           "reference", "xla", "decode", "gemv", "Plan", "DECODE_IMPLS", "GEMV_IMPLS"]
 
 
 def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, impl: str = "auto",
