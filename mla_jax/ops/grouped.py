@@ -54,6 +54,73 @@ class GroupedTuning:
   num_stages: int = 3
 
 
+def group_tiles(group_sizes, M: int, block_m: int):
+  """(group, start, rows) [T] int32 for T = ⌈M/block_m⌉ + G + 1 tile slots: slot t covers rows
+  [start, start + rows) of group `group`, rows ≤ block_m, in order; group G holds the rows in
+  no group; slots past the last tile have rows = 0."""
+  G = group_sizes.shape[0]
+  ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), M)
+  starts = jnp.concatenate([jnp.zeros(1, jnp.int32), ends])          # [G+1]: group G is the rest
+  sizes = jnp.concatenate([ends, jnp.full(1, M, jnp.int32)]) - starts  # [G+1]
+  tiles = -(-sizes // block_m)
+  tile_end = jnp.cumsum(tiles)
+  t = jnp.arange(pl.cdiv(M, block_m) + G + 1, dtype=jnp.int32)
+  group = jnp.searchsorted(tile_end, t, side="right").astype(jnp.int32)  # G + 1 past the end
+  g = jnp.minimum(group, G)
+  local = t - (tile_end[g] - tiles[g])
+  rows = jnp.where(group <= G, jnp.clip(sizes[g] - local * block_m, 0, block_m), 0)
+  return g, starts[g] + local * block_m, rows.astype(jnp.int32)
+
+
+def _kernel(group_ref,  # [T] int32: each tile slot's group (group_tiles)
+            start_ref,  # [T] int32: its first row
+            rows_ref,   # [T] int32: its rows
+            x_ref,      # [M, K]
+            w_ref,      # [G, N, K]
+            y_ref,      # [M, N]
+            *, tuning: GroupedTuning, num_groups: int):
+  t, j = pl.program_id(0), pl.program_id(1)
+  group, start, rows = group_ref[t], start_ref[t], rows_ref[t]
+  bm, bn, bk = tuning.block_m, tuning.block_n, tuning.block_k
+  M, K = x_ref.shape
+  window = jnp.clip(start, 0, M - bm)  # bm rows that stay inside x and y
+  r = window + jnp.arange(bm)
+  mine = (r >= start) & (r < start + rows)
+  cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+  g = jnp.minimum(group, num_groups - 1)
+  precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+
+  def step(i, acc):
+    ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
+    xb = pltriton.load(x_ref.at[pl.ds(window, bm), ks], mask=mine[:, None], other=0)
+    wb = w_ref[g, cols, ks]                                                # [bn, bk]
+    return acc + jax.lax.dot_general(xb, wb, (((1,), (1,)), ((), ())), precision=precision,
+                                     preferred_element_type=jnp.float32)
+
+  def store(y):
+    pltriton.store(y_ref.at[pl.ds(window, bm), cols], y.astype(y_ref.dtype), mask=mine[:, None])
+
+  zeros = jnp.zeros((bm, bn), jnp.float32)
+  pl.when((group < num_groups) & (rows > 0))(lambda: store(jax.lax.fori_loop(0, K // bk, step,
+                                                                             zeros)))
+  pl.when((group == num_groups) & (rows > 0))(lambda: store(zeros))  # rows in no group
+
+
+def _pallas(x, w, group_sizes, out_dtype, tuning: GroupedTuning, *, interpret: bool):
+  M, _ = x.shape
+  G, N, _ = w.shape
+  tiles = group_tiles(group_sizes, M, tuning.block_m)
+  return pl.pallas_call(
+      functools.partial(_kernel, tuning=tuning, num_groups=G),
+      grid=(tiles[0].shape[0], N // tuning.block_n),
+      out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
+      compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
+                                              num_stages=tuning.num_stages),
+      interpret=interpret,
+      name="mla_grouped_matmul",
+  )(*tiles, x, w)
+
+
 def grouped_matmul(x, w, group_sizes, *, impl: str = "auto", out_dtype=None,
                    interpret: bool = False):
   """x [M, K], w [G, N, K], group_sizes [G] int -> y [M, N] in out_dtype (default x's dtype);
@@ -96,68 +163,6 @@ def choose_tuning(x, w) -> GroupedTuning:
   widest = lambda size, most: next(b for b in (128, 64, 32, 16) if b <= most and size % b == 0)
   block_m = next(b for b in (64, 32, 16) if b <= M)
   return GroupedTuning(block_m=block_m, block_n=widest(N, 128), block_k=widest(K, 64))
-
-
-def group_tiles(group_sizes, M: int, block_m: int):
-  """(group, start, rows) [T] int32 for T = ⌈M/block_m⌉ + G + 1 tile slots: slot t covers rows
-  [start, start + rows) of group `group`, rows ≤ block_m, in order; group G holds the rows in
-  no group; slots past the last tile have rows = 0."""
-  G = group_sizes.shape[0]
-  ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), M)
-  starts = jnp.concatenate([jnp.zeros(1, jnp.int32), ends])          # [G+1]: group G is the rest
-  sizes = jnp.concatenate([ends, jnp.full(1, M, jnp.int32)]) - starts  # [G+1]
-  tiles = -(-sizes // block_m)
-  tile_end = jnp.cumsum(tiles)
-  t = jnp.arange(pl.cdiv(M, block_m) + G + 1, dtype=jnp.int32)
-  group = jnp.searchsorted(tile_end, t, side="right").astype(jnp.int32)  # G + 1 past the end
-  g = jnp.minimum(group, G)
-  local = t - (tile_end[g] - tiles[g])
-  rows = jnp.where(group <= G, jnp.clip(sizes[g] - local * block_m, 0, block_m), 0)
-  return g, starts[g] + local * block_m, rows.astype(jnp.int32)
-
-
-def _kernel(group_ref, start_ref, rows_ref, x_ref, w_ref, y_ref, *, tuning: GroupedTuning,
-            num_groups: int):
-  t, j = pl.program_id(0), pl.program_id(1)
-  group, start, rows = group_ref[t], start_ref[t], rows_ref[t]
-  bm, bn, bk = tuning.block_m, tuning.block_n, tuning.block_k
-  M, K = x_ref.shape
-  window = jnp.clip(start, 0, M - bm)  # bm rows that stay inside x and y
-  r = window + jnp.arange(bm)
-  mine = (r >= start) & (r < start + rows)
-  cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
-  g = jnp.minimum(group, num_groups - 1)
-  precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
-
-  def step(i, acc):
-    ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
-    xb = pltriton.load(x_ref.at[pl.ds(window, bm), ks], mask=mine[:, None], other=0)
-    wb = w_ref[g, cols, ks]                                                # [bn, bk]
-    return acc + jax.lax.dot_general(xb, wb, (((1,), (1,)), ((), ())), precision=precision,
-                                     preferred_element_type=jnp.float32)
-
-  def store(y):
-    pltriton.store(y_ref.at[pl.ds(window, bm), cols], y.astype(y_ref.dtype), mask=mine[:, None])
-
-  zeros = jnp.zeros((bm, bn), jnp.float32)
-  pl.when((group < num_groups) & (rows > 0))(lambda: store(jax.lax.fori_loop(0, K // bk, step,
-                                                                             zeros)))
-  pl.when((group == num_groups) & (rows > 0))(lambda: store(zeros))  # rows in no group
-
-
-def _pallas(x, w, group_sizes, out_dtype, tuning: GroupedTuning, *, interpret: bool):
-  M, _ = x.shape
-  G, N, _ = w.shape
-  tiles = group_tiles(group_sizes, M, tuning.block_m)
-  return pl.pallas_call(
-      functools.partial(_kernel, tuning=tuning, num_groups=G),
-      grid=(tiles[0].shape[0], N // tuning.block_n),
-      out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
-      compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
-                                              num_stages=tuning.num_stages),
-      interpret=interpret,
-      name="mla_grouped_matmul",
-  )(*tiles, x, w)
 
 
 def _check_args(x, w, group_sizes):
