@@ -207,6 +207,23 @@ def test_v2_lite_moe_decode_step_allocates_no_weight_sized_temporary(B, weight_f
   assert compiled.memory_analysis().temp_size_in_bytes < 8 << 20
 
 
+def test_v2_lite_moe_prefill_takes_no_copy_per_expert():
+  """The prefill of 4096 tokens through a V2-Lite-shaped CausalLM (its dense first layer and a
+  MoE layer, bf16) compiled for the H200 allocates under 2 GB of temporaries (0.77 GB when
+  written): the MoE's grouped matmul is the Pallas kernel. XLA's ragged_dot, which it replaces
+  on a GPU, copies the 24576 routed rows once per expert: 6.8 GB for gate_proj alone."""
+  cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=2)
+  lm = nnx.eval_shape(lambda: mla_jax.CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                               rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(lm)
+  cache = jax.eval_shape(lambda: lm.init_cache(1, 4096, jnp.bfloat16))
+  ids = jax.ShapeDtypeStruct((1, 4096), jnp.int32)
+  compiled = compile_for_h200(lambda s, i, p, c: nnx.merge(graphdef, s)(i, p, c), state, ids, ids,
+                              cache, donate_argnums=(3,))
+  assert compiled.as_text().count("mla_grouped_matmul") >= 3  # gate_proj, up_proj, down_proj
+  assert compiled.memory_analysis().temp_size_in_bytes < 2 << 30
+
+
 # Small shapes of the kind the CPU tests run interpreted, where a kernel takes sizes that compiled
 # Triton refuses (its blocks must be powers of two): a v_head_dim of 12 (quantized weights need
 # o_proj's H·V inputs a multiple of 32, so they get 16), and kv_a_proj_with_mqa's 64 + 16 = 80
