@@ -25,8 +25,8 @@ def get_config():
   config.prompt_lengths = (128, 512, 2048, 8192, 16384, 65536)  # pp: one row each
   config.n_gen = 64  # tg: greedy tokens generated per timed call (test name tg<n_gen>@pp<N>)
   config.reps = 3  # timed calls; t/s from their median
-  # prefill in chunks of this many tokens (0: all at once): at once, pp16384 needs a
-  # 28 GB allocation in bf16, which an 80 GB H100 holding the 31 GB model does not have
+  # prefill in chunks of this many tokens (0: all at once), which bounds its temporaries (an
+  # 80 GB H100 holds the 31 GB bf16 model; pp65536 at once would take 4× pp16384's)
   config.prefill_chunk = 4096
   # one model at a time: two bf16 V2-Lite models do not fit one GPU together (True: every
   # model built first, their timed reps alternating).
