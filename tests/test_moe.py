@@ -85,6 +85,26 @@ def test_moe_matches_per_token_loop(impl, topk_method, norm_topk_prob, scale, sh
   assert _rel(y.reshape(-1, cfg.hidden_size), ref) < F32_TOL
 
 
+def test_grouped_experts_through_the_kernel_match_per_token_loop(rng, monkeypatch):
+  """The grouped path as it runs on a GPU, its three products on ops.grouped_matmul's Pallas
+  kernel (interpreted here): 21 tokens, 63 rows over 8 experts."""
+  grouped_matmul = mla_jax.ops.grouped_matmul
+  calls = []
+
+  def kernel(*args, **kwargs):
+    calls.append(kwargs.get("out_dtype"))
+    return grouped_matmul(*args, impl="pallas", interpret=jax.default_backend() != "gpu",
+                          **kwargs)
+
+  monkeypatch.setattr(mla_jax.ops, "grouped_matmul", kernel)
+  layer = mla_jax.MoE(CFG, impl="grouped", rngs=nnx.Rngs(int(rng.integers(2**31))))
+  x = rng.standard_normal((3, 7, CFG.hidden_size))
+  y = layer(jnp.asarray(x, jnp.float32))
+  assert calls == [None, None, jnp.float32]  # gate_proj, up_proj, then down_proj in float32
+  ref = reference_moe(x.reshape(-1, CFG.hidden_size), _params(layer), CFG)
+  assert _rel(y.reshape(-1, CFG.hidden_size), ref) < F32_TOL
+
+
 def test_auto_gathers_few_tokens_and_groups_many(rng):
   """N·k <= E: only the chosen experts' weights are gathered (no grouped matmul); more tokens
   than that run the grouped matmul."""
