@@ -81,8 +81,8 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, *, positions=Non
   reaches top_p; Holtzman et al. 2020), drawn with rng (a jax.random key, required then).
 
   prefill_chunk bounds the prefill's memory, whose temporaries grow with the tokens it takes at
-  once (compiled for an H200, DeepSeek-V2-Lite's dense and first MoE layer in bf16 take 2.1 GB
-  for 16384 tokens at once, 0.5 GB in chunks of 4096). Chunks run in order inside the one jit
+  once (compiled for an H200, DeepSeek-V2-Lite's dense and first MoE layer, bf16, standard
+  mode: 2.1 GB for 16384 tokens at once, 0.5 GB in chunks of 4096). Chunks run in order inside the one jit
   (lax.scan), each attending to the cache that the chunks before it wrote (MLAttention's
   chunked prefill); the prompt is padded to whole chunks with padding tokens.
 
