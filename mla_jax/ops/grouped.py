@@ -151,7 +151,8 @@ def unsupported(x, w) -> str | None:
   if N % TRITON_MIN_DOT or K % TRITON_MIN_DOT:
     return f"N={N}, K={K}; the kernel needs multiples of {TRITON_MIN_DOT}"
   if x.dtype != w.dtype or jnp.dtype(x.dtype) not in map(jnp.dtype, _FLOATS):
-    return f"x.dtype={x.dtype}, w.dtype={w.dtype}; the kernel needs one of {_FLOATS}"
+    names = ", ".join(jnp.dtype(d).name for d in _FLOATS)
+    return f"x.dtype={x.dtype}, w.dtype={w.dtype}; the kernel needs both the same, one of {names}"
   return None
 
 
