@@ -6,7 +6,9 @@ kernel. A case draws the batch, heads, cache length, C/R, the cache format, the 
 1, S, tile edges ±1 and in between), the logit scale (to ±1e4) and what fills the slots past
 each length (NaN, ±Inf or stale values, which must never reach the result). GEMV
 (ops.batched_gemv, impl "pallas"): the Triton and Mosaic kernels over bf16, q8_0 and iq4_nl
-weights, against x·w with the weights dequantized.
+weights, against x·w with the weights dequantized. Grouped matmul (ops.grouped_matmul, impl
+"pallas"), float32 and bf16: group sizes with empty and negative ones, rows in no group and sizes
+past the rows, against each row times its group's weight.
 
 Per path: cases, failures, and the worst error over its tolerance; failing cases are kept whole
 (their seeds redraw them). tests/test_fuzz.py draws its cases with hypothesis and checks them with
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_jax import quant
+from mla_jax import ops
 from mla_jax.ops import decode, gemv
 
 from experiments import harness
@@ -47,6 +50,8 @@ DECODE_PATHS = {
 }
 GEMV_PATHS = {f"{lowering}_{fmt}": dict(lowering=lowering, fmt=fmt)
               for lowering in ("triton", "mosaic") for fmt in ("bf16", "q8_0", "iq4_nl")}
+GROUPED_PATHS = {"grouped_float32": dict(dtype="float32", tol=2e-5),
+                 "grouped_bfloat16": dict(dtype="bfloat16", tol=2e-2)}
 
 
 def make_decode_inputs(B, H, S, C, R, fmt, lengths, logit, fill, seed):
@@ -191,8 +196,50 @@ def _run_gemv(path: str, case: dict, interpret: bool) -> dict:
           "ratio": err / tol}
 
 
+def _draw_grouped(rng, path: str, large: bool) -> dict:
+  del path
+  M = int(rng.choice((16, 40, 200) + ((768, 6144) if large else ())))
+  G = int(rng.choice((1, 3, 8, 64)))
+  sizes = rng.multinomial(M, np.ones(G) / G)  # every row in a group, as the MoE routes them
+  if rng.random() < 0.5:  # or some groups emptied, made negative (empty) or grown past M
+    sizes = sizes * rng.choice((0, 1, -1, 2), G, p=(0.2, 0.5, 0.1, 0.2))
+  N, K = (int(rng.choice((16, 48, 128, 1408 if large else 80))) for _ in range(2))
+  return dict(M=M, N=N, K=K, sizes=[int(n) for n in sizes], seed=int(rng.integers(2**31)))
+
+
+def grouped_oracle(x, w, sizes):
+  """Row r of group g (groups in order, each owning the next max(size, 0) rows, cut at M) is
+  x[r] · w[g]ᵀ in float64; rows in no group are 0."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  y, row = np.zeros((x.shape[0], w.shape[1])), 0
+  for g, n in enumerate(sizes):
+    end = min(row + max(int(n), 0), x.shape[0])
+    y[row:end] = x[row:end] @ w[g].T
+    row = end
+  return y
+
+
+def _run_grouped(path: str, case: dict, interpret: bool) -> dict:
+  rng = np.random.default_rng(case["seed"])
+  M, N, K, sizes = (case[k] for k in ("M", "N", "K", "sizes"))
+  dtype, tol = (GROUPED_PATHS[path][k] for k in ("dtype", "tol"))
+  x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+  w = jnp.asarray(rng.standard_normal((len(sizes), N, K)) * K ** -0.5, dtype)
+  y = np.asarray(ops.grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), impl="pallas",
+                                    interpret=interpret), np.float64)
+  if not np.all(np.isfinite(y)):
+    return {"ok": False, "errors": ["non-finite output"], "ratio": None}
+  want = grouped_oracle(x, w, sizes)
+  err = np.linalg.norm(y - want) / max(np.linalg.norm(want), 1e-30)
+  errors = [] if err <= tol else [f"{err:.2e} > {tol:.0e}"]
+  if np.any(y[np.all(want == 0, axis=1)]):
+    errors.append("a row in no group is not 0")
+  return {"ok": not errors, "errors": errors, "ratio": err / tol}
+
+
 _FAMILIES = {"decode": (DECODE_PATHS, _draw_decode, _run_decode),
-             "gemv": (GEMV_PATHS, _draw_gemv, _run_gemv)}
+             "gemv": (GEMV_PATHS, _draw_gemv, _run_gemv),
+             "grouped": (GROUPED_PATHS, _draw_grouped, _run_grouped)}
 
 
 def _path_row(family: str, path: str, cases: int, seed: int) -> dict:
@@ -284,7 +331,9 @@ def markdown(results: dict) -> str:
   lines = [table(results), "",
            f"{total} cases, {failed} failures. Decode: out and lse of every row against a float64 "
            "softmax over the row's valid slots, the slots past each length poisoned; GEMV: "
-           "against x·w in float64 with w dequantized (bf16 tolerance 2e-2)."]
+           "against x·w in float64 with w dequantized (bf16 tolerance 2e-2); grouped: against "
+           "each row times its group's weight in float64 (tolerance 2e-5 in float32, 2e-2 in "
+           "bf16), rows in no group 0."]
   for r in results["rows"]:
     for failure in r["failures"][:5]:
       lines.append(f"- {r['path']}: {failure['case']}: {'; '.join(failure['errors'])}")

@@ -1,5 +1,5 @@
 """ops/grouped.py: the grouped matmul (rows sorted by group, each against its group's weight)
-against a float64 loop over the rows written here, on fresh random inputs.
+against a float64 loop over the groups (the kernel sweep's oracle), on fresh random inputs.
 
 On CPU the Pallas kernel runs in interpret mode; with a GPU the same tests run it compiled, plus
 V2-Lite's expert shapes (marked gpu). Compiled for an H200 (marked aot) at V2-Lite's shapes, it
@@ -11,23 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.kernel_sweep import grouped_oracle as oracle
 from helpers import RTOL, compile_for_h200, rel_err
 from mla_jax import ops
 from mla_jax.ops import grouped
 
 ON_GPU = jax.default_backend() == "gpu"
-
-
-def oracle(x, w, sizes):
-  """Row r of group g (groups in order, each owning the next max(size, 0) rows, cut at M) is
-  x[r] · w[g]ᵀ; rows in no group are 0."""
-  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-  y, row = np.zeros((x.shape[0], w.shape[1])), 0
-  for g, n in enumerate(sizes):
-    end = min(row + max(int(n), 0), x.shape[0])
-    y[row:end] = x[row:end] @ w[g].T
-    row = end
-  return y
 
 
 def _inputs(rng, M, G, N, K, dtype):
