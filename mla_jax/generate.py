@@ -240,17 +240,20 @@ def _prefill(graphdef, state, input_ids, positions, cache, key, *, sampler, chun
     ids, pos = xs
     hidden, cache = model.model(ids, pos, cache)
     valid = pos >= 0
-    last = chunk - 1 - jnp.argmax(valid[:, ::-1], axis=1)
-    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-    return (cache, jnp.where(jnp.any(valid, axis=1)[:, None], h, last_hidden)), None
+    h = jnp.take_along_axis(hidden, _last_real(valid)[:, None, None], axis=1)[:, 0]
+    return (cache, jnp.where(jnp.any(valid, axis=1)[:, None], h.astype(jnp.float32),
+                             last_hidden)), None
 
   # float32 holds any hidden dtype exactly; lm_head casts it to its own dtype
   empty = jnp.zeros((positions.shape[0], model.cfg.hidden_size), jnp.float32)
   (cache, last_hidden), _ = jax.lax.scan(step, (cache, empty),
                                          (pieces(input_ids, 0), pieces(positions, -1)))
   logits = model.lm_head(last_hidden)
-  valid = positions >= 0
-  last = T - 1 - jnp.argmax(valid[:, ::-1], axis=1)
-  last_position = jnp.take_along_axis(positions, last[:, None], axis=1)
+  last_position = jnp.take_along_axis(positions, _last_real(positions >= 0)[:, None], axis=1)
   next_positions = jnp.where(last_position >= 0, last_position + 1, -1)
   return sampler(logits, key), next_positions, cache
+
+
+def _last_real(valid):
+  """valid [B,T] bool -> [B] int32: each row's last real token (T - 1 where it has none)."""
+  return valid.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1).astype(jnp.int32)
