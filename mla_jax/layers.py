@@ -246,7 +246,15 @@ class MLP(nnx.Module):
     self.down_proj = Linear(intermediate_size, dim, dtype=dtype, param_dtype=param_dtype,
                             rngs=rngs)
 
-  def __call__(self, x):
-    """x [..., dim] -> [..., dim]."""
-    gate, up = project(x, self.gate_proj, self.up_proj)
-    return self.down_proj(jax.nn.silu(gate) * up)
+  def __call__(self, x, *, scale=None):
+    """x [..., dim] -> [..., dim]. scale [..., 1] or None multiplies the gate_proj and up_proj
+    products before the SiLU (an RMSNorm folded into them, moe.MoE)."""
+    return self.down_proj(gated(*project(x, self.gate_proj, self.up_proj), scale))
+
+
+def gated(gate, up, scale=None):
+  """silu(gate) · up, a gated MLP's hidden values; scale (or None) multiplies gate and up first
+  (an RMSNorm folded into the products that made them)."""
+  if scale is not None:
+    gate, up = gate * scale.astype(gate.dtype), up * scale.astype(up.dtype)
+  return jax.nn.silu(gate) * up

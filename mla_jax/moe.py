@@ -15,7 +15,9 @@ Experts are stacked, [E, out, in] per projection (layers.Linear's layout for eac
 gate_proj and up_proj [E, I, D], down_proj [E, D, I]. Two ways to run them:
 - "gather" (decode, few tokens): index the stacked weights with each token's k expert ids and
   run k GEMVs a token. It reads N·k expert matrices, not all E, where they lie (Experts.gather says
-  how it keeps XLA GPU from copying them first).
+  how it keeps XLA GPU from copying them first). The shared experts' rows join them as more
+  experts of weight 1, and a decoder layer's post-attention RMSNorm folds into the products, so
+  that a V2-Lite MoE layer's decode step launches 4 kernels fewer (MoE.__call__).
 - "grouped" (prefill): sort the N·k (token, expert) pairs by expert and run one grouped matmul
   per projection (ops.grouped_matmul: the rows of group e meet expert e's weight; on a GPU a
   Pallas kernel that reads each chosen expert's weight, where XLA's ragged_dot computes every
@@ -35,7 +37,7 @@ from flax import nnx
 
 from mla_jax import ops
 from mla_jax.config import ModelConfig
-from mla_jax.layers import (MLP, InitSignature, Linear, as_array, on_fused_gemv,
+from mla_jax.layers import (MLP, InitSignature, Linear, RMSNorm, as_array, gated, on_fused_gemv,
                             to_weight_format)
 
 IMPLS = ("auto", "gather", "grouped")
@@ -62,6 +64,19 @@ def route(logits, *, top_k: int, topk_method: str = "greedy", n_group: int = 1,
   return weights * routed_scaling_factor, ids.astype(jnp.int32)
 
 
+def _shared_pieces(shared: MLP, I: int, dtype):
+  """The shared MLP's weights as S experts of I intermediate rows: (S gate_proj [I, D], S
+  up_proj [I, D], down_proj [S, D, I]), slices and views of its weights (dequantized if
+  quantized); None where its intermediate size is no multiple of I."""
+  gate, up, down = (as_array(p.weight.get_value(), dtype)
+                    for p in (shared.gate_proj, shared.up_proj, shared.down_proj))
+  if gate.shape[0] % I:
+    return None
+  S = gate.shape[0] // I
+  return ([gate[c * I:(c + 1) * I] for c in range(S)], [up[c * I:(c + 1) * I] for c in range(S)],
+          jnp.moveaxis(down.reshape(down.shape[0], S, I), 1, 0))
+
+
 class Experts(nnx.Module):
   """E gated SiLU MLPs (layers.MLP's function), their weights stacked along a leading axis."""
 
@@ -86,9 +101,16 @@ class Experts(nnx.Module):
     for param in (self.gate_proj, self.up_proj, self.down_proj):
       param.set_value(to_weight_format(param.get_value(), weight_format))
 
-  def gather(self, x, ids, weights):
+  def gather(self, x, ids, weights, *, scale=None, shared: MLP | None = None):
     """x [N,D], ids and weights [N,k] -> Σ_j weights[:, j] · expert_{ids[:, j]}(x) [N,D] float32,
     reading only the N·k chosen experts' weights (per-token GEMVs).
+
+    scale [N,1] float32 or None multiplies each token's gate_proj and up_proj products before
+    the SiLU: an RMSNorm folded into them (MoE.__call__). shared, a gated MLP over the same x
+    (the shared experts), adds shared(x) to the sum. Where its intermediate size is a multiple
+    of the experts' I, its weights' rows run as that many more experts of weight 1 in the same
+    products: compiled for an H200 at V2-Lite's shapes, 3 kernels a layer fewer than its own
+    gate/up product, SiLU and down product.
 
     gate_proj and up_proj run one (token, expert) pair at a time, each on its expert's weight
     sliced at the id: XLA GPU fuses such a slice into the product's reduction. Over the gathered
@@ -104,32 +126,40 @@ class Experts(nnx.Module):
     x = x.astype(self.dtype)
     params = (self.gate_proj, self.up_proj, self.down_proj)
     if on_fused_gemv(x, tuple(p.get_value() for p in params), ids.size):
-      return self.gathered_gemv(x, ids, weights)
+      y = self.gathered_gemv(x, ids, weights, scale=scale)
+      return y if shared is None else y + shared(x, scale=scale)
 
     def expert(param, e):  # [out,in]; a quantized weight's blocks are sliced, then dequantized
       return as_array(jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, 0, False),
                                    param.get_value()), self.dtype)
 
-    def hidden(n, j):  # silu(gate_proj(x_n)) · up_proj(x_n) for token n's j-th expert: [I]
-      e = ids[n, j]
-      return (jax.nn.silu(expert(self.gate_proj, e) @ x[n])
-              * (expert(self.up_proj, e) @ x[n]))
+    def hidden(n, gate, up):  # silu(gate · x_n) · (up · x_n) for token n: [rows of gate]
+      return gated(gate @ x[n], up @ x[n], None if scale is None else scale[n])
 
     N, k = ids.shape
-    h = jnp.stack([jnp.stack([hidden(n, j) for j in range(k)]) for n in range(N)])  # [N,k,I]
+    h = [[hidden(n, expert(self.gate_proj, ids[n, j]), expert(self.up_proj, ids[n, j]))
+          for j in range(k)] for n in range(N)]
     # ids come from top_k, in range: "clip" spares the bounds check that "fill" would add (a
     # kernel of its own a layer, compiled for an H200)
     down = as_array(jax.tree.map(lambda a: jnp.take(a, ids, axis=0, mode="clip"),
                                  self.down_proj.get_value()),
                     self.dtype)  # [N,k,D,I]
+    pieces = None if shared is None else _shared_pieces(shared, down.shape[-1], self.dtype)
+    if pieces is not None:  # the shared rows as S more experts of weight 1
+      gates, ups, downs = pieces
+      h = [row + [hidden(n, g, u) for g, u in zip(gates, ups)] for n, row in enumerate(h)]
+      down = jnp.concatenate([down, jnp.broadcast_to(downs, (N, *downs.shape))], axis=1)
+      weights = jnp.concatenate([weights, jnp.ones((N, len(gates)), weights.dtype)], axis=1)
+    h = jnp.stack([jnp.stack(row) for row in h])  # [N,k(+S),I]
     y = jnp.einsum("nki,nkdi->nkd", h, down, preferred_element_type=jnp.float32)
-    return jnp.einsum("nkd,nk->nd", y, weights)
+    y = jnp.einsum("nkd,nk->nd", y, weights)
+    return y if shared is None or pieces is not None else y + shared(x, scale=scale)
 
-  def gathered_gemv(self, x, ids, weights, *, interpret: bool = False):
-    """gather's sum for quantized experts in two fused GEMV launches, gate_proj and up_proj in
-    one, down_proj in the other: the N·k pairs are the GEMV's heads, and head (n, j) reads
-    expert ids[n, j]'s blocks where they lie (ops.batched_gemv's head_ids). interpret: Pallas'
-    interpret mode."""
+  def gathered_gemv(self, x, ids, weights, *, scale=None, interpret: bool = False):
+    """gather's sum (without shared) for quantized experts in two fused GEMV launches, gate_proj
+    and up_proj in one, down_proj in the other: the N·k pairs are the GEMV's heads, and head
+    (n, j) reads expert ids[n, j]'s blocks where they lie (ops.batched_gemv's head_ids).
+    interpret: Pallas' interpret mode."""
     N, k = ids.shape
     flat = ids.reshape(N * k)
 
@@ -140,7 +170,8 @@ class Experts(nnx.Module):
 
     rows = jnp.repeat(x.astype(self.dtype), k, axis=0)  # token n for each of its k experts
     gate, up = gemv(rows, (self.gate_proj.get_value(), self.up_proj.get_value()))
-    (y,) = gemv(jax.nn.silu(gate) * up, (self.down_proj.get_value(),))
+    row_scale = None if scale is None else jnp.repeat(scale, k, axis=0)
+    (y,) = gemv(gated(gate, up, row_scale), (self.down_proj.get_value(),))
     y = y.astype(jnp.float32).reshape(N, k, -1)
     return jnp.einsum("nkd,nk->nd", y, weights)
 
@@ -187,18 +218,34 @@ class MoE(nnx.Module):
       self.shared_experts = MLP(D, cfg.n_shared_experts * cfg.moe_intermediate_size, dtype=dtype,
                                 param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x):
-    """x [..., D] -> [..., D] in self.dtype."""
+  def __call__(self, x, *, input_norm: RMSNorm | None = None):
+    """x [..., D] -> [..., D] in self.dtype. input_norm: an RMSNorm that the layer reads x
+    through (a decoder layer's post_attention_layernorm): the result is that of calling it on
+    input_norm(x). The gather path folds it into the products, norm(x)·W = ((g·x)·W)/rms(x), so
+    that no kernel writes the normalised x (docs/decode_step.md does the same for attention);
+    the grouped path normalises first."""
     cfg = self.cfg
     x_ND = x.reshape(-1, x.shape[-1])
-    weights, ids = route(self.gate(x_ND), top_k=cfg.num_experts_per_tok,
-                         topk_method=cfg.topk_method, n_group=cfg.n_group,
-                         topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
-                         routed_scaling_factor=cfg.routed_scaling_factor)
     impl = self.impl
     if impl == "auto":
-      impl = "gather" if ids.size <= cfg.n_routed_experts else "grouped"
-    y = getattr(self.experts, impl)(x_ND, ids, weights)
-    if cfg.n_shared_experts:
-      y = y + self.shared_experts(x_ND)
+      gather = x_ND.shape[0] * cfg.num_experts_per_tok <= cfg.n_routed_experts
+      impl = "gather" if gather else "grouped"
+    scale = None
+    if input_norm is not None and impl == "gather":
+      scale = input_norm.inv_rms(x_ND)  # [N,1] float32
+      x_ND = input_norm.weight[...].astype(x.dtype) * x_ND
+    elif input_norm is not None:
+      x_ND = input_norm(x_ND)
+    logits = self.gate(x_ND)
+    weights, ids = route(logits if scale is None else logits * scale,
+                         top_k=cfg.num_experts_per_tok, topk_method=cfg.topk_method,
+                         n_group=cfg.n_group, topk_group=cfg.topk_group,
+                         norm_topk_prob=cfg.norm_topk_prob,
+                         routed_scaling_factor=cfg.routed_scaling_factor)
+    shared = self.shared_experts if cfg.n_shared_experts else None
+    if impl == "gather":
+      y = self.experts.gather(x_ND, ids, weights, scale=scale, shared=shared)
+    else:
+      y = self.experts.grouped(x_ND, ids, weights)
+      y = y if shared is None else y + shared(x_ND)
     return y.reshape(x.shape).astype(self.dtype)

@@ -207,6 +207,29 @@ def test_v2_lite_moe_decode_step_allocates_no_weight_sized_temporary(B, weight_f
   assert compiled.memory_analysis().temp_size_in_bytes < 8 << 20
 
 
+def _moe_decode_kernels(num_layers, mode):
+  cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=num_layers,
+                            first_k_dense_replace=0)
+  lm = nnx.eval_shape(lambda: mla_jax.CausalLM(cfg, mode=mode, dtype=jnp.bfloat16,
+                                               param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(lm)
+  cache = jax.eval_shape(lambda: lm.init_cache(1, 256, jnp.bfloat16))
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  compiled = compile_for_h200(lambda s, i, p, c: nnx.merge(graphdef, s)(i, p, c), state, ids, ids,
+                              cache, donate_argnums=(3,))
+  return sum(decode_step.kernels(compiled.as_text()).values())
+
+
+@pytest.mark.parametrize("mode,per_layer", [("absorbed", 15), ("standard", 32)])
+def test_v2_lite_moe_layer_decode_kernels(mode, per_layer):
+  """A V2-Lite MoE decoder layer adds `per_layer` kernels to the compiled bf16 decode step at
+  B=1 (a 2- against a 1-layer model). The MoE's share: Σx², the router, its top-k, the chosen
+  and the shared experts' gate and up products (two fusions), their SiLU, one down product and
+  the residual add: the post-attention norm folds into the products, and the shared experts run
+  as two more experts (19 and 36 kernels without either)."""
+  assert _moe_decode_kernels(2, mode) - _moe_decode_kernels(1, mode) == per_layer
+
+
 def test_v2_lite_moe_prefill_takes_no_copy_per_expert():
   """The prefill of 4096 tokens through a V2-Lite-shaped CausalLM (its dense first layer and a
   MoE layer, bf16) compiled for the H200 allocates under 2 GB of temporaries (0.77 GB when

@@ -85,6 +85,44 @@ def test_moe_matches_per_token_loop(impl, topk_method, norm_topk_prob, scale, sh
   assert _rel(y.reshape(-1, cfg.hidden_size), ref) < F32_TOL
 
 
+@pytest.mark.parametrize("impl", ["gather", "grouped"])
+def test_moe_reads_x_through_its_input_norm(impl, rng):
+  """MoE(x, input_norm=norm) is MoE(norm(x)): folded into the gather path's products (router,
+  experts, shared experts), applied first on the grouped path."""
+  layer = mla_jax.MoE(CFG, impl=impl, rngs=nnx.Rngs(int(rng.integers(2**31))))
+  norm = mla_jax.layers.RMSNorm(CFG.hidden_size, 1e-6)
+  norm.weight[...] = jnp.asarray(rng.uniform(0.5, 2.0, CFG.hidden_size), jnp.float32)
+  x = rng.standard_normal((5, 1, CFG.hidden_size)) * 3.0
+  y = layer(jnp.asarray(x, jnp.float32), input_norm=norm)
+  g = np.asarray(norm.weight[...], np.float64)
+  x_norm = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6) * g
+  ref = reference_moe(x_norm.reshape(-1, CFG.hidden_size), _params(layer), CFG)
+  assert _rel(y.reshape(-1, CFG.hidden_size), ref) < F32_TOL
+
+
+@pytest.mark.parametrize("intermediate,split", [(32, True), (24, False)])
+def test_gather_runs_the_shared_mlp_as_more_experts(intermediate, split, rng, monkeypatch):
+  """Experts.gather(..., shared=mlp) is gather + mlp(x), scaled or not. With the MLP's
+  intermediate size a multiple of the experts' (16), its rows run as 2 more experts and the
+  MLP itself is not called; with 24 it is called."""
+  seed = lambda: nnx.Rngs(int(rng.integers(2**31)))
+  experts = moe.Experts(8, 32, 16, rngs=seed())
+  mlp = mla_jax.layers.MLP(32, intermediate, rngs=seed())
+  x = jnp.asarray(rng.standard_normal((3, 32)), jnp.float32)
+  ids = jnp.asarray([[0, 7], [3, 3], [6, 1]], jnp.int32)
+  weights = jnp.asarray(rng.random((3, 2)), jnp.float32)
+  scale = jnp.asarray(rng.uniform(0.5, 2.0, (3, 1)), jnp.float32)
+  want = [experts.gather(x, ids, weights, scale=s) + mlp(x, scale=s) for s in (None, scale)]
+  calls = []
+  call = mla_jax.layers.MLP.__call__
+  monkeypatch.setattr(mla_jax.layers.MLP, "__call__",
+                      lambda self, *a, **kw: calls.append(1) or call(self, *a, **kw))
+  got = [experts.gather(x, ids, weights, scale=s, shared=mlp) for s in (None, scale)]
+  assert len(calls) == (0 if split else 2)
+  for g, w in zip(got, want):
+    assert _rel(g, np.asarray(w, np.float64)) < F32_TOL
+
+
 def test_grouped_experts_through_the_kernel_match_per_token_loop(rng, monkeypatch):
   """The grouped path as it runs on a GPU, its three products on ops.grouped_matmul's Pallas
   kernel (interpreted here): 21 tokens, 63 rows over 8 experts."""
@@ -151,6 +189,9 @@ def test_quantized_experts_on_the_fused_gemv_equal_xla(fmt, rng):
   want = experts.gather(x, ids, weights)
   got = experts.gathered_gemv(x, ids, weights, interpret=True)
   assert got.shape == want.shape == (3, 64)
+  scale = jnp.asarray(rng.uniform(0.5, 2.0, (3, 1)), jnp.float32)
+  scaled = experts.gathered_gemv(x, ids, weights, scale=scale, interpret=True)
+  assert _rel(scaled, np.asarray(experts.gather(x, ids, weights, scale=scale), np.float64)) < F32_TOL
   launches = jax.make_jaxpr(lambda x: experts.gathered_gemv(x, ids, weights, interpret=True))(x)
   assert str(launches).count("pallas_call") == 2
   assert _rel(got, np.asarray(want, np.float64)) < F32_TOL
