@@ -17,7 +17,7 @@ gate_proj and up_proj [E, I, D], down_proj [E, D, I]. Two ways to run them:
   run k GEMVs a token. It reads N·k expert matrices, not all E, where they lie (Experts.gather says
   how it keeps XLA GPU from copying them first). The shared experts' rows join them as more
   experts of weight 1, and a decoder layer's post-attention RMSNorm folds into the products, so
-  that a V2-Lite MoE layer's decode step launches 4 kernels fewer (MoE.__call__).
+  that a V2-Lite MoE layer's decode step launches 5 kernels fewer (docs/model_decode.md).
 - "grouped" (prefill): sort the N·k (token, expert) pairs by expert and run one grouped matmul
   per projection (ops.grouped_matmul: the rows of group e meet expert e's weight; on a GPU a
   Pallas kernel that reads each chosen expert's weight, where XLA's ragged_dot computes every
@@ -112,8 +112,10 @@ class Experts(nnx.Module):
     products: compiled for an H200 at V2-Lite's shapes, 3 kernels a layer fewer than its own
     gate/up product, SiLU and down product.
 
-    gate_proj and up_proj run one (token, expert) pair at a time, each on its expert's weight
-    sliced at the id: XLA GPU fuses such a slice into the product's reduction. Over the gathered
+    gate_proj and up_proj run one (token, expert) pair at a time, as one product over the
+    expert's two weights sliced at the id and side by side: XLA GPU fuses the slices and their
+    concatenation into the product's reduction, and the pairs' products into one fusion (two
+    fusions a layer with gate_proj and up_proj apart, V2-Lite's shapes). Over the gathered
     [N,k,I,D] weights it writes the gathered copy out first (compiled for an H200 at
     V2-Lite's shapes: two 35 MB copies a layer at N=1 and two transposed 277 MB copies at N=8,
     against none this way, in as many kernels at N=1; tests/test_h200_compile.py). down_proj's
@@ -134,7 +136,8 @@ class Experts(nnx.Module):
                                    param.get_value()), self.dtype)
 
     def hidden(n, gate, up):  # silu(gate · x_n) · (up · x_n) for token n: [rows of gate]
-      return gated(gate @ x[n], up @ x[n], None if scale is None else scale[n])
+      products = jnp.concatenate([gate, up], axis=0) @ x[n]  # one product over both weights
+      return gated(*jnp.split(products, 2), None if scale is None else scale[n])
 
     N, k = ids.shape
     h = [[hidden(n, expert(self.gate_proj, ids[n, j]), expert(self.up_proj, ids[n, j]))
