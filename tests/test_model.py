@@ -140,8 +140,10 @@ def test_chunked_prefill_generates_as_one_prefill(rng, mode, chunk):
   want, want_cache = mla_jax.generate(model, ids, N, positions=pos)
   tokens, cache = mla_jax.generate(model, ids, N, positions=pos, prefill_chunk=chunk)
   np.testing.assert_array_equal(tokens, want)
+  # atol 1e-5: on a GPU one-token chunks' products are row reductions and the whole prompt's
+  # GEMMs, whose sums round apart (up to 1.4e-6 on an H100, entries of order 1)
   for got, expected in zip(jax.tree.leaves(cache), jax.tree.leaves(want_cache)):
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tokens,slots", [(1, 8), (8, 8), (9, 16), (16449, 16456)])
