@@ -15,9 +15,9 @@ Experts are stacked, [E, out, in] per projection (layers.Linear's layout for eac
 gate_proj and up_proj [E, I, D], down_proj [E, D, I]. Two ways to run them:
 - "gather" (decode, few tokens): index the stacked weights with each token's k expert ids and
   run k GEMVs a token. It reads N·k expert matrices, not all E, where they lie (Experts.gather says
-  how it keeps XLA GPU from copying them first). The shared experts' rows join them as more
-  experts of weight 1, and a decoder layer's post-attention RMSNorm folds into the products, so
-  that a V2-Lite MoE layer's decode step launches 5 kernels fewer (docs/model_decode.md).
+  how it keeps XLA GPU from copying them first). The shared experts' gate and up rows join
+  theirs, and a decoder layer's post-attention RMSNorm folds into the products, so that a
+  V2-Lite MoE layer's decode step launches 2 kernels fewer (docs/model_decode.md).
 - "grouped" (prefill): sort the N·k (token, expert) pairs by expert and run one grouped matmul
   per projection (ops.grouped_matmul: the rows of group e meet expert e's weight; on a GPU a
   Pallas kernel that reads each chosen expert's weight, where XLA's ragged_dot computes every
@@ -64,17 +64,15 @@ def route(logits, *, top_k: int, topk_method: str = "greedy", n_group: int = 1,
   return weights * routed_scaling_factor, ids.astype(jnp.int32)
 
 
-def _shared_pieces(shared: MLP, I: int, dtype):
-  """The shared MLP's weights as S experts of I intermediate rows: (S gate_proj [I, D], S
-  up_proj [I, D], down_proj [S, D, I]), slices and views of its weights (dequantized if
-  quantized); None where its intermediate size is no multiple of I."""
-  gate, up, down = (as_array(p.weight.get_value(), dtype)
-                    for p in (shared.gate_proj, shared.up_proj, shared.down_proj))
+def _shared_rows(shared: MLP, I: int, dtype):
+  """The shared MLP's gate_proj and up_proj as S experts' of I rows each: (S [I, D] slices of
+  gate_proj, S of up_proj), dequantized if quantized; None where its intermediate size is no
+  multiple of I."""
+  gate, up = (as_array(p.weight.get_value(), dtype) for p in (shared.gate_proj, shared.up_proj))
   if gate.shape[0] % I:
     return None
-  S = gate.shape[0] // I
-  return ([gate[c * I:(c + 1) * I] for c in range(S)], [up[c * I:(c + 1) * I] for c in range(S)],
-          jnp.moveaxis(down.reshape(down.shape[0], S, I), 1, 0))
+  rows = [slice(c * I, (c + 1) * I) for c in range(gate.shape[0] // I)]
+  return [gate[r] for r in rows], [up[r] for r in rows]
 
 
 class Experts(nnx.Module):
@@ -108,14 +106,13 @@ class Experts(nnx.Module):
     scale [N,1] float32 or None multiplies each token's gate_proj and up_proj products before
     the SiLU: an RMSNorm folded into them (MoE.__call__). shared, a gated MLP over the same x
     (the shared experts), adds shared(x) to the sum. Where its intermediate size is a multiple
-    of the experts' I, its weights' rows run as that many more experts of weight 1 in the same
-    products: compiled for an H200 at V2-Lite's shapes, 3 kernels a layer fewer than its own
-    gate/up product, SiLU and down product.
+    of the experts' I, its gate_proj and up_proj rows run beside the chosen experts', as that
+    many more experts, in the same fusions and SiLU; its down_proj stays a product of its own,
+    which XLA ran at 2.0 TB/s on an H100 where the chosen experts' down product over it too ran
+    at 1.6 (docs/model_decode.md).
 
-    gate_proj and up_proj run one (token, expert) pair at a time, as one product over the
-    expert's two weights sliced at the id and side by side: XLA GPU fuses the slices and their
-    concatenation into the product's reduction, and the pairs' products into one fusion (two
-    fusions a layer with gate_proj and up_proj apart, V2-Lite's shapes). Over the gathered
+    gate_proj and up_proj run one (token, expert) pair at a time, each on its expert's weight
+    sliced at the id: XLA GPU fuses such a slice into the product's reduction. Over the gathered
     [N,k,I,D] weights it writes the gathered copy out first (compiled for an H200 at
     V2-Lite's shapes: two 35 MB copies a layer at N=1 and two transposed 277 MB copies at N=8,
     against none this way, in as many kernels at N=1; tests/test_h200_compile.py). down_proj's
@@ -136,8 +133,7 @@ class Experts(nnx.Module):
                                    param.get_value()), self.dtype)
 
     def hidden(n, gate, up):  # silu(gate · x_n) · (up · x_n) for token n: [rows of gate]
-      products = jnp.concatenate([gate, up], axis=0) @ x[n]  # one product over both weights
-      return gated(*jnp.split(products, 2), None if scale is None else scale[n])
+      return gated(gate @ x[n], up @ x[n], None if scale is None else scale[n])
 
     N, k = ids.shape
     h = [[hidden(n, expert(self.gate_proj, ids[n, j]), expert(self.up_proj, ids[n, j]))
@@ -147,16 +143,17 @@ class Experts(nnx.Module):
     down = as_array(jax.tree.map(lambda a: jnp.take(a, ids, axis=0, mode="clip"),
                                  self.down_proj.get_value()),
                     self.dtype)  # [N,k,D,I]
-    pieces = None if shared is None else _shared_pieces(shared, down.shape[-1], self.dtype)
-    if pieces is not None:  # the shared rows as S more experts of weight 1
-      gates, ups, downs = pieces
-      h = [row + [hidden(n, g, u) for g, u in zip(gates, ups)] for n, row in enumerate(h)]
-      down = jnp.concatenate([down, jnp.broadcast_to(downs, (N, *downs.shape))], axis=1)
-      weights = jnp.concatenate([weights, jnp.ones((N, len(gates)), weights.dtype)], axis=1)
+    rows = None if shared is None else _shared_rows(shared, down.shape[-1], self.dtype)
+    if rows is not None:  # the shared gate and up rows beside the chosen experts'
+      h = [row + [hidden(n, g, u) for g, u in zip(*rows)] for n, row in enumerate(h)]
     h = jnp.stack([jnp.stack(row) for row in h])  # [N,k(+S),I]
-    y = jnp.einsum("nki,nkdi->nkd", h, down, preferred_element_type=jnp.float32)
+    y = jnp.einsum("nki,nkdi->nkd", h[:, :k], down, preferred_element_type=jnp.float32)
     y = jnp.einsum("nkd,nk->nd", y, weights)
-    return y if shared is None or pieces is not None else y + shared(x, scale=scale)
+    if shared is None:
+      return y
+    if rows is None:
+      return y + shared(x, scale=scale)
+    return y + shared.down_proj(h[:, k:].reshape(N, -1))
 
   def gathered_gemv(self, x, ids, weights, *, scale=None, interpret: bool = False):
     """gather's sum (without shared) for quantized experts in two fused GEMV launches, gate_proj

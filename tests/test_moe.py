@@ -101,10 +101,10 @@ def test_moe_reads_x_through_its_input_norm(impl, rng):
 
 
 @pytest.mark.parametrize("intermediate,split", [(32, True), (24, False)])
-def test_gather_runs_the_shared_mlp_as_more_experts(intermediate, split, rng, monkeypatch):
+def test_gather_runs_the_shared_mlp_beside_the_experts(intermediate, split, rng, monkeypatch):
   """Experts.gather(..., shared=mlp) is gather + mlp(x), scaled or not. With the MLP's
-  intermediate size a multiple of the experts' (16), its rows run as 2 more experts and the
-  MLP itself is not called; with 24 it is called."""
+  intermediate size a multiple of the experts' (16), its gate and up rows run as 2 more
+  experts' and the MLP itself is not called; with 24 it is called."""
   seed = lambda: nnx.Rngs(int(rng.integers(2**31)))
   experts = moe.Experts(8, 32, 16, rngs=seed())
   mlp = mla_jax.layers.MLP(32, intermediate, rngs=seed())
