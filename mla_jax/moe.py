@@ -65,9 +65,9 @@ def route(logits, *, top_k: int, topk_method: str = "greedy", n_group: int = 1,
 
 
 def _shared_rows(shared: MLP, I: int, dtype):
-  """The shared MLP's gate_proj and up_proj as S experts' of I rows each: (S [I, D] slices of
-  gate_proj, S of up_proj), dequantized if quantized; None where its intermediate size is no
-  multiple of I."""
+  """The shared MLP's gate_proj and up_proj cut into S pieces of I rows, an expert's each: (S
+  [I, D] slices of gate_proj, S of up_proj), dequantized if quantized; None where its
+  intermediate size is no multiple of I."""
   gate, up = (as_array(p.weight.get_value(), dtype) for p in (shared.gate_proj, shared.up_proj))
   if gate.shape[0] % I:
     return None
@@ -143,15 +143,15 @@ class Experts(nnx.Module):
     down = as_array(jax.tree.map(lambda a: jnp.take(a, ids, axis=0, mode="clip"),
                                  self.down_proj.get_value()),
                     self.dtype)  # [N,k,D,I]
-    rows = None if shared is None else _shared_rows(shared, down.shape[-1], self.dtype)
-    if rows is not None:  # the shared gate and up rows beside the chosen experts'
-      h = [row + [hidden(n, g, u) for g, u in zip(*rows)] for n, row in enumerate(h)]
-    h = jnp.stack([jnp.stack(row) for row in h])  # [N,k(+S),I]
+    shared_rows = None if shared is None else _shared_rows(shared, down.shape[-1], self.dtype)
+    if shared_rows is not None:  # the shared gate and up rows beside the chosen experts'
+      h = [pairs + [hidden(n, g, u) for g, u in zip(*shared_rows)] for n, pairs in enumerate(h)]
+    h = jnp.stack([jnp.stack(pairs) for pairs in h])  # [N,k(+S),I]
     y = jnp.einsum("nki,nkdi->nkd", h[:, :k], down, preferred_element_type=jnp.float32)
     y = jnp.einsum("nkd,nk->nd", y, weights)
     if shared is None:
       return y
-    if rows is None:
+    if shared_rows is None:
       return y + shared(x, scale=scale)
     return y + shared.down_proj(h[:, k:].reshape(N, -1))
 
