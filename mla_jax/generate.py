@@ -71,10 +71,9 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, *, positions=Non
   donated. One jitted prefill takes the prompt, prefill_chunk tokens at a time (None: all at
   once); the first token comes from the logits of each row's last real token, and the next
   max_new_tokens - 1 tokens from decode steps inside one jit (lax.scan), each row's positions
-  counting on from its last real one. A row of padding only
-  stays padding (its tokens mean nothing). The returned cache holds the prompt and every
-  generated token but the last (feed tokens[:, -1:] with it to continue); a cache too short
-  raises ValueError (cache.check).
+  counting on from its last real one. A row of padding only stays padding (its tokens mean
+  nothing). The returned cache holds the prompt and every generated token but the last (feed
+  tokens[:, -1:] with it to continue); a cache too short raises ValueError (cache.check).
 
   Sampling: temperature 0 takes the argmax (greedy); otherwise softmax(logits / temperature),
   restricted to the top_p nucleus (the smallest set of most likely tokens whose probability
@@ -82,9 +81,9 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, *, positions=Non
 
   prefill_chunk bounds the prefill's memory, whose temporaries grow with the tokens it takes at
   once (compiled for an H200, DeepSeek-V2-Lite's dense and first MoE layer, bf16, standard
-  mode: 2.1 GB for 16384 tokens at once, 0.5 GB in chunks of 4096). Chunks run in order inside the one jit
-  (lax.scan), each attending to the cache that the chunks before it wrote (MLAttention's
-  chunked prefill); the prompt is padded to whole chunks with padding tokens.
+  mode: 2.1 GB for 16384 tokens at once, 0.5 GB in chunks of 4096). Chunks run in order inside
+  the one jit (lax.scan), each attending to the cache that the chunks before it wrote
+  (MLAttention's chunked prefill); the prompt is padded to whole chunks with padding tokens.
 
   Each call splits the model (nnx.split), which walks all of its modules; to generate from one
   model many times, build the function once with generate_fn.

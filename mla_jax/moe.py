@@ -159,7 +159,7 @@ class Experts(nnx.Module):
     """gather's sum (without shared) for quantized experts in two fused GEMV launches, gate_proj
     and up_proj in one, down_proj in the other: the N·k pairs are the GEMV's heads, and head
     (n, j) reads expert ids[n, j]'s blocks where they lie (ops.batched_gemv's head_ids).
-    interpret: Pallas' interpret mode."""
+    scale: as gather's. interpret: Pallas' interpret mode."""
     N, k = ids.shape
     flat = ids.reshape(N * k)
 
@@ -187,7 +187,7 @@ class Experts(nnx.Module):
     def grouped(lhs, param, **kw):
       return ops.grouped_matmul(lhs, as_array(param.get_value(), self.dtype), group_sizes, **kw)
 
-    h = jax.nn.silu(grouped(rows, self.gate_proj)) * grouped(rows, self.up_proj)
+    h = gated(grouped(rows, self.gate_proj), grouped(rows, self.up_proj))
     y = grouped(h, self.down_proj, out_dtype=jnp.float32)  # [N·k, D]
     y = y * weights.reshape(-1)[order][:, None]
     return jnp.zeros((N, x.shape[-1]), jnp.float32).at[token].add(y)
