@@ -13,7 +13,7 @@ import ml_collections
 # The Triton kernel's knobs at their dataclass defaults: a sweep entry sets all of them, so that
 # it names one tuning whatever the default tuning of a shape is.
 _TRITON = dict(block_n=128, block_b=None, dot=True, int8=False, num_warps=4, num_stages=3,
-               unroll=False, block_k=1, split_k=1)
+               unroll=False, block_k=1, split_k=1, lookup="poly")
 
 
 def _triton(**knobs):
@@ -74,6 +74,11 @@ def get_config():
       "fma64k8s8": _triton(block_n=64, dot=False, block_k=8, split_k=8),
       "fma32k16s4": _triton(block_n=32, dot=False, block_k=16, split_k=4),
       "fma32k4s16": _triton(block_n=32, dot=False, block_k=4, split_k=16),
+      # IQ4_NL's table by byte permutes (lookup="prmt"; the others use the polynomial)
+      "fma32k4s16p": _triton(block_n=32, dot=False, block_k=4, split_k=16, lookup="prmt"),
+      "fma64k4s16p": _triton(block_n=64, dot=False, block_k=4, split_k=16, lookup="prmt"),
+      "fma128k4s16p": _triton(block_n=128, dot=False, block_k=4, split_k=16, lookup="prmt"),
+      "fma64k4s8p": _triton(block_n=64, dot=False, block_k=4, split_k=8, lookup="prmt"),
       "dot32k8s8": _triton(block_n=32, block_k=8, split_k=8),
       "dot32k4s8": _triton(block_n=32, block_k=4, split_k=8),
       "fma32k4s16w2": _triton(block_n=32, dot=False, block_k=4, split_k=16, num_warps=2),

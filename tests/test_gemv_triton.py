@@ -25,6 +25,9 @@ TUNINGS = {
     "int8": triton.TritonGemvTuning(dot=True, int8=True, block_n=16),
     "dot_split3": triton.TritonGemvTuning(dot=True, block_n=32, split_k=3),
     "fma_split3_k2": triton.TritonGemvTuning(dot=False, block_n=32, block_k=2, split_k=3),
+    "fma_prmt": triton.TritonGemvTuning(dot=False, block_n=32, lookup="prmt"),
+    "dot_prmt": triton.TritonGemvTuning(dot=True, block_n=32, lookup="prmt"),
+    "fma_split3_prmt": triton.TritonGemvTuning(dot=False, block_n=64, split_k=3, lookup="prmt"),
 }
 
 
@@ -70,6 +73,7 @@ def test_one_row_long_contraction_splits_k(fmt, rng):
   partial sums match the oracle."""
   tuning = triton.choose_tuning(1, 1, 1056, 64, fmt)
   assert tuning.split_k == 16 and not tuning.dot
+  assert tuning.lookup == ("prmt" if fmt == "iq4_nl" else "poly")
   _check(rng, 1, 1, 1056, 64, fmt, None, dtype=jnp.float32)
   x = jax.ShapeDtypeStruct((1, 1, 1056), jnp.float32)
   w = jax.eval_shape(lambda: gemv_weights(rng, 1, 1056, 64, fmt))
@@ -152,6 +156,21 @@ def test_dense_weight_dtypes(dtype, name, rng):
   w = jnp.asarray(rng.standard_normal((2, 64, 32)), dtype)
   y = _gemv(q, w, TUNINGS[name])
   assert rel_err(y, gemv_oracle(q[..., :64], w)) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("dot", [False, True], ids=["fma", "dot"])
+def test_iq4_nl_lookups_agree(dot, dtype, rng):
+  """IQ4_NL's table by byte permutes (lookup="prmt") gives the polynomial's values exactly, so
+  the two kernels' products are equal bit for bit, and both match the oracle."""
+  q = jnp.asarray(rng.standard_normal((3, 2, 96 + R)), dtype)
+  w = gemv_weights(rng, 2, 96, 64, "iq4_nl")
+  ys = [_gemv(q, w, triton.TritonGemvTuning(dot=dot, block_n=32, lookup=lookup))
+        for lookup in triton.LOOKUPS]
+  np.testing.assert_array_equal(np.asarray(ys[0], np.float32), np.asarray(ys[1], np.float32))
+  assert rel_err(ys[1], gemv_oracle(q[..., :96], w)) <= RTOL[dtype]
+  with pytest.raises(ValueError, match="lookup"):
+    triton.TritonGemvTuning(lookup="table")
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

@@ -39,6 +39,14 @@ def test_every_byte_interpreted(dtype):
   _check(*iq4_nl_prmt.decode(jnp.asarray(packed), dtype, interpret=True), packed, dtype)
 
 
+def test_every_byte_triton_words_interpreted():
+  """decode_triton's word per byte (both nibbles' bfloat16 values), read back as float32."""
+  packed = _every_byte()
+  lo, hi = iq4_nl_prmt.decode_triton(jnp.asarray(packed), interpret=True)
+  _check(lo.astype(jnp.bfloat16), hi.astype(jnp.bfloat16), packed, jnp.bfloat16)
+  assert lo.dtype == hi.dtype == jnp.float32
+
+
 def test_table_words_encode_the_table():
   for dtype in DTYPES:
     low, high = iq4_nl_prmt.table_words(dtype)

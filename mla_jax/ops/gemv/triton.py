@@ -17,7 +17,11 @@ them). Here one launch covers every head and batch row:
   The 4-bit indices become floats, and the polynomial is rounded, by the magic-number trick
   (the float32 bits of 1.5·2^23 + i): integer and float adds, not the conversion unit, which on
   Hopper retires 16 results per clock per SM against 64-128 for adds (CUDA guide, arithmetic
-  instructions); so do q8_0's int8 values on the way to the tensor-core dot;
+  instructions); so do q8_0's int8 values on the way to the tensor-core dot. Or (lookup="prmt")
+  the table is looked up by byte permutes in inline PTX, as ggml's CUDA kernels and the Mosaic
+  GEMV do (ops/mosaic/iq4_nl_prmt.py): 22 integer instructions for 8 weights, written as
+  bfloat16, then one integer op a weight to float32, against about 9 float and integer
+  instructions a weight for the polynomial;
 - `int8=True` (q8_0) quantizes each x block to Q8_1 (quant.quantize_q8_1's arithmetic) in
   registers and dots int8·int8 -> int32 on the tensor cores, so activation quantization costs no
   launch either;
@@ -47,6 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
+from mla_jax.ops.mosaic import iq4_nl_prmt
 from mla_jax.ops.common import (MAGIC, MAGIC_BITS, TRITON_MIN_DOT, check_field, is_pow2,
                                 is_positive_int, next_pow2)
 
@@ -55,6 +60,7 @@ HALF = BLOCK // 2
 MAX_BLOCK_B = 64
 _LONG_K = 1024  # contractions from here on (projections, experts) may split K at B=1
 _SPLIT_PROGRAMS = 1536  # programs a split-K launch aims at: about a dozen an SM
+LOOKUPS = ("poly", "prmt")  # how IQ4_NL's 4-bit indices become table values (module docstring)
 
 # IQ4_NL_VALUES[i] == round(-127 + i·(c3 + i·(c2 + i·(c1 + i·c0)))) for i in 0..15: the minimax
 # fit with the constant pinned to the integer IQ4_NL_VALUES[0] (max error 0.44, scipy linprog),
@@ -77,6 +83,7 @@ class TritonGemvTuning:
   unroll: bool = False  # unroll the K loop fully (all loads in flight, no pipelining)
   block_k: int = 1  # GGML blocks of 32 rows per step of the (pipelined) K loop
   split_k: int = 1  # at most this many programs per output block, each over a piece of K
+  lookup: str = "poly"  # IQ4_NL's table: "poly" (a polynomial) or "prmt" (byte permutes)
 
   def __post_init__(self):
     check_field(self, "block_n", isinstance(self.block_n, int) and is_pow2(self.block_n),
@@ -90,6 +97,7 @@ class TritonGemvTuning:
     check_field(self, "block_k", is_positive_int(self.block_k), "an integer >= 1")
     check_field(self, "split_k", is_positive_int(self.split_k), "an integer >= 1")
     check_field(self, "int8", not self.int8 or self.dot, "False unless dot=True")
+    check_field(self, "lookup", self.lookup in LOOKUPS, f"one of {LOOKUPS}")
 
 
 def choose_tuning(B: int, H: int, K: int, N: int, fmt: str | None) -> TritonGemvTuning:
@@ -110,12 +118,14 @@ def choose_tuning(B: int, H: int, K: int, N: int, fmt: str | None) -> TritonGemv
     layer's chosen experts): split-K into up to 16 pieces, about _SPLIT_PROGRAMS programs in
     all, FMA, 4 blocks a step. H100, 2048 -> 3072, B=1: 8.0 µs (iq4_nl) and 8.6 µs (q8_0) of
     GPU time, the partials' sum included, against 26 µs for the rule below and 16 µs for XLA's
-    dequantize-then-dot.
+    dequantize-then-dot. iq4_nl looks its table up by byte permutes there, in the widest
+    column blocks that still give _SPLIT_PROGRAMS / 2 programs at 16 pieces (_one_row_iq4_nl).
   """
   block_n = min(64 if H >= 64 else 32, N)
   if fmt is not None and B == 1 and H < 64 and K >= _LONG_K:
-    return TritonGemvTuning(block_n=min(32, N), dot=False, block_k=4,
-                            split_k=max(1, min(16, _SPLIT_PROGRAMS // (H * pl.cdiv(N, 32)))))
+    if fmt == "iq4_nl":
+      return _one_row_iq4_nl(H, N)
+    return _one_row_split(H, N, 32)
   if fmt is None:
     if K > N:
       return TritonGemvTuning(block_n=block_n, block_k=4)
@@ -129,6 +139,25 @@ def choose_tuning(B: int, H: int, K: int, N: int, fmt: str | None) -> TritonGemv
   if K > N and fmt == "q8_0" and B >= 64:
     return TritonGemvTuning(block_n=block_n, block_k=4)
   return TritonGemvTuning(block_n=block_n if K < N else min(32, N))
+
+
+def _one_row_split(H: int, N: int, block_n: int, **knobs) -> TritonGemvTuning:
+  """One row, few heads, a long contraction: FMA over column blocks of block_n, 4 GGML blocks a
+  step, K split into as many pieces (up to 16) as make about _SPLIT_PROGRAMS programs."""
+  programs = H * pl.cdiv(N, block_n)
+  return TritonGemvTuning(block_n=min(block_n, N), dot=False, block_k=4,
+                          split_k=max(1, min(16, _SPLIT_PROGRAMS // programs)), **knobs)
+
+
+def _one_row_iq4_nl(H: int, N: int) -> TritonGemvTuning:
+  """_one_row_split for IQ4_NL: the table by byte permutes, and column blocks of 128 or 64 where
+  16 pieces still make _SPLIT_PROGRAMS / 2 programs, else 32. H100, B=1, GPU µs of a call, the
+  partials' sums included, against the rule before (polynomial, block_n 32, about 1536 programs;
+  docs/batched_gemv.md): q_proj with kv_a_proj_with_mqa (2048 -> 3072 + 576) 8.3 against 10.7,
+  o_proj (2048 -> 2048) 5.2 against 6.4, 6 chosen experts' gate_proj with up_proj (2048 -> 1408
+  + 1408) 21.1 against 32.9, their down_proj (1408 -> 2048) 10.8 against 17.1."""
+  block_n = next((n for n in (128, 64) if H * pl.cdiv(N, n) * 16 >= _SPLIT_PROGRAMS // 2), 32)
+  return _one_row_split(H, N, block_n, lookup="prmt")
 
 
 def _int_to_f32(i):
@@ -177,7 +206,7 @@ def _dividing_block(block: int, n: int) -> int:
 
 
 def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, unroll,
-                 compute_dtype, gathered, split_k, col_blocks):
+                 compute_dtype, gathered, split_k, col_blocks, lookup, interpret):
   # x_ref: [B, H, K'] (K' >= K; columns [0, K) are read in place)
   # ids_ref: [H] int32, the weight head of each x head (gathered)
   # then per weight t (col_blocks[t] column blocks of N_t):
@@ -216,6 +245,9 @@ def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, 
       if fmt == "q8_0":
         return [(0, qs_ref[e, pl.ds(k0, BLOCK), cols])], d  # int8 [32, block_n]
       packed = qs_ref[e, pl.ds(_aligned(kb * HALF, HALF), HALF), cols]  # uint8 [16, block_n]
+      if lookup == "prmt":
+        lo, hi = iq4_nl_prmt.decode_triton(packed, interpret)
+        return [(0, lo), (HALF, hi)], d
       return [(0, _iq4_nl_values(packed & 0xF)), (HALF, _iq4_nl_values(packed >> 4))], d
 
     def dot_body(kb, acc):  # acc: [block_b, block_n] float32
@@ -334,7 +366,8 @@ def _launch(x, weights, tuning, interpret, head_ids):
       _gemv_kernel, fmt=fmt, B=B, K=K, block_b=block_b, block_n=block_n,
       block_k=math.gcd(tuning.block_k, K // BLOCK // split_k), dot=tuning.dot,
       int8=tuning.int8, unroll=tuning.unroll, compute_dtype=compute_dtype,
-      gathered=head_ids is not None, split_k=split_k, col_blocks=col_blocks)
+      gathered=head_ids is not None, split_k=split_k, col_blocks=col_blocks,
+      lookup=tuning.lookup, interpret=interpret)
   w_args = tuple(a for wt in weights for a in ((wt.qs, wt.d) if quantized else (wt,)))
   if head_ids is not None:
     w_args = (jnp.clip(head_ids.astype(jnp.int32), 0, E - 1), *w_args)

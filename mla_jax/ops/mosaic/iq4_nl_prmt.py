@@ -1,4 +1,5 @@
-"""IQ4_NL decoding by byte permutes, for the Mosaic GPU GEMV (ops/gemv/mosaic.py).
+"""IQ4_NL decoding by byte permutes, for the Mosaic GPU GEMV (ops/gemv/mosaic.py) and the Triton
+one (ops/gemv/triton.py, lookup="prmt").
 
 An IQ4_NL weight is d·T[i]: i is a 4-bit index into the 16-entry table T (quant.IQ4_NL_VALUES).
 Mosaic GPU has no register gather. Like ggml's CUDA kernels (`get_int_from_table_16`), the table
@@ -23,8 +24,9 @@ high bytes into pairs of 16-bit floats, split into the low-nibble and high-nibbl
 22 integer instructions for 8 weights. The selectors are masked to 3 bits, because a selector's
 bit 3 asks prmt to replicate the sign.
 
-`decode_words` writes the sequence once, over an `ops` namespace that is either PTX on registers
-(`decode`, compiled) or jnp on uint32 arrays (`decode`, interpreted, and the CPU tests).
+`decode_words` writes the sequence once, over an `ops` namespace that is PTX on registers
+(`decode`, compiled by Mosaic GPU), PTX text (`decode_triton`, Triton's inline assembly) or jnp
+on uint32 arrays (both, interpreted, and the CPU tests).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from jax import lax
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.pallas import triton as pltriton
 from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith, llvm, vector
 
@@ -47,6 +50,7 @@ _INDEX_BITS = 0x77777777  # each index's selector bits, its bit 3 cleared
 _HIGH_BITS = 0x88888888  # each index's bit 3
 _IDENTITY = 0x32103210  # bytes 0-3 of a; + 4 (bit 3 >> 1) takes the same byte of b
 _EVEN, _ODD = 0x6240, 0x7351  # {lo(n0), hi(n0), lo(n2), hi(n2)}: the 16-bit floats of nibbles 0, 2
+_BYTE_PAIRS = (0x5140, 0x7362)  # {lo(n0), hi(n0), lo(n1), hi(n1)}: byte 0's two floats; byte 1's
 
 
 def table_words(dtype) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -57,9 +61,10 @@ def table_words(dtype) -> tuple[tuple[int, ...], tuple[int, ...]]:
   return words(bits & 0xFF), words(bits >> 8)
 
 
-def decode_words(q, ops, tables):
-  """The 16-bit floats of q's 8 indices: (low nibbles of columns 0-1, of columns 2-3, high nibbles
-  of columns 0-1, of columns 2-3), each a 32-bit word holding two floats."""
+def decode_words(q, ops, tables, orders=(_EVEN, _ODD)):
+  """The 16-bit floats of q's 8 indices, each 32-bit word holding two: by default (low nibbles
+  of columns 0-1, of columns 2-3, high nibbles of columns 0-1, of columns 2-3); with orders
+  _BYTE_PAIRS, both nibbles of (column 0, column 2, column 1, column 3)."""
   index = ops.and_(q, _INDEX_BITS)
   pick = ops.or_(ops.shr(ops.and_(q, _HIGH_BITS), 1), _IDENTITY)
   halves = []
@@ -69,7 +74,7 @@ def decode_words(q, ops, tables):
                         for t in tables)
     halves.append((lo_byte, hi_byte))
   return tuple(ops.prmt(lo_byte, hi_byte, order)
-               for order in (_EVEN, _ODD) for lo_byte, hi_byte in halves)
+               for order in orders for lo_byte, hi_byte in halves)
 
 
 class _JnpOps:
@@ -121,6 +126,64 @@ class _PtxOps:
   def prmt(self, a, b, sel):
     return llvm.inline_asm(self.i32, [self._value(a), self._value(b), self._value(sel)],
                            "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r")
+
+
+class _PtxText:
+  """decode_words' operations as lines of PTX over 32-bit registers iq<n> (one per result), for
+  an inline-assembly block; an operand is a register's name or an integer (an immediate)."""
+
+  def __init__(self):
+    self.lines = []
+
+  def _emit(self, op, *operands):
+    reg = f"iq{len(self.lines)}"
+    args = ", ".join(v if isinstance(v, str) else f"0x{v:08x}" for v in operands)
+    self.lines.append(f"{op} {reg}, {args};")
+    return reg
+
+  def and_(self, a, b):
+    return self._emit("and.b32", a, b)
+
+  def or_(self, a, b):
+    return self._emit("or.b32", a, b)
+
+  def shr(self, a, n):
+    return a if n == 0 else self._emit("shr.b32", a, n)
+
+  def prmt(self, a, b, sel):
+    return self._emit("prmt.b32", a, b, sel)
+
+
+def triton_asm() -> str:
+  """decode_words as one inline-assembly block for Triton's elementwise_inline_asm with pack=4:
+  operand $4 holds 4 packed bytes, and result $k the bfloat16 values of byte k's two nibbles,
+  the low nibble's in bits 0-15 and the high nibble's in bits 16-31."""
+  ops = _PtxText()
+  w0, w2, w1, w3 = decode_words("$4", ops, table_words(jnp.bfloat16), _BYTE_PAIRS)
+  moves = [f"mov.b32 ${k}, {word};" for k, word in enumerate((w0, w1, w2, w3))]
+  return "\n".join(["{", f".reg .b32 iq<{len(ops.lines)}>;", *ops.lines, *moves, "}"])
+
+
+def decode_triton(packed: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """As decode, inside a Pallas Triton kernel: packed, a uint8 array whose last axis is a
+  multiple of 4, as the float32 table values of its low and of its high nibbles. The assembly
+  writes each byte's two values as bfloat16 into one 32-bit word (triton_asm), which is
+  elementwise, so Triton may group any 4 of a thread's bytes into its operand; a bfloat16 in a
+  word's high half is that float32, so each value then costs one integer op. (One result of 32
+  bits, not two of 16: Pallas lowers this primitive to a single result.) `interpret`: Pallas'
+  interpret mode (jnp)."""
+  if interpret:
+    rows, cols = packed.shape
+    q = lax.bitcast_convert_type(packed.reshape(rows, cols // 4, 4), jnp.uint32)
+    w0, w2, w1, w3 = decode_words(q, _JnpOps(), table_words(jnp.bfloat16), _BYTE_PAIRS)
+    words = lax.bitcast_convert_type(jnp.stack([w0, w1, w2, w3], axis=-1), jnp.int32)
+    words = words.reshape(rows, cols)
+  else:  # Triton's integers are signless: int32
+    (words,) = pltriton.elementwise_inline_asm(
+        triton_asm(), args=[packed], constraints="=r,=r,=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.int32)])
+  as_float = lambda bits: lax.bitcast_convert_type(bits, jnp.float32)
+  return as_float(words << 16), as_float(words & jnp.int32(-1 << 16))
 
 
 def _decode_interpreted(packed, dtype):
