@@ -84,6 +84,18 @@ def test_one_row_long_contraction_splits_k(fmt, rng):
   assert triton.choose_tuning(1, 1, 2048, 102400, fmt).split_k == 1  # enough column blocks
 
 
+def test_split_weights_share_one_partial_sum(rng):
+  """Split over pieces of K, the weights of one launch (96 and 32 columns) write their partial
+  sums into one float32 array side by side, [3, B, H, 96 + 32], which one reduction adds."""
+  x = jax.ShapeDtypeStruct((1, 1, 96), jnp.bfloat16)
+  ws = jax.eval_shape(lambda: (gemv_weights(rng, 1, 96, 96, "q8_0"),
+                               gemv_weights(rng, 1, 96, 32, "q8_0")))
+  jaxpr = str(jax.make_jaxpr(lambda x, ws: gemv.batched_gemv(
+      x, ws, impl="pallas", lowering="triton", tuning=TUNINGS["fma_split3_k2"],
+      interpret=not ON_GPU))(x, ws))
+  assert "f32[3,1,1,128]" in jaxpr and "f32[3,1,1,96]" not in jaxpr
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", ["dot", "fma"])
 def test_head_ids_gather_the_weight_heads(name, fmt, rng):

@@ -33,7 +33,8 @@ them). Here one launch covers every head and batch row:
   GGML blocks), each over a piece of K, which write float32 partial sums [G, B, H, N] that one
   small XLA reduction adds (split-K, as in GEMM libraries): with one head (a Linear's weight),
   N / block_n programs alone cannot fill the GPU's SMs nor keep enough loads in flight, and each
-  would walk all of K.
+  would walk all of K. Several weights of one launch write their partial sums side by side
+  into one array, so that one reduction adds them all.
 
 ops/gemv/mosaic.py is the Hopper kernel of the same product; ops.gemv's dispatcher runs it on
 request (lowering="mosaic") and says why this one stays the default.
@@ -47,13 +48,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
-from mla_jax.ops.mosaic import iq4_nl_prmt
 from mla_jax.ops.common import (MAGIC, MAGIC_BITS, TRITON_MIN_DOT, check_field, is_pow2,
                                 is_positive_int, next_pow2)
+from mla_jax.ops.mosaic import iq4_nl_prmt
 
 BLOCK = quant.BLOCK
 HALF = BLOCK // 2
@@ -213,8 +215,8 @@ def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, 
   #   dense:  w_ref [E, K, N_t]
   #   q8_0:   qs_ref int8 [E, K, N_t], d_ref float16 [E, K/32, N_t]
   #   iq4_nl: qs_ref uint8 [E, K/2, N_t], d_ref float16 [E, K/32, N_t]
-  # then per weight t, o_ref: [B, H, N_t], or [split_k, B, H, N_t] float32 partial sums over
-  #   pieces of K
+  # then per weight t, o_ref: [B, H, N_t]; or, split over pieces of K, one o_ref
+  #   [split_k, B, H, Σ N_t] of float32 partial sums, the weights' columns side by side
   # E = H, and head h reads w[h], unless gathered: then head h reads w[ids[h]].
   ids_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
   arity = 1 if fmt is None else 2  # arrays a weight is made of
@@ -231,8 +233,9 @@ def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, 
     mask = jnp.broadcast_to(row_ok[:, None], (block_b, width))
     return pltriton.load(x_ref.at[rows, h, pl.ds(k0, width)], mask=mask, other=0.0)
 
-  def product(w_refs, o_ref, j):
-    """Column block j of this weight: [block_b, block_n] outputs of head h."""
+  def product(w_refs, o_ref, j, o_first):
+    """Column block j of this weight: [block_b, block_n] outputs of head h, at columns o_first +
+    j·block_n of o_ref."""
     cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
 
     def weight_block(kb):
@@ -286,13 +289,16 @@ def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, 
     if not dot:
       acc = jnp.sum(acc, axis=0, keepdims=True)  # [1, block_n]
     mask = jnp.broadcast_to(row_ok[:, None], (block_b, block_n))
-    out = o_ref.at[g, rows, h, cols] if split_k > 1 else o_ref.at[rows, h, cols]
+    o_cols = pl.ds(pl.multiple_of(o_first + j * block_n, block_n), block_n)
+    out = o_ref.at[g, rows, h, o_cols] if split_k > 1 else o_ref.at[rows, h, o_cols]
     pltriton.store(out, acc.astype(o_ref.dtype), mask=mask)
 
   first = 0  # the weights' column blocks follow each other along the grid's axis 1
   for t, blocks in enumerate(col_blocks):
-    run = functools.partial(product, refs[t * arity:(t + 1) * arity],
-                            refs[num_weights * arity + t], column_block - first)
+    o_ref, o_first = ((refs[num_weights * arity], first * block_n) if split_k > 1
+                      else (refs[num_weights * arity + t], 0))
+    run = functools.partial(product, refs[t * arity:(t + 1) * arity], o_ref,
+                            column_block - first, o_first)
     if num_weights == 1:
       run()
     else:
@@ -371,8 +377,8 @@ def _launch(x, weights, tuning, interpret, head_ids):
   w_args = tuple(a for wt in weights for a in ((wt.qs, wt.d) if quantized else (wt,)))
   if head_ids is not None:
     w_args = (jnp.clip(head_ids.astype(jnp.int32), 0, E - 1), *w_args)
-  out_shape = [jax.ShapeDtypeStruct((split_k, B, H, n), jnp.float32) if split_k > 1
-               else jax.ShapeDtypeStruct((B, H, n), x.dtype) for n in widths]
+  out_shape = ([jax.ShapeDtypeStruct((split_k, B, H, sum(widths)), jnp.float32)] if split_k > 1
+               else [jax.ShapeDtypeStruct((B, H, n), x.dtype) for n in widths])
   ys = pl.pallas_call(
       kernel,
       out_shape=out_shape,
@@ -382,4 +388,8 @@ def _launch(x, weights, tuning, interpret, head_ids):
       interpret=interpret,
       name="mla_batched_gemv",
   )(x, *w_args)
-  return tuple(y.sum(axis=0).astype(x.dtype) if split_k > 1 else y for y in ys)
+  if split_k == 1:
+    return tuple(ys)
+  # one sum of every weight's partials: one XLA reduction a launch, not one a weight
+  y = ys[0].sum(axis=0).astype(x.dtype)
+  return tuple(jnp.split(y, np.cumsum(widths)[:-1], axis=-1))
