@@ -114,6 +114,11 @@ def test_head_ids_gather_the_weight_heads(name, fmt, rng):
   assert rel_err(xla, gemv_oracle(x, chosen)) <= RTOL[jnp.bfloat16]
   with pytest.raises(ValueError, match="head_ids.shape"):
     gemv.batched_gemv(x, w, impl="xla", head_ids=ids[:3])
+  outside = ids.at[0].set(-3).at[4].set(E + 5)  # clamped to experts 0 and E - 1
+  y = gemv.batched_gemv(x, w, impl="pallas", lowering="triton", tuning=TUNINGS[name],
+                        interpret=not ON_GPU, head_ids=outside)
+  clamped = jax.tree.map(lambda a: a[np.clip(np.asarray(outside), 0, E - 1)], w)
+  assert rel_err(y, gemv_oracle(x, clamped)) <= RTOL[jnp.bfloat16]
 
 
 @pytest.mark.parametrize("gathered", [False, True], ids=["heads", "gathered"])
