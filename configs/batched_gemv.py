@@ -4,7 +4,8 @@ experiments/bench_gemv.py: both absorbed products (wk_b: K=128 -> C=512 and wv_b
 bf16 and GGML-style quantized weights; µs, GB/s of weight bytes and kernels launched per call,
 against XLA einsum (bf16) and XLA dequantize-then-einsum (quantized); then one V2-Lite layer's
 decode step. The Triton kernel's tuning sweep: --config.timed='("pallas","fma32","dot16")' (any
-names of `sweep`). Without a GPU: --config.interpret=True with tiny shapes, e.g.
+names of `sweep`). A MoE layer's chosen experts: --config.experts=64 --config.heads='(6,)'. Without
+a GPU: --config.interpret=True with tiny shapes, e.g.
 --config.heads='(2,)' --config.batch_sizes='(1,3)' --config.products='((128,64),(64,32))'.
 """
 
@@ -27,6 +28,9 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.kind = "batched_gemv"  # experiment: experiments/bench_gemv.py
   config.heads = (16, 128)  # H: V2-Lite has 16, V3 128
+  # E > 0: the weight holds E heads and each of the H heads of x reads a distinct one of them,
+  # drawn at random (head_ids: a MoE layer's chosen experts, E=64 in V2-Lite); 0: H heads
+  config.experts = 0
   config.batch_sizes = (1, 8, 64)  # B rows per head
   config.products = ((128, 512), (512, 128))  # (K in, N out): q_nope·wk_b and o_latent·wv_b
   config.weight_formats = ("bf16", "q8_0", "iq4_nl")  # quant.quantize formats; bf16 is plain

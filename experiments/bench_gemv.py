@@ -18,6 +18,7 @@ so device_us_standalone leaves those copies out. Also times the decode step of o
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -100,14 +101,20 @@ def _time(config, fn, args_list, row, nbytes):
 
 
 def _shape(config, H, K, N, B, fmt, rng, hlo_log, with_sweep) -> list[dict]:
-  """Rows of one (H, K, N, B, fmt): one per path that can take it."""
+  """Rows of one (H, K, N, B, fmt): one per path that can take it. With config.experts = E,
+  the weight has E heads and head h of x reads head_ids[h] of them (H distinct, at random)."""
   dtype = jnp.dtype(config.dtype)
-  w32 = jnp.asarray(rng.standard_normal((H, K, N)) * K ** -0.5, jnp.float32)
+  E = config.experts or H
+  if E < H:
+    raise harness.ConfigError(f"experts={E}: expected 0 or at least max(heads) (H={H})")
+  w32 = jnp.asarray(rng.standard_normal((E, K, N)) * K ** -0.5, jnp.float32)
   w = w32.astype(jnp.bfloat16) if fmt == "bf16" else quant.quantize(w32, fmt)
+  head_ids = jnp.asarray(rng.choice(E, H, replace=False), jnp.int32) if config.experts else None
+  chosen = w if head_ids is None else jax.tree.map(lambda a: a[np.asarray(head_ids)], w)
   width = K + R if K == 128 else K  # product 1 reads q_nope inside the whole query
   x = jnp.asarray(rng.standard_normal((B, H, width)), dtype)
-  ref = reference.batched_gemv(x[..., :K], w)
-  wbytes = w.nbytes if fmt != "bf16" else w.size * 2
+  ref = reference.batched_gemv(x[..., :K], chosen)
+  wbytes = (w.nbytes if fmt != "bf16" else w.size * 2) // E * H  # the bytes a call reads
   n = harness.num_sets(wbytes, config.rotate_bytes, min_sets=4, max_sets=config.max_chain)
   args_list = list(zip(harness.copies(x, n), harness.copies(w, n)))
   rows = []
@@ -116,15 +123,16 @@ def _shape(config, H, K, N, B, fmt, rng, hlo_log, with_sweep) -> list[dict]:
     only = variant.get("only") or {}
     if any(case[k] not in (v if isinstance(v, (tuple, list)) else (v,)) for k, v in only.items()):
       continue  # a variant for other cases (e.g. int8 activations need q8_0 weights)
-    row = dict(**case, path=name, chain=n, weight_bytes=int(wbytes))
+    row = dict(**case, path=name, chain=n, weight_bytes=int(wbytes),
+               **({"E": E} if head_ids is not None else {}))
     try:
-      plan, options = harness.plan_variant(ops.gemv.plan, (x, w), variant,
-                                           interpret=config.interpret)
+      plan, options = harness.plan_variant(functools.partial(ops.gemv.plan, head_ids=head_ids),
+                                           (x, w), variant, interpret=config.interpret)
     except (ValueError, NotImplementedError) as err:  # this variant does not take this case
       rows.append({**row, "unsupported": f"{type(err).__name__}: {str(err).splitlines()[0]}"})
       continue
     row["plan"] = str(plan)
-    fn = lambda x, w, options=options: ops.batched_gemv(x, w, **options)
+    fn = lambda x, w, options=options: ops.batched_gemv(x, w, head_ids=head_ids, **options)
     try:
       start = time.perf_counter()
       compiled = jax.jit(fn).lower(x, w).compile()
@@ -132,7 +140,7 @@ def _shape(config, H, K, N, B, fmt, rng, hlo_log, with_sweep) -> list[dict]:
       y = compiled(x, w)
       ref_x = ref
       if getattr(plan.tuning, "int8", False):  # int8 activations: the oracle on quantized x
-        ref_x = reference.batched_gemv(quant.quantize_q8_1(x[..., :K]).dequantize(), w)
+        ref_x = reference.batched_gemv(quant.quantize_q8_1(x[..., :K]).dequantize(), chosen)
       row["rel_err"] = harness.rel_err(y, ref_x)
       row["ok"] = bool(row["rel_err"] <= config.rtol[fmt])  # NaN fails
       hlo = compiled.as_text()
@@ -328,6 +336,9 @@ def markdown(results: dict) -> str:
            "µs: wall time per call in an ordered chain over rotated weight copies; device µs: the "
            "GPU kernels of one chain in a profiler trace, less the chain-only copies of x; GB/s: "
            "weight bytes over the time; kernels: launches in the compiled HLO of one call."
+           + (f" Each of the H heads reads a distinct one of {config['experts']} expert weights "
+              "(head_ids, drawn at random): a MoE layer's chosen experts."
+              if config.get("experts") else "")
            + (f" {unsupported} (case, variant) pairs the variant does not take are left out."
               if unsupported else "")]
   if results.get("decode_step"):

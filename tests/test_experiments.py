@@ -268,7 +268,7 @@ KERNEL_RUNS = {
                        "--config.interpret=True", "--config.reps=1", "--config.trials=1",
                        "--config.min_trial_s=0", "--config.profile_runs=1",
                        "--config.rotate_bytes=1"],
-    "batched_gemv": ["--config.heads=(2,)", "--config.batch_sizes=(1,)",
+    "batched_gemv": ["--config.heads=(2,)", "--config.experts=3", "--config.batch_sizes=(1,)",
                      "--config.products=((128,64),)", "--config.weight_formats=(\"q8_0\",)",
                      "--config.timed=(\"pallas\",\"pallas_int8\",\"fma32\")",
                      "--config.interpret=True", "--config.warmup=1", "--config.iters=1",
@@ -305,9 +305,10 @@ def test_kernel_benchmark_runs_on_cpu_through_the_runner(name, tmp_path):
       assert r["pallas_rel_err"] < 2e-2 and r["xla_rel_err"] < 2e-2 and r["pallas_us"] > 0
   elif name == "batched_gemv":
     assert [r["path"] for r in rows] == ["xla", "pallas", "pallas_int8", "fma32"]
-    for r in rows:
+    for r in rows:  # 2 heads gathered from 3 expert weights: the bytes of 2 read
       assert "error" not in r, r
-      assert r["ok"] and r["us"] > 0 and r["kernels"] >= 1
+      assert r["ok"] and r["us"] > 0 and r["kernels"] >= 1 and r["E"] == 3
+      assert r["weight_bytes"] == 2 * (128 * 64 + 128 // 32 * 64 * 2)
     fma = next(r for r in rows if r["path"] == "fma32")
     assert "block_n=32" in fma["plan"] and "dot=False" in fma["plan"]
     step = {r["path"]: r for r in results["decode_step"]}
