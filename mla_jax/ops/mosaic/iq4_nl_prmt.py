@@ -173,11 +173,10 @@ def decode_triton(packed: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Ar
   bits, not two of 16: Pallas lowers this primitive to a single result.) `interpret`: Pallas'
   interpret mode (jnp)."""
   if interpret:
-    rows, cols = packed.shape
-    q = lax.bitcast_convert_type(packed.reshape(rows, cols // 4, 4), jnp.uint32)
-    w0, w2, w1, w3 = decode_words(q, _JnpOps(), table_words(jnp.bfloat16), _BYTE_PAIRS)
+    w0, w2, w1, w3 = decode_words(_words(packed), _JnpOps(), table_words(jnp.bfloat16),
+                                  _BYTE_PAIRS)
     words = lax.bitcast_convert_type(jnp.stack([w0, w1, w2, w3], axis=-1), jnp.int32)
-    words = words.reshape(rows, cols)
+    words = words.reshape(packed.shape)
   else:  # Triton's integers are signless: int32
     (words,) = pltriton.elementwise_inline_asm(
         triton_asm(), args=[packed], constraints="=r,=r,=r,=r,r", pack=4,
@@ -186,12 +185,16 @@ def decode_triton(packed: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Ar
   return as_float(words << 16), as_float(words & jnp.int32(-1 << 16))
 
 
-def _decode_interpreted(packed, dtype):
+def _words(packed):
+  """packed [rows, cols] uint8 as [rows, cols / 4] uint32 words of 4 consecutive bytes."""
   rows, cols = packed.shape
-  q = lax.bitcast_convert_type(packed.reshape(rows, cols // 4, 4), jnp.uint32)
-  lo01, lo23, hi01, hi23 = decode_words(q, _JnpOps(), table_words(dtype))
+  return lax.bitcast_convert_type(packed.reshape(rows, cols // 4, 4), jnp.uint32)
+
+
+def _decode_interpreted(packed, dtype):
+  lo01, lo23, hi01, hi23 = decode_words(_words(packed), _JnpOps(), table_words(dtype))
   as_floats = lambda a, b: lax.bitcast_convert_type(
-      jnp.stack([a, b], axis=-1), dtype).reshape(rows, cols)
+      jnp.stack([a, b], axis=-1), dtype).reshape(packed.shape)
   return as_floats(lo01, lo23), as_floats(hi01, hi23)
 
 
