@@ -7,9 +7,11 @@ rules of ops.gemv.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from helpers import R, RTOL, gemv_oracle, gemv_weights, rel_err
@@ -164,3 +166,43 @@ def test_large_values_and_scales(fmt, rng):
   x = jnp.asarray(rng.standard_normal((2, H, K)) * 300, jnp.bfloat16)
   y = _mosaic(x, qw)
   assert rel_err(y, gemv_oracle(x, qw)) <= RTOL[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_head_ids_gather_the_weight_heads(fmt, rng):
+  """head_ids: head h's program reads w[head_ids[h]] of E=5 weight heads where it lies (repeats,
+  and ids outside [0, E) clamped), against the oracle on the gathered weights; B=3 also takes
+  TMA's zero rows past B. Compiled on a GPU, interpreted elsewhere."""
+  B, H, E, K, N = 3, 4, 5, 256, 64
+  x = jnp.asarray(rng.standard_normal((B, H, K + R)), jnp.bfloat16)
+  w = gemv_weights(rng, E, K, N, fmt)
+  w = w.astype(jnp.bfloat16) if fmt == "bf16" else w
+  ids = jnp.asarray([4, -2, 4, E + 3], jnp.int32)
+  y = gemv.batched_gemv(x, w, impl="pallas", lowering="mosaic", interpret=not ON_GPU,
+                        head_ids=ids)
+  chosen = jax.tree.map(lambda a: a[np.clip(np.asarray(ids), 0, E - 1)], w)
+  assert y.shape == (B, H, N)
+  assert rel_err(y, gemv_oracle(x[..., :K], chosen)) <= RTOL[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("gathered", [False, True], ids=["heads", "gathered"])
+@pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
+def test_several_weights_share_one_launch(fmt, gathered, rng):
+  """A tuple of weights (128 and 64 columns) gives the tuple of their products from one Mosaic
+  GPU kernel, each equal to its own oracle."""
+  B, H, E, K = 1, 2, 3, 256
+  x = jnp.asarray(rng.standard_normal((B, H, K)), jnp.bfloat16)
+  ws = (gemv_weights(rng, E if gathered else H, K, 128, fmt),
+        gemv_weights(rng, E if gathered else H, K, 64, fmt))
+  ids = jnp.asarray([2, 0], jnp.int32) if gathered else None
+  run = lambda x, ws, interpret=not ON_GPU: gemv.batched_gemv(
+      x, ws, impl="pallas", lowering="mosaic", interpret=interpret, head_ids=ids)
+  ys = run(x, ws)
+  chosen = [jax.tree.map(lambda a: a[np.asarray(ids)], w) for w in ws] if gathered else ws
+  for y, w in zip(ys, chosen, strict=True):
+    assert y.shape == (B, H, w.shape[2])
+    assert rel_err(y, gemv_oracle(x, w)) <= RTOL[jnp.bfloat16]
+  lowered = jax.jit(functools.partial(run, interpret=False)).trace(x, ws).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert lowered.count("custom_call @mosaic_gpu") == 1
+

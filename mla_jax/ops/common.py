@@ -145,6 +145,18 @@ def check_gemv_args(x, w):
     raise _shape_error("w", w, f"[H,K,N] with H={x.shape[1]} and K <= {x.shape[2]}")
 
 
+def check_same_kind(weights):
+  """Weights that share a GEMV launch: one type, dtype, format, E and K."""
+  first = weights[0]
+  for t, wt in enumerate(weights[1:], 1):
+    if (type(wt) is not type(first) or wt.dtype != first.dtype
+        or getattr(wt, "fmt", None) != getattr(first, "fmt", None)
+        or tuple(wt.shape[:2]) != tuple(first.shape[:2])):
+      raise ValueError(f"w[{t}]: {type(wt).__name__} {tuple(wt.shape)} {wt.dtype}; the weights "
+                       f"of one launch must be like w[0]: {type(first).__name__} "
+                       f"{tuple(first.shape)} {first.dtype}, of one format, E and K")
+
+
 def cache_dtype(c_kv):
   """int8 for a quant.Int8Rows cache, else the array's dtype."""
   return jnp.dtype(jnp.int8 if isinstance(c_kv, quant.Int8Rows) else c_kv.dtype)

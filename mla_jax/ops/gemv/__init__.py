@@ -46,8 +46,6 @@ def plan(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
   if lowering not in (None, *LOWERINGS):
     raise ValueError(f"lowering={lowering!r}: expected None or one of {LOWERINGS}")
   kernel = lowering or "triton"
-  if head_ids is not None and kernel != "triton":
-    raise ValueError(f"head_ids with lowering={kernel!r}: only the Triton kernel gathers heads")
   module, tuning_type = _KERNELS[kernel]
   reason = next(filter(None, (module.unsupported(x, wt) for wt in weights)), None)
   if reason is not None:
@@ -76,15 +74,16 @@ def batched_gemv(x, w, *, impl: str = "auto", lowering: str | None = None, tunin
   interpret: run a Pallas kernel in interpret mode (on a CPU).
 
   head_ids [H] int32: y[b,h] = x[b,h,:K] · w[head_ids[h]] instead, for w [E,K,N] of any E (a MoE
-  layer's experts, chosen per token); the Triton kernel reads the chosen heads where they lie.
+  layer's experts, chosen per token); the Pallas kernels read the chosen heads where they lie.
 
   w may be a tuple of weights of one kind, E and K (products of the same x, e.g. gate_proj and
-  up_proj): y is then the tuple of their products, which the Triton kernel computes in one
+  up_proj): y is then the tuple of their products, which the Pallas kernels compute in one
   launch (the other paths one product at a time)."""
   p = plan(x, w, impl=impl, lowering=lowering, tuning=tuning, interpret=interpret,
            head_ids=head_ids)
-  if p.kernel == "triton":
-    return triton.batched_gemv(x, w, tuning=p.tuning, interpret=interpret, head_ids=head_ids)
+  if p.kernel in _KERNELS:
+    return _KERNELS[p.kernel][0].batched_gemv(x, w, tuning=p.tuning, interpret=interpret,
+                                              head_ids=head_ids)
   if isinstance(w, tuple):
     return tuple(batched_gemv(x, wt, impl=impl, lowering=lowering, tuning=tuning,
                               interpret=interpret, head_ids=head_ids) for wt in w)
@@ -92,9 +91,7 @@ def batched_gemv(x, w, *, impl: str = "auto", lowering: str | None = None, tunin
     w = jax.tree.map(lambda a: jnp.take(a, head_ids, axis=0), w)
   if p.kernel == "reference":
     return reference.batched_gemv(x[..., :w.shape[1]], w)
-  if p.kernel == "xla":
-    return xla.batched_gemv(x[..., :w.shape[1]], w)
-  return mosaic.batched_gemv(x, w, tuning=p.tuning, interpret=interpret)
+  return xla.batched_gemv(x[..., :w.shape[1]], w)
 
 
 def _gathered_shape(x, w, head_ids):

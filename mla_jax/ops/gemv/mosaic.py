@@ -24,18 +24,23 @@ exactly to the activation dtype, each block's product goes to its own accumulato
 by the block's float16 d per output column before it is added: y = Σ_blocks d_kb · (q_kb · x_kb).
 - q8_0: each block goes from the int8 tile straight into wgmma's A operand registers
   (ops/mosaic/q8_0_registers.py: a transposing ldmatrix, then integer and packed-float ops),
-  not through shared memory. Its rows come in a permuted column order, which the block scales and the output
-  tile follow.
-- iq4_nl: decoded into shared memory. A chunk is 128 rows (4 blocks), so that its packed bytes
-  fill a [64, 64] tile. Byte permutes look the 4-bit indices up in the table
-  (ops/mosaic/iq4_nl_prmt.py) into two tiles, the low nibbles (each block's rows 0-15) and the high
-  nibbles (rows 16-31). x then arrives in [Bp, 16] half-block tiles, and each half block is one
-  K=16 product.
+  not through shared memory. Its rows come in a permuted column order, which the block scales
+  and the output tile follow.
+- iq4_nl: the same transposing load of the packed bytes, then byte permutes look the 4-bit
+  indices up in the table straight into the A operand registers, one K=16 product per half
+  block (ops/mosaic/iq4_nl_registers.py), rows in the same order. A chunk is 128 rows (4
+  blocks), so that its packed bytes fill a [64, 64] tile; x arrives in [Bp, 16] half-block
+  tiles.
 
 Every tile is read in place: x from any [B, H, K'] array with K' >= K (the whole query), the
-weights as stored. The Triton kernel (ops/gemv/triton.py) stays the default and the portable
-path, and serves what this one does not (see unsupported()); ops.gemv's dispatcher runs this one
-with lowering="mosaic", and says why it is not the default.
+weights as stored, a MoE layer's chosen experts where they lie (head_ids: head h's program
+reads weight head head_ids[h]). Several weights of one kind (gate_proj and up_proj) share one
+launch: their column tiles follow each other along the grid, and each program fetches from and
+stores to its own weight's arrays.
+
+The Triton kernel (ops/gemv/triton.py) stays the default and the portable path, and serves what
+this one does not (see unsupported()); ops.gemv's dispatcher runs this one with
+lowering="mosaic", and says why it is not the default.
 """
 
 from __future__ import annotations
@@ -46,13 +51,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mla_jax import quant
-from mla_jax.ops.common import check_field, is_positive_int, next_pow2
-from mla_jax.ops.mosaic import iq4_nl_prmt, q8_0_registers
+from mla_jax.ops.common import check_field, check_same_kind, is_positive_int, next_pow2
+from mla_jax.ops.mosaic import iq4_nl_registers, q8_0_registers
 from mla_jax.ops.mosaic.common import accumulate, interpret_params, smem
 
 BLOCK = quant.BLOCK
@@ -139,8 +145,8 @@ class _Scratch(NamedTuple):
   w_smem: Any = None    # [W, stages, tk, TN] float weights (None for quantized ones)
   qs_smem: Any = None   # [W, stages, rows stored per chunk, TN] quantized values
   d_smem: Any = None    # [W, stages, blocks, TN] float16 block scales
-  conv_smem: Any = None  # iq4_nl: [W, 2, TK, TN] decoded nibble halves; interpreted q8_0:
-                         # [W, blocks, TN, 32] A operands
+  conv_smem: Any = None  # interpret mode's A operands: q8_0 [W, blocks, TN, 32], iq4_nl
+                         # [W, blocks / 2, 4, TN, 16] (iq4_nl_registers.a_operands)
   y_smem: Any = None    # [Bp, TN] the output tile
   bars: Any = None      # [W·stages]: a chunk's copies landed
   red_smem: Any = None  # [W - 1, TN, Bp] float32 split-K partial sums (W > 1)
@@ -148,14 +154,25 @@ class _Scratch(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
-def batched_gemv(x, w, *, tuning: MosaicGemvTuning, interpret: bool = False):
+def batched_gemv(x, w, *, tuning: MosaicGemvTuning, interpret: bool = False, head_ids=None):
   """y [B,H,N] = x[..., :K] · w per head, in x's dtype; arguments as ops.batched_gemv (see
-  unsupported() for what this kernel takes). `interpret`: run in Mosaic GPU's interpret mode (on
-  a CPU)."""
+  unsupported() for what this kernel takes). w may be a tuple of weights of one kind, E and K:
+  their column tiles share the launch's grid, and y is the tuple of their products. head_ids [H]
+  int32: head h reads w[head_ids[h]] of w [E, K, N] (ids outside [0, E) are clamped).
+  `interpret`: run in Mosaic GPU's interpret mode (on a CPU)."""
+  weights = w if isinstance(w, tuple) else (w,)
+  check_same_kind(weights)
+  ys = _launch(x, weights, tuning, interpret, head_ids)
+  return ys if isinstance(w, tuple) else ys[0]
+
+
+def _launch(x, weights, tuning, interpret, head_ids):
+  """The products of x with each of `weights` in one Mosaic GPU kernel: a tuple of [B,H,N_t]."""
   B, H, _ = x.shape
-  _, K, N = w.shape
+  E, K, _ = weights[0].shape
+  widths = [wt.shape[2] for wt in weights]
   dtype, Bp = x.dtype, block_rows(B)
-  fmt = getattr(w, "fmt", None)
+  fmt = getattr(weights[0], "fmt", None)
   tk = _chunk_rows(fmt)
   xw = _x_width(fmt)
   blocks = tk // BLOCK  # GGML blocks per chunk
@@ -165,32 +182,53 @@ def batched_gemv(x, w, *, tuning: MosaicGemvTuning, interpret: bool = False):
     raise ValueError(f"warpgroups={W}: must divide the {chunks} chunks of {tk} rows of K={K}")
   per_wg = chunks // W
   stages = min(tuning.stages, per_wg)
+  arity = 2 if fmt else 1  # arrays a weight is made of
+  firsts = np.cumsum([0] + [n // _TN for n in widths])  # weight t: column tiles [firsts[t], ..)
 
-  def kernel(x_ref,  # [B, H, K']
-             *refs,  # w_ref [H, K, N], or qs_ref and d_ref (quant.QuantizedTensor); y_ref [B, H, N]
+  def kernel(ids_ref,  # [H] int32: the weight head of each x head
+             x_ref,    # [B, H, K']
+             *refs,    # per weight t: w_ref [E, K, N_t], or qs_ref and d_ref
+                       # (quant.QuantizedTensor); then per weight t, y_ref [B, H, N_t]
              scratch: _Scratch):
-    *w_refs, y_ref = refs
+    w_refs, y_refs = refs[:arity * len(widths)], refs[arity * len(widths):]
     x_smem, qs_smem, d_smem, conv_smem = (scratch.x_smem, scratch.qs_smem, scratch.d_smem,
                                           scratch.conv_smem)
     h, j, i = lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("b")
+    e = ids_ref[h]
     wg = lax.axis_index("wg")
-    rows, cols = pl.ds(i * Bp, Bp), pl.ds(j * _TN, _TN)
+    rows = pl.ds(i * Bp, Bp)
     first = wg * per_wg  # this warpgroup's chunks: [first, first + per_wg)
+
+    def for_weight(body):
+      """body(t, refs of weight t, its column tiles) for the weight this program's tiles are
+      in: a branch per weight, one of which runs."""
+      for t in range(len(widths)):
+        cols = pl.ds((j - firsts[t]) * _TN, _TN)
+        run = functools.partial(body, t, w_refs[t * arity:(t + 1) * arity], cols)
+        if len(widths) == 1:
+          run()
+        else:
+          pl.when((j >= firsts[t]) & (j < firsts[t + 1]))(run)
 
     def fetch(c, slot):
       bar = scratch.bars.at[wg * stages + slot]
       for piece in range(tk // xw):
         plgpu.copy_gmem_to_smem(x_ref.at[rows, h, pl.ds(c * tk + piece * xw, xw)],
                                 x_smem.at[wg, slot, piece], bar)
-      if fmt:
-        packed = qs_smem.shape[2]  # stored rows per chunk (iq4_nl: two weights a byte)
-        plgpu.copy_gmem_to_smem(w_refs[0].at[h, pl.ds(c * packed, packed), cols],
-                                qs_smem.at[wg, slot], bar)
-        plgpu.copy_gmem_to_smem(w_refs[1].at[h, pl.ds(blocks * c, blocks), cols],
-                                d_smem.at[wg, slot], bar)
-      else:
-        plgpu.copy_gmem_to_smem(w_refs[0].at[h, pl.ds(c * tk, tk), cols],
-                                scratch.w_smem.at[wg, slot], bar)
+
+      def weight(t, refs, cols):
+        del t
+        if fmt:
+          packed = qs_smem.shape[2]  # stored rows per chunk (iq4_nl: two weights a byte)
+          plgpu.copy_gmem_to_smem(refs[0].at[e, pl.ds(c * packed, packed), cols],
+                                  qs_smem.at[wg, slot], bar)
+          plgpu.copy_gmem_to_smem(refs[1].at[e, pl.ds(blocks * c, blocks), cols],
+                                  d_smem.at[wg, slot], bar)
+        else:
+          plgpu.copy_gmem_to_smem(refs[0].at[e, pl.ds(c * tk, tk), cols],
+                                  scratch.w_smem.at[wg, slot], bar)
+
+      for_weight(weight)
 
     def dense_step(slot, acc):
       def products(acc_ref):
@@ -200,28 +238,23 @@ def batched_gemv(x, w, *, tuning: MosaicGemvTuning, interpret: bool = False):
       return accumulate(acc, products, interpret)
 
     def decode(slot):
-      """The chunk's weights decoded; per block, its (wgmma A operand, x tile) pairs."""
-      if fmt == "q8_0":  # in registers, rows in q8_0_registers.COLUMNS' order
+      """The chunk's weights decoded into registers, rows in q8_0_registers.COLUMNS' order;
+      per block, its (wgmma A operand, x tile) pairs: one for q8_0, for iq4_nl one per half."""
+      if fmt == "q8_0":
         blocks_a = [q8_0_registers.a_operand(qs_smem.at[wg, slot, pl.ds(kb * BLOCK, BLOCK)], dtype,
                                              conv_smem.at[wg, kb] if interpret else None)
                     for kb in range(blocks)]
         if interpret:
           plgpu.commit_smem()
         return [[(a, x_smem.at[wg, slot, kb])] for kb, a in enumerate(blocks_a)]
-      conv = conv_smem.at[wg]
-      packed = plgpu.load(qs_smem.at[wg, slot], layout=plgpu.Layout.WGMMA_8BIT)
-      for nibbles, values in enumerate(iq4_nl_prmt.decode(packed, dtype, interpret)):
-        conv.at[nibbles][...] = values  # row 16·kb + r: block kb's row r (+ 16 if high)
-      plgpu.commit_smem()
-      half = BLOCK // 2
-      return [[(conv.at[nibbles, pl.ds(kb * half, half)].T, x_smem.at[wg, slot, 2 * kb + nibbles])
+      halves = []  # block 2p's low and high halves, then block 2p + 1's
+      for p in range(blocks // 2):
+        tile = qs_smem.at[wg, slot, pl.ds(p * iq4_nl_registers.TILE_ROWS,
+                                          iq4_nl_registers.TILE_ROWS)]
+        halves += iq4_nl_registers.a_operands(tile, dtype,
+                                              conv_smem.at[wg, p] if interpret else None)
+      return [[(halves[2 * kb + nibbles], x_smem.at[wg, slot, 2 * kb + nibbles])
                for nibbles in range(2)] for kb in range(blocks)]
-
-    def scales(slot, kb):
-      """Block kb's scales, one per row of the products' accumulators."""
-      if fmt == "q8_0":
-        return q8_0_registers.row_scales(d_smem.at[wg, slot, kb], interpret)
-      return plgpu.load(d_smem.at[wg, slot, kb], layout=plgpu.Layout.WGMMA.reduce(1))
 
     def quantized_step(slot, acc):
       operands = decode(slot)
@@ -236,7 +269,7 @@ def batched_gemv(x, w, *, tuning: MosaicGemvTuning, interpret: bool = False):
         parts = pl.run_scoped(products, plgpu.ACC((_TN, Bp), jnp.float32),
                               plgpu.ACC((_TN, Bp), jnp.float32))
         for kb, part in zip((pair, pair + 1), parts):
-          d = scales(slot, kb).astype(jnp.float32)
+          d = q8_0_registers.row_scales(d_smem.at[wg, slot, kb], interpret).astype(jnp.float32)
           acc = acc + part * lax.broadcast_in_dim(d, part.shape, [0])
       return acc
 
@@ -266,41 +299,43 @@ def batched_gemv(x, w, *, tuning: MosaicGemvTuning, interpret: bool = False):
         plgpu.barrier_wait(scratch.red_bar)
         for other in range(W - 1):
           total = total + plgpu.load(scratch.red_smem.at[other], layout=plgpu.Layout.WGMMA)
-      if fmt == "q8_0":
+      if fmt:
         q8_0_registers.store_rows(total, scratch.y_smem, interpret)
       else:
         scratch.y_smem.T[...] = plgpu.layout_cast(total.astype(dtype),
                                                   plgpu.Layout.WGMMA_TRANSPOSED)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(scratch.y_smem, y_ref.at[rows, h, cols])
+      for_weight(lambda t, refs, cols: plgpu.copy_smem_to_gmem(scratch.y_smem,
+                                                               y_refs[t].at[rows, h, cols]))
       plgpu.wait_smem_to_gmem(0)
 
   swizzle = xw * jnp.dtype(dtype).itemsize  # of x's tiles, which the weight tiles must share
   common = dict(
       x_smem=smem((W, stages, tk // xw, Bp, xw), dtype, swizzle),
-      y_smem=plgpu.SMEM((Bp, _TN), dtype) if fmt == "q8_0" else smem((Bp, _TN), dtype, _SWIZZLE),
+      y_smem=plgpu.SMEM((Bp, _TN), dtype) if fmt else smem((Bp, _TN), dtype, _SWIZZLE),
       # a chunk's x tiles (tk / xw copies), then its qs and d, or its float weights
       bars=plgpu.Barrier(num_arrivals=tk // xw + (2 if fmt else 1), num_barriers=W * stages))
   if W > 1:
     common.update(red_smem=smem((W - 1, _TN, Bp), jnp.float32),
                   red_bar=plgpu.Barrier(num_arrivals=W - 1))  # each warpgroup but the first
   if fmt:
-    operands = (w.qs, w.d)
+    operands = tuple(a for wt in weights for a in (wt.qs, wt.d))
     conv_smem = None
-    if fmt == "iq4_nl":  # the low and high nibbles' decoded tiles
-      conv_smem = smem((W, 2, _TK, _TN), dtype, swizzle)
-    elif interpret:
-      conv_smem = smem((W, blocks, _TN, BLOCK), dtype, swizzle)
-    scratch = _Scratch(qs_smem=smem((W, stages, _TK, _TN), w.qs.dtype, _SWIZZLE),
-                       d_smem=plgpu.SMEM((W, stages, blocks, _TN), w.d.dtype),
+    if interpret:  # interpret mode's wgmma reads A from shared memory: staging for it
+      conv_smem = (smem((W, blocks // 2, 4, _TN, BLOCK // 2), dtype, swizzle)
+                   if fmt == "iq4_nl" else smem((W, blocks, _TN, BLOCK), dtype, swizzle))
+    scratch = _Scratch(qs_smem=smem((W, stages, _TK, _TN), weights[0].qs.dtype, _SWIZZLE),
+                       d_smem=plgpu.SMEM((W, stages, blocks, _TN), weights[0].d.dtype),
                        conv_smem=conv_smem, **common)
   else:
-    operands = (w,)
+    operands = weights
     scratch = _Scratch(w_smem=smem((W, stages, tk, _TN), dtype, swizzle), **common)
-  return plgpu.kernel(
+  ids = (jnp.arange(H, dtype=jnp.int32) if head_ids is None
+         else jnp.clip(head_ids.astype(jnp.int32), 0, E - 1))
+  return tuple(plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((B, H, N), dtype),
-      grid=(H, N // _TN, pl.cdiv(B, Bp)),
+      out_type=[jax.ShapeDtypeStruct((B, H, n), dtype) for n in widths],
+      grid=(H, sum(widths) // _TN, pl.cdiv(B, Bp)),
       grid_names=("h", "n", "b"),
       num_threads=W,
       thread_name="wg",
@@ -308,4 +343,4 @@ def batched_gemv(x, w, *, tuning: MosaicGemvTuning, interpret: bool = False):
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       kernel_name="mla_batched_gemv_mgpu",
       interpret=interpret_params(interpret),
-  )(x, *operands)
+  )(ids, x, *operands))

@@ -53,8 +53,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
-from mla_jax.ops.common import (MAGIC, MAGIC_BITS, TRITON_MIN_DOT, check_field, is_pow2,
-                                is_positive_int, next_pow2)
+from mla_jax.ops.common import (MAGIC, MAGIC_BITS, TRITON_MIN_DOT, check_field, check_same_kind,
+                                is_pow2, is_positive_int, next_pow2)
 from mla_jax.ops.mosaic import iq4_nl_prmt
 
 BLOCK = quant.BLOCK
@@ -336,21 +336,9 @@ def batched_gemv(x, w, *, tuning: TritonGemvTuning, interpret: bool = False, hea
   return ys if isinstance(w, tuple) else ys[0]
 
 
-def _check_same_kind(weights):
-  """Weights that share a launch: one type, dtype, format, E and K."""
-  first = weights[0]
-  for t, wt in enumerate(weights[1:], 1):
-    if (type(wt) is not type(first) or wt.dtype != first.dtype
-        or getattr(wt, "fmt", None) != getattr(first, "fmt", None)
-        or tuple(wt.shape[:2]) != tuple(first.shape[:2])):
-      raise ValueError(f"w[{t}]: {type(wt).__name__} {tuple(wt.shape)} {wt.dtype}; the weights "
-                       f"of one launch must be like w[0]: {type(first).__name__} "
-                       f"{tuple(first.shape)} {first.dtype}, of one format, E and K")
-
-
 def _launch(x, weights, tuning, interpret, head_ids):
   """The products of x with each of `weights` in one pallas_call: a tuple of [B,H,N_t]."""
-  _check_same_kind(weights)
+  check_same_kind(weights)
   B, H, _ = x.shape
   E, K, _ = weights[0].shape
   widths = [wt.shape[2] for wt in weights]

@@ -220,6 +220,16 @@ def _decode_compiled(packed, dtype):
   return decode(packed)
 
 
+def decode_register(word, dtype, byte_order: int | None = None):
+  """decode_words of an i32 register in compiled Mosaic GPU code (inside inline_mgpu), its bytes
+  first permuted by the prmt selector byte_order if given: (the low nibbles of bytes 0-1, of
+  bytes 2-3, the high nibbles of bytes 0-1, of bytes 2-3), four i32 words of two floats."""
+  ops = _PtxOps()
+  if byte_order is not None:
+    word = ops.prmt(word, 0, byte_order)
+  return decode_words(word, ops, table_words(dtype))
+
+
 def decode(packed: jax.Array, dtype, interpret: bool) -> tuple[jax.Array, jax.Array]:
   """IQ4_NL indices, packed two to a byte (quant's layout), as table values in `dtype`: (the low
   nibbles, the high nibbles), each of packed's shape. Inside a Mosaic GPU kernel, `packed` is a

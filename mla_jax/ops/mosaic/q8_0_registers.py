@@ -52,8 +52,9 @@ def _column(rho):
   return int8_ptx.column(rho, int8_ptx.IndexOps())
 
 
-def _thread_words(ref):
-  """The 4 words of the block [32, 64] (int8, tiled (8, 64), swizzled) this thread loads."""
+def thread_words(ref):
+  """The 4 words of the 8-bit tile [32, 64] (tiled (8, 64), swizzled) this thread loads: word j
+  holds rows 8j + 2(l % 4) and the next, columns 16w + 2(l / 4) and the next."""
   i32 = ir.IntegerType.get_signless(32)
   k = lambda v: mgpu_utils.c(v, i32)
   thread = arith.remui(mgpu_utils.thread_idx(), k(128))
@@ -76,7 +77,7 @@ def _a_operand_compiled(block_ref, dtype):
     # WGMMA layout of [64, 32]: register [0, j, 0, 0, i, 0, ...] holds row 16w + 8i + l/4, columns
     # 8j + 2(l % 4) and the next.
     assert regs.shape == (1, 4, 1, 1, 2, 1, 1, 1, 1), regs.shape
-    for j, word in enumerate(_thread_words(ref)):
+    for j, word in enumerate(thread_words(ref)):
       for i, sel in enumerate(PAIRS):
         regs[0, j, 0, 0, i, 0, 0, 0, 0] = int8_ptx.convert_pair(word, sel, dtype)
     return int8_ptx.fragment(regs, fragment_layout)
