@@ -164,8 +164,8 @@ class Experts(nnx.Module):
     flat = ids.reshape(N * k)
 
     def gemv(rows, weights):  # rows [N·k, in] -> [N·k, out], for each weight (a tuple)
-      ys = ops.batched_gemv(rows[None], weights, impl="pallas", lowering="triton",
-                            interpret=interpret, head_ids=flat)
+      ys = ops.batched_gemv(rows[None], weights, impl="pallas", interpret=interpret,
+                            head_ids=flat)
       return tuple(y[0] for y in ys)
 
     rows = jnp.repeat(x.astype(self.dtype), k, axis=0)  # token n for each of its k experts

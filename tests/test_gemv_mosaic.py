@@ -16,7 +16,7 @@ import pytest
 
 from helpers import R, RTOL, gemv_oracle, gemv_weights, rel_err
 from mla_jax import quant
-from mla_jax.ops import gemv
+from mla_jax.ops import device, gemv
 from mla_jax.ops.gemv import mosaic, triton
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -206,3 +206,23 @@ def test_several_weights_share_one_launch(fmt, gathered, rng):
       lowering_platforms=("cuda",)).as_text()
   assert lowered.count("custom_call @mosaic_gpu") == 1
 
+
+def test_default_lowering_runs_quantized_experts_on_mosaic(monkeypatch):
+  """lowering=None: a MoE layer's chosen quantized experts (head_ids) run on Mosaic on a Hopper
+  GPU, compiled, where its kernel takes them; everything else on Triton."""
+  monkeypatch.setattr(device, "is_hopper", lambda: True)
+  ids = jax.ShapeDtypeStruct((6,), jnp.int32)
+
+  def kernel(fmt, K=2048, head_ids=ids, **kw):
+    x, w = _args(1, 6, K, 1408, fmt)
+    return gemv.plan(x, w if head_ids is None else _args(1, 64, K, 1408, fmt)[1],
+                     impl="pallas", head_ids=head_ids, **kw).kernel
+
+  assert kernel("q8_0") == kernel("iq4_nl") == "mosaic"
+  assert kernel("bf16") == "triton"  # the float experts run on XLA's gather anyway
+  assert kernel("q8_0", head_ids=None) == "triton"  # a Linear: Triton's split-K
+  assert kernel("q8_0", interpret=True) == "triton"
+  assert kernel("iq4_nl", K=1088) == "triton"  # Mosaic's iq4_nl chunks are 128 rows
+  assert kernel("q8_0", lowering="triton") == "triton"
+  monkeypatch.setattr(device, "is_hopper", lambda: False)
+  assert kernel("q8_0") == "triton"
