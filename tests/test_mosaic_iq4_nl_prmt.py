@@ -2,7 +2,8 @@
 
 On the CPU: the permute sequence, run on every byte value with prmt emulated, gives the table
 entries of both nibbles, and the emulated prmt follows PTX's definition. On a Hopper GPU, the
-kernel test runs the same sequence as PTX, compiled by Mosaic GPU.
+kernel test runs the same sequence as PTX, compiled by Mosaic GPU, into the GEMV's wgmma
+operands (ops/mosaic/iq4_nl_registers.py).
 """
 
 import jax
@@ -13,7 +14,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mla_jax import quant
 from mla_jax.ops import device
-from mla_jax.ops.mosaic import iq4_nl_prmt
+from mla_jax.ops.mosaic import int8_ptx, iq4_nl_prmt, iq4_nl_registers
 from mla_jax.ops.mosaic.common import interpret_params, smem
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -36,7 +37,7 @@ def _check(lo, hi, packed, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_byte_interpreted(dtype):
   packed = _every_byte()
-  _check(*iq4_nl_prmt.decode(jnp.asarray(packed), dtype, interpret=True), packed, dtype)
+  _check(*iq4_nl_prmt.decode(jnp.asarray(packed), dtype), packed, dtype)
 
 
 def test_every_byte_triton_words_interpreted():
@@ -67,28 +68,34 @@ def test_emulated_prmt_follows_ptx():
 
 @pytest.mark.skipif(ON_GPU and not device.is_hopper(), reason="Mosaic GPU: Hopper")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_byte_in_a_kernel(dtype):
-  """Inside a Mosaic GPU kernel, on the tiles and layout the GEMV uses: the PTX sequence on a
-  Hopper GPU, the emulated one in interpret mode on a CPU."""
-  packed = _every_byte()
+def test_every_byte_as_wgmma_operands(dtype):
+  """iq4_nl_registers.a_operands inside a Mosaic GPU kernel, on a [32, 64] tile of packed bytes
+  as the GEMV stages it (every byte value, 8 times): the four [64, 16] operands (each block's
+  low and high halves) hold the transposed table values, rows in int8_ptx's fragment order.
+  The PTX (ldmatrix, byte permutes) on a Hopper GPU, the array path interpreted on a CPU."""
+  packed = _every_byte(rows=iq4_nl_registers.TILE_ROWS)
 
-  def kernel(packed_ref, lo_ref, hi_ref, packed_smem, lo_smem, hi_smem, bar):
+  def kernel(packed_ref, out_ref, packed_smem, staging, out_smem, bar):
     plgpu.copy_gmem_to_smem(packed_ref, packed_smem, bar)
     plgpu.barrier_wait(bar)
-    tile = plgpu.load(packed_smem, layout=plgpu.Layout.WGMMA_8BIT)
-    lo_smem[...], hi_smem[...] = iq4_nl_prmt.decode(tile, dtype, interpret=not ON_GPU)
+    operands = iq4_nl_registers.a_operands(packed_smem, dtype, staging if not ON_GPU else None)
+    for k, operand in enumerate(operands):
+      out_smem.at[k][...] = operand[...] if not ON_GPU else operand
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(lo_smem, lo_ref)
-    plgpu.copy_smem_to_gmem(hi_smem, hi_ref)
+    plgpu.copy_smem_to_gmem(out_smem, out_ref)
     plgpu.wait_smem_to_gmem(0)
 
-  out = jax.ShapeDtypeStruct(packed.shape, dtype)
-  decoded = smem(packed.shape, dtype, swizzle=32)  # the GEMV's iq4_nl tiles
-  lo, hi = plgpu.kernel(
-      kernel, out_type=(out, out),
-      scratch_types=[smem(packed.shape, jnp.uint8, swizzle=64), decoded, decoded,
-                     plgpu.Barrier(num_arrivals=1)],  # the one copy of the packed tile
+  shape = (4, iq4_nl_registers.ROWS, iq4_nl_registers.HALF)
+  out = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct(shape, dtype),
+      scratch_types=[smem(packed.shape, jnp.uint8, swizzle=64), smem(shape, dtype, swizzle=32),
+                     plgpu.SMEM(shape, dtype), plgpu.Barrier(num_arrivals=1)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=interpret_params(not ON_GPU),
   )(jnp.asarray(packed))
-  _check(lo, hi, packed, dtype)
+  half = iq4_nl_registers.HALF
+  for block in range(2):
+    rows = packed[block * half:(block + 1) * half]  # [16, 64]: the block's byte rows
+    for nibbles, values in enumerate((TABLE[rows & 15], TABLE[rows >> 4])):
+      np.testing.assert_array_equal(np.asarray(out[2 * block + nibbles], np.float32),
+                                    int8_ptx.to_rows(values.T))

@@ -1,5 +1,5 @@
-"""IQ4_NL decoding by byte permutes, for the Mosaic GPU GEMV (ops/gemv/mosaic.py) and the Triton
-one (ops/gemv/triton.py, lookup="prmt").
+"""IQ4_NL decoding by byte permutes, for the Mosaic GPU GEMV (ops/gemv/mosaic.py, through
+iq4_nl_registers.py) and the Triton one (ops/gemv/triton.py, lookup="prmt").
 
 An IQ4_NL weight is d·T[i]: i is a 4-bit index into the 16-entry table T (quant.IQ4_NL_VALUES).
 Mosaic GPU has no register gather. Like ggml's CUDA kernels (`get_int_from_table_16`), the table
@@ -25,8 +25,9 @@ high bytes into pairs of 16-bit floats, split into the low-nibble and high-nibbl
 bit 3 asks prmt to replicate the sign.
 
 `decode_words` writes the sequence once, over an `ops` namespace that is PTX on registers
-(`decode`, compiled by Mosaic GPU), PTX text (`decode_triton`, Triton's inline assembly) or jnp
-on uint32 arrays (both, interpreted, and the CPU tests).
+(`decode_register`, compiled by Mosaic GPU: iq4_nl_registers.py), PTX text (`decode_triton`,
+Triton's inline assembly) or jnp on uint32 arrays (`decode`: both, interpreted, and the CPU
+tests).
 """
 
 from __future__ import annotations
@@ -36,12 +37,10 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
-from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith, llvm, vector
+from jax._src.lib.mlir.dialects import arith, llvm
 
 from mla_jax import quant
 
@@ -191,35 +190,6 @@ def _words(packed):
   return lax.bitcast_convert_type(packed.reshape(rows, cols // 4, 4), jnp.uint32)
 
 
-def _decode_interpreted(packed, dtype):
-  lo01, lo23, hi01, hi23 = decode_words(_words(packed), _JnpOps(), table_words(dtype))
-  as_floats = lambda a, b: lax.bitcast_convert_type(
-      jnp.stack([a, b], axis=-1), dtype).reshape(packed.shape)
-  return as_floats(lo01, lo23), as_floats(hi01, hi23)
-
-
-def _decode_compiled(packed, dtype):
-  layout = plgpu.Layout.WGMMA_8BIT
-  out = plgpu.ShapeDtypeStruct(packed.shape, dtype, layout=layout)
-
-  @plgpu.inline_mgpu(arg_types=(layout,), return_type=(out, out))
-  def decode(ctx, arr):
-    del ctx
-    ops = _PtxOps()
-    tables = table_words(dtype)
-    float_type = mgpu_utils.dtype_to_ir_type(jnp.dtype(dtype))
-    lo, hi = np.empty_like(arr.registers), np.empty_like(arr.registers)
-    for idx, reg in np.ndenumerate(arr.registers):  # vector<4 x i8>: 4 columns of a row
-      lo01, lo23, hi01, hi23 = decode_words(mgpu_utils.bitcast(reg, ops.i32), ops, tables)
-      for regs, words in ((lo, (lo01, lo23)), (hi, (hi01, hi23))):
-        pair = vector.from_elements(ir.VectorType.get((2,), ops.i32), list(words))
-        regs[idx] = vector.bitcast(ir.VectorType.get((4,), float_type), pair)
-    return tuple(mgpu.FragmentedArray(_registers=r, _layout=arr.layout, _is_signed=None)
-                 for r in (lo, hi))
-
-  return decode(packed)
-
-
 def decode_register(word, dtype, byte_order: int | None = None):
   """decode_words of an i32 register in compiled Mosaic GPU code (inside inline_mgpu), its bytes
   first permuted by the prmt selector byte_order if given: (the low nibbles of bytes 0-1, of
@@ -230,8 +200,12 @@ def decode_register(word, dtype, byte_order: int | None = None):
   return decode_words(word, ops, table_words(dtype))
 
 
-def decode(packed: jax.Array, dtype, interpret: bool) -> tuple[jax.Array, jax.Array]:
-  """IQ4_NL indices, packed two to a byte (quant's layout), as table values in `dtype`: (the low
-  nibbles, the high nibbles), each of packed's shape. Inside a Mosaic GPU kernel, `packed` is a
-  uint8 array loaded with the WGMMA_8BIT layout; `interpret`: Mosaic GPU's interpret mode."""
-  return (_decode_interpreted if interpret else _decode_compiled)(packed, dtype)
+def decode(packed, dtype):
+  """IQ4_NL indices, packed two to a byte (quant's layout), as table values in `dtype` (bfloat16
+  or float16): (the low nibbles, the high nibbles), each of packed's shape [rows, cols], cols a
+  multiple of 4. The same permute sequence on arrays, prmt emulated: interpret mode's decoding
+  (iq4_nl_registers) and the tests'."""
+  lo01, lo23, hi01, hi23 = decode_words(_words(packed), _JnpOps(), table_words(dtype))
+  as_floats = lambda a, b: lax.bitcast_convert_type(
+      jnp.stack([a, b], axis=-1), dtype).reshape(packed.shape)
+  return as_floats(lo01, lo23), as_floats(hi01, hi23)

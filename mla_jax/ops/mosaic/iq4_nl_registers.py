@@ -69,7 +69,7 @@ def _operands_compiled(tile_ref, dtype):
 
 
 def _operands_interpreted(tile_ref, dtype, staging):
-  lo, hi = iq4_nl_prmt.decode(tile_ref[...], dtype, interpret=True)  # each [32, 64]
+  lo, hi = iq4_nl_prmt.decode(tile_ref[...], dtype)  # each [32, 64]
   for block in range(2):
     rows = slice(block * HALF, (block + 1) * HALF)
     for nibbles, values in enumerate((lo, hi)):
