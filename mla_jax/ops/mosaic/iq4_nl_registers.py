@@ -1,9 +1,9 @@
 """IQ4_NL weights as wgmma's A operand in registers, for the Mosaic GPU GEMV (ops/gemv/mosaic.py).
 
 Decoded into shared memory first, an IQ4_NL block costs a store of its two 16-bit tiles and
-wgmma's read of them, per weight: on an H100 the Mosaic GEMV then read 6 gathered V2-Lite
-experts' IQ4_NL weights (19.5 MB) more slowly than it read the same products' Q8_0 weights
-(36.8 MB), whose blocks go to registers (q8_0_registers.py; docs/batched_gemv.md). Here the
+wgmma's read of them, per weight: on an H100 the Mosaic GEMV then read 6 heads of V2-Lite's
+experts' gate and up products in IQ4_NL (19.5 MB) more slowly than in Q8_0 (36.8 MB), whose
+blocks go to registers (q8_0_registers.py; docs/batched_gemv.md). Here the
 packed bytes take the Q8_0 path's transposing load, and the table lookup writes the fragment:
 
 - `q8_0_registers.thread_words` loads a [32, 64] tile of packed bytes, two GGML blocks of 16
