@@ -248,6 +248,32 @@ def test_v2_lite_moe_prefill_takes_no_copy_per_expert():
   assert compiled.memory_analysis().temp_size_in_bytes < 2 << 30
 
 
+@pytest.mark.parametrize("weight_format", ["q8_0", "iq4_nl"])
+def test_v2_lite_quantized_experts_decode_on_the_mosaic_gemv(weight_format):
+  """Compiled for the H200, a V2-Lite MoE layer's quantized chosen experts decode on the Mosaic
+  GEMV (ops.gemv.default_lowering): two Mosaic GEMV launches, gate_proj with up_proj and
+  down_proj, beside each layer's Mosaic split-KV decode; the Linears stay on Triton."""
+  cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=2,
+                            first_k_dense_replace=1)
+
+  def build():
+    lm = mla_jax.CausalLM(cfg, backend="pallas", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                          rngs=nnx.Rngs(0))
+    lm.set_weight_format(weight_format)
+    return lm
+
+  lm = nnx.eval_shape(build)
+  graphdef, state = nnx.split(lm)
+  cache = jax.eval_shape(lambda: lm.init_cache(1, 256, jnp.bfloat16))
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  compiled = compile_for_h200(lambda s, i, p, c: nnx.merge(graphdef, s)(i, p, c), state, ids, ids,
+                              cache, donate_argnums=(3,))
+  mosaic = [line for line in compiled.as_text().splitlines()
+            if 'custom_call_target="mosaic_gpu_v2"' in line]
+  assert sum("mla_batched_gemv_mgpu" in line for line in mosaic) == 2
+  assert sum("mla_decode_split_kv_mgpu" in line for line in mosaic) == 2
+
+
 # Small shapes of the kind the CPU tests run interpreted, where a kernel takes sizes that compiled
 # Triton refuses (its blocks must be powers of two): a v_head_dim of 12 (quantized weights need
 # o_proj's H·V inputs a multiple of 32, so they get 16), and kv_a_proj_with_mqa's 64 + 16 = 80
