@@ -73,8 +73,9 @@ def default_lowering(x, weights: tuple, head_ids, interpret: bool) -> str:
   took 15.7 µs against 28.7 for q8_0's gate and up products (2048 -> 2 x 1408) and 16.4
   against 20.5 for iq4_nl's (docs/batched_gemv.md). The wall clock gained less than the kernels:
   in the whole 27-layer model the IQ4_NL token took 118 µs less of kernels and the same wall
-  time, its Mosaic launches adding gaps (docs/model_decode.md). Linears (one head) keep Triton's
-  split-K."""
+  time, its Mosaic launches adding gaps (docs/model_decode.md). Measured at one token (6 heads);
+  several tokens' experts (N·k heads) take the same path unmeasured. Linears (one head) keep
+  Triton's split-K."""
   quantized = isinstance(weights[0], quant.QuantizedTensor)
   if (head_ids is not None and quantized and not interpret and device.is_hopper()
       and all(mosaic.unsupported(x, wt) is None for wt in weights)):
