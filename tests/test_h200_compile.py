@@ -193,30 +193,32 @@ def test_v2_lite_moe_decode_step_allocates_no_weight_sized_temporary(B, weight_f
   cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=2,
                             first_k_dense_replace=dense)
 
+  compiled = _model_step_for_h200(cfg, weight_format, batch=B, max_len=4096,
+                                  dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  assert compiled.memory_analysis().temp_size_in_bytes < 8 << 20
+
+
+def _model_step_for_h200(cfg, weight_format=None, *, batch=1, tokens=1, max_len=256,
+                         cache_dtype=jnp.bfloat16, **model_kw):
+  """A CausalLM of cfg (weights in weight_format) compiled for the H200: its step on [batch,
+  tokens] ids over caches of max_len slots, the caches donated."""
   def build():
-    lm = mla_jax.CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    lm = mla_jax.CausalLM(cfg, **model_kw, rngs=nnx.Rngs(0))
     lm.set_weight_format(weight_format)
     return lm
 
   lm = nnx.eval_shape(build)
   graphdef, state = nnx.split(lm)
-  cache = jax.eval_shape(lambda: lm.init_cache(B, 4096, jnp.bfloat16))
-  ids = jax.ShapeDtypeStruct((B, 1), jnp.int32)
-  compiled = compile_for_h200(lambda s, i, p, c: nnx.merge(graphdef, s)(i, p, c), state, ids, ids,
-                              cache, donate_argnums=(3,))
-  assert compiled.memory_analysis().temp_size_in_bytes < 8 << 20
+  cache = jax.eval_shape(lambda: lm.init_cache(batch, max_len, cache_dtype))
+  ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+  return compile_for_h200(lambda s, i, p, c: nnx.merge(graphdef, s)(i, p, c), state, ids, ids,
+                          cache, donate_argnums=(3,))
 
 
 def _moe_decode_kernels(num_layers, mode):
   cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=num_layers,
                             first_k_dense_replace=0)
-  lm = nnx.eval_shape(lambda: mla_jax.CausalLM(cfg, mode=mode, dtype=jnp.bfloat16,
-                                               param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(lm)
-  cache = jax.eval_shape(lambda: lm.init_cache(1, 256, jnp.bfloat16))
-  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  compiled = compile_for_h200(lambda s, i, p, c: nnx.merge(graphdef, s)(i, p, c), state, ids, ids,
-                              cache, donate_argnums=(3,))
+  compiled = _model_step_for_h200(cfg, mode=mode, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   return sum(decode_step.kernels(compiled.as_text()).values())
 
 
@@ -237,13 +239,8 @@ def test_v2_lite_moe_prefill_takes_no_copy_per_expert():
   written): the MoE's grouped matmul is the Pallas kernel. XLA's ragged_dot, which it replaces
   on a GPU, copies the 24576 routed rows once per expert: 6.8 GB for gate_proj alone."""
   cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=2)
-  lm = nnx.eval_shape(lambda: mla_jax.CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                               rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(lm)
-  cache = jax.eval_shape(lambda: lm.init_cache(1, 4096, jnp.bfloat16))
-  ids = jax.ShapeDtypeStruct((1, 4096), jnp.int32)
-  compiled = compile_for_h200(lambda s, i, p, c: nnx.merge(graphdef, s)(i, p, c), state, ids, ids,
-                              cache, donate_argnums=(3,))
+  compiled = _model_step_for_h200(cfg, tokens=4096, max_len=4096, dtype=jnp.bfloat16,
+                                  param_dtype=jnp.bfloat16)
   assert compiled.as_text().count("mla_grouped_matmul") >= 3  # gate_proj, up_proj, down_proj
   assert compiled.memory_analysis().temp_size_in_bytes < 2 << 30
 
@@ -256,18 +253,8 @@ def test_v2_lite_quantized_experts_decode_on_the_mosaic_gemv(weight_format):
   cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=2,
                             first_k_dense_replace=1)
 
-  def build():
-    lm = mla_jax.CausalLM(cfg, backend="pallas", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                          rngs=nnx.Rngs(0))
-    lm.set_weight_format(weight_format)
-    return lm
-
-  lm = nnx.eval_shape(build)
-  graphdef, state = nnx.split(lm)
-  cache = jax.eval_shape(lambda: lm.init_cache(1, 256, jnp.bfloat16))
-  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  compiled = compile_for_h200(lambda s, i, p, c: nnx.merge(graphdef, s)(i, p, c), state, ids, ids,
-                              cache, donate_argnums=(3,))
+  compiled = _model_step_for_h200(cfg, weight_format, backend="pallas", dtype=jnp.bfloat16,
+                                  param_dtype=jnp.bfloat16)
   mosaic = [line for line in compiled.as_text().splitlines()
             if 'custom_call_target="mosaic_gpu_v2"' in line]
   assert sum("mla_batched_gemv_mgpu" in line for line in mosaic) == 2
@@ -292,17 +279,8 @@ def test_small_model_decode_step_compiles_for_h200(mode, weight_format, v_head_d
   the Pallas backend, float32 and quantized: what runs interpreted in CI also compiles."""
   cfg = dataclasses.replace(SMALL_MODEL, v_head_dim=v_head_dim)
 
-  def build():
-    lm = mla_jax.CausalLM(cfg, mode=mode, backend="pallas", rngs=nnx.Rngs(0))
-    lm.set_weight_format(weight_format)
-    return lm
-
-  lm = nnx.eval_shape(build)
-  graphdef, state = nnx.split(lm)
-  cache = jax.eval_shape(lambda: lm.init_cache(1, 64, jnp.float32))
-  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  compiled = compile_for_h200(lambda s, i, p, c: nnx.merge(graphdef, s)(i, p, c), state, ids, ids,
-                              cache, donate_argnums=(3,))
+  compiled = _model_step_for_h200(cfg, weight_format, max_len=64, cache_dtype=jnp.float32,
+                                  mode=mode, backend="pallas")
   # standard mode on float weights runs XLA alone; otherwise a kernel (latent, GEMV) runs
   kernels = decode_step.kernels(compiled.as_text())
   assert ("custom-call" in kernels) == (mode == "absorbed" or weight_format is not None)
