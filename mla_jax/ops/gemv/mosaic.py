@@ -40,7 +40,8 @@ stores to its own weight's arrays.
 
 The Triton kernel (ops/gemv/triton.py) stays the default and the portable path, and serves what
 this one does not (see unsupported()); ops.gemv's dispatcher runs this one with
-lowering="mosaic", and says why it is not the default.
+lowering="mosaic", and by default only for a MoE layer's quantized experts on a Hopper GPU
+(ops.gemv.default_lowering, which says why).
 """
 
 from __future__ import annotations
