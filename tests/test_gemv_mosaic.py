@@ -25,9 +25,12 @@ FORMATS = ["bf16", "q8_0", "iq4_nl"]
 
 def _mosaic(x, w, interpret=False, **overrides):
   """The Mosaic kernel through the dispatcher, its default tuning with some fields overridden
-  (warpgroups=None keeps the default)."""
+  (warpgroups=None keeps the default). Given warpgroups or stages apply to the heads' whole
+  contraction: split_k is then 1 unless given too."""
   plan = gemv.plan(x, w, impl="pallas", lowering="mosaic")
   overrides = {k: v for k, v in overrides.items() if v is not None}
+  if {"warpgroups", "stages"} & overrides.keys():
+    overrides.setdefault("split_k", 1)
   return gemv.batched_gemv(x, w, impl="pallas", lowering="mosaic", interpret=interpret,
                            tuning=dataclasses.replace(plan.tuning, **overrides))
 
@@ -64,7 +67,8 @@ def test_refusals_agree_with_the_lowering(width, fmt):
   x, w = _args(1, 2, 128, 64, fmt)
   x = jax.ShapeDtypeStruct((1, 2, width), x.dtype)
   accepted = mosaic.unsupported(x, w) is None
-  tuning = mosaic.choose_tuning(1, 2, 128, 64, getattr(w, "fmt", None), num_sms=132)
+  tuning = dataclasses.replace(  # split-K reads a copy of x's first K columns
+      mosaic.choose_tuning(1, 2, 128, 64, getattr(w, "fmt", None), num_sms=132), split_k=1)
   try:
     jax.jit(lambda x, w: mosaic.batched_gemv(x, w, tuning=tuning)).trace(x, w).lower(
         lowering_platforms=("cuda",))
@@ -90,7 +94,10 @@ def test_what_it_refuses():
   assert mosaic.unsupported(x144, _args(1, 2, 128, 64, "iq4_nl")[1]) is None
   with pytest.raises(ValueError, match="must divide"):
     jax.jit(lambda x, w: _mosaic(x, w, warpgroups=3)).trace(x, w)
-  for options in (dict(warpgroups=0), dict(stages=0)):
+  for fmt, K in (("bf16", 256), ("q8_0", 192), ("iq4_nl", 384)):  # whole chunks
+    with pytest.raises(ValueError, match="split_k=2"):
+      jax.jit(lambda x, w: _mosaic(x, w, split_k=2)).trace(*_args(1, 2, K, 64, fmt))
+  for options in (dict(warpgroups=0), dict(stages=0), dict(split_k=0)):
     with pytest.raises(ValueError, match=">= 1"):
       mosaic.MosaicGemvTuning(**options)
 
@@ -187,6 +194,42 @@ def test_head_ids_gather_the_weight_heads(fmt, rng):
 
 @pytest.mark.parametrize("gathered", [False, True], ids=["heads", "gathered"])
 @pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
+def test_split_k_pieces_add_up_to_the_product(fmt, gathered, rng):
+  """split_k=2: each head's two pieces of K run as programs of their own whose float32 partial
+  products add up to each weight's product (a tuple of two weights; gathered heads with a
+  repeated and a clamped id); B=3 also takes TMA's zero rows past B. Compiled on a GPU,
+  interpreted elsewhere; Mosaic GPU lowers the float32 partials for CUDA on any host."""
+  B, H, E, K = 3, 2, 3, 512
+  x = jnp.asarray(rng.standard_normal((B, H, K)), jnp.bfloat16)
+  ws = tuple(gemv_weights(rng, E if gathered else H, K, n, fmt) for n in (128, 64))
+  ids = jnp.asarray([2, 7], jnp.int32) if gathered else None
+  tuning = mosaic.MosaicGemvTuning(split_k=2)
+  run = lambda x, ws, interpret=not ON_GPU: mosaic.batched_gemv(
+      x, ws, tuning=tuning, interpret=interpret, head_ids=ids)
+  ys = run(x, ws)
+  chosen = ([jax.tree.map(lambda a: a[np.clip(np.asarray(ids), 0, E - 1)], w) for w in ws]
+            if gathered else ws)
+  for y, w in zip(ys, chosen, strict=True):
+    assert y.shape == (B, H, w.shape[2]) and y.dtype == x.dtype
+    assert rel_err(y, gemv_oracle(x, w)) <= RTOL[jnp.bfloat16]
+  lowered = jax.jit(functools.partial(run, interpret=False)).trace(x, ws).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert lowered.count("custom_call @mosaic_gpu") == 1
+
+
+def test_choose_split_fills_the_sms_with_whole_chunks():
+  """Up to 4 pieces of K, dividing its chunks, only where the grid fills under half the SMs."""
+  assert mosaic.choose_split(57, 32, 132) == 4  # q_proj with kv_a: 3648 columns, q8_0
+  assert mosaic.choose_split(32, 22, 132) == 2  # iq4_nl down_proj: 2816 rows, 22 chunks
+  assert mosaic.choose_split(32, 11, 132) == 1
+  assert mosaic.choose_split(66, 32, 132) == 1  # half the SMs
+  tuning = mosaic.choose_tuning(1, 1, 2048, 3648, "q8_0", num_sms=132)
+  assert tuning.split_k == 4 and tuning.warpgroups == 2  # 228 programs of 8 chunks
+  assert mosaic.choose_tuning(1, 1, 2048, 3648, None, num_sms=132).split_k == 1
+
+
+@pytest.mark.parametrize("gathered", [False, True], ids=["heads", "gathered"])
+@pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
 def test_several_weights_share_one_launch(fmt, gathered, rng):
   """A tuple of weights (128 and 64 columns) gives the tuple of their products from one Mosaic
   GPU kernel, each equal to its own oracle."""
@@ -220,9 +263,26 @@ def test_default_lowering_runs_quantized_experts_on_mosaic(monkeypatch):
 
   assert kernel("q8_0") == kernel("iq4_nl") == "mosaic"
   assert kernel("bf16") == "triton"  # the float experts run on XLA's gather anyway
-  assert kernel("q8_0", head_ids=None) == "triton"  # a Linear: Triton's split-K
+  assert kernel("q8_0", head_ids=None) == "triton"  # six heads, no ids: unmeasured
   assert kernel("q8_0", interpret=True) == "triton"
   assert kernel("iq4_nl", K=1088) == "triton"  # Mosaic's iq4_nl chunks are 128 rows
   assert kernel("q8_0", lowering="triton") == "triton"
+  monkeypatch.setattr(device, "is_hopper", lambda: False)
+  assert kernel("q8_0") == "triton"
+
+
+def test_default_lowering_runs_one_row_linears_where_mosaic_was_faster(monkeypatch):
+  """lowering=None, one row through a Linear (one head) on a Hopper GPU with 132 SMs: q8_0 on
+  Mosaic; iq4_nl on Mosaic only as wide as lm_head (8 column tiles an SM); several rows, float
+  weights and other GPUs on Triton."""
+  monkeypatch.setattr(device, "is_hopper", lambda: True)
+  monkeypatch.setattr(device, "num_sms", lambda: 132)
+
+  def kernel(fmt, B=1, N=3648, K=2048):
+    return gemv.plan(*_args(B, 1, K, N, fmt), impl="pallas").kernel
+
+  assert kernel("q8_0") == kernel("iq4_nl", N=102400) == kernel("iq4_nl", N=8 * 64 * 132) == "mosaic"
+  assert kernel("iq4_nl") == kernel("iq4_nl", N=8 * 64 * 132 - 64) == "triton"
+  assert kernel("q8_0", B=2) == kernel("bf16") == kernel("q8_0", K=2080) == "triton"
   monkeypatch.setattr(device, "is_hopper", lambda: False)
   assert kernel("q8_0") == "triton"

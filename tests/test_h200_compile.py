@@ -245,20 +245,26 @@ def test_v2_lite_moe_prefill_takes_no_copy_per_expert():
   assert compiled.memory_analysis().temp_size_in_bytes < 2 << 30
 
 
-@pytest.mark.parametrize("weight_format", ["q8_0", "iq4_nl"])
-def test_v2_lite_quantized_experts_decode_on_the_mosaic_gemv(weight_format):
-  """Compiled for the H200, a V2-Lite MoE layer's quantized chosen experts decode on the Mosaic
-  GEMV (ops.gemv.default_lowering): two Mosaic GEMV launches, gate_proj with up_proj and
-  down_proj, beside each layer's Mosaic split-KV decode; the Linears stay on Triton."""
+@pytest.mark.parametrize("weight_format,mosaic,triton", [("q8_0", 11, 4), ("iq4_nl", 3, 12)])
+def test_v2_lite_quantized_decode_gemvs(weight_format, mosaic, triton):
+  """Compiled for the H200, a 2-layer V2-Lite model (a dense layer, then a MoE layer) runs its
+  quantized products on the GEMV kernel that ops.gemv.default_lowering picks: on Mosaic the MoE
+  layer's chosen experts (gate_proj with up_proj, and down_proj) and lm_head in both formats,
+  and in q8_0 every one-row Linear too (per layer q_proj with kv_a_proj_with_mqa, and o_proj;
+  the dense MLP's and the shared experts' gate_proj with up_proj, and down_proj: 8 launches);
+  on Triton the 16-head wk_b and wv_b, and in iq4_nl the Linears. Beside them, each layer's
+  Mosaic split-KV decode."""
   cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=2,
                             first_k_dense_replace=1)
 
   compiled = _model_step_for_h200(cfg, weight_format, backend="pallas", dtype=jnp.bfloat16,
                                   param_dtype=jnp.bfloat16)
-  mosaic = [line for line in compiled.as_text().splitlines()
-            if 'custom_call_target="mosaic_gpu_v2"' in line]
-  assert sum("mla_batched_gemv_mgpu" in line for line in mosaic) == 2
-  assert sum("mla_decode_split_kv_mgpu" in line for line in mosaic) == 2
+  calls = [line for line in compiled.as_text().splitlines() if "custom_call_target" in line]
+  on_mosaic = [line for line in calls if 'custom_call_target="mosaic_gpu_v2"' in line]
+  assert sum("mla_batched_gemv_mgpu" in line for line in on_mosaic) == mosaic
+  assert sum("mla_decode_split_kv_mgpu" in line for line in on_mosaic) == 2
+  on_triton = [line for line in calls if "xla.gpu.triton" in line]
+  assert sum("mla_batched_gemv" in line for line in on_triton) == triton
 
 
 # Small shapes of the kind the CPU tests run interpreted, where a kernel takes sizes that compiled

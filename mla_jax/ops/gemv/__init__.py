@@ -4,12 +4,11 @@ module is its one dispatcher. `plan` names the kernel and tuning that `batched_g
   impl "reference" | "xla"  ops/reference.py, ops/xla.py
   impl "pallas"             lowering "triton" (triton.py, the default) or "mosaic" (mosaic.py)
 
-The Mosaic kernel takes less GPU time at every benchmark shape, but timed as a standalone call
-XLA launched it outside its CUDA graphs, at 2-5 µs of host time per call: more than it saves
-where the step is launch-bound, as small-batch decoding is (docs/batched_gemv.md). So Triton is
-the default, with one exception that the whole model's decode step measured: a MoE layer's
-chosen quantized experts (head_ids) on a Hopper GPU run on Mosaic where its kernel takes them,
-whose A operands come from registers for both formats (`default_lowering`).
+Triton is the default and the portable path. On a Hopper GPU, quantized weights run on Mosaic
+where it was measured faster (`default_lowering`): a MoE layer's chosen experts, and one token
+through a q8_0 Linear or an IQ4_NL one as wide as lm_head. Inside a compiled step XLA captures
+either kernel in its command buffers (CUDA graphs); a standalone call of the Mosaic kernel alone
+runs outside them, at 2-5 µs of host time (docs/batched_gemv.md).
 """
 
 from __future__ import annotations
@@ -63,24 +62,38 @@ def plan(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
 
 
 def default_lowering(x, weights: tuple, head_ids, interpret: bool) -> str:
-  """The kernel of lowering=None: "mosaic" for a MoE layer's chosen experts (head_ids) with
-  quantized weights on a Hopper GPU, compiled, where that kernel takes them; else "triton".
-
-  A 4-layer V2-Lite model (a dense layer and 3 MoE layers, absorbed, B=1, tg64@pp128) on an H100,
-  two runs of each, µs of GPU kernels a token and t/s: q8_0 607.1 / 609.0 µs, 1536 / 1552 t/s
-  on Triton against 553.9 / 557.1 µs, 1595 / 1576 t/s on Mosaic; iq4_nl 495.3 / 495.4 µs, 1845 /
-  1898 t/s against 487.8 / 481.8 µs, 1887 / 1907 t/s. Timed alone at 6 of 64 experts, Mosaic
-  took 15.7 µs against 28.7 for q8_0's gate and up products (2048 -> 2 x 1408) and 16.4
-  against 20.5 for iq4_nl's (docs/batched_gemv.md). The wall clock gained less than the kernels:
-  in the whole 27-layer model the IQ4_NL token took 118 µs less of kernels and the same wall
-  time, its Mosaic launches adding gaps (docs/model_decode.md). Measured at one token (6 heads);
-  several tokens' experts (N·k heads) take the same path unmeasured. Linears (one head) keep
-  Triton's split-K."""
-  quantized = isinstance(weights[0], quant.QuantizedTensor)
-  if (head_ids is not None and quantized and not interpret and device.is_hopper()
+  """The kernel of lowering=None: "mosaic" for quantized weights on a Hopper GPU, compiled, where
+  that kernel takes them and was measured faster (_mosaic_measured_faster); else "triton"."""
+  if (isinstance(weights[0], quant.QuantizedTensor) and not interpret and device.is_hopper()
+      and _mosaic_measured_faster(x, weights, head_ids)
       and all(mosaic.unsupported(x, wt) is None for wt in weights)):
     return "mosaic"
   return "triton"
+
+
+def _mosaic_measured_faster(x, weights: tuple, head_ids) -> bool:
+  """Where the Mosaic kernel took less GPU time than the Triton one (H100, one token):
+
+  - a MoE layer's chosen experts (head_ids). A 4-layer V2-Lite model (a dense layer and 3 MoE
+    layers, absorbed, B=1, tg64@pp128), two runs of each, µs of GPU kernels a token and t/s:
+    q8_0 607.1 / 609.0 µs, 1536 / 1552 t/s on Triton against 553.9 / 557.1 µs, 1595 / 1576 t/s
+    on Mosaic; iq4_nl 495.3 / 495.4 µs, 1845 / 1898 t/s against 487.8 / 481.8 µs, 1887 / 1907
+    t/s. Timed alone at 6 of 64 experts, 15.7 against 28.7 µs for q8_0's gate and up products
+    (2048 -> 2 x 1408), 16.4 against 20.5 for iq4_nl's (docs/batched_gemv.md). Several
+    tokens' experts (N·k heads) take the same path unmeasured.
+  - one row through a Linear (one head) in q8_0, with mosaic.choose_split's split-K: 7.6
+    against 9.4 µs for q_proj with kv_a_proj_with_mqa (2048 -> 3648), 6.1 against 6.2 for
+    o_proj, 9.1 against 12.2 for the shared experts' gate and up products (2048 -> 2 x 2816),
+    7.7 against 8.5 for their down product, 97.6 against 155.5 for lm_head (2048 -> 102400).
+  - in iq4_nl, only a Linear as wide as lm_head (at least 8 column tiles of 64 an SM): 91.3
+    against 106.6 µs there, but slower at the layers' Linears (7.6-10.3 against 5.2-8.9)."""
+  B, H, _ = x.shape
+  if head_ids is not None:
+    return True
+  if B != 1 or H != 1:
+    return False
+  columns = sum(wt.shape[2] for wt in weights)
+  return weights[0].fmt == "q8_0" or columns >= 8 * 64 * device.num_sms()
 
 
 def unsupported(x, w, *, lowering: str | None = None) -> str | None:

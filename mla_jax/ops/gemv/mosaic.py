@@ -76,10 +76,12 @@ class MosaicGemvTuning:
 
   stages: int = STAGES  # chunks in flight per warpgroup (at most its chunks)
   warpgroups: int = 1   # warpgroups that split a program's contraction (must divide its chunks)
+  split_k: int = 1      # pieces of K, each its own programs (quantized weights; see _split_k)
 
   def __post_init__(self):
     check_field(self, "stages", is_positive_int(self.stages), "an integer >= 1")
     check_field(self, "warpgroups", is_positive_int(self.warpgroups), "an integer >= 1")
+    check_field(self, "split_k", is_positive_int(self.split_k), "an integer >= 1")
 
 
 def block_rows(B: int) -> int:
@@ -132,12 +134,28 @@ def unsupported(x, w) -> str | None:
   return None
 
 
+def choose_split(programs: int, chunks: int, num_sms: int) -> int:
+  """Pieces of K for a grid of `programs` over `chunks` chunks each: up to 4 (the largest count
+  that divides the chunks) where the grid fills less than half the SMs, else 1. H100, one row,
+  q8_0, GPU µs of a call with the partials' sum: q_proj with kv_a_proj_with_mqa (2048 -> 3648,
+  57 programs) 8.5 at one piece, 7.9 at 2, 7.6 at 4, 7.5-7.8 at 8 and 16; o_proj (2048 -> 2048,
+  32 programs) 8.3, 7.3, 6.1, 6.1-6.2; the shared experts' gate_proj with up_proj (2048 -> 2 x
+  2816, 88 programs) 9.1 at one piece, 10.3-11.2 at 2-16 (docs/batched_gemv.md)."""
+  if programs >= num_sms // 2:
+    return 1
+  return max(g for g in (1, 2, 4) if chunks % g == 0)
+
+
 def choose_tuning(B: int, H: int, K: int, N: int, fmt: str | None, *,
                   num_sms: int) -> MosaicGemvTuning:
-  """STAGES chunks in flight; choose_warpgroups for the grid of these shapes."""
+  """STAGES chunks in flight; for quantized weights choose_split, then choose_warpgroups for the
+  grid of these shapes."""
   Bp = block_rows(B)
   programs = H * (N // _TN) * pl.cdiv(B, Bp)
-  return MosaicGemvTuning(warpgroups=choose_warpgroups(programs, K // _chunk_rows(fmt), Bp,
+  chunks = K // _chunk_rows(fmt)
+  split_k = choose_split(programs, chunks, num_sms) if fmt else 1
+  return MosaicGemvTuning(split_k=split_k,
+                          warpgroups=choose_warpgroups(programs * split_k, chunks // split_k, Bp,
                                                        bool(fmt), num_sms))
 
 
@@ -163,16 +181,44 @@ def batched_gemv(x, w, *, tuning: MosaicGemvTuning, interpret: bool = False, hea
   `interpret`: run in Mosaic GPU's interpret mode (on a CPU)."""
   weights = w if isinstance(w, tuple) else (w,)
   check_same_kind(weights)
-  ys = _launch(x, weights, tuning, interpret, head_ids)
+  ys = (_launch(x, weights, tuning, interpret, head_ids) if tuning.split_k == 1
+        else _split_k(x, weights, tuning, interpret, head_ids))
   return ys if isinstance(w, tuple) else ys[0]
 
 
-def _launch(x, weights, tuning, interpret, head_ids):
-  """The products of x with each of `weights` in one Mosaic GPU kernel: a tuple of [B,H,N_t]."""
+def _split_k(x, weights, tuning, interpret, head_ids):
+  """Split-K across programs (as in GEMM libraries): piece g of K of head h becomes head h·G + g
+  of its own, x [B, H·G, K/G] times w [E·G, K/G, N]; both are free reshapes, since GGML's
+  blocks run along K. The kernel writes float32 partial products [B, H·G, N], which one XLA
+  reduction adds. With one head (a Linear's weight) the grid of N / 64 programs alone fills
+  few SMs, each walking all of K."""
+  G = tuning.split_k
+  B, H, _ = x.shape
+  E, K, _ = weights[0].shape
+  fmt = getattr(weights[0], "fmt", None)
+  if fmt is None or K % (G * _chunk_rows(fmt)):
+    raise ValueError(f"split_k={G}: needs quantized weights whose K={K} splits into {G} pieces "
+                     f"of whole {_chunk_rows(fmt)}-row chunks")
+  xs = x[..., :K].reshape(B, H * G, K // G)
+  ws = tuple(jax.tree.map(lambda a: a.reshape(E * G, a.shape[1] // G, a.shape[2]), wt)
+             for wt in weights)
+  ids = None
+  if head_ids is not None:
+    ids = (jnp.clip(head_ids.astype(jnp.int32), 0, E - 1)[:, None] * G
+           + jnp.arange(G, dtype=jnp.int32)).reshape(H * G)
+  parts = _launch(xs, ws, dataclasses.replace(tuning, split_k=1), interpret, ids,
+                  out_dtype=jnp.float32)
+  return tuple(p.reshape(B, H, G, -1).sum(axis=2).astype(x.dtype) for p in parts)
+
+
+def _launch(x, weights, tuning, interpret, head_ids, out_dtype=None):
+  """The products of x with each of `weights` in one Mosaic GPU kernel: a tuple of [B,H,N_t] in
+  out_dtype (float32 for quantized weights only; None: x's dtype)."""
   B, H, _ = x.shape
   E, K, _ = weights[0].shape
   widths = [wt.shape[2] for wt in weights]
   dtype, Bp = x.dtype, block_rows(B)
+  out_dtype = out_dtype or dtype
   fmt = getattr(weights[0], "fmt", None)
   tk = _chunk_rows(fmt)
   xw = _x_width(fmt)
@@ -313,7 +359,7 @@ def _launch(x, weights, tuning, interpret, head_ids):
   swizzle = xw * jnp.dtype(dtype).itemsize  # of x's tiles, which the weight tiles must share
   common = dict(
       x_smem=smem((W, stages, tk // xw, Bp, xw), dtype, swizzle),
-      y_smem=plgpu.SMEM((Bp, _TN), dtype) if fmt else smem((Bp, _TN), dtype, _SWIZZLE),
+      y_smem=plgpu.SMEM((Bp, _TN), out_dtype) if fmt else smem((Bp, _TN), dtype, _SWIZZLE),
       # a chunk's x tiles (tk / xw copies), then its qs and d, or its float weights
       bars=plgpu.Barrier(num_arrivals=tk // xw + (2 if fmt else 1), num_barriers=W * stages))
   if W > 1:
@@ -335,7 +381,7 @@ def _launch(x, weights, tuning, interpret, head_ids):
          else jnp.clip(head_ids.astype(jnp.int32), 0, E - 1))
   return tuple(plgpu.kernel(
       kernel,
-      out_type=[jax.ShapeDtypeStruct((B, H, n), dtype) for n in widths],
+      out_type=[jax.ShapeDtypeStruct((B, H, n), out_dtype) for n in widths],
       grid=(H, sum(widths) // _TN, pl.cdiv(B, Bp)),
       grid_names=("h", "n", "b"),
       num_threads=W,

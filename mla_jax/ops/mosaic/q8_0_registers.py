@@ -117,7 +117,7 @@ def row_scales(d_ref, interpret: bool):
 
 def store_rows(total, y_ref, interpret: bool):
   """y_ref [Bp, 64] (shared memory, not swizzled) = totalᵀ [64 rows, Bp] back in column order,
-  in y_ref's dtype."""
+  in y_ref's dtype (16-bit floats, or float32)."""
   if interpret:
     y_ref[...] = int8_ptx.to_columns(total).T.astype(y_ref.dtype)
     return
@@ -126,7 +126,10 @@ def store_rows(total, y_ref, interpret: bool):
   def store(ctx, acc, ref):
     del ctx
     out_type = ir.MemRefType(ref.type).element_type
-    acc.foreach(lambda v, idx: memref.store(arith.truncf(out_type, v), ref,
-                                            [idx[1], _column(idx[0])]))
+
+    def cast(v):  # float32 (split-K partial sums) is stored as it is
+      return v if out_type == ir.F32Type.get() else arith.truncf(out_type, v)
+
+    acc.foreach(lambda v, idx: memref.store(cast(v), ref, [idx[1], _column(idx[0])]))
 
   store(total, y_ref)
