@@ -253,7 +253,8 @@ def test_v2_lite_quantized_decode_gemvs(weight_format, mosaic, triton):
   and in q8_0 every one-row Linear too (per layer q_proj with kv_a_proj_with_mqa, and o_proj;
   the dense MLP's and the shared experts' gate_proj with up_proj, and down_proj: 8 launches);
   on Triton the 16-head wk_b and wv_b, and in iq4_nl the Linears. Beside them, each layer's
-  Mosaic split-KV decode."""
+  Mosaic split-KV decode. No launch makes its weight heads' ids (an iota kernel at every
+  launch once made 5 of the q8_0 step's 27 fusions)."""
   cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=2,
                             first_k_dense_replace=1)
 
@@ -265,6 +266,7 @@ def test_v2_lite_quantized_decode_gemvs(weight_format, mosaic, triton):
   assert sum("mla_decode_split_kv_mgpu" in line for line in on_mosaic) == 2
   on_triton = [line for line in calls if "xla.gpu.triton" in line]
   assert sum("mla_batched_gemv" in line for line in on_triton) == triton
+  assert "wrapped_iota" not in compiled.as_text()  # an iota fusion of its own
 
 
 # Small shapes of the kind the CPU tests run interpreted, where a kernel takes sizes that compiled

@@ -232,16 +232,18 @@ def _launch(x, weights, tuning, interpret, head_ids, out_dtype=None):
   arity = 2 if fmt else 1  # arrays a weight is made of
   firsts = np.cumsum([0] + [n // _TN for n in widths])  # weight t: column tiles [firsts[t], ..)
 
-  def kernel(ids_ref,  # [H] int32: the weight head of each x head
-             x_ref,    # [B, H, K']
-             *refs,    # per weight t: w_ref [E, K, N_t], or qs_ref and d_ref
-                       # (quant.QuantizedTensor); then per weight t, y_ref [B, H, N_t]
+  gathered = head_ids is not None
+
+  def kernel(*refs,  # gathered only: ids_ref [H] int32, the weight head of each x head; then
+                     # x_ref [B, H, K']; per weight t: w_ref [E, K, N_t], or qs_ref and d_ref
+                     # (quant.QuantizedTensor); then per weight t, y_ref [B, H, N_t]
              scratch: _Scratch):
+    ids_ref, (x_ref, *refs) = (refs[0], refs[1:]) if gathered else (None, refs)
     w_refs, y_refs = refs[:arity * len(widths)], refs[arity * len(widths):]
     x_smem, qs_smem, d_smem, conv_smem = (scratch.x_smem, scratch.qs_smem, scratch.d_smem,
                                           scratch.conv_smem)
     h, j, i = lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("b")
-    e = ids_ref[h]
+    e = ids_ref[h] if gathered else h
     wg = lax.axis_index("wg")
     rows = pl.ds(i * Bp, Bp)
     first = wg * per_wg  # this warpgroup's chunks: [first, first + per_wg)
@@ -377,8 +379,8 @@ def _launch(x, weights, tuning, interpret, head_ids, out_dtype=None):
   else:
     operands = weights
     scratch = _Scratch(w_smem=smem((W, stages, tk, _TN), dtype, swizzle), **common)
-  ids = (jnp.arange(H, dtype=jnp.int32) if head_ids is None
-         else jnp.clip(head_ids.astype(jnp.int32), 0, E - 1))
+  # no ids without head_ids: an iota of them was an XLA kernel of its own at every launch
+  ids = (jnp.clip(head_ids.astype(jnp.int32), 0, E - 1),) if gathered else ()
   return tuple(plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((B, H, n), out_dtype) for n in widths],
@@ -390,4 +392,4 @@ def _launch(x, weights, tuning, interpret, head_ids, out_dtype=None):
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       kernel_name="mla_batched_gemv_mgpu",
       interpret=interpret_params(interpret),
-  )(ids, x, *operands))
+  )(*ids, x, *operands))
