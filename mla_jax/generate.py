@@ -38,8 +38,7 @@ def decode_loop_fn(module: nnx.Module, num_steps: int, *,
   """
   _check_num_steps(num_steps)
   graphdef, state = nnx.split(module)
-  loop = functools.partial(_decode_loop, graphdef, num_steps=num_steps,
-                           next_input=_FeedBack(next_input or _identity))
+  loop = _jitted_loop(graphdef, num_steps, _FeedBack(next_input or _identity))
 
   def run(x, positions, caches):
     if x.ndim != 3 or x.shape[1] != 1:
@@ -99,14 +98,16 @@ def generate_fn(model: nnx.Module, max_new_tokens: int, *, temperature: float = 
   `generate(model, input_ids, max_new_tokens, ...)` with the model split once, here, instead of
   at every call. The split walks every module of the model: 22 ms for DeepSeek-V2-Lite's 27
   layers (404 arrays) on a 2-core CPU, 340 µs a token of a 64-token call, spent on the host
-  before the GPU gets the step. Like decode_loop_fn, run follows the model's current parameter
-  values but not a Variable or submodule replaced by a new object.
+  before the GPU gets the step. run makes one jitted call, the prefill and the decode loop
+  compiled together. Like decode_loop_fn, run follows the model's current parameter values but
+  not a Variable or submodule replaced by a new object.
   """
   _check_num_steps(max_new_tokens, "max_new_tokens")
   if prefill_chunk is not None:
     _check_num_steps(prefill_chunk, "prefill_chunk")
   sampler = Sampler(float(temperature), float(top_p))
   graphdef, state = nnx.split(model)
+  generate_tokens = _jitted_generate(graphdef, sampler, prefill_chunk, max_new_tokens)
 
   def run(input_ids, *, positions=None, cache=None, rng: jax.Array | None = None):
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -123,16 +124,7 @@ def generate_fn(model: nnx.Module, max_new_tokens: int, *, temperature: float = 
     if sampler.temperature > 0 and rng is None:
       raise ValueError(f"temperature={sampler.temperature} samples: pass rng (a jax.random key)")
     rng = jax.random.key(0) if rng is None else rng  # unused by greedy decoding
-    prefill_key, loop_key = jax.random.split(rng)
-    first, next_positions, cache = _prefill(graphdef, state, input_ids, positions, cache,
-                                            prefill_key, sampler=sampler,
-                                            chunk=min(prefill_chunk or T, T))
-    tokens = first[:, None]
-    if max_new_tokens > 1:
-      rest, cache = _decode_loop(graphdef, state, tokens, next_positions, cache,
-                                 jax.random.split(loop_key, max_new_tokens - 1),
-                                 num_steps=max_new_tokens - 1, next_input=_SampleNext(sampler))
-      tokens = jnp.concatenate([tokens, rest], axis=1)
+    tokens, cache = generate_tokens(state, input_ids, positions, cache, rng)
     cache[0].check()  # every layer caches the same tokens
     return tokens, cache
 
@@ -205,12 +197,47 @@ class _SampleNext:
     return tokens[:, None], tokens
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("num_steps", "next_input"),
-                   donate_argnames=("caches",))
-def _decode_loop(graphdef, state, x, positions, caches, keys=None, *, num_steps, next_input):
+# The jitted functions are built once per module structure (graphdef) and setting, and cached:
+# as a static argument of a module-level jit, the graphdef was hashed again at every call, a walk
+# of the whole module graph on the host before the GPU got any work.
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_loop(graphdef, num_steps: int, next_input):
+  """jit of (state, x, positions, caches, keys=None) -> _decode_loop of the merged module."""
+
+  def loop(state, x, positions, caches, keys=None):
+    return _decode_loop(nnx.merge(graphdef, state), x, positions, caches, keys,
+                        num_steps=num_steps, next_input=next_input)
+
+  return jax.jit(loop, donate_argnames=("caches",))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_generate(graphdef, sampler, prefill_chunk: int | None, max_new_tokens: int):
+  """jit of (state, input_ids, positions, cache, rng) -> (tokens, cache): the prefill and the
+  decode loop of generate in one call (one dispatch, no host work between them)."""
+
+  def generate_tokens(state, input_ids, positions, cache, rng):
+    model = nnx.merge(graphdef, state)
+    prefill_key, loop_key = jax.random.split(rng)
+    T = input_ids.shape[1]
+    first, next_positions, cache = _prefill(model, input_ids, positions, cache, prefill_key,
+                                            sampler=sampler, chunk=min(prefill_chunk or T, T))
+    tokens = first[:, None]
+    if max_new_tokens > 1:
+      rest, cache = _decode_loop(model, tokens, next_positions, cache,
+                                 jax.random.split(loop_key, max_new_tokens - 1),
+                                 num_steps=max_new_tokens - 1, next_input=_SampleNext(sampler))
+      tokens = jnp.concatenate([tokens, rest], axis=1)
+    return tokens, cache
+
+  return jax.jit(generate_tokens, donate_argnames=("cache",))
+
+
+def _decode_loop(module, x, positions, caches, keys, *, num_steps, next_input):
   """num_steps steps of the module; next_input(y, key) -> (next x, what the loop records);
   keys [num_steps] (one a step) or None."""
-  module = nnx.merge(graphdef, state)
 
   def step(carry, key):
     x, positions, caches = carry
@@ -223,12 +250,9 @@ def _decode_loop(graphdef, state, x, positions, caches, keys=None, *, num_steps,
   return jnp.moveaxis(outs, 0, 1), caches
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("sampler", "chunk"),
-                   donate_argnames=("cache",))
-def _prefill(graphdef, state, input_ids, positions, cache, key, *, sampler, chunk):
+def _prefill(model, input_ids, positions, cache, key, *, sampler, chunk):
   """The prompt through a CausalLM, chunk tokens at a time -> (first tokens [B], next positions
   [B,1], cache); the lm head runs on each row's last real token only."""
-  model = nnx.merge(graphdef, state)
   T = positions.shape[1]
   pad = -T % chunk  # the last chunk is filled with padding tokens
   pieces = lambda a, fill: jnp.moveaxis(

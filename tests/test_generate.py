@@ -11,7 +11,7 @@ from flax import nnx
 
 import mla_jax
 # The module, not the function mla_jax.generate that shadows it on the package.
-from mla_jax.generate import _FeedBack, _decode_loop  # pylint: disable=protected-access
+from mla_jax.generate import _FeedBack, _jitted_loop  # pylint: disable=protected-access
 from helpers import rel_err
 import hlo
 
@@ -149,8 +149,7 @@ def test_decode_loop_donates_every_cache(rng):
   graphdef, state = nnx.split(stack)
   x = jnp.asarray(rng.standard_normal((1, 1, TINY.hidden_size)), jnp.float32)
   caches = stack.init_cache(1, 1024, dtype=jnp.float32)
-  compiled = _decode_loop.lower(
-      graphdef, state, x, jnp.zeros((1, 1), jnp.int32), caches, num_steps=3,
-      next_input=_FeedBack()).compile()
+  compiled = _jitted_loop(graphdef, 3, _FeedBack()).lower(
+      state, x, jnp.zeros((1, 1), jnp.int32), caches).compile()
   assert compiled.memory_analysis().alias_size_in_bytes >= sum(
       a.nbytes for a in _cache_arrays(caches, 1024))
