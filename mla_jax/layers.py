@@ -143,9 +143,9 @@ def one_row_product(x, w):
 def quantized_gemv(x, w, *, interpret: bool = False):
   """x [..., in] · w, a quantized weight of to_weight_format ([in, out] blocks) -> [..., out] in
   x's dtype, through the project's fused GEMV (ops.batched_gemv, one head, on the kernel its
-  dispatcher chooses), which decodes the blocks in registers. XLA GPU writes the dequantized weight out before its product
-  instead (compiled for an H200: 12.6 MB for a 2048 -> 3072 q8_0 or iq4_nl weight), so that a
-  quantized weight would move more bytes than a bfloat16 one. w may be a tuple of such weights
+  dispatcher chooses), which decodes the blocks in registers. XLA GPU writes the dequantized
+  weight out before its product instead (compiled for an H200: 12.6 MB for a 2048 -> 3072 q8_0
+  or iq4_nl weight), so that a quantized weight would move more bytes than a bfloat16 one. w may be a tuple of such weights
   (one format and `in`): the tuple of products, from one launch. interpret: Pallas' interpret
   mode."""
   rows = x.reshape(-1, 1, x.shape[-1])

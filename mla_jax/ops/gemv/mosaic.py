@@ -16,8 +16,10 @@ A program owns one head, 64 output columns and Bp batch rows; its contraction is
 in parallel where the grid is small), whose partial sums meet in shared memory at the end. Each
 warpgroup streams its weights in chunks of 64 contraction rows (two GGML blocks) through its
 own ring of `stages` shared-memory slots: TMA loads chunk c + stages as soon as chunk c's
-products are done. x arrives with each chunk, one [Bp, 32] tile per GGML block (the operand
-layout that lets a block's product be scaled on its own).
+products are done. With quantized weights K may also be split across programs (`split_k`, for a
+grid too small to fill the SMs, a Linear's one head): each piece is a head of its own, and XLA
+adds the pieces' float32 partial products. x arrives with each chunk, one [Bp, 32] tile per
+GGML block (the operand layout that lets a block's product be scaled on its own).
 
 Quantized weights (quant.QuantizedTensor) never reach HBM as floats. Each chunk is decoded
 exactly to the activation dtype, each block's product goes to its own accumulator, and is scaled
@@ -40,8 +42,9 @@ stores to its own weight's arrays.
 
 The Triton kernel (ops/gemv/triton.py) stays the default and the portable path, and serves what
 this one does not (see unsupported()); ops.gemv's dispatcher runs this one with
-lowering="mosaic", and by default only for a MoE layer's quantized experts on a Hopper GPU
-(ops.gemv.default_lowering, which says why).
+lowering="mosaic", and by default on a Hopper GPU for a MoE layer's quantized experts, one row
+through a q8_0 Linear, and an IQ4_NL one as wide as lm_head (ops.gemv.default_lowering, which
+says why).
 """
 
 from __future__ import annotations
@@ -188,10 +191,10 @@ def batched_gemv(x, w, *, tuning: MosaicGemvTuning, interpret: bool = False, hea
 
 def _split_k(x, weights, tuning, interpret, head_ids):
   """Split-K across programs (as in GEMM libraries): piece g of K of head h becomes head h·G + g
-  of its own, x [B, H·G, K/G] times w [E·G, K/G, N]; both are free reshapes, since GGML's
-  blocks run along K. The kernel writes float32 partial products [B, H·G, N], which one XLA
-  reduction adds. With one head (a Linear's weight) the grid of N / 64 programs alone fills
-  few SMs, each walking all of K."""
+  of its own, x [B, H·G, K/G] times w [E·G, K/G, N]; both are free reshapes (of x's first K
+  columns, a copy where x is wider), since GGML's blocks run along K. The kernel writes float32
+  partial products [B, H·G, N], which one XLA reduction adds. With one head (a Linear's
+  weight) the grid of N / 64 programs alone fills few SMs, each walking all of K."""
   G = tuning.split_k
   B, H, _ = x.shape
   E, K, _ = weights[0].shape
@@ -379,7 +382,7 @@ def _launch(x, weights, tuning, interpret, head_ids, out_dtype=None):
   else:
     operands = weights
     scratch = _Scratch(w_smem=smem((W, stages, tk, _TN), dtype, swizzle), **common)
-  # no ids without head_ids: an iota of them was an XLA kernel of its own at every launch
+  # no ids without head_ids: an iota of them would be an XLA kernel of its own at every launch
   ids = (jnp.clip(head_ids.astype(jnp.int32), 0, E - 1),) if gathered else ()
   return tuple(plgpu.kernel(
       kernel,
