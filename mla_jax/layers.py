@@ -145,9 +145,9 @@ def quantized_gemv(x, w, *, interpret: bool = False):
   x's dtype, through the project's fused GEMV (ops.batched_gemv, one head, on the kernel its
   dispatcher chooses), which decodes the blocks in registers. XLA GPU writes the dequantized
   weight out before its product instead (compiled for an H200: 12.6 MB for a 2048 -> 3072 q8_0
-  or iq4_nl weight), so that a quantized weight would move more bytes than a bfloat16 one. w may be a tuple of such weights
-  (one format and `in`): the tuple of products, from one launch. interpret: Pallas' interpret
-  mode."""
+  or iq4_nl weight), so that a quantized weight would move more bytes than a bfloat16 one. w may
+  be a tuple of such weights (one format and `in`): the tuple of products, from one launch.
+  interpret: Pallas' interpret mode."""
   rows = x.reshape(-1, 1, x.shape[-1])
   heads = jax.tree.map(lambda a: a[None], w)  # a tuple stays a tuple of one-head weights
   y = ops.batched_gemv(rows, heads, impl="pallas", interpret=interpret)

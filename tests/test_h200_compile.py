@@ -253,8 +253,8 @@ def test_v2_lite_quantized_decode_gemvs(weight_format, mosaic, triton):
   and in q8_0 every one-row Linear too (per layer q_proj with kv_a_proj_with_mqa, and o_proj;
   the dense MLP's and the shared experts' gate_proj with up_proj, and down_proj: 8 launches);
   on Triton the 16-head wk_b and wv_b, and in iq4_nl the Linears. Beside them, each layer's
-  Mosaic split-KV decode. No launch makes its weight heads' ids (an iota kernel at every
-  launch once made 5 of the q8_0 step's 27 fusions)."""
+  Mosaic split-KV decode. No launch makes ids for its weight heads: an iota of them would be an
+  XLA kernel of its own at every launch."""
   cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=2,
                             first_k_dense_replace=1)
 
