@@ -174,8 +174,9 @@ def test_plan_str_names_kernel_and_tuning(hopper):
   assert str(plan) == "pallas/mosaic_int8 num_splits=66 stages=4 merge=pallas"
   assert str(decode.plan(*_decode_args(), impl="xla")) == "xla"
   assert str(decode.plan(*_decode_args(), impl="cpu")).startswith("cpu shard_size=")
-  assert str(gemv.plan(S((2, 16, 576), jnp.bfloat16), S((16, 512, 128), jnp.bfloat16),
-                       impl="pallas", lowering="mosaic")) == "pallas/mosaic stages=4 warpgroups=2"
+  gemv_plan = gemv.plan(S((2, 16, 576), jnp.bfloat16), S((16, 512, 128), jnp.bfloat16),
+                        impl="pallas", lowering="mosaic")
+  assert str(gemv_plan) == "pallas/mosaic stages=4 warpgroups=2 split_k=1"
 
 
 def test_gemv_plan():
