@@ -157,6 +157,11 @@ def check_same_kind(weights):
                        f"{tuple(first.shape)} {first.dtype}, of one format, E and K")
 
 
+def clamped_head_ids(head_ids, E: int):
+  """A GEMV's head_ids as int32, each clamped into [0, E): the weight head each x head reads."""
+  return jnp.clip(head_ids.astype(jnp.int32), 0, E - 1)
+
+
 def cache_dtype(c_kv):
   """int8 for a quant.Int8Rows cache, else the array's dtype."""
   return jnp.dtype(jnp.int8 if isinstance(c_kv, quant.Int8Rows) else c_kv.dtype)

@@ -61,7 +61,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mla_jax import quant
-from mla_jax.ops.common import check_field, check_same_kind, is_positive_int, next_pow2
+from mla_jax.ops.common import (check_field, check_same_kind, clamped_head_ids, is_positive_int,
+                                next_pow2)
 from mla_jax.ops.mosaic import iq4_nl_registers, q8_0_registers
 from mla_jax.ops.mosaic.common import accumulate, interpret_params, smem
 
@@ -207,7 +208,7 @@ def _split_k(x, weights, tuning, interpret, head_ids):
              for wt in weights)
   ids = None
   if head_ids is not None:
-    ids = (jnp.clip(head_ids.astype(jnp.int32), 0, E - 1)[:, None] * G
+    ids = (clamped_head_ids(head_ids, E)[:, None] * G
            + jnp.arange(G, dtype=jnp.int32)).reshape(H * G)
   parts = _launch(xs, ws, dataclasses.replace(tuning, split_k=1), interpret, ids,
                   out_dtype=jnp.float32)
@@ -383,7 +384,7 @@ def _launch(x, weights, tuning, interpret, head_ids, out_dtype=None):
     operands = weights
     scratch = _Scratch(w_smem=smem((W, stages, tk, _TN), dtype, swizzle), **common)
   # no ids without head_ids: an iota of them would be an XLA kernel of its own at every launch
-  ids = (jnp.clip(head_ids.astype(jnp.int32), 0, E - 1),) if gathered else ()
+  ids = (clamped_head_ids(head_ids, E),) if gathered else ()
   return tuple(plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((B, H, n), out_dtype) for n in widths],

@@ -54,7 +54,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
 from mla_jax.ops.common import (MAGIC, MAGIC_BITS, TRITON_MIN_DOT, check_field, check_same_kind,
-                                is_pow2, is_positive_int, next_pow2)
+                                clamped_head_ids, is_pow2, is_positive_int, next_pow2)
 from mla_jax.ops.mosaic import iq4_nl_prmt
 
 BLOCK = quant.BLOCK
@@ -364,7 +364,7 @@ def _launch(x, weights, tuning, interpret, head_ids):
       lookup=tuning.lookup, interpret=interpret)
   w_args = tuple(a for wt in weights for a in ((wt.qs, wt.d) if quantized else (wt,)))
   if head_ids is not None:
-    w_args = (jnp.clip(head_ids.astype(jnp.int32), 0, E - 1), *w_args)
+    w_args = (clamped_head_ids(head_ids, E), *w_args)
   out_shape = ([jax.ShapeDtypeStruct((split_k, B, H, sum(widths)), jnp.float32)] if split_k > 1
                else [jax.ShapeDtypeStruct((B, H, n), x.dtype) for n in widths])
   ys = pl.pallas_call(
