@@ -154,6 +154,39 @@ def test_decode_kernels_compile_for_h200(lowering, B, H, S, cache, values):
   assert "custom-call" in _decode_kernels(lowering, B, H, S, cache, V=128 if values else None)
 
 
+def _mosaic_calls(compiled) -> list[str]:
+  """The Mosaic GPU custom calls of a compiled program's HLO, each with its backend config (the
+  kernel's MLIR module, whose attributes and instructions appear as text)."""
+  return [line for line in compiled.as_text().splitlines()
+          if 'custom_call_target="mosaic_gpu_v2"' in line]
+
+
+MOSAIC_DECODES = [case for case in DECODE_CASES if case[0] == "mosaic"]
+
+
+@pytest.mark.parametrize("op,case", [("decode", c) for c in MOSAIC_DECODES] +
+                         [("gemv", fmt) for fmt in ("bf16", "q8_0", "iq4_nl")],
+                         ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else c)
+def test_mosaic_kernels_wait_for_their_inputs_and_launch_early(op, case):
+  """Every Mosaic kernel (the three splits, the GEMV) starts with griddepcontrol.wait, so Mosaic
+  marks it as using programmatic dependent launch, and XLA may launch it while the kernel before
+  it finishes (ops.mosaic.common.wait_for_inputs)."""
+  if op == "decode":
+    _, B, H, S, cache = case
+    compiled = compile_for_h200(
+        lambda *a: mla_jax.ops.mla_decode(*a, sm_scale=0.1, impl="pallas", lowering="mosaic"),
+        *_decode_args(B, H, S, cache))
+  else:
+    w = jax.ShapeDtypeStruct((16, 128, 512), jnp.bfloat16)
+    if case != "bf16":
+      w = jax.eval_shape(lambda w: mla_jax.quant.quantize(w, case), w)
+    compiled = compile_for_h200(
+        lambda x, w: mla_jax.ops.batched_gemv(x, w, impl="pallas", lowering="mosaic"),
+        jax.ShapeDtypeStruct((1, 16, 128), jnp.bfloat16), w)
+  calls = _mosaic_calls(compiled)
+  assert calls and all("mosaic_gpu.uses_pdl" in c and "griddepcontrol.wait" in c for c in calls)
+
+
 @pytest.mark.parametrize("V", [12, 96])
 def test_merge_with_values_compiles_for_h200_at_any_value_width(V):
   """The merge with wv_b [H,C,V] compiles for a V that is not a power of two, which Triton's

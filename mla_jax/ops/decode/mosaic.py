@@ -37,7 +37,7 @@ from mla_jax import quant
 from mla_jax.ops.common import LN2, LOG2E, check_field, is_positive_int
 from mla_jax.ops.decode import mosaic_common as mc
 from mla_jax.ops.decode.merge_triton import MERGES
-from mla_jax.ops.mosaic.common import accumulate, smem
+from mla_jax.ops.mosaic.common import accumulate, smem, wait_for_inputs
 
 STAGES = 2  # tiles in flight: 2 × 72 KiB (bf16, C=512, R=64) is all shared memory allows
 
@@ -138,6 +138,7 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
              o_ref,        # [P, B, N, C]
              lse_ref,      # [P, B, N]
              *, scratch: _Scratch):
+    wait_for_inputs(interpret)
     piece, b, start, end, num_tiles = mc.piece_bounds(lengths_ref, S, piece_rows)
     plgpu.copy_gmem_to_smem(q_ref.at[b], scratch.q_smem, scratch.q_bar)
     plgpu.copy_gmem_to_smem(qr_ref.at[b], scratch.qr_smem, scratch.q_bar)

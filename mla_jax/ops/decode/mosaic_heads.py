@@ -43,7 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from mla_jax.ops.common import LN2, LOG2E, cache_dtype, check_field, is_positive_int
 from mla_jax.ops.decode import mosaic_common as mc
 from mla_jax.ops.decode.merge_triton import MERGES
-from mla_jax.ops.mosaic.common import accumulate, interpret_params, smem
+from mla_jax.ops.mosaic.common import accumulate, interpret_params, smem, wait_for_inputs
 
 HEADS = 64      # heads a program: wgmma's M
 _STAGES = 2     # cache tiles in flight
@@ -124,6 +124,7 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
              o_ref,        # [P, B, H, C]
              lse_ref,      # [P, B, H]
              *, scratch: _Scratch):
+    wait_for_inputs(interpret)
     piece, b, start, end, num_tiles = mc.piece_bounds(lengths_ref, S, piece_rows)
     heads = pl.ds(lax.axis_index("g") * HEADS, HEADS)
     wg = lax.axis_index("wg")

@@ -52,7 +52,7 @@ from mla_jax.ops.common import LN2, LOG2E, cache_dtype, check_field, is_positive
 from mla_jax.ops.decode import mosaic_common as mc
 from mla_jax.ops.decode.merge_triton import MERGES
 from mla_jax.ops.mosaic import int8_cache_registers as icr
-from mla_jax.ops.mosaic.common import accumulate, smem
+from mla_jax.ops.mosaic.common import accumulate, smem, wait_for_inputs
 
 MAX_STAGES = 4  # tiles in flight; 3, 4 and 5 ran alike at B=64, S=16384 (docs/decode_gpu.md)
 _FIXED = 127 * 128  # the query's fixed-point unit: max|q| maps to 127·128
@@ -181,6 +181,7 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
              o_ref,        # [P, B, N, C]
              lse_ref,      # [P, B, N]
              *, scratch: _Scratch):
+    wait_for_inputs(interpret)
     piece, b, start, end, num_tiles = mc.piece_bounds(lengths_ref, S, piece_rows)
     int8_smem, kr_smem = scratch.int8_smem, scratch.kr_smem
 

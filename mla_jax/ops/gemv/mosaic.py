@@ -64,7 +64,7 @@ from mla_jax import quant
 from mla_jax.ops.common import (check_field, check_same_kind, clamped_head_ids, is_positive_int,
                                 next_pow2)
 from mla_jax.ops.mosaic import iq4_nl_registers, q8_0_registers
-from mla_jax.ops.mosaic.common import accumulate, interpret_params, smem
+from mla_jax.ops.mosaic.common import accumulate, interpret_params, smem, wait_for_inputs
 
 BLOCK = quant.BLOCK
 _TN = 64       # output columns per program: the wgmma M
@@ -242,6 +242,7 @@ def _launch(x, weights, tuning, interpret, head_ids, out_dtype=None):
                      # x_ref [B, H, K']; per weight t: w_ref [E, K, N_t], or qs_ref and d_ref
                      # (quant.QuantizedTensor); then per weight t, y_ref [B, H, N_t]
              scratch: _Scratch):
+    wait_for_inputs(interpret)
     ids_ref, (x_ref, *refs) = (refs[0], refs[1:]) if gathered else (None, refs)
     w_refs, y_refs = refs[:arity * len(widths)], refs[arity * len(widths):]
     x_smem, qs_smem, d_smem, conv_smem = (scratch.x_smem, scratch.qs_smem, scratch.d_smem,

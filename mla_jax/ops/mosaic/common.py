@@ -1,5 +1,6 @@
-"""What the Mosaic GPU kernels share: shared-memory buffers laid out for TMA and wgmma, and
-running in Mosaic GPU's interpret mode, on a CPU, as well as compiled on a Hopper GPU."""
+"""What the Mosaic GPU kernels share: shared-memory buffers laid out for TMA and wgmma, the wait
+for their inputs that lets them launch early, and running in Mosaic GPU's interpret mode, on a
+CPU, as well as compiled on a Hopper GPU."""
 
 from __future__ import annotations
 
@@ -40,3 +41,15 @@ def _accumulate_all(accs, product, interpret):
 def interpret_params(interpret: bool):
   """plgpu.kernel's `interpret` argument."""
   return plgpu.InterpretGPUParams() if interpret else False
+
+
+def wait_for_inputs(interpret: bool):
+  """Waits until the kernels that this one follows have finished and their writes are visible:
+  griddepcontrol.wait, Hopper's programmatic dependent launch (PDL; CUDA programming guide,
+  "Programmatic Dependent Launch and Synchronization"). A Mosaic kernel that calls it is marked
+  as using PDL, and XLA may then launch it as soon as the kernel before it has run its last
+  blocks, inside its command buffers too, so that the launch and the kernel's prologue overlap
+  that kernel's tail. So the call must come before the kernel reads anything from memory. Without
+  PDL it returns at once; interpret mode has no grids to wait for."""
+  if not interpret:
+    plgpu.griddepcontrol_wait()
