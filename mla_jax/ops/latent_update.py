@@ -19,11 +19,12 @@ c_kv | k_rope), one launch:
   full, and a full row that gets a token sets its flag.
 
 XLA runs these as about fourteen small fusions a layer, each a launch (docs/decode_step.md). The
-grid is (H, C / block_c): program (h, j) owns columns j·block_c.. of head h's q_latent; the
-programs of column block 0 rotate their head's q_rope; program (0, j) writes the cache rows
-b ≡ j (mod C / block_c), whole, and their lengths and flags, so each row's length is read and
-written by one program only. The arithmetic rounds where the module does: the norm to the
-module's dtype before its weight, rope in float32 rounded to the module's dtype.
+grid is (H, C / block_c): program (h, j) owns columns j·block_c.. of head h's q_latent; one
+program of each head rotates its q_rope (_rotating_block), and one program of each column block j
+writes the cache rows b ≡ j (mod C / block_c), whole, and their lengths and flags
+(_writing_head), so each row's length is read and written by one program only. The arithmetic
+rounds where the module does: the norm to the module's dtype before its weight, rope in float32
+rounded to the module's dtype.
 """
 
 from __future__ import annotations
@@ -80,6 +81,19 @@ def _round_even(v):
   return jax.lax.bitcast_convert_type(v + MAGIC, jnp.int32) - MAGIC_BITS
 
 
+def _rotating_block(h, num_blocks):
+  """The column block whose program rotates head h's q_rope: h mod num_blocks. With more heads
+  than column blocks (V2-Lite: 16 and 8) no program both rotates and writes cache rows
+  (_writing_head): the launch lasts as long as its longest program, and a program with both jobs
+  runs three dependent phases of loads instead of two."""
+  return h % num_blocks
+
+
+def _writing_head(j, num_heads):
+  """The head whose program in column block j writes that block's cache rows: j + 1 mod H."""
+  return (j + 1) % num_heads
+
+
 def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, S, K, R, C,
             kv_at, block_c, absorb, int8, eps, rope_scale, dtype, norm_input, scale_q,
             input_dim, input_eps):
@@ -133,7 +147,7 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
     pltriton.store(ql_ref.at[rows, h, cols], q_latent.astype(ql_ref.dtype),
                    mask=jnp.broadcast_to(row_ok[:, None], (Bp, block_c)))
 
-  @pl.when(j == 0)
+  @pl.when(j == _rotating_block(h, pl.num_programs(1)))
   def _rotate_query():
     mask = jnp.broadcast_to(row_ok[:, None], (Bp, half))
     pos = pltriton.load(pos_ref.at[rows], mask=row_ok, other=0)
@@ -144,7 +158,7 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
       pltriton.store(qr_ref.at[rows, h, :, jnp.int32(i)], part.astype(dtype).astype(qr_ref.dtype),
                      mask=mask)
 
-  @pl.when(h == 0)
+  @pl.when(h == _writing_head(j, pl.num_programs(0)))
   def _write_cache():
     def norm(c, g, inv_rms):  # layers.RMSNorm's rounding, given the row's 1/rms
       return ((c * inv_rms).astype(dtype).astype(jnp.float32)
