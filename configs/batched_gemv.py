@@ -37,11 +37,14 @@ def get_config():
   config.dtype = "bfloat16"  # activation dtype of x
   # Variants timed against XLA: name -> {"impl": "pallas" (default) | "xla", "lowering": None
   # (the dispatcher's choice) | "triton" | "mosaic", "tuning": {knob: value} overriding that
-  # lowering's planned tuning, "only": {case field: values} to time it on those cases only}; a
+  # lowering's planned tuning, "only": {case field: values} to time it on those cases only,
+  # "layout": "out_in" for XLA over weights stored [N, K] as layers.Linear stores them}; a
   # variant whose plan refuses a case is left out of it
   config.variants = ml_collections.ConfigDict({
       "pallas": {},  # what ops.batched_gemv(impl="pallas") runs
       "pallas_mosaic": {"lowering": "mosaic"},  # the Hopper kernel (TMA + wgmma)
+      # the module's one-row Linears (one head): XLA's row reduction over [out, in] weights
+      "xla_out_in": {"impl": "xla", "layout": "out_in", "only": {"fmt": ("bf16",)}},
       "pallas_int8": {"lowering": "triton", "tuning": {"int8": True, "dot": True},
                       "only": {"fmt": ("q8_0",)}},  # int8 activations: q8_0 weights only
   })

@@ -5,7 +5,8 @@ then the kernels each path launches (counted in the compiled HLO) and its time. 
 product is the strided view q[..., :K] of a [B,H,K+R] query, as in the module. Baseline "xla":
 XLA einsum on bf16 weights, XLA dequantize-then-einsum on quantized ones. The timed variants are
 config.timed, drawn from config.variants (and config.sweep, the tuning sweep); each row says
-which kernel and tuning ran, as ops.gemv.plan reports them.
+which kernel and tuning ran, as ops.gemv.plan reports them. The variant "xla_out_in" is XLA over
+bf16 weights stored [N, K], layers.Linear's layout, where one row's product is a row reduction.
 
 Timing (the harness's timer, ordered): one jitted chain of n calls over n distinct weight/input
 copies (n·bytes >= rotate_bytes, so that weights come from HBM, not L2), each call ordered after
@@ -125,21 +126,28 @@ def _shape(config, H, K, N, B, fmt, rng, hlo_log, with_sweep) -> list[dict]:
       continue  # a variant for other cases (e.g. int8 activations need q8_0 weights)
     row = dict(**case, path=name, chain=n, weight_bytes=int(wbytes),
                **({"E": E} if head_ids is not None else {}))
+    operands, variant_args = (x, w), args_list
     try:
-      plan, options = harness.plan_variant(functools.partial(ops.gemv.plan, head_ids=head_ids),
-                                           (x, w), variant, interpret=config.interpret)
+      if variant.get("layout") == "out_in":
+        fn, operands, variant_args = _out_in(fmt, head_ids, x, w, args_list)
+        plan, row["plan"] = None, "xla, weights [out, in]"
+      else:
+        plan, options = harness.plan_variant(
+            functools.partial(ops.gemv.plan, head_ids=head_ids), (x, w), variant,
+            interpret=config.interpret)
+        row["plan"] = str(plan)
+        fn = lambda x, w, options=options: ops.batched_gemv(x, w, head_ids=head_ids, **options)
     except (ValueError, NotImplementedError) as err:  # this variant does not take this case
       rows.append({**row, "unsupported": f"{type(err).__name__}: {str(err).splitlines()[0]}"})
       continue
-    row["plan"] = str(plan)
-    fn = lambda x, w, options=options: ops.batched_gemv(x, w, head_ids=head_ids, **options)
     try:
       start = time.perf_counter()
-      compiled = jax.jit(fn).lower(x, w).compile()
+      compiled = jax.jit(fn).lower(*operands).compile()
       row["compile_s"] = time.perf_counter() - start
-      y = compiled(x, w)
+      y = compiled(*operands)
       ref_x = ref
-      if getattr(plan.tuning, "int8", False):  # int8 activations: the oracle on quantized x
+      if plan is not None and getattr(plan.tuning, "int8", False):
+        # int8 activations: the oracle on quantized x
         ref_x = reference.batched_gemv(quant.quantize_q8_1(x[..., :K]).dequantize(), chosen)
       row["rel_err"] = harness.rel_err(y, ref_x)
       row["ok"] = bool(row["rel_err"] <= config.rtol[fmt])  # NaN fails
@@ -148,11 +156,23 @@ def _shape(config, H, K, N, B, fmt, rng, hlo_log, with_sweep) -> list[dict]:
       if H == max(config.heads) and B == config.hlo_batch and name in ("xla", "pallas"):
         hlo_log.write(f"==== H={H} K={K} N={N} B={B} {fmt} {name}: {row['kernels']} kernels\n"
                       f"{hlo}\n")
-      _time(config, fn, args_list, row, wbytes)
+      _time(config, fn, variant_args, row, wbytes)
     except Exception as err:  # pylint: disable=broad-except  # a variant that fails is a result
       row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
     rows.append(row)
   return rows
+
+
+def _out_in(fmt, head_ids, x, w, args_list):
+  """(product, operands, operand copies) of the "out_in" layout: y[b,h] = x[b,h,:K] · w[h] with
+  each w[h] stored transposed, [N, K], as layers.Linear stores its weight ([out, in]), so that
+  XLA GPU runs one row's product as a row reduction (docs/decode_step.md). bf16, all heads."""
+  if fmt != "bf16" or head_ids is not None:
+    raise ValueError(f"fmt={fmt}, experts={head_ids is not None}: the [out, in] layout is timed "
+                     "for bf16 weights of H heads only")
+  product = lambda x, w: jnp.einsum("bhk,hnk->bhn", x[..., :w.shape[2]], w)
+  transposed = [(xc, jnp.swapaxes(wc, 1, 2)) for xc, wc in args_list]
+  return product, transposed[0], transposed
 
 
 def _decode_step(config, rng) -> list[dict]:

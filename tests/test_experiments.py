@@ -3,6 +3,7 @@ JSON and plot it writes, the correctness gate that a perturbed implementation mu
 unavailable kernels), the kernel benchmarks on a CPU in interpret mode, the help text, the shared
 harness and publishing results into a README."""
 
+import io
 import json
 import os
 import pathlib
@@ -16,8 +17,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from configs import tg_sweep
-from experiments import EXPERIMENTS, config_doc, decode_step, harness, model, publish, report, sweep
+from configs import batched_gemv, tg_sweep
+from experiments import (EXPERIMENTS, bench_gemv, config_doc, decode_step, harness, model, publish,
+                         report, sweep)
 from experiments.progress import Progress
 from mla_jax import MLAttention
 
@@ -283,6 +285,24 @@ KERNEL_RUNS = {
                         "--config.merge_shapes=((1,4),)", "--config.rounds=1",
                         "--config.calls_per_block=1", "--config.rotate_bytes=1"],
 }
+
+
+def test_batched_gemv_times_xla_over_the_linear_layout():
+  """The "xla_out_in" variant times XLA's product over weights stored [N, K], as layers.Linear
+  stores them, against the same oracle as the others; it takes bf16 weights of H heads only."""
+  config = batched_gemv.get_config()
+  config.update(timed=("xla_out_in",), interpret=True, warmup=1, iters=1, repeats=1,
+                rotate_bytes=1, max_chain=2)
+  rng = np.random.default_rng(0)
+  rows = {r["path"]: r for r in bench_gemv._shape(config, 1, 256, 64, 1, "bf16", rng, io.StringIO(),
+                                                   with_sweep=False)}
+  assert set(rows) == {"xla", "xla_out_in"}
+  row = rows["xla_out_in"]
+  assert row["ok"] and row["plan"] == "xla, weights [out, in]" and row["us"] > 0, row
+  assert rows["xla"]["ok"] and row["weight_bytes"] == rows["xla"]["weight_bytes"] == 256 * 64 * 2
+  config.experts = 3  # gathered heads: refused, not timed on the wrong weights
+  gathered = bench_gemv._shape(config, 2, 256, 64, 1, "bf16", rng, io.StringIO(), with_sweep=False)
+  assert "unsupported" in next(r for r in gathered if r["path"] == "xla_out_in")
 
 
 @pytest.mark.parametrize("name", sorted(KERNEL_RUNS))
