@@ -135,15 +135,18 @@ DECODE_CASES = [("mosaic", 1, 16, 16384, "bf16"), ("mosaic", 64, 16, 4096, "bf16
                 ("triton", 64, 128, 4096, "bf16")]
 
 
-def _decode_kernels(lowering, B, H, S, cache, V=None):
-  """The kernels of ops.mla_decode (impl "pallas") compiled for the H200, with wv_b [H,512,V]
-  when V is given."""
+def _compiled_decode(lowering, B, H, S, cache, V=None):
+  """ops.mla_decode (impl "pallas") compiled for the H200, with wv_b [H,512,V] when V is given."""
   wv_b = [jax.ShapeDtypeStruct((H, 512, V), jnp.bfloat16)] if V else []
-  compiled = compile_for_h200(
+  return compile_for_h200(
       lambda *a: mla_jax.ops.mla_decode(*a[:5], sm_scale=0.1, impl="pallas", lowering=lowering,
                                         wv_b=(a[5:] or [None])[0]),
       *_decode_args(B, H, S, cache), *wv_b)
-  return decode_step.kernels(compiled.as_text())
+
+
+def _decode_kernels(lowering, B, H, S, cache, V=None):
+  """The kernels of _compiled_decode's program."""
+  return decode_step.kernels(_compiled_decode(lowering, B, H, S, cache, V).as_text())
 
 
 @pytest.mark.parametrize("lowering,B,H,S,cache", DECODE_CASES,
@@ -152,6 +155,18 @@ def _decode_kernels(lowering, B, H, S, cache, V=None):
 def test_decode_kernels_compile_for_h200(lowering, B, H, S, cache, values):
   """ops.mla_decode's Pallas kernels, and the merge (with wv_b or without), compile to the H200."""
   assert "custom-call" in _decode_kernels(lowering, B, H, S, cache, V=128 if values else None)
+
+
+def _compiled_gemv(lowering, fmt, B, H):
+  """ops.batched_gemv (impl "pallas") compiled for the H200 at wk_b's shape [H, 128, 512], in
+  bf16 or quantized to fmt, reading x from the whole query [B, H, 128 + 64]."""
+  K, N = 128, 512
+  w = jax.ShapeDtypeStruct((H, K, N), jnp.bfloat16)
+  if fmt != "bf16":
+    w = jax.eval_shape(lambda w: mla_jax.quant.quantize(w, fmt), w)
+  return compile_for_h200(
+      lambda x, w: mla_jax.ops.batched_gemv(x, w, impl="pallas", lowering=lowering),
+      jax.ShapeDtypeStruct((B, H, K + 64), jnp.bfloat16), w)
 
 
 def _mosaic_calls(compiled) -> list[str]:
@@ -171,18 +186,8 @@ def test_mosaic_kernels_wait_for_their_inputs_and_launch_early(op, case):
   """Every Mosaic kernel (the three splits, the GEMV) starts with griddepcontrol.wait, so Mosaic
   marks it as using programmatic dependent launch, and XLA may launch it while the kernel before
   it finishes (ops.mosaic.common.wait_for_inputs)."""
-  if op == "decode":
-    _, B, H, S, cache = case
-    compiled = compile_for_h200(
-        lambda *a: mla_jax.ops.mla_decode(*a, sm_scale=0.1, impl="pallas", lowering="mosaic"),
-        *_decode_args(B, H, S, cache))
-  else:
-    w = jax.ShapeDtypeStruct((16, 128, 512), jnp.bfloat16)
-    if case != "bf16":
-      w = jax.eval_shape(lambda w: mla_jax.quant.quantize(w, case), w)
-    compiled = compile_for_h200(
-        lambda x, w: mla_jax.ops.batched_gemv(x, w, impl="pallas", lowering="mosaic"),
-        jax.ShapeDtypeStruct((1, 16, 128), jnp.bfloat16), w)
+  compiled = (_compiled_decode(*case) if op == "decode"
+              else _compiled_gemv("mosaic", case, B=1, H=16))
   calls = _mosaic_calls(compiled)
   assert calls and all("mosaic_gpu.uses_pdl" in c and "griddepcontrol.wait" in c for c in calls)
 
@@ -200,14 +205,7 @@ def test_merge_with_values_compiles_for_h200_at_any_value_width(V):
 @pytest.mark.parametrize("B,H", [(1, 16), (64, 128)])
 def test_gemv_kernels_compile_for_h200(lowering, fmt, B, H):
   """ops.batched_gemv's kernels compile to the H200 for wk_b's shape [H, 128, 512]."""
-  K, N = 128, 512
-  w = jax.ShapeDtypeStruct((H, K, N), jnp.bfloat16)
-  if fmt != "bf16":
-    w = jax.eval_shape(lambda w: mla_jax.quant.quantize(w, fmt), w)
-  compiled = compile_for_h200(
-      lambda x, w: mla_jax.ops.batched_gemv(x, w, impl="pallas", lowering=lowering),
-      jax.ShapeDtypeStruct((B, H, K + 64), jnp.bfloat16), w)
-  assert "custom-call" in decode_step.kernels(compiled.as_text())
+  assert "custom-call" in decode_step.kernels(_compiled_gemv(lowering, fmt, B, H).as_text())
 
 
 @pytest.mark.parametrize("weight_format", ["bf16", "q8_0", "iq4_nl"])
