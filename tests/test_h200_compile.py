@@ -219,14 +219,25 @@ def test_v2_lite_moe_decode_step_allocates_no_weight_sized_temporary(B, weight_f
   registers (XLA wrote q_proj's dequantized 12.6 MB out before its product), and at B=1 the
   dense layer's 10944-long down_proj rows are not padded (XLA's one-row dot padded them to 11008,
   a 45 MB copy). At B=8 in bf16 XLA's split-K GEMM still pads them, so there the dense layer is
-  left out."""
+  left out. Where XLA runs a GEMM on cuBLASLt (an attached GPU autotunes B=8's products there;
+  the compile-only device does not), the temporaries also hold the library's workspace (32 MiB
+  on an H100), which is not a copy of a weight and is left out of the bound."""
   dense = 0 if (B, weight_format) == (8, "bf16") else 1
   cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=2,
                             first_k_dense_replace=dense)
 
   compiled = _model_step_for_h200(cfg, weight_format, batch=B, max_len=4096,
                                   dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-  assert compiled.memory_analysis().temp_size_in_bytes < 8 << 20
+  temporaries = compiled.memory_analysis().temp_size_in_bytes
+  assert temporaries - _gemm_workspace_bytes(compiled.as_text()) < 8 << 20
+
+
+def _gemm_workspace_bytes(hlo_text: str) -> int:
+  """The largest workspace (the s8 buffer a cuBLAS GEMM custom call returns beside its product)
+  in compiled HLO; 0 if no GEMM runs on cuBLAS."""
+  sizes = [int(size) for line in hlo_text.splitlines() if "__cublas$" in line
+           for size in re.findall(r"s8\[(\d+)\]", line.split("custom-call(")[0])]
+  return max(sizes, default=0)
 
 
 def _model_step_for_h200(cfg, weight_format=None, *, batch=1, tokens=1, max_len=256,
