@@ -39,14 +39,25 @@ from mla_jax import ops
 from mla_jax.config import ModelConfig
 from mla_jax.layers import (MLP, InitSignature, Linear, RMSNorm, as_array, gated, on_fused_gemv,
                             to_weight_format)
+from mla_jax.ops import device
+from mla_jax.ops import top_k as top_k_op
 
 IMPLS = ("auto", "gather", "grouped")
 
 def route(logits, *, top_k: int, topk_method: str = "greedy", n_group: int = 1,
           topk_group: int = 1, norm_topk_prob: bool = False,
-          routed_scaling_factor: float = 1.0):
+          routed_scaling_factor: float = 1.0, norm=None):
   """Router logits [N,E] -> (weights [N,top_k] float32, expert ids [N,top_k] int32); see the
-  module docstring."""
+  module docstring. norm: None, or (sq_sum [N,1], dim, eps) of an RMSNorm folded into the
+  router's product: each row's logits are divided by sqrt(sq_sum / dim + eps) first. Greedy
+  routing on a GPU takes all of it in one kernel (ops.softmax_top_k), where XLA launches the
+  division, the softmax and a sort."""
+  if topk_method == "greedy" and _on_router_kernel(logits, top_k):
+    weights, ids = ops.softmax_top_k(logits, top_k, norm=norm, interpret=not device.is_gpu())
+    return _scaled(weights, norm_topk_prob, routed_scaling_factor), ids
+  if norm is not None:
+    sq_sum, dim, eps = norm
+    logits = logits * jax.lax.rsqrt(sq_sum / dim + eps)
   scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   candidates = scores
   if topk_method == "group_limited_greedy":
@@ -59,9 +70,26 @@ def route(logits, *, top_k: int, topk_method: str = "greedy", n_group: int = 1,
   elif topk_method != "greedy":
     raise ValueError(f"topk_method={topk_method!r}; expected 'greedy' or 'group_limited_greedy'")
   weights, ids = jax.lax.top_k(candidates, top_k)
+  return _scaled(weights, norm_topk_prob, routed_scaling_factor), ids.astype(jnp.int32)
+
+
+def _on_router_kernel(logits, top_k: int) -> bool:
+  """Whether route takes greedy routing's softmax and top k in ops.softmax_top_k: on a GPU,
+  where the kernel takes the shapes (E a power of two)."""
+  return device.is_gpu() and top_k_op.unsupported(logits, top_k) is None
+
+
+def _sq_sum(x):
+  """Σ x² over the last axis of x [N, D], in float32: [N, 1]."""
+  xf = x.astype(jnp.float32)
+  return jnp.sum(xf * xf, axis=-1, keepdims=True)
+
+
+def _scaled(weights, norm_topk_prob: bool, routed_scaling_factor: float):
+  """The chosen experts' weights [N, k], normalised to sum 1 if norm_topk_prob, then scaled."""
   if norm_topk_prob:
     weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-  return weights * routed_scaling_factor, ids.astype(jnp.int32)
+  return weights * routed_scaling_factor
 
 
 def _shared_rows(shared: MLP, I: int, dtype):
@@ -230,14 +258,15 @@ class MoE(nnx.Module):
     if impl == "auto":
       gather = x_ND.shape[0] * cfg.num_experts_per_tok <= cfg.n_routed_experts
       impl = "gather" if gather else "grouped"
-    scale = None
+    scale = norm = None
     if input_norm is not None and impl == "gather":
       scale = input_norm.inv_rms(x_ND)  # [N,1] float32
+      norm = (_sq_sum(x_ND), x.shape[-1], input_norm.eps)  # the router's division by rms(x)
       x_ND = input_norm.weight[...].astype(x.dtype) * x_ND
     elif input_norm is not None:
       x_ND = input_norm(x_ND)
     logits = self.gate(x_ND)
-    weights, ids = route(logits if scale is None else logits * scale,
+    weights, ids = route(logits, norm=norm,
                          top_k=cfg.num_experts_per_tok, topk_method=cfg.topk_method,
                          n_group=cfg.n_group, topk_group=cfg.topk_group,
                          norm_topk_prob=cfg.norm_topk_prob,

@@ -3,7 +3,8 @@ on `impl` and can say what it runs (`plan`): decode/ (the split-KV attention) an
 batched GEMV). `reference` is the float32 oracle (ops/reference.py), `xla` the plain-einsum
 baseline (ops/xla.py), merge_partials the split-KV merge (ops/merge.py); latent_update.py is the
 absorbed decode step's one kernel between its projections and the attention; grouped.py the
-grouped matmul (the MoE prefill's rows, sorted by expert, against their experts' weights).
+grouped matmul (the MoE prefill's rows, sorted by expert, against their experts' weights);
+top_k.py a MoE router's softmax and top k in one kernel.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from mla_jax.ops import decode, gemv, reference, xla
 from mla_jax.ops.common import DECODE_IMPLS, GEMV_IMPLS, Plan, resolve_impl
 from mla_jax.ops.grouped import grouped_matmul
 from mla_jax.ops.merge import merge_partials
+from mla_jax.ops.top_k import softmax_top_k
 
-__all__ = ["mla_decode", "merge_partials", "batched_gemv", "grouped_matmul", "resolve_impl",
+__all__ = ["mla_decode", "merge_partials", "batched_gemv", "grouped_matmul", "softmax_top_k",
+           "resolve_impl",
            "reference", "xla", "decode", "gemv", "Plan", "DECODE_IMPLS", "GEMV_IMPLS"]
 
 
