@@ -79,8 +79,7 @@ def _fold_input_norm(module, x, input_norm, q_in_kernel: bool):
   xg = x * input_norm.weight[...].astype(x.dtype)
   scale_q = q_in_kernel and module.cfg.q_lora_rank is None
   q, kv = _project(module, xg, None if scale_q else input_norm.inv_rms(x), q_in_kernel)
-  xf = x.astype(jnp.float32)
-  norm_args = dict(input_ss=jnp.sum(xf * xf, axis=-1), input_dim=x.shape[-1],
+  norm_args = dict(input_ss=input_norm.sq_sum(x)[..., 0], input_dim=x.shape[-1],
                    input_eps=input_norm.eps, scale_q=scale_q)
   return q, kv, norm_args
 

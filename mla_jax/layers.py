@@ -212,8 +212,13 @@ class RMSNorm(nnx.Module):
 
   def inv_rms(self, x):
     """rsqrt(mean(x²) + eps) over the last axis of x [..., dim]: [..., 1] float32."""
+    return jax.lax.rsqrt(self.sq_sum(x) / x.shape[-1] + self.eps)
+
+  @staticmethod
+  def sq_sum(x):
+    """Σ x² over the last axis of x [..., dim], in float32: [..., 1]."""
     xf = x.astype(jnp.float32)
-    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return jnp.sum(xf * xf, axis=-1, keepdims=True)
 
 
 class Embedding(nnx.Module):

@@ -79,12 +79,6 @@ def _on_router_kernel(logits, top_k: int) -> bool:
   return device.is_gpu() and top_k_op.unsupported(logits, top_k) is None
 
 
-def _sq_sum(x):
-  """Σ x² over the last axis of x [N, D], in float32: [N, 1]."""
-  xf = x.astype(jnp.float32)
-  return jnp.sum(xf * xf, axis=-1, keepdims=True)
-
-
 def _scaled(weights, norm_topk_prob: bool, routed_scaling_factor: float):
   """The chosen experts' weights [N, k], normalised to sum 1 if norm_topk_prob, then scaled."""
   if norm_topk_prob:
@@ -261,7 +255,7 @@ class MoE(nnx.Module):
     scale = norm = None
     if input_norm is not None and impl == "gather":
       scale = input_norm.inv_rms(x_ND)  # [N,1] float32
-      norm = (_sq_sum(x_ND), x.shape[-1], input_norm.eps)  # the router's division by rms(x)
+      norm = (input_norm.sq_sum(x_ND), x.shape[-1], input_norm.eps)  # the router's 1/rms(x)
       x_ND = input_norm.weight[...].astype(x.dtype) * x_ND
     elif input_norm is not None:
       x_ND = input_norm(x_ND)
