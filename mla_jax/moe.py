@@ -185,12 +185,15 @@ class Experts(nnx.Module):
     N, k = ids.shape
     flat = ids.reshape(N * k)
 
-    def gemv(rows, weights):  # rows [N·k, in] -> [N·k, out], for each weight (a tuple)
+    def gemv(rows, weights):  # rows [N·k or 1, in] -> [N·k, out], for each weight (a tuple)
       ys = ops.batched_gemv(rows[None], weights, impl="pallas", interpret=interpret,
                             head_ids=flat)
       return tuple(y[0] for y in ys)
 
-    rows = jnp.repeat(x.astype(self.dtype), k, axis=0)  # token n for each of its k experts
+    # token n for each of its k experts; one token's row is read by all of them where it lies
+    # (a copy would be a kernel of XLA's own)
+    rows = x.astype(self.dtype)
+    rows = rows if N == 1 else jnp.repeat(rows, k, axis=0)
     gate, up = gemv(rows, (self.gate_proj.get_value(), self.up_proj.get_value()))
     row_scale = None if scale is None else jnp.repeat(scale, k, axis=0)
     (y,) = gemv(gated(gate, up, row_scale), (self.down_proj.get_value(),))

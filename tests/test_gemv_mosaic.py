@@ -190,6 +190,12 @@ def test_head_ids_gather_the_weight_heads(fmt, rng):
   chosen = jax.tree.map(lambda a: a[np.clip(np.asarray(ids), 0, E - 1)], w)
   assert y.shape == (B, H, N)
   assert rel_err(y, gemv_oracle(x[..., :K], chosen)) <= RTOL[jnp.bfloat16]
+  row = x[:, 1:2]  # [B, 1, K + R]: one row that every head multiplies (a token's experts)
+  y = gemv.batched_gemv(row, w, impl="pallas", lowering="mosaic", interpret=not ON_GPU,
+                        head_ids=ids)
+  assert y.shape == (B, H, N)
+  assert rel_err(y, gemv_oracle(jnp.broadcast_to(row, x.shape)[..., :K], chosen)) <= RTOL[
+      jnp.bfloat16]
 
 
 @pytest.mark.parametrize("gathered", [False, True], ids=["heads", "gathered"])
@@ -212,6 +218,10 @@ def test_split_k_pieces_add_up_to_the_product(fmt, gathered, rng):
   for y, w in zip(ys, chosen, strict=True):
     assert y.shape == (B, H, w.shape[2]) and y.dtype == x.dtype
     assert rel_err(y, gemv_oracle(x, w)) <= RTOL[jnp.bfloat16]
+  if gathered:  # x [B, 1, K]: one row that every head multiplies
+    for y, w in zip(run(x[:, 1:], ws), chosen, strict=True):
+      assert rel_err(y, gemv_oracle(jnp.broadcast_to(x[:, 1:], x.shape), w)) <= RTOL[
+          jnp.bfloat16]
   lowered = jax.jit(functools.partial(run, interpret=False)).trace(x, ws).lower(
       lowering_platforms=("cuda",)).as_text()
   assert lowered.count("custom_call @mosaic_gpu") == 1

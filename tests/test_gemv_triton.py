@@ -119,6 +119,15 @@ def test_head_ids_gather_the_weight_heads(name, fmt, rng):
                         interpret=not ON_GPU, head_ids=outside)
   clamped = jax.tree.map(lambda a: a[np.clip(np.asarray(outside), 0, E - 1)], w)
   assert rel_err(y, gemv_oracle(x, clamped)) <= RTOL[jnp.bfloat16]
+  row = x[:, 2:3]  # [B, 1, K]: one row that every head multiplies (a token's experts)
+  every = jnp.broadcast_to(row, x.shape)
+  for impl, kw in (("pallas", dict(lowering="triton", tuning=TUNINGS[name],
+                                   interpret=not ON_GPU)), ("xla", {})):
+    y = gemv.batched_gemv(row, w, impl=impl, head_ids=ids, **kw)
+    assert y.shape == (B, H, N)
+    assert rel_err(y, gemv_oracle(every, chosen)) <= RTOL[jnp.bfloat16]
+  with pytest.raises(ValueError, match="head_ids.shape"):
+    gemv.batched_gemv(x[:, :2], w, impl="xla", head_ids=ids)
 
 
 @pytest.mark.parametrize("gathered", [False, True], ids=["heads", "gathered"])

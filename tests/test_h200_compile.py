@@ -257,10 +257,11 @@ def _model_step_for_h200(cfg, weight_format=None, *, batch=1, tokens=1, max_len=
                           cache, donate_argnums=(3,))
 
 
-def _moe_decode_kernels(num_layers, mode):
+def _moe_decode_kernels(num_layers, mode, weight_format=None, **model_kw):
   cfg = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), num_layers=num_layers,
                             first_k_dense_replace=0)
-  compiled = _model_step_for_h200(cfg, mode=mode, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  compiled = _model_step_for_h200(cfg, weight_format, mode=mode, dtype=jnp.bfloat16,
+                                  param_dtype=jnp.bfloat16, **model_kw)
   return sum(decode_step.kernels(compiled.as_text()).values())
 
 
@@ -275,6 +276,17 @@ def test_v2_lite_moe_layer_decode_kernels(mode, per_layer):
   the chosen experts' fusions (two kernels more without either), and XLA's softmax and sort
   would be a kernel more."""
   assert _moe_decode_kernels(2, mode) - _moe_decode_kernels(1, mode) == per_layer
+
+
+@pytest.mark.parametrize("weight_format", ["q8_0", "iq4_nl"])
+def test_v2_lite_quantized_moe_layer_decode_kernels(weight_format):
+  """Quantized, a V2-Lite MoE decoder layer adds 21 kernels to the compiled absorbed step at B=1
+  on the Pallas backend (a 2- against a 1-layer model): its 12 GEMV and Pallas launches and 9
+  fusions. The chosen experts' GEMV reads the token's one row of x for all 6 experts and clamps
+  their ids itself, and the router's kernel writes k ids, not a padded row: a copy of x, the
+  clamp and the slice would be two XLA kernels more."""
+  kernels = [_moe_decode_kernels(n, "absorbed", weight_format, backend="pallas") for n in (1, 2)]
+  assert kernels[1] - kernels[0] == 21
 
 
 def test_v2_lite_moe_prefill_takes_no_copy_per_expert():

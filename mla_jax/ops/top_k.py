@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from mla_jax.ops.common import is_pow2, next_pow2
+from mla_jax.ops.common import is_pow2
 
 
 def unsupported(logits, k: int) -> str | None:
@@ -53,23 +53,22 @@ def softmax_top_k(logits, k: int, *, norm=None, interpret: bool = False):
 @functools.partial(jax.jit, static_argnames=("k", "dim", "eps", "interpret"))
 def _launch(logits, sq_sum, k, dim, eps, interpret):
   N, E = logits.shape
-  slots = max(next_pow2(k), 2)  # the outputs' register width, a power of two; k are kept
-  weights, ids = pl.pallas_call(
-      functools.partial(_kernel, E=E, k=k, slots=slots, dim=dim, eps=eps,
-                        folded=sq_sum is not None),
-      out_shape=(jax.ShapeDtypeStruct((N, slots), jnp.float32),
-                 jax.ShapeDtypeStruct((N, slots), jnp.int32)),
+  return pl.pallas_call(
+      functools.partial(_kernel, E=E, k=k, dim=dim, eps=eps, folded=sq_sum is not None),
+      out_shape=(jax.ShapeDtypeStruct((N, k), jnp.float32),
+                 jax.ShapeDtypeStruct((N, k), jnp.int32)),
       grid=(N,),
       compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
       interpret=interpret,
       name="mla_softmax_top_k",
   )(logits, *(() if sq_sum is None else (sq_sum,)))
-  return weights[:, :k], ids[:, :k]
 
 
-def _kernel(logits_ref, *refs, E, k, slots, dim, eps, folded):
-  # logits_ref [N, E], sq_sum_ref [N, 1] (folded); weights_ref [N, slots] float32 and ids_ref
-  # [N, slots] int32, of which the first k columns are the result; one program a row
+def _kernel(logits_ref, *refs, E, k, dim, eps, folded):
+  # logits_ref [N, E], sq_sum_ref [N, 1] (folded); weights_ref [N, k] float32 and ids_ref
+  # [N, k] int32, written a scalar at a time (a k-wide row is no power of two, which Triton's
+  # tensors must be; a padded one would need slicing, a kernel of XLA's own before the GEMV
+  # that reads the ids); one program a row
   sq_sum_ref, weights_ref, ids_ref = refs if folded else (None, *refs)
   row = pl.program_id(0)
   logits = logits_ref[row, :].astype(jnp.float32)  # [E]
@@ -78,14 +77,9 @@ def _kernel(logits_ref, *refs, E, k, slots, dim, eps, folded):
   exp = jnp.exp(logits - jnp.max(logits))
   scores = exp / jnp.sum(exp)
   columns = jnp.arange(E, dtype=jnp.int32)
-  slot = jnp.arange(slots, dtype=jnp.int32)
-  weights = jnp.zeros((slots,), jnp.float32)
-  ids = jnp.zeros((slots,), jnp.int32)
   for r in range(k):
     best = jnp.max(scores)
     first = jnp.min(jnp.where(scores == best, columns, E))
-    weights = jnp.where(slot == r, best, weights)
-    ids = jnp.where(slot == r, first, ids)
+    weights_ref[row, r] = best
+    ids_ref[row, r] = first
     scores = jnp.where(columns == first, -1.0, scores)  # below every softmax score
-  weights_ref[row, :] = weights
-  ids_ref[row, :] = ids

@@ -36,8 +36,10 @@ def plan(x, w, *, impl: str = "auto", lowering: str | None = None, tuning=None,
   mode, where lowering=None means Triton. w may be a tuple of weights (batched_gemv).
   """
   weights = w if isinstance(w, tuple) else (w,)
+  if head_ids is not None:
+    x = _gathered_x(x, head_ids)
   for wt in weights:
-    check_gemv_args(x, wt if head_ids is None else _gathered_shape(x, wt, head_ids))
+    check_gemv_args(x, wt if head_ids is None else _gathered_shape(x, wt))
   impl = resolve_impl(impl, allowed=GEMV_IMPLS)
   if impl != "pallas":
     if lowering is not None or tuning is not None or interpret:
@@ -113,6 +115,8 @@ def batched_gemv(x, w, *, impl: str = "auto", lowering: str | None = None, tunin
 
   head_ids [H] int32: y[b,h] = x[b,h,:K] · w[head_ids[h]] instead, for w [E,K,N] of any E (a MoE
   layer's experts, chosen per token); the Pallas kernels read the chosen heads where they lie.
+  x may then be [B,1,K']: one row that every head multiplies (a token's chosen experts), which
+  the kernels read in place of H copies.
 
   w may be a tuple of weights of one kind, E and K (products of the same x, e.g. gate_proj and
   up_proj): y is then the tuple of their products, which the Pallas kernels compute in one
@@ -127,16 +131,26 @@ def batched_gemv(x, w, *, impl: str = "auto", lowering: str | None = None, tunin
                               interpret=interpret, head_ids=head_ids) for wt in w)
   if head_ids is not None:
     w = jax.tree.map(lambda a: jnp.take(a, head_ids, axis=0), w)
+    x = jnp.broadcast_to(x, _gathered_x(x, head_ids).shape)
   if p.kernel == "reference":
     return reference.batched_gemv(x[..., :w.shape[1]], w)
   return xla.batched_gemv(x[..., :w.shape[1]], w)
 
 
-def _gathered_shape(x, w, head_ids):
-  """The [H,K,N] that w [E,K,N] gathered at head_ids [H] has (for check_gemv_args)."""
-  if len(head_ids.shape) != 1 or head_ids.shape[0] != x.shape[1]:
-    raise ValueError(f"head_ids.shape={tuple(head_ids.shape)}; expected [H={x.shape[1]}], "
-                     "one weight head for each head of x")
+def _gathered_x(x, head_ids):
+  """The shape and dtype (jax.ShapeDtypeStruct) of x [B,H,K'] or [B,1,K'] with a row for each
+  of head_ids' H heads."""
+  if len(x.shape) != 3:
+    raise ValueError(f"x.shape={tuple(x.shape)}; expected [B,H,K'] or [B,1,K']")
+  if len(head_ids.shape) != 1 or x.shape[1] not in (1, head_ids.shape[0]):
+    raise ValueError(f"head_ids.shape={tuple(head_ids.shape)}; expected [H] with H the "
+                     f"{x.shape[1]} heads of x (or any H where x has one head), one weight head "
+                     "for each head")
+  return jax.ShapeDtypeStruct((x.shape[0], head_ids.shape[0], x.shape[2]), x.dtype)
+
+
+def _gathered_shape(x, w):
+  """The [H,K,N] that w [E,K,N] gathered for x's H heads has (for check_gemv_args)."""
   if len(w.shape) != 3:
     raise ValueError(f"w.shape={tuple(w.shape)}; expected [E,K,N]")
   return jax.ShapeDtypeStruct((x.shape[1], *w.shape[1:]), w.dtype)

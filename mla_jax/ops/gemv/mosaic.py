@@ -181,7 +181,8 @@ def batched_gemv(x, w, *, tuning: MosaicGemvTuning, interpret: bool = False, hea
   """y [B,H,N] = x[..., :K] · w per head, in x's dtype; arguments as ops.batched_gemv (see
   unsupported() for what this kernel takes). w may be a tuple of weights of one kind, E and K:
   their column tiles share the launch's grid, and y is the tuple of their products. head_ids [H]
-  int32: head h reads w[head_ids[h]] of w [E, K, N] (ids outside [0, E) are clamped).
+  int32: head h reads w[head_ids[h]] of w [E, K, N] (ids outside [0, E) are clamped), and x
+  may be [B, 1, K']: one row that every head multiplies.
   `interpret`: run in Mosaic GPU's interpret mode (on a CPU)."""
   weights = w if isinstance(w, tuple) else (w,)
   check_same_kind(weights)
@@ -197,8 +198,10 @@ def _split_k(x, weights, tuning, interpret, head_ids):
   partial products [B, H·G, N], which one XLA reduction adds. With one head (a Linear's
   weight) the grid of N / 64 programs alone fills few SMs, each walking all of K."""
   G = tuning.split_k
-  B, H, _ = x.shape
   E, K, _ = weights[0].shape
+  if head_ids is not None:  # head h·G + g reads piece g of x's row h: one row each
+    x = jnp.broadcast_to(x, (x.shape[0], head_ids.shape[0], x.shape[2]))
+  B, H, _ = x.shape
   fmt = getattr(weights[0], "fmt", None)
   if fmt is None or K % (G * _chunk_rows(fmt)):
     raise ValueError(f"split_k={G}: needs quantized weights whose K={K} splits into {G} pieces "
@@ -218,7 +221,7 @@ def _split_k(x, weights, tuning, interpret, head_ids):
 def _launch(x, weights, tuning, interpret, head_ids, out_dtype=None):
   """The products of x with each of `weights` in one Mosaic GPU kernel: a tuple of [B,H,N_t] in
   out_dtype (float32 for quantized weights only; None: x's dtype)."""
-  B, H, _ = x.shape
+  B, H = x.shape[0], x.shape[1] if head_ids is None else head_ids.shape[0]
   E, K, _ = weights[0].shape
   widths = [wt.shape[2] for wt in weights]
   dtype, Bp = x.dtype, block_rows(B)
@@ -237,9 +240,11 @@ def _launch(x, weights, tuning, interpret, head_ids, out_dtype=None):
   firsts = np.cumsum([0] + [n // _TN for n in widths])  # weight t: column tiles [firsts[t], ..)
 
   gathered = head_ids is not None
+  shared_x = x.shape[1] != H  # one row of x for every head (gathered only)
 
   def kernel(*refs,  # gathered only: ids_ref [H] int32, the weight head of each x head; then
-                     # x_ref [B, H, K']; per weight t: w_ref [E, K, N_t], or qs_ref and d_ref
+                     # x_ref [B, H, K'] (or [B, 1, K'] gathered: one row for every head); per
+                     # weight t: w_ref [E, K, N_t], or qs_ref and d_ref
                      # (quant.QuantizedTensor); then per weight t, y_ref [B, H, N_t]
              scratch: _Scratch):
     wait_for_inputs(interpret)
@@ -248,7 +253,8 @@ def _launch(x, weights, tuning, interpret, head_ids, out_dtype=None):
     x_smem, qs_smem, d_smem, conv_smem = (scratch.x_smem, scratch.qs_smem, scratch.d_smem,
                                           scratch.conv_smem)
     h, j, i = lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("b")
-    e = ids_ref[h] if gathered else h
+    e = jnp.clip(ids_ref[h], 0, E - 1) if gathered else h  # a bad id reads no foreign memory
+    xh = 0 if shared_x else h
     wg = lax.axis_index("wg")
     rows = pl.ds(i * Bp, Bp)
     first = wg * per_wg  # this warpgroup's chunks: [first, first + per_wg)
@@ -267,7 +273,7 @@ def _launch(x, weights, tuning, interpret, head_ids, out_dtype=None):
     def fetch(c, slot):
       bar = scratch.bars.at[wg * stages + slot]
       for piece in range(tk // xw):
-        plgpu.copy_gmem_to_smem(x_ref.at[rows, h, pl.ds(c * tk + piece * xw, xw)],
+        plgpu.copy_gmem_to_smem(x_ref.at[rows, xh, pl.ds(c * tk + piece * xw, xw)],
                                 x_smem.at[wg, slot, piece], bar)
 
       def weight(t, refs, cols):
@@ -384,8 +390,9 @@ def _launch(x, weights, tuning, interpret, head_ids, out_dtype=None):
   else:
     operands = weights
     scratch = _Scratch(w_smem=smem((W, stages, tk, _TN), dtype, swizzle), **common)
-  # no ids without head_ids: an iota of them would be an XLA kernel of its own at every launch
-  ids = (clamped_head_ids(head_ids, E),) if gathered else ()
+  # no ids without head_ids: an iota of them would be an XLA kernel of its own at every launch;
+  # and the kernel clamps them, which XLA would do in a kernel of its own
+  ids = (head_ids.astype(jnp.int32),) if gathered else ()
   return tuple(plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((B, H, n), out_dtype) for n in widths],

@@ -54,7 +54,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
 from mla_jax.ops.common import (MAGIC, MAGIC_BITS, TRITON_MIN_DOT, check_field, check_same_kind,
-                                clamped_head_ids, is_pow2, is_positive_int, next_pow2)
+                                is_pow2, is_positive_int, next_pow2)
 from mla_jax.ops.mosaic import iq4_nl_prmt
 
 BLOCK = quant.BLOCK
@@ -207,10 +207,11 @@ def _dividing_block(block: int, n: int) -> int:
   return block
 
 
-def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, unroll,
-                 compute_dtype, gathered, split_k, col_blocks, lookup, interpret):
-  # x_ref: [B, H, K'] (K' >= K; columns [0, K) are read in place)
-  # ids_ref: [H] int32, the weight head of each x head (gathered)
+def _gemv_kernel(x_ref, *refs, fmt, B, E, K, block_b, block_n, block_k, dot, int8, unroll,
+                 compute_dtype, gathered, shared_x, split_k, col_blocks, lookup, interpret):
+  # x_ref: [B, H, K'] (K' >= K; columns [0, K) are read in place), or [B, 1, K'] when
+  #   gathered: one row of x for every head
+  # ids_ref: [H] int32, the weight head of each head (gathered), clamped into [0, E) here
   # then per weight t (col_blocks[t] column blocks of N_t):
   #   dense:  w_ref [E, K, N_t]
   #   q8_0:   qs_ref int8 [E, K, N_t], d_ref float16 [E, K/32, N_t]
@@ -225,13 +226,14 @@ def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, 
   i, g = pl.program_id(2) // split_k, pl.program_id(2) % split_k  # batch block, piece of K
   num_blocks = K // BLOCK // split_k  # GGML blocks of this program's piece of K
   first_block = g * num_blocks
-  e = ids_ref[h] if gathered else h
+  e = jnp.clip(ids_ref[h], 0, E - 1) if gathered else h  # a bad id reads no foreign memory
+  xh = jnp.int32(0) if shared_x else h  # an array: interpret mode takes no int index here
   rows = pl.ds(i * block_b, block_b)
   row_ok = (i * block_b + jnp.arange(block_b)) < B  # [block_b]
 
   def load_x(k0, width):  # [block_b, width]
     mask = jnp.broadcast_to(row_ok[:, None], (block_b, width))
-    return pltriton.load(x_ref.at[rows, h, pl.ds(k0, width)], mask=mask, other=0.0)
+    return pltriton.load(x_ref.at[rows, xh, pl.ds(k0, width)], mask=mask, other=0.0)
 
   def product(w_refs, o_ref, j, o_first):
     """Column block j of this weight: [block_b, block_n] outputs of head h, at columns o_first +
@@ -270,7 +272,7 @@ def _gemv_kernel(x_ref, *refs, fmt, B, K, block_b, block_n, block_k, dot, int8, 
     def fma_body(kb, acc):  # one batch row; acc: [rows of a part, block_n] float32
       k0 = kb * BLOCK
       parts, d = weight_block(kb)
-      part = sum(x_ref[i, h, pl.ds(k0 + off, q.shape[0])].astype(jnp.float32)[:, None]
+      part = sum(x_ref[i, xh, pl.ds(k0 + off, q.shape[0])].astype(jnp.float32)[:, None]
                  * q.astype(jnp.float32) for off, q in parts)
       return acc + (part if d is None else part * d)
 
@@ -329,7 +331,8 @@ def batched_gemv(x, w, *, tuning: TritonGemvTuning, interpret: bool = False, hea
   column blocks share the launch's grid, and y is the tuple of their products.
   interpret: Pallas' interpret mode.
   head_ids [H] int32 or None: head h multiplies w[head_ids[h]] instead, w [E,K,N] for any E
-  (a MoE layer's chosen experts, read where they lie). Ids outside [0, E) are clamped.
+  (a MoE layer's chosen experts, read where they lie). Ids outside [0, E) are clamped. x may
+  then be [B,1,K']: one row that every head multiplies.
   """
   weights = w if isinstance(w, tuple) else (w,)
   ys = _launch(x, weights, tuning, interpret, head_ids)
@@ -339,7 +342,7 @@ def batched_gemv(x, w, *, tuning: TritonGemvTuning, interpret: bool = False, hea
 def _launch(x, weights, tuning, interpret, head_ids):
   """The products of x with each of `weights` in one pallas_call: a tuple of [B,H,N_t]."""
   check_same_kind(weights)
-  B, H, _ = x.shape
+  B, H = x.shape[0], x.shape[1] if head_ids is None else head_ids.shape[0]
   E, K, _ = weights[0].shape
   widths = [wt.shape[2] for wt in weights]
   quantized = isinstance(weights[0], quant.QuantizedTensor)
@@ -357,14 +360,14 @@ def _launch(x, weights, tuning, interpret, head_ids):
   split_k = max(g for g in range(1, tuning.split_k + 1) if (K // BLOCK) % g == 0)
   col_blocks = tuple(n // block_n for n in widths)
   kernel = functools.partial(
-      _gemv_kernel, fmt=fmt, B=B, K=K, block_b=block_b, block_n=block_n,
+      _gemv_kernel, fmt=fmt, B=B, E=E, K=K, block_b=block_b, block_n=block_n,
       block_k=math.gcd(tuning.block_k, K // BLOCK // split_k), dot=tuning.dot,
       int8=tuning.int8, unroll=tuning.unroll, compute_dtype=compute_dtype,
-      gathered=head_ids is not None, split_k=split_k, col_blocks=col_blocks,
-      lookup=tuning.lookup, interpret=interpret)
+      gathered=head_ids is not None, shared_x=x.shape[1] != H, split_k=split_k,
+      col_blocks=col_blocks, lookup=tuning.lookup, interpret=interpret)
   w_args = tuple(a for wt in weights for a in ((wt.qs, wt.d) if quantized else (wt,)))
-  if head_ids is not None:
-    w_args = (clamped_head_ids(head_ids, E), *w_args)
+  if head_ids is not None:  # clamped in the kernel, not in a kernel of XLA's own
+    w_args = (head_ids.astype(jnp.int32), *w_args)
   out_shape = ([jax.ShapeDtypeStruct((split_k, B, H, sum(widths)), jnp.float32)] if split_k > 1
                else [jax.ShapeDtypeStruct((B, H, n), x.dtype) for n in widths])
   ys = pl.pallas_call(
