@@ -19,12 +19,13 @@ the length bookkeeping and the absorption of wk_b as some ten small fusions. Her
                applies wv_b (ops.mla_decode's wv_b)
   projection   o_proj on XLA
 
-Quantized kv_b_proj weights (weight_format "q8_0"/"iq4_nl"), or gemv_lowering="mosaic", leave
-the absorption of wk_b and the product with wv_b to ops.batched_gemv (that lowering's kernel,
-or XLA where the Triton kernel does not take the weight: MLAttention._gemv), and the latent
-kernel and the merge do the rest. The arithmetic is the module's other path's, in
-the same order and with the same roundings, but for the folded input norm, which scales after
-the projections instead of before (a rounding's difference); tests/test_absorbed_step.py checks
+With gemv_lowering="mosaic", the absorption of wk_b and the product with wv_b run on
+ops.batched_gemv (MLAttention._gemv: that lowering's kernel, or XLA where the Triton kernel does
+not take the weight), and the latent kernel and the merge do the rest; so does the product with
+a quantized wv_b (weight_format "q8_0"/"iq4_nl"), while the latent kernel decodes a quantized
+wk_b itself where it takes it (K a multiple of 32). The arithmetic is the module's other
+path's, in the same order and with the same roundings, but for the folded input norm, which
+scales after the projections instead of before (a rounding's difference); tests/test_absorbed_step.py checks
 both against the XLA path.
 """
 
@@ -90,7 +91,9 @@ def decode_step(module, x, positions, cache, input_norm=None):
   cfg = module.cfg
   B, H = x.shape[0], cfg.num_heads
   wk_b, wv_b = module.kv_b_proj.weights()
-  gemv_absorbs = isinstance(wk_b, quant.QuantizedTensor) or module.gemv_lowering != "triton"
+  gemv_absorbs = module.gemv_lowering != "triton" or (
+      isinstance(wk_b, quant.QuantizedTensor) and cfg.qk_nope_head_dim % quant.BLOCK)
+  gemv_projects = module.gemv_lowering != "triton" or isinstance(wv_b, quant.QuantizedTensor)
   int8 = isinstance(cache.c_kv, quant.Int8Rows)
   values, scales = (cache.c_kv.values, cache.c_kv.scales) if int8 else (cache.c_kv, None)
   q, kv, norm_args = _fold_input_norm(module, x, input_norm, q_in_kernel=not gemv_absorbs)
@@ -109,7 +112,7 @@ def decode_step(module, x, positions, cache, input_norm=None):
                              cache.k_rope, cache.lengths, sm_scale=cfg.softmax_scale,
                              impl=module._decode_impl,
                              **module._decode_options)
-  if gemv_absorbs:
+  if gemv_projects:
     o_latent, _ = decode()
     return module._gemv(o_latent.astype(q_latent.dtype), wv_b), cache
   heads, _ = decode(wv_b=wv_b)

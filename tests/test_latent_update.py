@@ -105,6 +105,32 @@ def test_latent_update_matches_reference(absorb, block_c, dtype, int8, rng):
     np.testing.assert_array_equal(np.asarray(scales2)[untouched], np.asarray(scales)[untouched])
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_latent_update_decodes_a_quantized_wk_b(fmt, dtype, rng):
+  """A q8_0 or iq4_nl wk_b [H, K, C] (blocks of 32 rows along K) is decoded block by block in
+  the kernel: q_latent equals q_nope times the dequantized weight (a float64 oracle), with the
+  input norm's scale applied to q first, and the cache row is written as without it."""
+  B, H, K, C, R, S = 2, 3, 64, 64, 8, 8
+  q, kv, g, wk, inv_freq, c, k_rope = _latent_inputs(rng, B, H, K, C, R, S, dtype, False)
+  wk_q = quant.quantize(wk.astype(jnp.float32), fmt)
+  positions = jnp.asarray([7, 2], jnp.int32)
+  ss = jnp.asarray(rng.random(B) * 50 + 1, jnp.float32)
+  q_latent, _, c2, _, _, lengths, _ = latent.latent_update(
+      q, kv, positions, g, inv_freq, wk_q, c, None, k_rope, jnp.asarray([0, 3], jnp.int32),
+      jnp.zeros(B, jnp.int32), num_heads=H, rope_scale=1.0, eps=EPS, dtype=dtype,
+      tuning=latent.LatentTuning(block_c=32), interpret=not ON_GPU, input_ss=ss,
+      input_dim=16, input_eps=EPS)
+  np.testing.assert_array_equal(lengths, [1, 4])
+  inv_rms = 1 / np.sqrt(np.asarray(ss, np.float64) / 16 + EPS)
+  q_nope = np.asarray(q, np.float64).reshape(B, H, K + R)[..., :K] * inv_rms[:, None, None]
+  oracle = np.einsum("bhk,hkc->bhc", q_nope, np.asarray(wk_q.dequantize(), np.float64))
+  assert q_latent.shape == (B, H, C) and q_latent.dtype == dtype
+  assert rel_err(q_latent, oracle) <= RTOL[dtype]
+  kv_scaled = np.asarray(kv, np.float64)[:, :C] * inv_rms[:, None]
+  assert rel_err(c2[1, 3], rms_norm(kv_scaled[1], g)) <= RTOL[dtype]
+
+
 @pytest.mark.parametrize("scale_q", [True, False], ids=["q_and_kv", "kv_only"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_latent_update_completes_the_input_norm(scale_q, dtype, rng):

@@ -1,6 +1,7 @@
 """MLAttention(weight_format=...): quantized wk_b/wv_b give the output of the module run on the
-dequantized weights, and absorbed decode with backend="pallas" hands the quantized blocks to the
-fused GEMV kernel: the Triton one, or with gemv_lowering="mosaic" the Mosaic GPU one."""
+dequantized weights, and absorbed decode with backend="pallas" hands the quantized blocks to its
+kernels: wk_b to the latent kernel and wv_b to the fused Triton GEMV, or with
+gemv_lowering="mosaic" both to the Mosaic GPU GEMV."""
 
 import dataclasses
 
@@ -13,7 +14,7 @@ from flax import nnx
 import mla_jax
 from helpers import RTOL, rel_err, run_chunks
 from mla_jax import layers, quant
-from mla_jax.ops import device
+from mla_jax.ops import device, latent_update
 from mla_jax.ops.gemv import mosaic as gemv_mosaic, triton as gemv_triton
 
 # Contraction axes K (wk_b) and C (wv_b) hold whole GGML blocks of 32; N = C, V powers of two.
@@ -55,38 +56,52 @@ def test_quantized_module_matches_dequantized_weights(fmt, mode, backend, rng):
   assert rel_err(y, y_ref) <= RTOL[jnp.float32] * 10
 
 
-def test_pallas_decode_gets_the_quantized_weights(monkeypatch, rng):
-  """...and, for wk_b, the whole query [B,H,K+R], whose q_nope columns the kernel reads in place."""
+def _spy_on_kernels(monkeypatch):
+  """A list that the Triton GEMV and the latent kernel append to when called: ("gemv", w, x's
+  columns) and ("latent", wk_b)."""
   seen = []
-  kernel = gemv_triton.batched_gemv
+  gemv_kernel, latent_kernel = gemv_triton.batched_gemv, latent_update.latent_update
 
-  def spy(x, w, **kw):
-    seen.append((type(w), x.shape[-1]))
-    return kernel(x, w, **kw)
+  def gemv_spy(x, w, **kw):
+    seen.append(("gemv", w, x.shape[-1]))
+    return gemv_kernel(x, w, **kw)
 
-  monkeypatch.setattr(gemv_triton, "batched_gemv", spy)
+  def latent_spy(*args, **kw):
+    seen.append(("latent", args[5]))
+    return latent_kernel(*args, **kw)
+
+  monkeypatch.setattr(gemv_triton, "batched_gemv", gemv_spy)
+  monkeypatch.setattr(latent_update, "latent_update", latent_spy)
+  return seen
+
+
+def test_pallas_decode_gets_the_quantized_weights(monkeypatch, rng):
+  """...wk_b to the latent kernel, which decodes its blocks, and wv_b to the GEMV with the merged
+  latent [B,H,C]."""
+  seen = _spy_on_kernels(monkeypatch)
   attn = mla_jax.MLAttention(SMALL, mode="absorbed", backend="pallas", weight_format="iq4_nl",
                              rngs=nnx.Rngs(0))
   x = jnp.asarray(rng.standard_normal((1, 1, SMALL.hidden_size)), jnp.float32)
   attn(x, jnp.zeros((1, 1), jnp.int32), attn.init_cache(1, 4, jnp.float32))
-  assert seen == [(quant.QuantizedTensor, SMALL.qk_head_dim),
-                  (quant.QuantizedTensor, SMALL.kv_lora_rank)]
+  assert [entry[0] for entry in seen] == ["latent", "gemv"] and seen[1][2] == SMALL.kv_lora_rank
+  for got, stored in zip((seen[0][1], seen[1][1]), attn.kv_b_proj.weights()):
+    assert isinstance(got, quant.QuantizedTensor) and got.fmt == "iq4_nl"
+    np.testing.assert_array_equal(got.qs, stored.qs)
 
 
 def test_weights_the_gemv_kernel_does_not_take_run_on_xla(monkeypatch, rng):
   """A wv_b of 16 values a head (the Triton GEMV needs N a multiple of 32) runs its product on
-  XLA, dequantized, while wk_b stays on the kernel; the output is the dequantized module's."""
-  seen = []
-  kernel = gemv_triton.batched_gemv
-  monkeypatch.setattr(gemv_triton, "batched_gemv",
-                      lambda x, w, **kw: seen.append(w.shape) or kernel(x, w, **kw))
+  XLA, dequantized, while wk_b stays on the latent kernel; the output is the dequantized
+  module's."""
+  seen = _spy_on_kernels(monkeypatch)
   cfg = dataclasses.replace(SMALL, num_heads=2, v_head_dim=16)  # o_proj: 2 * 16 inputs
   attn = mla_jax.MLAttention(cfg, mode="absorbed", backend="pallas", weight_format="q8_0",
                              rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   x = jnp.asarray(rng.standard_normal((2, PREFILL + 2, cfg.hidden_size)), jnp.float32)
   positions = jnp.asarray(np.arange(PREFILL + 2)[None].repeat(2, 0), jnp.int32)
   y = _run(attn, x, positions)
-  assert seen and all(shape == (2, cfg.qk_nope_head_dim, cfg.kv_lora_rank) for shape in seen)
+  assert seen and all(name == "latent" and isinstance(w, quant.QuantizedTensor)
+                      for name, w, *_ in seen)
   assert rel_err(y, _run(_dequantized_twin(attn), x, positions)) <= RTOL[jnp.float32] * 10
 
 

@@ -8,7 +8,9 @@ c_kv | k_rope), one launch:
   reductions, and the kernel multiplies q and kv by each row's 1/rms(x), from Σx² (`input_ss`,
   which XLA fuses with the residual add that makes x); the norm then costs no launch of its own;
 - absorbs wk_b into the query, q_latent[b,h] = q_nope[b,h] · wk_b[h] [K, C] (DeepSeek-V2 §2.1.2),
-  on the tensor cores with the batch padded to 16 rows;
+  on the tensor cores with the batch padded to 16 rows; a q8_0 or iq4_nl wk_b block by block,
+  each decoded in registers as ops.batched_gemv's Triton kernel decodes it, which saves the
+  quantized step that GEMV's launch;
 - rotates q_rope (rope.py's YaRN rope on interleaved pairs, cos and sin computed in the kernel
   from the position and the inverse frequencies, so no table is built per layer);
 - normalises c_kv (kv_a_layernorm), rotates k_rope, and writes both into the cache slot of the
@@ -37,8 +39,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from mla_jax import quant
 from mla_jax.ops.common import (MAGIC, MAGIC_BITS, TRITON_MIN_DOT, check_field, is_pow2,
                                 next_pow2)
+from mla_jax.ops.gemv import triton as gemv_triton
 
 MAX_BATCH = 64
 INT8_MAX = 127.0
@@ -95,17 +99,18 @@ def _writing_head(j, num_heads):
 
 
 def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, S, K, R, C,
-            kv_at, block_c, absorb, int8, eps, rope_scale, dtype, norm_input, scale_q,
-            input_dim, input_eps):
+            kv_at, block_c, absorb, wk_fmt, int8, eps, rope_scale, dtype, norm_input, scale_q,
+            input_dim, input_eps, interpret):
   # pos_ref [B] int32 (-1: padding); q_ref [B, H·(K+R) ...] and qp_ref, the same array as
   # [B, H·(K+R)/2 ..., 2] (rope pairs); kv_ref [B, ...] with c_kv | k_rope at its columns
   # kv_at.. kv_at+C+R, and kvp_ref, its pairs [B, .../2, 2]; g_ref [C];
-  # freq_ref [R/2] float32; wk_ref [H, K, C] (absorb); ss_ref [B] float32 (norm_input); then the
+  # freq_ref [R/2] float32; wk_ref [H, K, C], or a quant.QuantizedTensor's qs_ref and d_ref
+  # (absorb; wk_fmt its format); ss_ref [B] float32 (norm_input); then the
   # aliased cache inputs (unused: the outputs are the same buffers); outputs q_latent [B, H, C]
   # (absorb), q_rope [B, H, R/2, 2], c_kv [B, S, C], scales [B, S] (int8), k_rope
   # [B, S, R/2, 2], lengths [B] int32 and overflow [B] int32.
   refs = list(refs)
-  wk_ref = refs.pop(0) if absorb else None
+  wk_refs = [refs.pop(0) for _ in range(2 if wk_fmt else 1)] if absorb else None
   ss_ref = refs.pop(0) if norm_input else None
   refs = refs[5 if int8 else 4:]
   ql_ref = refs.pop(0) if absorb else None
@@ -136,14 +141,25 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
     cos, sin = jnp.cos(angles) * rope_scale, jnp.sin(angles) * rope_scale
     return even * cos - odd * sin, even * sin + odd * cos
 
+  def q_nope(k0, width):  # [Bp, width] float32: columns k0.. of head h's q_nope
+    mask = jnp.broadcast_to(row_ok[:, None], (Bp, width))
+    return finish_q(pltriton.load(q_ref.at[rows, pl.ds(base + k0, width)], mask=mask,
+                                  other=0.0).astype(jnp.float32))
+
   if absorb:
-    mask = jnp.broadcast_to(row_ok[:, None], (Bp, K))
-    q_nope = finish_q(pltriton.load(q_ref.at[rows, pl.ds(base, K)], mask=mask,
-                                    other=0.0).astype(jnp.float32))
     cols = pl.ds(pl.multiple_of(j * block_c, block_c), block_c)
     precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-    q_latent = jax.lax.dot(q_nope.astype(dtype), wk_ref[h, :, cols].astype(dtype),
-                           precision=precision, preferred_element_type=jnp.float32)
+    product = functools.partial(jax.lax.dot, precision=precision,
+                                preferred_element_type=jnp.float32)
+    if wk_fmt is None:
+      q_latent = product(q_nope(0, K).astype(dtype), wk_refs[0][h, :, cols].astype(dtype))
+    else:  # ops.batched_gemv's arithmetic: a GGML block's values decoded, dotted, then scaled
+      q_latent = jnp.zeros((Bp, block_c), jnp.float32)
+      for kb in range(K // quant.BLOCK):
+        parts, d = gemv_triton.block_of(wk_refs, h, kb, cols=cols, fmt=wk_fmt, lookup="poly",
+                                        interpret=interpret)
+        q_latent += d * sum(product(q_nope(kb * quant.BLOCK + off, v.shape[0]).astype(dtype),
+                                    gemv_triton.as_dot_operand(v, dtype)) for off, v in parts)
     pltriton.store(ql_ref.at[rows, h, cols], q_latent.astype(ql_ref.dtype),
                    mask=jnp.broadcast_to(row_ok[:, None], (Bp, block_c)))
 
@@ -212,7 +228,9 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   [B, H·(K+R) + C+R], the two side by side (layers.joint_product), read in place. positions
   [B]: each row's rope position, -1 for padding (nothing is written). kv_norm_weight [C]:
   kv_a_layernorm's weight (eps). inv_freq [R/2] float32 and rope_scale: rope.inv_freq and
-  rope.attention_factor. wk_b [H,K,C] or None (q_latent is then left to the caller). c_kv
+  rope.attention_factor. wk_b [H,K,C], a float array or a quant.QuantizedTensor (q8_0 or
+  iq4_nl, K a multiple of its 32-row blocks, decoded in registers as ops.batched_gemv's Triton
+  kernel decodes them), or None (q_latent is then left to the caller). c_kv
   [B,S,C] (a float array, or int8 values with scales [B,S] float32; scales None otherwise),
   k_rope [B,S,R], lengths [B] int32 and overflow [B] int32: a LatentCache's buffers, updated in
   place under jit when donated.
@@ -235,7 +253,10 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   kv_at, kv = (q_width, q) if joint else (0, kv)  # kv's first column in its operand
   int8 = scales is not None
   absorb = wk_b is not None
+  wk_fmt = getattr(wk_b, "fmt", None)
   reason = unsupported(B, H, K, C, R, tuning)
+  if reason is None and wk_fmt is not None and K % quant.BLOCK:
+    reason = f"K={K}: a quantized wk_b needs K a multiple of its {quant.BLOCK}-row blocks"
   if reason is not None:
     raise ValueError(reason)
   pairs = k_rope.reshape(B, S, R // 2, 2)  # the rope pairs as an axis: no strided access
@@ -243,7 +264,7 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   operands = [positions.astype(jnp.int32), q, q.reshape(B, -1, 2), kv, kv.reshape(B, -1, 2),
               kv_norm_weight, inv_freq.astype(jnp.float32)]
   if absorb:
-    operands.append(wk_b)
+    operands.extend((wk_b.qs, wk_b.d) if wk_fmt else (wk_b,))
   if input_ss is not None:
     if input_ss.shape != (B,):
       raise ValueError(f"input_ss.shape={input_ss.shape}; expected [B={B}], Σx² of each row")
@@ -256,9 +277,9 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   aliases = {len(operands) + i: first_out + i for i in range(len(cache))}
   kernel = functools.partial(
       _kernel, B=B, S=S, K=K, R=R, C=C, kv_at=kv_at, block_c=tuning.block_c, absorb=absorb,
-      int8=int8, eps=eps, rope_scale=rope_scale, dtype=jnp.dtype(dtype),
+      wk_fmt=wk_fmt, int8=int8, eps=eps, rope_scale=rope_scale, dtype=jnp.dtype(dtype),
       norm_input=input_ss is not None, scale_q=input_ss is not None and scale_q,
-      input_dim=input_dim, input_eps=input_eps)
+      input_dim=input_dim, input_eps=input_eps, interpret=interpret)
   outs = list(pl.pallas_call(
       kernel,
       out_shape=out_shape,

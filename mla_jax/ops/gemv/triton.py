@@ -187,7 +187,27 @@ def _iq4_nl_values(idx):
   return _unbias(jax.lax.bitcast_convert_type(rounded, jnp.int32) & 0x7FFFFFFF)
 
 
-def _as_dot_operand(w, dtype):
+def block_of(w_refs, e, kb, *, cols, fmt, lookup: str, interpret: bool):
+  """GGML block kb (rows 32·kb.. of K) of weight head e at columns cols, read from w_refs (w_ref
+  [E, K, N], or a quant.QuantizedTensor's qs_ref and d_ref): ([(row offset in the block, its
+  values [rows, n])], the block's scales d [1, n] float32, or None for a float weight). One part
+  of 32 rows, or for iq4_nl two of 16, its low and high nibbles (quant.py's layout), looked up
+  by `lookup` (LOOKUPS)."""
+  k0 = _aligned(kb * BLOCK, BLOCK)
+  if fmt is None:
+    return [(0, w_refs[0][e, pl.ds(k0, BLOCK), cols])], None  # [32, n]
+  qs_ref, d_ref = w_refs
+  d = d_ref[e, kb, cols].astype(jnp.float32)[None, :]  # [1, n]
+  if fmt == "q8_0":
+    return [(0, qs_ref[e, pl.ds(k0, BLOCK), cols])], d  # int8 [32, n]
+  packed = qs_ref[e, pl.ds(_aligned(kb * HALF, HALF), HALF), cols]  # uint8 [16, n]
+  if lookup == "prmt":
+    lo, hi = iq4_nl_prmt.decode_triton(packed, interpret)
+    return [(0, lo), (HALF, hi)], d
+  return [(0, _iq4_nl_values(packed & 0xF)), (HALF, _iq4_nl_values(packed >> 4))], d
+
+
+def as_dot_operand(w, dtype):
   """A weight tile as the dot's dtype; q8_0's int8 goes through its exact float32
   (`_int_to_f32`): on the H200 that made the tensor-core path up to 1.5x faster than int8 ->
   bfloat16 directly, while the FMA path, which needs float32 anyway, is faster with the plain
@@ -240,20 +260,8 @@ def _gemv_kernel(x_ref, *refs, fmt, B, E, K, block_b, block_n, block_k, dot, int
     j·block_n of o_ref."""
     cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
 
-    def weight_block(kb):
-      """Block kb of w: ([(row offset in the block, rows [r, block_n])], d [1, block_n] or None)."""
-      k0 = _aligned(kb * BLOCK, BLOCK)
-      if fmt is None:
-        return [(0, w_refs[0][e, pl.ds(k0, BLOCK), cols])], None  # [32, block_n]
-      qs_ref, d_ref = w_refs
-      d = d_ref[e, kb, cols].astype(jnp.float32)[None, :]  # [1, block_n]
-      if fmt == "q8_0":
-        return [(0, qs_ref[e, pl.ds(k0, BLOCK), cols])], d  # int8 [32, block_n]
-      packed = qs_ref[e, pl.ds(_aligned(kb * HALF, HALF), HALF), cols]  # uint8 [16, block_n]
-      if lookup == "prmt":
-        lo, hi = iq4_nl_prmt.decode_triton(packed, interpret)
-        return [(0, lo), (HALF, hi)], d
-      return [(0, _iq4_nl_values(packed & 0xF)), (HALF, _iq4_nl_values(packed >> 4))], d
+    weight_block = functools.partial(block_of, w_refs, e, cols=cols, fmt=fmt, lookup=lookup,
+                                     interpret=interpret)
 
     def dot_body(kb, acc):  # acc: [block_b, block_n] float32
       k0 = kb * BLOCK
@@ -265,7 +273,7 @@ def _gemv_kernel(x_ref, *refs, fmt, B, E, K, block_b, block_n, block_k, dot, int
         part = jax.lax.dot(x_q, parts[0][1], preferred_element_type=jnp.int32)
         return acc + part.astype(jnp.float32) * d_x * d
       part = sum(jax.lax.dot(load_x(k0 + off, q.shape[0]).astype(compute_dtype),
-                             _as_dot_operand(q, compute_dtype), preferred_element_type=jnp.float32)
+                             as_dot_operand(q, compute_dtype), preferred_element_type=jnp.float32)
                  for off, q in parts)
       return acc + (part if d is None else part * d)
 
