@@ -21,12 +21,12 @@ the length bookkeeping and the absorption of wk_b as some ten small fusions. Her
 
 With gemv_lowering="mosaic", the absorption of wk_b and the product with wv_b run on
 ops.batched_gemv (MLAttention._gemv: that lowering's kernel, or XLA where the Triton kernel does
-not take the weight), and the latent kernel and the merge do the rest; so does the product with
-a quantized wv_b (weight_format "q8_0"/"iq4_nl"), while the latent kernel decodes a quantized
-wk_b itself where it takes it (K a multiple of 32). The arithmetic is the module's other
-path's, in the same order and with the same roundings, but for the folded input norm, which
-scales after the projections instead of before (a rounding's difference); tests/test_absorbed_step.py checks
-both against the XLA path.
+not take the weight), and the latent kernel and the merge do the rest. Quantized kv_b_proj
+weights (weight_format "q8_0"/"iq4_nl") are decoded in the latent kernel (wk_b, where K is a
+multiple of 32) and in the merge (wv_b), as the Triton GEMV decodes them. The arithmetic is
+the module's other path's, in the same order and with the same roundings, but for the folded
+input norm, which scales after the projections instead of before (a rounding's difference);
+tests/test_absorbed_step.py checks both against the XLA path.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def decode_step(module, x, positions, cache, input_norm=None):
   wk_b, wv_b = module.kv_b_proj.weights()
   gemv_absorbs = module.gemv_lowering != "triton" or (
       isinstance(wk_b, quant.QuantizedTensor) and cfg.qk_nope_head_dim % quant.BLOCK)
-  gemv_projects = module.gemv_lowering != "triton" or isinstance(wv_b, quant.QuantizedTensor)
+  gemv_projects = module.gemv_lowering != "triton"
   int8 = isinstance(cache.c_kv, quant.Int8Rows)
   values, scales = (cache.c_kv.values, cache.c_kv.scales) if int8 else (cache.c_kv, None)
   q, kv, norm_args = _fold_input_norm(module, x, input_norm, q_in_kernel=not gemv_absorbs)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import lower_for_h200
+from mla_jax import quant
 from mla_jax.ops import merge_partials
 from mla_jax.ops.decode import merge_triton, mosaic_common, triton
 
@@ -65,17 +66,19 @@ def _merged_and_projected(o_parts, lse_parts, wv_b):
                                                       -np.inf)
 
 
-def _check_merge_values(rng, P, B, N, H, C, V, **options):
+def _check_merge_values(rng, P, B, N, H, C, V, fmt=None, **options):
   """merge_values (options: merge, splits) on partials of N padded heads with piece 0 of row 0
-  empty and head H // 2 of the last row empty in every piece, against the float64 oracle."""
+  empty and head H // 2 of the last row empty in every piece, against the float64 oracle; fmt:
+  wv_b quantized to that format (the oracle on its dequantized values)."""
   o_parts = jnp.asarray(rng.standard_normal((P, B, N, C)), jnp.float32)
   lse_parts = np.asarray(rng.standard_normal((P, B, N)) * 3, np.float32)
   lse_parts[0, 0, :] = -np.inf
   lse_parts[:, B - 1, H // 2] = -np.inf
   wv_b = jnp.asarray(rng.standard_normal((H, C, V)) / np.sqrt(C), jnp.float32)
+  wv_b = wv_b if fmt is None else quant.quantize(wv_b, fmt)
   out, lse = merge_triton.merge_values(o_parts, jnp.asarray(lse_parts), wv_b, jnp.float32,
                                        interpret=not ON_GPU, **options)
-  want, want_lse = _merged_and_projected(o_parts, lse_parts, wv_b)
+  want, want_lse = _merged_and_projected(o_parts, lse_parts, quant.dequantize(wv_b))
   assert out.shape == (B, H, V) and out.dtype == jnp.float32 and lse.shape == (B, H)
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(out[B - 1, H // 2], 0.0)
@@ -106,6 +109,17 @@ def test_merge_values_split_over_columns(rng, splits, P, B, N, H, C, V):
   parts = jnp.zeros((P, B, N, C)), jnp.zeros((P, B, N)), jnp.zeros((H, C, V))
   with pytest.raises(ValueError, match="splits=3"):
     merge_triton.merge_values(*parts, jnp.float32, merge="pallas", interpret=True, splits=3)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl"])
+@pytest.mark.parametrize("P,B,N,H,C,V,options", [
+    (5, 2, 16, 5, 64, 32, dict(merge="pallas")), (1, 3, 32, 32, 128, 16, dict(merge="pallas")),
+    (40, 1, 16, 4, 256, 64, dict(merge="pallas", splits=8)),
+    (5, 2, 16, 5, 64, 32, dict(merge="xla"))])
+def test_merge_values_decodes_a_quantized_wv_b(rng, fmt, P, B, N, H, C, V, options):
+  """A q8_0 or iq4_nl wv_b (blocks of 32 rows along C) is decoded in the kernel, also in pieces
+  of C of 32 columns each (splits=8 at C=256): the product with its dequantized values."""
+  _check_merge_values(rng, P, B, N, H, C, V, fmt=fmt, **options)
 
 
 @pytest.mark.parametrize("P,splits", [(32, 1), (33, 8), (132, 8)])

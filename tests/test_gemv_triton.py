@@ -204,7 +204,7 @@ def test_integer_decoding_is_exact(jit):
   """The magic-number decoders, also under jit: XLA:CPU reassociates float adds, and an
   unguarded `(v + MAGIC) - MAGIC` would be folded away there."""
   # pylint: disable=protected-access
-  lookup, to_f32 = triton._iq4_nl_values, triton._int_to_f32
+  lookup, to_f32 = triton.iq4_nl_values, triton._int_to_f32
   if jit:
     lookup, to_f32 = jax.jit(lookup), jax.jit(to_f32)
   np.testing.assert_array_equal(np.asarray(lookup(jnp.arange(16, dtype=jnp.uint8))),

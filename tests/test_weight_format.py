@@ -76,31 +76,37 @@ def _spy_on_kernels(monkeypatch):
 
 
 def test_pallas_decode_gets_the_quantized_weights(monkeypatch, rng):
-  """...wk_b to the latent kernel, which decodes its blocks, and wv_b to the GEMV with the merged
-  latent [B,H,C]."""
+  """...wk_b to the latent kernel and wv_b to the merge of the split's pieces, which decode
+  their blocks themselves: no GEMV runs, and the merge kernel reads wv_b's packed values."""
   seen = _spy_on_kernels(monkeypatch)
   attn = mla_jax.MLAttention(SMALL, mode="absorbed", backend="pallas", weight_format="iq4_nl",
                              rngs=nnx.Rngs(0))
   x = jnp.asarray(rng.standard_normal((1, 1, SMALL.hidden_size)), jnp.float32)
-  attn(x, jnp.zeros((1, 1), jnp.int32), attn.init_cache(1, 4, jnp.float32))
-  assert [entry[0] for entry in seen] == ["latent", "gemv"] and seen[1][2] == SMALL.kv_lora_rank
-  for got, stored in zip((seen[0][1], seen[1][1]), attn.kv_b_proj.weights()):
-    assert isinstance(got, quant.QuantizedTensor) and got.fmt == "iq4_nl"
-    np.testing.assert_array_equal(got.qs, stored.qs)
+  cache = attn.init_cache(1, 4, jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda x: attn(x, jnp.zeros((1, 1), jnp.int32), cache))(x)
+  _, wv_b = attn.kv_b_proj.weights()
+  assert [name for name, *_ in seen] == ["latent"]
+  assert isinstance(seen[0][1], quant.QuantizedTensor) and seen[0][1].fmt == "iq4_nl"
+  merges = [eqn for eqn in jaxpr.jaxpr.eqns if "mla_decode_merge_values" in str(eqn.params)]
+  assert len(merges) == 1
+  assert any(v.aval.shape == wv_b.qs.shape and v.aval.dtype == jnp.uint8
+             for v in merges[0].invars)
 
 
 def test_weights_the_gemv_kernel_does_not_take_run_on_xla(monkeypatch, rng):
-  """A wv_b of 16 values a head (the Triton GEMV needs N a multiple of 32) runs its product on
-  XLA, dequantized, while wk_b stays on the latent kernel; the output is the dequantized
+  """Where the step's kernels do not take the batch (65 rows, over the latent kernel's 64),
+  wk_b and wv_b run on the GEMV: a wv_b of 16 values a head (the Triton GEMV needs N a multiple
+  of 32) on XLA, dequantized, while wk_b stays on the kernel; the output is the dequantized
   module's."""
   seen = _spy_on_kernels(monkeypatch)
   cfg = dataclasses.replace(SMALL, num_heads=2, v_head_dim=16)  # o_proj: 2 * 16 inputs
   attn = mla_jax.MLAttention(cfg, mode="absorbed", backend="pallas", weight_format="q8_0",
                              rngs=nnx.Rngs(int(rng.integers(1 << 30))))
-  x = jnp.asarray(rng.standard_normal((2, PREFILL + 2, cfg.hidden_size)), jnp.float32)
-  positions = jnp.asarray(np.arange(PREFILL + 2)[None].repeat(2, 0), jnp.int32)
+  B = latent_update.MAX_BATCH + 1
+  x = jnp.asarray(rng.standard_normal((B, PREFILL + 2, cfg.hidden_size)), jnp.float32)
+  positions = jnp.asarray(np.arange(PREFILL + 2)[None].repeat(B, 0), jnp.int32)
   y = _run(attn, x, positions)
-  assert seen and all(name == "latent" and isinstance(w, quant.QuantizedTensor)
+  assert seen and all(name == "gemv" and w.shape == (2, cfg.qk_nope_head_dim, cfg.kv_lora_rank)
                       for name, w, *_ in seen)
   assert rel_err(y, _run(_dequantized_twin(attn), x, positions)) <= RTOL[jnp.float32] * 10
 

@@ -116,12 +116,14 @@ def check_decode_args(q_latent, q_rope, c_kv, k_rope, lengths):
 
 
 def check_values(wv_b, H: int, C: int):
-  """Validates mla_decode's value up-projection wv_b: None or a floating [H,C,V] array."""
+  """Validates mla_decode's value up-projection wv_b: None, a floating [H,C,V] array or a
+  quant.QuantizedTensor of that shape."""
   if wv_b is None:
     return
   if len(wv_b.shape) != 3 or tuple(wv_b.shape[:2]) != (H, C) or wv_b.shape[2] < 1:
     raise _shape_error("wv_b", wv_b, f"[H,C,V] with H={H}, C={C}")
-  if not jnp.issubdtype(wv_b.dtype, jnp.floating):
+  if (not isinstance(wv_b, quant.QuantizedTensor)
+      and not jnp.issubdtype(wv_b.dtype, jnp.floating)):
     raise ValueError(f"wv_b.dtype={wv_b.dtype}; expected a floating dtype")
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mla_jax import quant
+
 
 @jax.jit
 def merge_partials(outs: jax.Array, lses: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -29,9 +31,10 @@ def merge_partials(outs: jax.Array, lses: jax.Array) -> tuple[jax.Array, jax.Arr
   return out, lse
 
 
-def project_values(out: jax.Array, wv_b: jax.Array, out_dtype) -> jax.Array:
+def project_values(out: jax.Array, wv_b, out_dtype) -> jax.Array:
   """out [B,H,C] · wv_b [H,C,V] -> [B,H,V] in out_dtype, accumulated in float32: the value
-  up-projection that absorbed decoding applies after the attention (DeepSeek-V2 §2.1.2)."""
+  up-projection that absorbed decoding applies after the attention (DeepSeek-V2 §2.1.2). wv_b:
+  an array, or a quant.QuantizedTensor, dequantized first."""
   precision = jax.lax.Precision.HIGHEST if jnp.dtype(out_dtype) == jnp.float32 else None
-  return jnp.einsum("bhc,hcv->bhv", out, wv_b.astype(out.dtype), precision=precision,
+  return jnp.einsum("bhc,hcv->bhv", out, quant.dequantize(wv_b, out.dtype), precision=precision,
                     preferred_element_type=jnp.float32).astype(out_dtype)

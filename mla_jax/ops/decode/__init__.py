@@ -121,7 +121,8 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, impl
   Runs what plan() names; interpret: run a Pallas kernel in interpret mode (on a CPU).
   Outside jit, lengths outside [0, S] raise ValueError; under jit they are clamped to it.
   lengths may be any integer array-like (a list, a numpy array).
-  wv_b [H,C,V] (kv_b_proj's value half): out is then out [B,H,C] (rounded to its dtype) · wv_b[h],
+  wv_b [H,C,V] (kv_b_proj's value half; an array or a q8_0/iq4_nl quant.QuantizedTensor, which
+  the Pallas path decodes in its merge): out is then out [B,H,C] (rounded to its dtype) · wv_b[h],
   [B,H,V] in the same dtype, accumulated in float32; the Pallas path merges the split's partials
   and projects them in one kernel (merge_triton.merge_values)."""
   if not isinstance(lengths, jax.Array):

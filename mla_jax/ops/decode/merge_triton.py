@@ -12,6 +12,7 @@ program, the Mosaic decodes blocks of heads with 64 columns (a contiguous partia
 
 merge_values merges and then applies the value up-projection wv_b [H,C,V] in the same kernel, a
 program per (b, h, block of V): the absorbed decode step's merge and its wv_b GEMV as one launch.
+A q8_0 or IQ4_NL wv_b is decoded there, 32-row GGML block by block, as the Triton GEMV decodes it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from mla_jax import quant
 from mla_jax.ops.common import next_pow2
+from mla_jax.ops.gemv import triton as gemv_triton
 from mla_jax.ops.merge import merge_partials, project_values
 
 MERGES = ("pallas", "xla")  # the merge kernel below, or ops.merge_partials
@@ -116,13 +119,14 @@ def merge_heads(o_parts, lse_parts, H: int, out_dtype, *, merge: str, launch: Me
 
 def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
                          o_parts_ref,    # [P, B, N, C]
-                         wv_ref,         # [H, C, V]
-                         out_ref,        # [B, H, V], or [splits, B, H, V] float32 partial sums
-                         lse_ref,        # [B, H]
-                         *, num_pieces: int, chunk: int, block_c: int, block_v: int,
-                         splits: int, dtype):
+                         *refs,          # wv_b: wv_ref [H, C, V], or qs_ref and d_ref (wv_fmt);
+                                         # then out_ref [B, H, V], or [splits, B, H, V] float32
+                                         # partial sums, and lse_ref [B, H]
+                         num_pieces: int, chunk: int, block_c: int, block_v: int,
+                         splits: int, dtype, wv_fmt):
+  *wv_refs, out_ref, lse_ref = refs
   b, h = pl.program_id(0), pl.program_id(1)
-  value_blocks = wv_ref.shape[-1] // block_v
+  value_blocks = wv_refs[-1].shape[-1] // block_v
   g, j = pl.program_id(2) // value_blocks, pl.program_id(2) % value_blocks  # piece of C, values
   piece = o_parts_ref.shape[-1] // splits
   values = pl.ds(pl.multiple_of(j * block_v, block_v), block_v)
@@ -149,7 +153,11 @@ def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
                                jnp.zeros((block_c,), jnp.float32))
     # merge_heads' output rounding, then the product in float32 as ops.batched_gemv does
     merged = (merged / safe_l).astype(dtype).astype(jnp.float32)
-    return acc + jnp.sum(merged[:, None] * wv_ref[h, cols, values].astype(jnp.float32), axis=0)
+    if wv_fmt is not None:
+      return acc + _decoded_product(merged, wv_refs, h, g * piece + k * block_c, values,
+                                    fmt=wv_fmt)
+    return acc + jnp.sum(merged[:, None] * wv_refs[0][h, cols, values].astype(jnp.float32),
+                         axis=0)
 
   acc = jax.lax.fori_loop(0, piece // block_c, column_block, jnp.zeros((block_v,), jnp.float32))
   if splits > 1:
@@ -160,6 +168,29 @@ def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
   @pl.when(pl.program_id(2) == 0)
   def _():
     lse_ref[b, h] = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+
+
+def _decoded_product(merged, wv_refs, h, first, values, *, fmt: str):
+  """Σ_c merged[c] · wv_b[h, first + c, values] for a quantized wv_b (qs_ref, d_ref): merged
+  [n] float32, n whole blocks of 32 rows; each row's decoded values times its block's scales,
+  which are loaded once a row (a gather from the few scale rows) so that no [n, values] tile is
+  reshaped. An IQ4_NL byte holds rows i and 16 + i of its block (quant.py): merged is split
+  into each block's two halves by a masked sum over the pair axis (Triton slices no
+  registers)."""
+  qs_ref, d_ref = wv_refs
+  n = merged.shape[0]
+  if fmt == "q8_0":
+    d = d_ref[h, first // quant.BLOCK + jnp.arange(n) // quant.BLOCK, values]  # [n, v]
+    w = qs_ref[h, pl.ds(first, n), values].astype(jnp.float32)
+    return jnp.sum(merged[:, None] * (w * d.astype(jnp.float32)), axis=0)
+  half = quant.BLOCK // 2
+  pairs = merged.reshape(n // quant.BLOCK, 2, half)
+  lo, hi = (jnp.sum(jnp.where(jnp.arange(2)[None, :, None] == i, pairs, 0.0), axis=1)
+            .reshape(n // 2) for i in (0, 1))  # rows i and 16 + i of each block
+  d = d_ref[h, first // quant.BLOCK + jnp.arange(n // 2) // half, values].astype(jnp.float32)
+  packed = qs_ref[h, pl.ds(first // 2, n // 2), values]  # [n / 2, v]
+  return jnp.sum((lo[:, None] * gemv_triton.iq4_nl_values(packed & 0xF)
+                  + hi[:, None] * gemv_triton.iq4_nl_values(packed >> 4)) * d, axis=0)
 
 
 def _blocks(columns: int, V: int) -> tuple[int, int]:
@@ -176,9 +207,10 @@ def _blocks(columns: int, V: int) -> tuple[int, int]:
   return block_c, min(V & -V, _VALUES_TILE // block_c)
 
 
-def column_splits(P: int, C: int) -> int:
+def column_splits(P: int, C: int, block: int = 1) -> int:
   """Pieces of C that merge_values gives programs of their own: 8 when P is more than the
-  pieces one step of a whole-row program loads (32 at C=512), else 1. Such a program walks P
+  pieces one step of a whole-row program loads (32 at C=512) and C splits into 8 pieces of
+  whole `block`s of columns (a quantized wv_b's 32-row blocks), else 1. Such a program walks P
   in dependent steps, and at B=1, H=16, V=128 there are only 64 of them (4 blocks of 32
   values a head); in 8 pieces of 64 columns the programs are 8 times as many and load up to
   256 partial rows a step. One small XLA fusion then sums the pieces' float32 products, ~1.2
@@ -187,36 +219,42 @@ def column_splits(P: int, C: int) -> int:
   7.3 → 7.1 at (16, 8) and 3.8 → 4.0 at (3, 1), where the extra launch costs more in the
   step (docs/decode_step.md)."""
   whole_row_step = _VALUES_TILE // _blocks(C, 1)[0]
-  return 8 if P > whole_row_step and C % 8 == 0 else 1
+  return 8 if P > whole_row_step and C % (8 * block) == 0 else 1
 
 
 def merge_values(o_parts, lse_parts, wv_b, out_dtype, *, merge: str, interpret: bool = False,
                  splits: int | None = None):
   """Partials o_p [P, B, N, C] and lse_p [P, B, N] merged for the first H heads (wv_b [H,C,V],
-  H <= N), then projected: out [B,H,V] = merged o [B,H,C] (rounded to out_dtype) · wv_b[h], in
-  out_dtype, and lse [B,H] float32. merge "pallas": one kernel, a program per (b, h, piece of C,
-  block of V) walking its piece in column blocks and P in chunks; with splits > 1 pieces of C
-  (column_splits(P, C) if None) the pieces' float32 products are summed by XLA. "xla":
-  ops.merge_partials and ops.project_values."""
+  H <= N, a float array or a q8_0 or iq4_nl quant.QuantizedTensor), then projected: out [B,H,V]
+  = merged o [B,H,C] (rounded to out_dtype) · wv_b[h], in out_dtype, and lse [B,H] float32.
+  merge "pallas": one kernel, a program per (b, h, piece of C, block of V) walking its piece in
+  column blocks and P in chunks; with splits > 1 pieces of C (column_splits if None) the
+  pieces' float32 products are summed by XLA. "xla": ops.merge_partials and
+  ops.project_values."""
   P, B, _, C = o_parts.shape
   H, _, V = wv_b.shape
   if merge == "xla":
     out, lse = merge_partials(o_parts[:, :, :H].astype(jnp.float32), lse_parts[:, :, :H])
     return project_values(out.astype(out_dtype), wv_b, out_dtype), lse
-  splits = column_splits(P, C) if splits is None else splits
+  wv_fmt = getattr(wv_b, "fmt", None)
+  splits = column_splits(P, C, quant.BLOCK if wv_fmt else 1) if splits is None else splits
   if splits < 1 or C % splits:
     raise ValueError(f"splits={splits}; expected a divisor of C={C}")
   block_c, block_v = _blocks(C // splits, V)
+  if wv_fmt is not None and block_c % quant.BLOCK:
+    raise ValueError(f"C={C}, splits={splits}: a quantized wv_b needs pieces of C in whole "
+                     f"{quant.BLOCK}-row blocks")
   chunk = min(next_pow2(P), max(1, _VALUES_TILE // block_c))
   out_shape = (splits, B, H, V) if splits > 1 else (B, H, V)
   out, lse = pl.pallas_call(
       functools.partial(_merge_values_kernel, num_pieces=P, chunk=chunk, block_c=block_c,
-                        block_v=block_v, splits=splits, dtype=jnp.dtype(out_dtype)),
+                        block_v=block_v, splits=splits, dtype=jnp.dtype(out_dtype),
+                        wv_fmt=wv_fmt),
       grid=(B, H, splits * (V // block_v)),
       out_shape=[jax.ShapeDtypeStruct(out_shape, jnp.float32 if splits > 1 else out_dtype),
                  jax.ShapeDtypeStruct((B, H), jnp.float32)],
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
       name="mla_decode_merge_values",
-  )(lse_parts, o_parts, wv_b)
+  )(lse_parts, o_parts, *((wv_b.qs, wv_b.d) if wv_fmt else (wv_b,)))
   return (out.sum(axis=0).astype(out_dtype) if splits > 1 else out), lse

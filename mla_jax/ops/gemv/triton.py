@@ -172,7 +172,7 @@ def _unbias(bits):
   return jax.lax.bitcast_convert_type(bits, jnp.float32) - MAGIC
 
 
-def _iq4_nl_values(idx):
+def iq4_nl_values(idx):
   """Table lookup IQ4_NL_VALUES[idx] for 4-bit indices, as float32 (exact).
 
   The last Horner step adds MAGIC + IQ4_NL_VALUES[0], which rounds the polynomial to an
@@ -204,7 +204,7 @@ def block_of(w_refs, e, kb, *, cols, fmt, lookup: str, interpret: bool):
   if lookup == "prmt":
     lo, hi = iq4_nl_prmt.decode_triton(packed, interpret)
     return [(0, lo), (HALF, hi)], d
-  return [(0, _iq4_nl_values(packed & 0xF)), (HALF, _iq4_nl_values(packed >> 4))], d
+  return [(0, iq4_nl_values(packed & 0xF)), (HALF, iq4_nl_values(packed >> 4))], d
 
 
 def as_dot_operand(w, dtype):
