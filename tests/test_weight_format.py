@@ -1,7 +1,8 @@
 """MLAttention(weight_format=...): quantized wk_b/wv_b give the output of the module run on the
 dequantized weights, and absorbed decode with backend="pallas" hands the quantized blocks to its
-kernels: wk_b to the latent kernel and wv_b to the fused Triton GEMV, or with
-gemv_lowering="mosaic" both to the Mosaic GPU GEMV."""
+kernels: wk_b to the latent kernel and wv_b to the merge of the split's pieces (both to the
+fused Triton GEMV where those kernels do not take the shapes), or with gemv_lowering="mosaic"
+both to the Mosaic GPU GEMV."""
 
 import dataclasses
 
