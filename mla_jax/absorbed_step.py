@@ -41,13 +41,6 @@ from mla_jax.ops import device, latent_update
 from mla_jax.ops.common import resolve_impl
 
 
-# Up to this many rows the latent kernel sums x² itself (each of its programs reads all of x):
-# XLA's reduction of x² was a kernel of its own where the add that makes x fuses into the
-# product before it (a MoE layer's down product, o_proj at B=8). Above it, x would be more of a
-# program's reads than its own operands (at B=16 and V2-Lite's D, 64 KB).
-ROWS_SUMMED_IN_KERNEL = 16
-
-
 def supported(module, x) -> bool:
   """Whether module's call on x [B,T,D] runs here: absorbed mode, T == 1, the Pallas backend
   (backend "pallas", or "auto" on a GPU), no mesh (a sharded cache decodes through
@@ -79,18 +72,16 @@ def _fold_input_norm(module, x, input_norm, q_in_kernel: bool):
 
   rms_norm(x)·W = ((x·g)·W) / rms(x) for the norm's weight g: the projections read x·g, an
   elementwise product that XLA fuses into each projection's reduction, and the latent kernel
-  divides kv, and q if q_in_kernel, by rms(x), from x itself at up to ROWS_SUMMED_IN_KERNEL rows
-  (the kernel sums its squares), else from XLA's Σx². Otherwise q is divided here, and the
-  kernel reuses that Σx²: with q_lora, q_a_layernorm needs q_a itself, and a GEMV that absorbs
-  wk_b reads q."""
+  divides kv, and q if q_in_kernel, by rms(x), from Σx² (a reduction that XLA fuses with the
+  residual add making x). Otherwise q is divided here: with q_lora, q_a_layernorm needs q_a
+  itself, and a GEMV that absorbs wk_b reads q."""
   if input_norm is None:
     return (*_project(module, x, None, q_in_kernel), {})
   xg = x * input_norm.weight[...].astype(x.dtype)
   scale_q = q_in_kernel and module.cfg.q_lora_rank is None
   q, kv = _project(module, xg, None if scale_q else input_norm.inv_rms(x), q_in_kernel)
-  sums = (dict(input_x=x) if scale_q and x.shape[0] <= ROWS_SUMMED_IN_KERNEL
-          else dict(input_ss=input_norm.sq_sum(x)[..., 0]))
-  norm_args = dict(**sums, input_dim=x.shape[-1], input_eps=input_norm.eps, scale_q=scale_q)
+  norm_args = dict(input_ss=input_norm.sq_sum(x)[..., 0], input_dim=x.shape[-1],
+                   input_eps=input_norm.eps, scale_q=scale_q)
   return q, kv, norm_args
 
 

@@ -52,20 +52,19 @@ def step_kernels(num_layers, **options):
 @pytest.mark.parametrize("cache_dtype,S,B,per_layer", [(jnp.bfloat16, 128, 1, 6),
                                                        (jnp.bfloat16, 16384, 1, 7),
                                                        (jnp.int8, 16384, 1, 7),
-                                                       (jnp.bfloat16, 16384, 8, 7)],
+                                                       (jnp.bfloat16, 16384, 8, 8)],
                          ids=["bf16_128", "bf16_16384", "int8_16384", "bf16_16384_B8"])
 def test_v2_lite_absorbed_step_kernels_per_layer(cache_dtype, S, B, per_layer):
   """A V2-Lite layer adds 6 kernels to the compiled absorbed/pallas step at B=1, S=128 and 7
   at S=16384: the difference between a 2- and a 1-layer stack. Per layer 3 fusions (the
-  residual add; q_proj and kv_a_proj_with_mqa as one row reduction
+  residual add with the input norm's Σx²; q_proj and kv_a_proj_with_mqa as one row reduction
   over both weights, reading x times the norm's weight; o_proj) and 3 custom calls (the latent
-  kernel with the input norm's Σx² and 1/rms and the cache bookkeeping, the split, the merge with
+  kernel with the rest of the input norm and the cache bookkeeping, the split, the merge with
   wv_b); at S=16384 the split's 129 pieces make the merge split C into 8 pieces
-  (merge_triton.column_splits), whose products one more fusion sums. At B=8, 7: the two
+  (merge_triton.column_splits), whose products one more fusion sums. At B=8, 8: the two
   projections are one split-K GEMM and a fusion that sums its pieces (read in place by the
-  latent kernel), o_proj a split-K GEMM whose sum fuses with the residual add, the latent
-  kernel sums x² itself (XLA's Σx² would be a fusion of its own here), and the merge does not
-  split C. An accidental split of a fusion shows here."""
+  latent kernel), o_proj a split-K GEMM whose sum fuses with the residual add, Σx² a fusion of
+  its own, and the merge does not split C. An accidental split of a fusion shows here."""
   one = step_kernels(1, backend="pallas", cache_dtype=cache_dtype, S=S, B=B)
   two = step_kernels(2, backend="pallas", cache_dtype=cache_dtype, S=S, B=B)
   assert sum(two.values()) - sum(one.values()) <= per_layer, (one, two)
@@ -266,13 +265,10 @@ def _moe_decode_kernels(num_layers, mode, weight_format=None, **model_kw):
   return sum(decode_step.kernels(compiled.as_text()).values())
 
 
-@pytest.mark.parametrize("mode,per_layer", [("absorbed", 15), ("standard", 33)])
+@pytest.mark.parametrize("mode,per_layer", [("absorbed", 16), ("standard", 33)])
 def test_v2_lite_moe_layer_decode_kernels(mode, per_layer):
   """A V2-Lite MoE decoder layer adds `per_layer` kernels to the compiled bf16 decode step at
-  B=1 (a 2- against a 1-layer model). In the absorbed step the latent kernel sums the squares
-  of the layer's input for its norm, which XLA would sum in a kernel of its own, since the add
-  that makes the input fuses into the MoE's down product before it. The MoE's share: Σx² (its
-  own norm's, for the router), the router's product, its softmax
+  B=1 (a 2- against a 1-layer model). The MoE's share: Σx², the router's product, its softmax
   and top-k (one kernel, ops.softmax_top_k, which also divides the logits by the folded norm's
   rms), the chosen and the shared experts' gate and up products (two fusions), two SiLU
   fusions, the chosen and the shared experts' down products and the residual add: the
@@ -284,15 +280,14 @@ def test_v2_lite_moe_layer_decode_kernels(mode, per_layer):
 
 @pytest.mark.parametrize("weight_format", ["q8_0", "iq4_nl"])
 def test_v2_lite_quantized_moe_layer_decode_kernels(weight_format):
-  """Quantized, a V2-Lite MoE decoder layer adds 18 kernels to the compiled absorbed step at B=1
-  on the Pallas backend (a 2- against a 1-layer model): its 10 GEMV and Pallas launches and 8
-  fusions. The latent kernel sums the squares of the layer's input for its norm (a fusion
-  more where XLA sums them). The chosen experts' GEMV reads the token's one row of x for all 6
-  experts and clamps their ids itself, and the router's kernel writes k ids, not a padded row:
-  a copy of x, the clamp and the slice would be two XLA kernels more; the latent kernel and the
-  merge decode the quantized wk_b and wv_b, which GEMVs would take two launches for."""
+  """Quantized, a V2-Lite MoE decoder layer adds 19 kernels to the compiled absorbed step at B=1
+  on the Pallas backend (a 2- against a 1-layer model): its 10 GEMV and Pallas launches and 9
+  fusions. The chosen experts' GEMV reads the token's one row of x for all 6 experts and clamps
+  their ids itself, and the router's kernel writes k ids, not a padded row: a copy of x, the
+  clamp and the slice would be two XLA kernels more; the latent kernel and the merge decode
+  the quantized wk_b and wv_b, which GEMVs would take two launches for."""
   kernels = [_moe_decode_kernels(n, "absorbed", weight_format, backend="pallas") for n in (1, 2)]
-  assert kernels[1] - kernels[0] == 18
+  assert kernels[1] - kernels[0] == 19
 
 
 def test_v2_lite_moe_prefill_takes_no_copy_per_expert():

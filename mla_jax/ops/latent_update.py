@@ -5,9 +5,8 @@ From the projections' outputs q [B, H·(K+R)] and kv [B, C+R] (q_nope | q_rope p
 c_kv | k_rope), one launch:
 - completes the layer's input RMSNorm, if the caller folded it into the projections:
   rms_norm(x)·W = (x·g)·W / rms(x), so the projections read x·g, which XLA fuses into their
-  reductions, and the kernel multiplies q and kv by each row's 1/rms(x), from x (`input_x`,
-  whose squares every program sums) or from Σx² (`input_ss`); the norm then costs no launch of
-  its own;
+  reductions, and the kernel multiplies q and kv by each row's 1/rms(x), from Σx² (`input_ss`,
+  which XLA fuses with the residual add that makes x); the norm then costs no launch of its own;
 - absorbs wk_b into the query, q_latent[b,h] = q_nope[b,h] · wk_b[h] [K, C] (DeepSeek-V2 §2.1.2),
   on the tensor cores with the batch padded to 16 rows; a q8_0 or iq4_nl wk_b block by block,
   each decoded in registers as ops.batched_gemv's Triton kernel decodes it, which saves the
@@ -47,7 +46,6 @@ from mla_jax.ops.gemv import triton as gemv_triton
 
 MAX_BATCH = 64
 INT8_MAX = 127.0
-X_CHUNK = 512  # columns of the input x a step when the kernel sums its squares
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,31 +98,14 @@ def _writing_head(j, num_heads):
   return (j + 1) % num_heads
 
 
-def _input_sq_sum(ref, rows, row_ok, sum_x):
-  """[Bp] float32: each row's Σx², read from ref [B] (sum_x False), or summed here over the rows
-  of x, ref [B, D], in steps of the largest power of two dividing D, at most X_CHUNK columns."""
-  if not sum_x:
-    return pltriton.load(ref.at[rows], mask=row_ok, other=0.0)
-  D = ref.shape[1]
-  chunk = min(X_CHUNK, D & -D)
-
-  def step(k, total):
-    cols = pl.ds(pl.multiple_of(k * chunk, chunk), chunk)
-    mask = jnp.broadcast_to(row_ok[:, None], (row_ok.shape[0], chunk))
-    v = pltriton.load(ref.at[rows, cols], mask=mask, other=0.0).astype(jnp.float32)
-    return total + jnp.sum(v * v, axis=1)
-
-  return jax.lax.fori_loop(0, D // chunk, step, jnp.zeros(row_ok.shape, jnp.float32))
-
-
 def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, S, K, R, C,
-            kv_at, block_c, absorb, wk_fmt, int8, eps, rope_scale, dtype, norm_input, sum_x,
-            scale_q, input_dim, input_eps, interpret):
+            kv_at, block_c, absorb, wk_fmt, int8, eps, rope_scale, dtype, norm_input, scale_q,
+            input_dim, input_eps, interpret):
   # pos_ref [B] int32 (-1: padding); q_ref [B, H·(K+R) ...] and qp_ref, the same array as
   # [B, H·(K+R)/2 ..., 2] (rope pairs); kv_ref [B, ...] with c_kv | k_rope at its columns
   # kv_at.. kv_at+C+R, and kvp_ref, its pairs [B, .../2, 2]; g_ref [C];
   # freq_ref [R/2] float32; wk_ref [H, K, C], or a quant.QuantizedTensor's qs_ref and d_ref
-  # (absorb; wk_fmt its format); ss_ref [B] float32, or x [B, D] (sum_x) (norm_input); then the
+  # (absorb; wk_fmt its format); ss_ref [B] float32 (norm_input); then the
   # aliased cache inputs (unused: the outputs are the same buffers); outputs q_latent [B, H, C]
   # (absorb), q_rope [B, H, R/2, 2], c_kv [B, S, C], scales [B, S] (int8), k_rope
   # [B, S, R/2, 2], lengths [B] int32 and overflow [B] int32.
@@ -142,8 +123,8 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
   half = R // 2
   base = h * (K + R)
   # each row's 1/rms(x), layers.RMSNorm's rsqrt(mean(x²) + eps): the input norm's end
-  input_inv_rms = (jax.lax.rsqrt(_input_sq_sum(ss_ref, rows, row_ok, sum_x) / input_dim
-                                 + input_eps) if norm_input else None)
+  input_inv_rms = (jax.lax.rsqrt(pltriton.load(ss_ref.at[rows], mask=row_ok, other=0.0)
+                                 / input_dim + input_eps) if norm_input else None)
 
   def finish_q(v):  # v [Bp, n] float32, a slice of q, rounded as the module rounds q
     return (v * input_inv_rms[:, None]).astype(dtype).astype(jnp.float32) if scale_q else v
@@ -238,7 +219,7 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
                                              "scale_q"))
 def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales, k_rope, lengths,
                   overflow, *, num_heads: int, rope_scale: float, eps: float, dtype,
-                  tuning: LatentTuning, interpret: bool = False, input_ss=None, input_x=None,
+                  tuning: LatentTuning, interpret: bool = False, input_ss=None,
                   input_dim: int = 1, input_eps: float = 0.0, scale_q: bool = True):
   """One launch of the kernel above: (q_latent [B,H,C] in dtype, or None when wk_b is None;
   q_rope [B,H,R] in dtype; c_kv; scales; k_rope; lengths; overflow).
@@ -254,12 +235,10 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   k_rope [B,S,R], lengths [B] int32 and overflow [B] int32: a LatentCache's buffers, updated in
   place under jit when donated.
 
-  input_ss [B] float32 or input_x [B, input_dim], or neither: when the caller folded its input
-  RMSNorm into the projections (q and kv are projections of x·g, g the norm's weight), Σx² over
-  each row of the layer's input x, or x itself, whose squares the kernel then sums (every
-  program reads all of x: a launch fewer than XLA's sum for few rows, more reads for many); the
-  kernel multiplies kv, and q if scale_q, by each row's rsqrt(Σx² / input_dim + input_eps)
-  before using them.
+  input_ss [B] float32 or None: Σx² over each row of the layer's input x [B, input_dim], when
+  the caller folded its input RMSNorm into the projections (q and kv are projections of x·g, g
+  the norm's weight); the kernel then multiplies kv, and q if scale_q, by each row's
+  rsqrt(input_ss / input_dim + input_eps) before using them.
   """
   B, S, C = c_kv.shape
   R = k_rope.shape[-1]
@@ -286,17 +265,10 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
               kv_norm_weight, inv_freq.astype(jnp.float32)]
   if absorb:
     operands.extend((wk_b.qs, wk_b.d) if wk_fmt else (wk_b,))
-  if input_ss is not None and input_x is not None:
-    raise ValueError("input_ss and input_x: expected one of them, or neither")
   if input_ss is not None:
     if input_ss.shape != (B,):
       raise ValueError(f"input_ss.shape={input_ss.shape}; expected [B={B}], Σx² of each row")
     operands.append(input_ss.astype(jnp.float32))
-  if input_x is not None:
-    if input_x.shape != (B, input_dim):
-      raise ValueError(f"input_x.shape={input_x.shape}; expected [B={B}, input_dim={input_dim}]")
-    operands.append(input_x)
-  norm_input = input_ss is not None or input_x is not None
   out_shape = [jax.ShapeDtypeStruct((B, H, R // 2, 2), dtype),
                *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache)]
   if absorb:
@@ -306,7 +278,7 @@ def latent_update(q, kv, positions, kv_norm_weight, inv_freq, wk_b, c_kv, scales
   kernel = functools.partial(
       _kernel, B=B, S=S, K=K, R=R, C=C, kv_at=kv_at, block_c=tuning.block_c, absorb=absorb,
       wk_fmt=wk_fmt, int8=int8, eps=eps, rope_scale=rope_scale, dtype=jnp.dtype(dtype),
-      norm_input=norm_input, sum_x=input_x is not None, scale_q=norm_input and scale_q,
+      norm_input=input_ss is not None, scale_q=input_ss is not None and scale_q,
       input_dim=input_dim, input_eps=input_eps, interpret=interpret)
   outs = list(pl.pallas_call(
       kernel,
