@@ -9,7 +9,7 @@ one decode step, compared with the same weights in float32 on standard/xla. Then
 - device_us_per_token and kernel_us_per_token (GPU only): one more loop call under the profiler,
   the GPU kernels' summed time and its longest kernels by name, over the steps;
 - us_per_token_dispatch: one jitted step a call (mla_jax.jit_step), dispatch_steps calls
-  enqueued and waited for once;
+  enqueued and waited for once, median over reps such rounds;
 - floor_us: (weight bytes + cache bytes one step reads) / floor_tbps;
 - kernels_per_layer: the kernels the compiled single step launches (fusions, custom calls and
   other non-trivial instructions of its entry computation), over the layers.
@@ -148,23 +148,36 @@ def _time(config, stack, impl, B, S, key, floor_bytes_w) -> dict:
   traced, caches = _traced(config, loop, x, pos, caches, S)
   row.update(traced)
 
-  caches = model.with_lengths(caches, S)
-  y, caches = compiled(state, x, pos, caches)  # warm
-  caches = model.with_lengths(caches, S)
-  jax.block_until_ready(caches)
-  start = time.perf_counter()
-  p = pos
-  for _ in range(config.dispatch_steps):
-    y, caches = compiled(state, y, p, caches)
-    p = p + 1
-  jax.block_until_ready((y, caches))
-  row["us_per_token_dispatch"] = (time.perf_counter() - start) / config.dispatch_steps * 1e6
+  samples, caches = _dispatched(config, compiled, state, x, pos, caches, S)
+  row["us_per_token_dispatch"] = float(np.median(samples))
+  row["us_per_token_dispatch_samples"] = samples
 
   row["weight_bytes"] = floor_bytes_w
   row["cache_bytes"] = cache_read_bytes(caches, S)
   row["floor_us"] = (floor_bytes_w + row["cache_bytes"]) / config.floor_tbps / 1e6
   row["x_floor"] = row["us_per_token"] / row["floor_us"]
   return row
+
+
+def _dispatched(config, compiled, state, x, pos, caches, S) -> tuple[list, list]:
+  """µs a token with each step its own call of the compiled single step: reps rounds of
+  dispatch_steps calls, each round enqueued back to back and waited for once, after one untimed
+  call; a round's time over its steps, for each round. A single round of a few calls was once
+  7× the others (the first row of a run), which the median of rounds leaves out."""
+  caches = model.with_lengths(caches, S)
+  y, caches = compiled(state, x, pos, caches)  # warm
+  samples = []
+  for _ in range(config.reps):
+    caches = model.with_lengths(caches, S)
+    jax.block_until_ready((y, caches))
+    start = time.perf_counter()
+    p = pos
+    for _ in range(config.dispatch_steps):
+      y, caches = compiled(state, y, p, caches)
+      p = p + 1
+    jax.block_until_ready((y, caches))
+    samples.append((time.perf_counter() - start) / config.dispatch_steps * 1e6)
+  return samples, caches
 
 
 def _traced(config, loop, x, pos, caches, S) -> tuple[dict, list]:
@@ -276,11 +289,13 @@ def table(results: dict) -> str:
 def markdown(results: dict) -> str:
   c = results["config"]
   longest = kernel_lines(results["rows"])
+  rounds = (f", median of {c['reps']} such rounds"
+            if any("us_per_token_dispatch_samples" in r for r in results["rows"]) else "")
   lines = [table(results), "",
            f"µs/token: wall time of {c['n_gen']} decode steps inside one jit "
            f"(generate.decode_loop_fn), median of {c['reps']} reps, over {c['n_gen']}; "
            f"dispatched: {c['dispatch_steps']} single-step jitted calls enqueued, over "
-           f"{c['dispatch_steps']}; floor: (weight bytes + cache bytes read) / "
+           f"{c['dispatch_steps']}{rounds}; floor: (weight bytes + cache bytes read) / "
            f"{c['floor_tbps']} TB/s; kernels/layer: kernels of the compiled single step over "
            f"{c['num_layers']} layers; gate: one decode step after a {c['gate_prompt_len']}-token "
            "prefill against the same weights in float32 on standard/xla" +

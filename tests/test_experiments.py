@@ -500,11 +500,14 @@ def test_decode_step_runs_gated_and_counts_kernels(tmp_path):
   assert results["status"] == "complete" and "skipped" not in row, row
   assert row["gate_ok"] and 0 < row["gate_rel_err"] < 1e-3
   assert row["us_per_token"] > 0 and row["us_per_token_dispatch"] > 0
+  # dispatched: one round of dispatch_steps calls a rep, the median round reported
+  assert len(row["us_per_token_dispatch_samples"]) == 2
+  assert row["us_per_token_dispatch"] == np.median(row["us_per_token_dispatch_samples"])
   assert row["cache_bytes"] == 2 * 40 * (32 + 8) * 4  # 2 layers, 40 rows of c_kv and k_rope
   assert row["floor_us"] == pytest.approx((row["weight_bytes"] + row["cache_bytes"]) / 4e6)
   assert row["kernels_per_layer"] >= 1
   page = (tmp_path / "tiny.md").read_text()
-  assert "| absorbed/xla | 1 | 40 |" in page
+  assert "| absorbed/xla | 1 | 40 |" in page and "over 2, median of 2 such rounds;" in page
   if jax.default_backend() == "gpu":  # the traced loop call: its kernels' time, by kernel
     assert row["device_us_per_token"] > 0
     assert 0 < len(row["kernel_us_per_token"]) <= decode_step.TRACED_KERNELS
