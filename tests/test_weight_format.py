@@ -97,7 +97,7 @@ def test_pallas_decode_gets_the_quantized_weights(monkeypatch, rng):
 def test_weights_the_gemv_kernel_does_not_take_run_on_xla(monkeypatch, rng):
   """Where the step's kernels do not take the batch (65 rows, over the latent kernel's 64),
   wk_b and wv_b run on the GEMV: a wv_b of 16 values a head (the Triton GEMV needs N a multiple
-  of 32) on XLA, dequantized, while wk_b stays on the kernel; the output is the dequantized
+  of 32) on XLA, dequantized, while wk_b stays on the Triton GEMV; the output is the dequantized
   module's."""
   seen = _spy_on_kernels(monkeypatch)
   cfg = dataclasses.replace(SMALL, num_heads=2, v_head_dim=16)  # o_proj: 2 * 16 inputs
