@@ -20,8 +20,9 @@ python3 -m pytest --collect-only -q -p no:cacheprovider "${@:-tests}" 2>/dev/nul
 echo "part $PART: $(wc -l < "$OUT/ids.txt") tests in $SHARDS shards, $LIMIT s"
 for i in $(seq 0 $((SHARDS - 1))); do
   awk -v i="$i" -v s="$SHARDS" '(NR - 1) % s == i' "$OUT/ids.txt" > "$OUT/shard_$i.ids"
-  (timeout "$LIMIT" python3 -m pytest -v -p no:cacheprovider --no-header -rfE --durations=20 \
-     $(cat "$OUT/shard_$i.ids") > "$OUT/shard_$i.log" 2>&1
+  (mapfile -t ids < "$OUT/shard_$i.ids"  # one id a line: ids may hold spaces
+   timeout "$LIMIT" python3 -m pytest -v -p no:cacheprovider --no-header -rfE --durations=20 \
+     "${ids[@]}" > "$OUT/shard_$i.log" 2>&1
    rc=$?
    counts=$(grep -oE ' (PASSED|FAILED|SKIPPED|ERROR)' "$OUT/shard_$i.log" | sort | uniq -c \
             | awk '{printf "%s %s, ", $2, $1}')
