@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax._src.mesh import AbstractDevice  # no public name in jax 0.11
 from jax.experimental import topologies
 
@@ -76,13 +77,21 @@ def rel_err(x, ref) -> float:
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+@nnx.jit
+def jit_call(attn, x, positions, cache):
+  """attn(x, positions, cache) jitted, as users run the module: one compilation a shape
+  instead of one a primitive."""
+  return attn(x, positions, cache)
+
+
 def run_chunks(attn, x, positions, chunks, max_len=None, cache_dtype=jnp.float32):
   """Feeds x [B,T,D] to the module in consecutive chunks of the given sizes (e.g. a prefill of
-  n tokens then single-token decode steps: [n, 1, 1, ...]); returns (outputs [B,T,D], cache)."""
+  n tokens then single-token decode steps: [n, 1, 1, ...]); returns (outputs [B,T,D], cache).
+  Each call is jit_call (tests/test_attention.py checks that eager calls agree)."""
   cache = attn.init_cache(x.shape[0], max_len or x.shape[1], cache_dtype)
   ys, t = [], 0
   for n in chunks:
-    y, cache = attn(x[:, t:t + n], positions[:, t:t + n], cache)
+    y, cache = jit_call(attn, x[:, t:t + n], positions[:, t:t + n], cache)
     ys.append(y)
     t += n
   return jnp.concatenate(ys, axis=1), cache

@@ -20,7 +20,7 @@ from mla_jax.layers import RMSNorm
 from mla_jax.ops import reference
 from mla_jax.ops import xla as ops_xla
 from mla_jax.ops.decode import cpu as cpu_decode
-from helpers import RTOL, rel_err, run_chunks
+from helpers import RTOL, jit_call, rel_err, run_chunks
 import hlo
 
 # A small MLA shape with every feature of V2-Lite (YaRN, K != V) and one with q_lora (V3 style).
@@ -107,15 +107,15 @@ def test_ragged_batch_equals_each_row_alone(mode, rng):
   x, pos = inputs(rng, TINY, 3, 9)
   padded_pos = jnp.where(jnp.arange(9)[None] < lengths[:, None], pos, -1)
   cache = attn.init_cache(3, 16, jnp.float32)
-  y_prefill, cache = attn(x, padded_pos, cache)
+  y_prefill, cache = jit_call(attn, x, padded_pos, cache)
   np.testing.assert_array_equal(cache.lengths, lengths)
   x_dec, _ = inputs(rng, TINY, 3, 1)
-  y_dec, cache = attn(x_dec, pos[:, :1] + lengths[:, None], cache)
+  y_dec, cache = jit_call(attn, x_dec, pos[:, :1] + lengths[:, None], cache)
   np.testing.assert_array_equal(y_prefill[0, 3:], 0.0)
   for b, n in enumerate(lengths):
     row_cache = attn.init_cache(1, 16, jnp.float32)
-    y_row, row_cache = attn(x[b:b + 1, :n], pos[b:b + 1, :n], row_cache)
-    y_row_dec, _ = attn(x_dec[b:b + 1], pos[b:b + 1, :1] + n, row_cache)
+    y_row, row_cache = jit_call(attn, x[b:b + 1, :n], pos[b:b + 1, :n], row_cache)
+    y_row_dec, _ = jit_call(attn, x_dec[b:b + 1], pos[b:b + 1, :1] + n, row_cache)
     assert rel_err(y_prefill[b, :n], y_row[0]) < F32_TOL
     assert rel_err(y_dec[b], y_row_dec[0]) < F32_TOL
 
@@ -137,17 +137,19 @@ def test_padding_anywhere_equals_each_row_alone(mode, backend, rng):
   start = rng.integers(0, 500, 3)
   pos = np.where(real, start[:, None] + np.cumsum(real, axis=1) - 1, -1)
   cache = attn.init_cache(3, 12, jnp.float32)
-  y, cache = attn(x, jnp.asarray(pos, jnp.int32), cache)
+  y, cache = jit_call(attn, x, jnp.asarray(pos, jnp.int32), cache)
   np.testing.assert_array_equal(cache.lengths, real.sum(axis=1))
   np.testing.assert_array_equal(np.asarray(y)[~real], 0.0)
   x_dec, _ = inputs(rng, cfg, 3, 1)
   n = real.sum(axis=1)
-  y_dec, _ = attn(x_dec, jnp.asarray(start + n, jnp.int32)[:, None], cache)
+  y_dec, _ = jit_call(attn, x_dec, jnp.asarray(start + n, jnp.int32)[:, None], cache)
   for b in range(3):
     idx = np.flatnonzero(real[b])
     row_cache = attn.init_cache(1, 12, jnp.float32)
-    y_row, row_cache = attn(x[b:b + 1, idx], jnp.asarray(pos[b:b + 1, idx], jnp.int32), row_cache)
-    y_row_dec, _ = attn(x_dec[b:b + 1], jnp.asarray([[start[b] + n[b]]], jnp.int32), row_cache)
+    y_row, row_cache = jit_call(attn, x[b:b + 1, idx], jnp.asarray(pos[b:b + 1, idx], jnp.int32),
+                                row_cache)
+    y_row_dec, _ = jit_call(attn, x_dec[b:b + 1], jnp.asarray([[start[b] + n[b]]], jnp.int32),
+                            row_cache)
     assert rel_err(y[b, idx], y_row[0]) < F32_TOL
     assert rel_err(y_dec[b], y_row_dec[0]) < F32_TOL
 
@@ -173,12 +175,17 @@ def test_input_norm_equals_calling_on_the_normalised_input(cfg, mode, backend, r
   assert rel_err(outs[0], outs[1]) < 2e-5
 
 
-def test_jit_matches_eager(rng):
-  attn = make()
-  x, pos = inputs(rng, TINY, 2, 6)
-  eager, _ = attn(x, pos, attn.init_cache(2, 8, jnp.float32))
-  jitted, _ = nnx.jit(lambda m, x, p, c: m(x, p, c))(attn, x, pos, attn.init_cache(2, 8, jnp.float32))
-  assert rel_err(jitted, eager) < F32_TOL
+@pytest.mark.parametrize("mode", ["standard", "absorbed"])
+def test_jit_matches_eager(mode, rng):
+  """A prefill, then a decode step, called op by op and jitted (as run_chunks calls it)."""
+  attn = make(mode=mode)
+  x, pos = inputs(rng, TINY, 2, 7)
+  cache = attn.init_cache(2, 8, jnp.float32)
+  prefill, cache = attn(x[:, :6], pos[:, :6], cache)
+  step, cache = attn(x[:, 6:], pos[:, 6:], cache)
+  jitted, jitted_cache = run_chunks(attn, x, pos, [6, 1], 8)
+  assert rel_err(jitted, jnp.concatenate([prefill, step], axis=1)) < F32_TOL
+  np.testing.assert_array_equal(jitted_cache.lengths, cache.lengths)
 
 
 @pytest.mark.parametrize("mode", ["standard", "absorbed"])
