@@ -77,21 +77,23 @@ def rel_err(x, ref) -> float:
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-@nnx.jit
-def jit_call(attn, x, positions, cache):
-  """attn(x, positions, cache) jitted, as users run the module: one compilation a shape
-  instead of one a primitive."""
-  return attn(x, positions, cache)
+def jitted(attn):
+  """attn(x, positions, cache) jitted, as users run the module: one compilation a shape instead
+  of one a primitive. Each call of jitted traces afresh, so that no trace, with the
+  monkeypatches it saw, passes from one test to another."""
+  call = nnx.jit(lambda module, x, positions, cache: module(x, positions, cache))
+  return lambda x, positions, cache: call(attn, x, positions, cache)
 
 
 def run_chunks(attn, x, positions, chunks, max_len=None, cache_dtype=jnp.float32):
   """Feeds x [B,T,D] to the module in consecutive chunks of the given sizes (e.g. a prefill of
   n tokens then single-token decode steps: [n, 1, 1, ...]); returns (outputs [B,T,D], cache).
-  Each call is jit_call (tests/test_attention.py checks that eager calls agree)."""
+  The calls are jitted (tests/test_attention.py checks that eager calls agree)."""
+  step = jitted(attn)
   cache = attn.init_cache(x.shape[0], max_len or x.shape[1], cache_dtype)
   ys, t = [], 0
   for n in chunks:
-    y, cache = jit_call(attn, x[:, t:t + n], positions[:, t:t + n], cache)
+    y, cache = step(x[:, t:t + n], positions[:, t:t + n], cache)
     ys.append(y)
     t += n
   return jnp.concatenate(ys, axis=1), cache

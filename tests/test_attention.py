@@ -20,7 +20,7 @@ from mla_jax.layers import RMSNorm
 from mla_jax.ops import reference
 from mla_jax.ops import xla as ops_xla
 from mla_jax.ops.decode import cpu as cpu_decode
-from helpers import RTOL, jit_call, rel_err, run_chunks
+from helpers import RTOL, jitted, rel_err, run_chunks
 import hlo
 
 # A small MLA shape with every feature of V2-Lite (YaRN, K != V) and one with q_lora (V3 style).
@@ -103,19 +103,20 @@ def test_incremental_and_chunked_prefill_equal_full(mode, rng):
 def test_ragged_batch_equals_each_row_alone(mode, rng):
   """Rows with different prompt lengths (right-padded with position -1) then decode together."""
   attn = make(mode=mode)
+  call = jitted(attn)
   lengths = np.array([3, 9, 6])
   x, pos = inputs(rng, TINY, 3, 9)
   padded_pos = jnp.where(jnp.arange(9)[None] < lengths[:, None], pos, -1)
   cache = attn.init_cache(3, 16, jnp.float32)
-  y_prefill, cache = jit_call(attn, x, padded_pos, cache)
+  y_prefill, cache = call(x, padded_pos, cache)
   np.testing.assert_array_equal(cache.lengths, lengths)
   x_dec, _ = inputs(rng, TINY, 3, 1)
-  y_dec, cache = jit_call(attn, x_dec, pos[:, :1] + lengths[:, None], cache)
+  y_dec, cache = call(x_dec, pos[:, :1] + lengths[:, None], cache)
   np.testing.assert_array_equal(y_prefill[0, 3:], 0.0)
   for b, n in enumerate(lengths):
     row_cache = attn.init_cache(1, 16, jnp.float32)
-    y_row, row_cache = jit_call(attn, x[b:b + 1, :n], pos[b:b + 1, :n], row_cache)
-    y_row_dec, _ = jit_call(attn, x_dec[b:b + 1], pos[b:b + 1, :1] + n, row_cache)
+    y_row, row_cache = call(x[b:b + 1, :n], pos[b:b + 1, :n], row_cache)
+    y_row_dec, _ = call(x_dec[b:b + 1], pos[b:b + 1, :1] + n, row_cache)
     assert rel_err(y_prefill[b, :n], y_row[0]) < F32_TOL
     assert rel_err(y_dec[b], y_row_dec[0]) < F32_TOL
 
@@ -129,6 +130,7 @@ def test_padding_anywhere_equals_each_row_alone(mode, backend, rng):
   cfg = TINY if backend == "xla" else dataclasses.replace(  # shapes the Pallas GEMV takes
       TINY, qk_nope_head_dim=32, kv_lora_rank=64, qk_rope_head_dim=16, v_head_dim=32)
   attn = mla_jax.MLAttention(cfg, mode=mode, backend=backend, rngs=nnx.Rngs(0))
+  call = jitted(attn)
   real = np.array([[0, 0, 0, 1, 1, 1, 1, 1],   # left-padded
                    [1, 1, 0, 0, 1, 1, 0, 1],   # padding in between
                    [1, 1, 1, 1, 1, 0, 0, 0]],  # right-padded
@@ -137,19 +139,17 @@ def test_padding_anywhere_equals_each_row_alone(mode, backend, rng):
   start = rng.integers(0, 500, 3)
   pos = np.where(real, start[:, None] + np.cumsum(real, axis=1) - 1, -1)
   cache = attn.init_cache(3, 12, jnp.float32)
-  y, cache = jit_call(attn, x, jnp.asarray(pos, jnp.int32), cache)
+  y, cache = call(x, jnp.asarray(pos, jnp.int32), cache)
   np.testing.assert_array_equal(cache.lengths, real.sum(axis=1))
   np.testing.assert_array_equal(np.asarray(y)[~real], 0.0)
   x_dec, _ = inputs(rng, cfg, 3, 1)
   n = real.sum(axis=1)
-  y_dec, _ = jit_call(attn, x_dec, jnp.asarray(start + n, jnp.int32)[:, None], cache)
+  y_dec, _ = call(x_dec, jnp.asarray(start + n, jnp.int32)[:, None], cache)
   for b in range(3):
     idx = np.flatnonzero(real[b])
     row_cache = attn.init_cache(1, 12, jnp.float32)
-    y_row, row_cache = jit_call(attn, x[b:b + 1, idx], jnp.asarray(pos[b:b + 1, idx], jnp.int32),
-                                row_cache)
-    y_row_dec, _ = jit_call(attn, x_dec[b:b + 1], jnp.asarray([[start[b] + n[b]]], jnp.int32),
-                            row_cache)
+    y_row, row_cache = call(x[b:b + 1, idx], jnp.asarray(pos[b:b + 1, idx], jnp.int32), row_cache)
+    y_row_dec, _ = call(x_dec[b:b + 1], jnp.asarray([[start[b] + n[b]]], jnp.int32), row_cache)
     assert rel_err(y[b, idx], y_row[0]) < F32_TOL
     assert rel_err(y_dec[b], y_row_dec[0]) < F32_TOL
 
