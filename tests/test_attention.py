@@ -183,9 +183,9 @@ def test_jit_matches_eager(mode, rng):
   cache = attn.init_cache(2, 8, jnp.float32)
   prefill, cache = attn(x[:, :6], pos[:, :6], cache)
   step, cache = attn(x[:, 6:], pos[:, 6:], cache)
-  jitted, jitted_cache = run_chunks(attn, x, pos, [6, 1], 8)
-  assert rel_err(jitted, jnp.concatenate([prefill, step], axis=1)) < F32_TOL
-  np.testing.assert_array_equal(jitted_cache.lengths, cache.lengths)
+  y_jit, cache_jit = run_chunks(attn, x, pos, [6, 1], 8)
+  assert rel_err(y_jit, jnp.concatenate([prefill, step], axis=1)) < F32_TOL
+  np.testing.assert_array_equal(cache_jit.lengths, cache.lengths)
 
 
 @pytest.mark.parametrize("mode", ["standard", "absorbed"])
