@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax._src.mesh import AbstractDevice  # no public name in jax 0.11
 from jax.experimental import topologies
 
+import mla_jax
 from mla_jax import quant
 from mla_jax.ops import decode, reference
 
@@ -77,19 +77,14 @@ def rel_err(x, ref) -> float:
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def jitted(attn):
-  """attn(x, positions, cache) jitted, as users run the module: one compilation a shape instead
-  of one a primitive. Each call of jitted traces afresh, so that no trace, with the
-  monkeypatches it saw, passes from one test to another."""
-  call = nnx.jit(lambda module, x, positions, cache: module(x, positions, cache))
-  return lambda x, positions, cache: call(attn, x, positions, cache)
-
-
 def run_chunks(attn, x, positions, chunks, max_len=None, cache_dtype=jnp.float32):
   """Feeds x [B,T,D] to the module in consecutive chunks of the given sizes (e.g. a prefill of
   n tokens then single-token decode steps: [n, 1, 1, ...]); returns (outputs [B,T,D], cache).
-  The calls are jitted (tests/test_attention.py checks that eager calls agree)."""
-  step = jitted(attn)
+  The calls go through mla_jax.jit_step, as users run the module: one compilation a shape
+  instead of one a primitive, and a jit of its own, so that no trace, with the monkeypatches it
+  saw, passes from one test to another (tests/test_attention.py checks that eager calls
+  agree)."""
+  step = mla_jax.jit_step(attn)
   cache = attn.init_cache(x.shape[0], max_len or x.shape[1], cache_dtype)
   ys, t = [], 0
   for n in chunks:

@@ -20,7 +20,7 @@ from mla_jax.layers import RMSNorm
 from mla_jax.ops import reference
 from mla_jax.ops import xla as ops_xla
 from mla_jax.ops.decode import cpu as cpu_decode
-from helpers import RTOL, jitted, rel_err, run_chunks
+from helpers import RTOL, rel_err, run_chunks
 import hlo
 
 # A small MLA shape with every feature of V2-Lite (YaRN, K != V) and one with q_lora (V3 style).
@@ -103,7 +103,7 @@ def test_incremental_and_chunked_prefill_equal_full(mode, rng):
 def test_ragged_batch_equals_each_row_alone(mode, rng):
   """Rows with different prompt lengths (right-padded with position -1) then decode together."""
   attn = make(mode=mode)
-  call = jitted(attn)
+  call = mla_jax.jit_step(attn)
   lengths = np.array([3, 9, 6])
   x, pos = inputs(rng, TINY, 3, 9)
   padded_pos = jnp.where(jnp.arange(9)[None] < lengths[:, None], pos, -1)
@@ -130,7 +130,7 @@ def test_padding_anywhere_equals_each_row_alone(mode, backend, rng):
   cfg = TINY if backend == "xla" else dataclasses.replace(  # shapes the Pallas GEMV takes
       TINY, qk_nope_head_dim=32, kv_lora_rank=64, qk_rope_head_dim=16, v_head_dim=32)
   attn = mla_jax.MLAttention(cfg, mode=mode, backend=backend, rngs=nnx.Rngs(0))
-  call = jitted(attn)
+  call = mla_jax.jit_step(attn)
   real = np.array([[0, 0, 0, 1, 1, 1, 1, 1],   # left-padded
                    [1, 1, 0, 0, 1, 1, 0, 1],   # padding in between
                    [1, 1, 1, 1, 1, 0, 0, 0]],  # right-padded
