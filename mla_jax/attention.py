@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import absorbed_step, ops, parallel, quant, rope
+from mla_jax import absorbed_step, layer_step, ops, parallel, quant, rope
 from mla_jax.cache import MODES, KVCache, LatentCache, init_cache, round_slots
 from mla_jax.config import MLAConfig
 from mla_jax.layers import InitSignature, Linear, RMSNorm, project
@@ -119,6 +119,9 @@ class MLAttention(nnx.Module):
       cache along S over mesh axis `mesh_axis` (absorbed mode), and decode steps run
       parallel.mla_decode_sharded on it with the backend's kernel on each device.
     mesh_axis: the mesh axis that splits the cache's slots.
+    layer_kernel: whether `residual` (a decoder layer's x + attn(norm(x))) runs a decode step
+      as one persistent kernel where it can (layer_step.py). Off by default: on an H100 it is
+      slower than the module's kernels so far (docs/decode_step.md).
     rngs: initializer randomness.
   """
 
@@ -127,7 +130,7 @@ class MLAttention(nnx.Module):
   def __init__(self, cfg: MLAConfig, *, mode: str = "absorbed", backend: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32, weight_format: str | None = None,
                gemv_lowering: str = "triton", decode_lowering: str | None = None, mesh=None,
-               mesh_axis: str = "kv",
+               mesh_axis: str = "kv", layer_kernel: bool = False,
                rngs: nnx.Rngs):
     if mode not in MODES:
       raise ValueError(f"mode={mode!r}; expected one of {MODES}")
@@ -143,6 +146,7 @@ class MLAttention(nnx.Module):
     self.gemv_lowering = gemv_lowering
     self.decode_lowering = decode_lowering
     self.mesh, self.mesh_axis = mesh, mesh_axis
+    self.layer_kernel = layer_kernel
     D, H = cfg.hidden_size, cfg.num_heads
     # Projections in transformers' [out, in] layout: a row reduction at decode (layers.Linear).
     linear = functools.partial(Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -213,6 +217,20 @@ class MLAttention(nnx.Module):
     y = self.o_proj(heads.reshape(B, T, -1).astype(self.dtype))
     _raise_if_overflow(cache)
     return jnp.where(positions[..., None] >= 0, y, 0).astype(self.dtype), cache
+
+  def residual(self, x, positions, cache, *, input_norm: RMSNorm):
+    """(x + self(x, positions, cache, input_norm=input_norm)[0], cache): a decoder layer's
+    attention half with its residual. One token a row in absorbed mode on the Pallas backend
+    runs as one kernel where layer_step.supported says it can (layer_step.py), else as the
+    module's call and an add."""
+    self._check_inputs(x, positions, cache)
+    if layer_step.supported(self, x, cache, input_norm):  # docs/decode_step.md
+      y, cache = layer_step.residual_step(self, x[:, 0].astype(self.dtype), positions[:, 0],
+                                          cache, input_norm)
+      _raise_if_overflow(cache)
+      return y[:, None].astype(x.dtype), cache
+    y, cache = self(x, positions, cache, input_norm=input_norm)
+    return x + y, cache
 
   def _attend(self, q, kv, positions, cache):
     """The attention between the projections: q [B,T,H·(K+R)] and kv [B,T,C+R] (their outputs)

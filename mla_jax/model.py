@@ -46,8 +46,7 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x, positions, cache):
     """x [B,T,D], positions [B,T], this layer's cache -> (x_out [B,T,D], cache)."""
-    h, cache = self.self_attn(x, positions, cache, input_norm=self.input_layernorm)
-    x = x + h
+    x, cache = self.self_attn.residual(x, positions, cache, input_norm=self.input_layernorm)
     if isinstance(self.mlp, MoE):
       return x + self.mlp(x, input_norm=self.post_attention_layernorm), cache
     return x + self.mlp(self.post_attention_layernorm(x)), cache

@@ -50,8 +50,7 @@ class AttentionStack(nnx.Module):
       raise ValueError(f"len(caches)={len(caches)}; expected one per layer ({len(self.layers)})")
     new_caches = []
     for norm, layer, cache in zip(self.input_layernorms, self.layers, caches):
-      attn, cache = layer(x, positions, cache, input_norm=norm)
-      x = x + attn
+      x, cache = layer.residual(x, positions, cache, input_norm=norm)
       new_caches.append(cache)
     return jnp.where(positions[..., None] >= 0, x, 0).astype(x.dtype), new_caches
 

@@ -361,3 +361,13 @@ def test_quantize_takes_temporaries_under_twice_the_weights_size(fmt):
   compiled = compile_for_h200(lambda w: quant.quantize(w, fmt),
                               jax.ShapeDtypeStruct(shape, jnp.float32))
   assert compiled.memory_analysis().temp_size_in_bytes < 2 * 4 * 64 * 2048 * 1408
+
+
+@pytest.mark.parametrize("S", [128, 16384])
+def test_v2_lite_layer_kernel_is_one_launch_a_layer(S):
+  """With layer_kernel=True the B=1 step's attention half compiles to one Pallas call a layer
+  (ops/decode_layer.py), and the zero fill of its barrier counter is all that XLA adds."""
+  one = step_kernels(1, backend="pallas", S=S, layer_kernel=True)
+  two = step_kernels(2, backend="pallas", S=S, layer_kernel=True)
+  assert two["custom-call"] - one["custom-call"] == 1, (one, two)
+  assert sum(two.values()) - sum(one.values()) <= 2, (one, two)

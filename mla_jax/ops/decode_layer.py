@@ -1,0 +1,374 @@
+"""The absorbed decode step of one attention layer, residual included, as one persistent kernel
+(ops/persistent.py): x_out = x + o_proj(attention(rms_norm(x))) for one token a row, and the
+latent cache updated in place.
+
+At B=1 a layer's six kernels each pay a launch and a dependent load and store, about 25 µs a
+layer against 6.9 µs of bytes on the H200 (docs/decode_step.md). Here the layer is one launch of
+P programs (one an SM) in five phases, a grid-wide barrier between each two:
+
+  project  q = q_proj(x·g)/rms(x) and kv = kv_a_proj_with_mqa(x·g)/rms(x), the input RMSNorm
+           folded into the projections as in absorbed_step.py; each program reduces a run of
+           contiguous rows of one of the two weights ([out, in], a row an output) after
+           computing Σx² itself (x is a few KB), into the [B, H·(K+R) + C+R] buffer `qkv`;
+  latent   latent_update.py's jobs: q_latent = q_nope·wk_b (DeepSeek-V2 §2.1.2), a unit per
+           (head, block of C); each head's q_rope rotated; the kv norm, k_rope's rotation and
+           the cache write, and lengths and overflow advanced (cache.advance's rule);
+  attend   split-KV attention (FlashDecoding, Dao et al. 2023) with FlashAttention-2's online
+           softmax, a unit per (row, piece of the cache), every head at once on the tensor cores
+           (the cache tile is both key and value); a partial (o_p, lse_p) per unit;
+  values   the pieces merged by log-sum-exp (ops/merge.py) and multiplied by wv_b, a unit per
+           (row, head, piece of C), each writing a float32 partial product;
+  output   o_proj over the heads (the pieces of C summed, rounded to dtype) plus the residual,
+           contiguous rows of the weight a program.
+
+The arithmetic rounds where the module's path does (absorbed_step.py): the projections to dtype
+before the division by rms(x), q_latent, q_rope and the normed kv to dtype, the merged heads to
+dtype before wv_b, o_proj's output before the residual add. Padding rows (position -1) write
+nothing into the cache, keep their length and return x unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from mla_jax.ops.common import LN2, LOG2E, TRITON_MIN_DOT, is_pow2, next_pow2
+from mla_jax.ops.persistent import Phase, persistent_call
+
+MAX_BATCH = 8
+_LATENT_BLOCK = 64      # columns of q_latent a latent unit computes
+_VALUES_TILE = 16384    # partial values a values unit merges per step
+_BLOCK_S = 32           # cache rows per attention tile
+_MIN_PIECE_TILES = 1    # tiles in the shortest piece of the attend phase
+
+INPUTS = ("x", "positions", "input_norm", "q_proj", "kv_a_proj", "kv_norm", "inv_freq", "wk_b",
+          "wv_b", "o_proj", "c_kv", "k_rope", "lengths", "overflow")
+OUTPUTS = ("x_out", "c_kv", "k_rope", "lengths", "overflow", "qkv", "q_latent", "q_rope",
+           "o_parts", "lse_parts", "value_parts")
+_CACHE = ("c_kv", "k_rope", "lengths", "overflow")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+  """One layer's sizes (B rows, model width D, H heads of K nope and R rope dims, latent rank C,
+  value dim V, S cache slots), its numerics (dtype, the norms' eps, rope and softmax scales) and
+  the kernel's choices (plan)."""
+
+  B: int
+  D: int
+  H: int
+  K: int
+  R: int
+  C: int
+  V: int
+  S: int
+  dtype: str
+  input_eps: float
+  kv_eps: float
+  rope_scale: float
+  sm_scale: float
+  programs: int      # P, one an SM
+  pieces: int        # pieces of the cache in the attend phase
+  value_splits: int  # pieces of C in the values phase
+  block_d: int       # weight columns a projection step reads
+
+  @property
+  def q_width(self) -> int:
+    return self.H * (self.K + self.R)
+
+  @property
+  def heads_pad(self) -> int:
+    return max(TRITON_MIN_DOT, next_pow2(self.H))
+
+
+def unsupported(B, D, H, K, R, C, V) -> str | None:
+  """Why the kernel cannot take these sizes, or None if it can."""
+  if B > MAX_BATCH:
+    return f"B={B}: at most {MAX_BATCH} rows"
+  if not all(is_pow2(n) for n in (K, R, C, V)) or min(K, R, C) < TRITON_MIN_DOT:
+    return f"K={K}, R={R}, C={C}, V={V}: expected powers of two, K, R, C >= {TRITON_MIN_DOT}"
+  if C % _LATENT_BLOCK or H > 64:
+    return f"C={C}, H={H}: expected C a multiple of {_LATENT_BLOCK}, H <= 64"
+  if D % 128 or (H * V) % 128:
+    return f"D={D}, H·V={H * V}: expected multiples of 128"
+  return None
+
+
+def plan(B, D, H, K, R, C, V, S, *, programs: int, **numerics) -> LayerShape:
+  """The attend phase's pieces: enough that B·pieces units fill the programs, each at least
+  _MIN_PIECE_TILES tiles; the values phase's pieces of C: B·H·splits units about as many as
+  the programs (at most 8 pieces)."""
+  tiles = pl.cdiv(S, _BLOCK_S)
+  pieces = max(1, min(programs // B, tiles // _MIN_PIECE_TILES))
+  pieces = pl.cdiv(tiles, pl.cdiv(tiles, pieces))  # no empty trailing piece
+  splits = 1
+  while splits < 8 and B * H * splits * 2 <= programs and C // (splits * 2) >= TRITON_MIN_DOT:
+    splits *= 2
+  block_d = 256 if D % 256 == 0 and (H * V) % 256 == 0 else 128
+  return LayerShape(B=B, D=D, H=H, K=K, R=R, C=C, V=V, S=S, programs=programs, pieces=pieces,
+                    value_splits=splits, block_d=block_d, **numerics)
+
+
+def _f32(v):
+  return v.astype(jnp.float32)
+
+
+def _round(v, dtype):
+  """v rounded to dtype, as float32."""
+  return v.astype(dtype).astype(jnp.float32)
+
+
+def _weight_runs(programs: int, sizes) -> list[tuple[int, int, int]]:
+  """(first program, programs, rows a program) for weights of `sizes` rows sharing `programs`
+  programs, each weight given programs in proportion to its rows (at least one)."""
+  total, runs, first = sum(sizes), [], 0
+  for i, n in enumerate(sizes):
+    count = (programs - first if i == len(sizes) - 1
+             else max(1, min(programs - first - 1, round(programs * n / total))))
+    runs.append((first, count, pl.cdiv(n, count)))
+    first += count
+  return runs
+
+
+def _rows_times(w_ref, first, count: int, xs, shape: LayerShape, side=None):
+  """For each row b, [Σ_d w[first + i, d]·xs(b, d) for i < n] float32 (n = count rounded up to
+  a power of two; rows past count or past w are 0), the mask of the rows that exist, and for
+  each row b Σ side(b, cols) over the column blocks (side None: 0). xs(b, cols) gives row b's
+  columns `cols` (a pl.ds) as float32. The column blocks are a loop that Triton pipelines
+  (num_stages): the loads of the next blocks are in flight while one is summed."""
+  n = next_pow2(count)
+  mask = (jnp.arange(n) < count) & (first + jnp.arange(n) < w_ref.shape[0])
+
+  def step(i, carry):
+    accs, sides = carry
+    cols = pl.ds(pl.multiple_of(i * shape.block_d, shape.block_d), shape.block_d)
+    w = _f32(pltriton.load(w_ref.at[pl.ds(first, n), cols], mask=mask[:, None], other=0.0))
+    accs = tuple(acc + jnp.sum(w * xs(b, cols)[None, :], axis=1) for b, acc in enumerate(accs))
+    if side is not None:
+      sides = tuple(total + side(b, cols) for b, total in enumerate(sides))
+    return accs, sides
+
+  zeros = lambda *shape_: tuple(jnp.zeros(shape_, jnp.float32) for _ in range(shape.B))
+  accs, sides = jax.lax.fori_loop(0, w_ref.shape[1] // shape.block_d, step, (zeros(n), zeros()))
+  return accs, mask, sides
+
+
+def _project(shape: LayerShape, p, ins, outs):
+  dtype = jnp.dtype(shape.dtype)
+  x_ref, g_ref = ins["x"], ins["input_norm"]
+
+  def xs(b, cols):  # x·g in dtype, what the folded norm's projections read
+    return _round(x_ref[jnp.int32(b), cols].astype(dtype) * g_ref[cols].astype(dtype), dtype)
+
+  def squares(b, cols):  # Σx² over the columns, for the norm's 1/rms(x)
+    return jnp.sum(_f32(x_ref[jnp.int32(b), cols]) ** 2)
+
+  weights = (ins["q_proj"], ins["kv_a_proj"])
+  runs = _weight_runs(shape.programs, [w.shape[0] for w in weights])
+  for w_ref, column, (first_program, count, rows) in zip(weights, (0, shape.q_width), runs):
+    @pl.when((p >= first_program) & (p < first_program + count))
+    def _(w_ref=w_ref, column=column, first_program=first_program, rows=rows):
+      first = (p - first_program) * rows
+      accs, mask, ss = _rows_times(w_ref, first, rows, xs, shape, side=squares)
+      for b, acc in enumerate(accs):
+        inv_rms = jax.lax.rsqrt(ss[b] / shape.D + shape.input_eps)
+        out = _round(_round(acc, dtype) * inv_rms, dtype)
+        pltriton.store(outs["qkv"].at[jnp.int32(b), pl.ds(column + first, acc.shape[0])],
+                       out.astype(outs["qkv"].dtype), mask=mask)
+
+
+def _rope(v, pos, shape: LayerShape, freq_ref):
+  """rope.apply_rope on v [R] float32, interleaved pairs, at integer position pos. The pairs
+  are split and joined in registers (a reshape, a masked sum over the pair axis and a stack):
+  Pallas' interpret mode has no strided loads or stores."""
+  half = shape.R // 2
+  pairs = v.reshape(half, 2)
+  even, odd = (jnp.sum(jnp.where(jnp.arange(2)[None, :] == i, pairs, 0.0), axis=1)
+               for i in (0, 1))
+  angles = pos.astype(jnp.float32) * freq_ref[...]
+  cos, sin = jnp.cos(angles) * shape.rope_scale, jnp.sin(angles) * shape.rope_scale
+  return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(shape.R)
+
+
+def _latent(shape: LayerShape, u, ins, outs):
+  """Units 0..H·C/64-1: a (head, column block) of q_latent, and the head's q_rope in its first
+  block; units H·C/64 + b: row b's cache write, on programs of their own."""
+  blocks = shape.C // _LATENT_BLOCK
+  pl.when(u < shape.H * blocks)(lambda: _absorb(shape, u // blocks, u % blocks, ins, outs))
+  pl.when(u >= shape.H * blocks)(lambda: _write_row(shape, u - shape.H * blocks, ins, outs))
+
+
+def _absorb(shape: LayerShape, h, j, ins, outs):
+  dtype = jnp.dtype(shape.dtype)
+  K, R = shape.K, shape.R
+  qkv = outs["qkv"]
+  cols = pl.ds(pl.multiple_of(j * _LATENT_BLOCK, _LATENT_BLOCK), _LATENT_BLOCK)
+  wk = _f32(ins["wk_b"][h, :, cols])                                          # [K, block]
+  for b in map(jnp.int32, range(shape.B)):
+    q_nope = _f32(qkv[b, pl.ds(h * (K + R), K)])
+    outs["q_latent"][b, h, cols] = jnp.sum(q_nope[:, None] * wk, axis=0).astype(dtype)
+
+  @pl.when(j == 0)
+  def _rotate_query():
+    for b in map(jnp.int32, range(shape.B)):
+      q_rope = _f32(qkv[b, pl.ds(h * (K + R) + K, R)])
+      outs["q_rope"][b, h, :] = _rope(q_rope, ins["positions"][b], shape,
+                                      ins["inv_freq"]).astype(dtype)
+
+
+def _write_row(shape: LayerShape, b: int, ins, outs):
+  """Row b's token into its cache slot, lengths[b], then lengths and overflow advanced."""
+  b = jnp.int32(b)
+  dtype = jnp.dtype(shape.dtype)
+  S, C, first = shape.S, shape.C, shape.q_width
+  length, pos = outs["lengths"][b], ins["positions"][b]
+  valid = (pos >= 0).astype(jnp.int32)
+  ok = (valid > 0) & (length < S)
+  at = jnp.minimum(length, S - 1)
+  c = _f32(outs["qkv"][b, pl.ds(first, C)])
+  inv_rms = jax.lax.rsqrt(jnp.sum(c * c) / C + shape.kv_eps)
+  row = _round(_round(c * inv_rms, dtype) * _round(ins["kv_norm"][...], dtype), dtype)
+  pltriton.store(outs["c_kv"].at[b, pl.ds(at, 1), :], row.astype(outs["c_kv"].dtype)[None, :],
+                 mask=jnp.full((1, C), ok))
+  k_rope = _rope(_f32(outs["qkv"][b, pl.ds(first + C, shape.R)]), pos, shape, ins["inv_freq"])
+  pltriton.store(outs["k_rope"].at[b, pl.ds(at, 1), :], k_rope.astype(outs["k_rope"].dtype)[None],
+                 mask=jnp.full((1, shape.R), ok))
+  total = length + valid  # cache.advance
+  outs["lengths"][b] = jnp.minimum(total, S)
+  outs["overflow"][b] = outs["overflow"][b] | (total > S).astype(jnp.int32)
+
+
+def _dot(a, b, contract_b):
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def _attend(shape: LayerShape, u, ins, outs):
+  """ops/decode/triton.py's split kernel for one (row, piece), every head in one block."""
+  Hp, S = shape.heads_pad, shape.S
+  b, piece = u // shape.pieces, u % shape.pieces
+  heads = (jnp.arange(Hp) < shape.H)[:, None]
+  q_latent = pltriton.load(outs["q_latent"].at[b, pl.ds(0, Hp), :], mask=heads, other=0.0)
+  q_rope = pltriton.load(outs["q_rope"].at[b, pl.ds(0, Hp), :], mask=heads, other=0.0)
+  cache_dtype = outs["c_kv"].dtype
+  q_latent, q_rope = q_latent.astype(cache_dtype), q_rope.astype(cache_dtype)
+  length = jnp.clip(outs["lengths"][b], 0, S)
+  piece_rows = pl.cdiv(pl.cdiv(S, _BLOCK_S), shape.pieces) * _BLOCK_S
+  start = piece * piece_rows
+  end = jnp.minimum(length, start + piece_rows)
+  scale_log2 = shape.sm_scale * LOG2E  # softmax in base 2: exp(x·s) = 2^(x·s·log2 e)
+
+  def step(t, carry):
+    acc, m_i, l_i = carry
+    first = start + t * _BLOCK_S
+    valid = first + jnp.arange(_BLOCK_S) < end
+    rows = pl.ds(first, _BLOCK_S)
+    c = pltriton.load(outs["c_kv"].at[b, rows, :], mask=valid[:, None], other=0.0)
+    k = pltriton.load(outs["k_rope"].at[b, rows, :], mask=valid[:, None], other=0.0)
+    s = (_dot(q_latent, c, 1) + _dot(q_rope, k, 1)) * scale_log2
+    s = jnp.where(valid[None, :], s, -jnp.inf)
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))  # finite: every tile run has a valid row
+    alpha = jnp.exp2(m_i - m_new)
+    prob = jnp.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + jnp.sum(prob, axis=1)
+    acc = acc * alpha[:, None] + _dot(prob.astype(cache_dtype), c, 0)
+    return acc, m_new, l_i
+
+  carry = (jnp.zeros((Hp, shape.C), jnp.float32), jnp.full((Hp,), -jnp.inf, jnp.float32),
+           jnp.zeros((Hp,), jnp.float32))
+  acc, m_i, l_i = jax.lax.fori_loop(0, pl.cdiv(jnp.maximum(end - start, 0), _BLOCK_S), step,
+                                    carry)
+  nonempty = l_i > 0
+  safe_l = jnp.where(nonempty, l_i, 1.0)
+  outs["o_parts"][piece, b] = acc / safe_l[:, None]
+  outs["lse_parts"][piece, b] = jnp.where(nonempty, (m_i + jnp.log2(safe_l)) * LN2, -jnp.inf)
+
+
+def _values(shape: LayerShape, u, ins, outs):
+  """merge_triton.merge_values for one (row, head, piece of C)."""
+  dtype = jnp.dtype(shape.dtype)
+  splits, P, V = shape.value_splits, shape.pieces, shape.V
+  b, h, g = u // (shape.H * splits), (u // splits) % shape.H, u % splits
+  width = shape.C // splits
+  cols = pl.ds(pl.multiple_of(g * width, width), width)
+  P_pad = next_pow2(P)
+  lse_p = pltriton.load(outs["lse_parts"].at[pl.ds(0, P_pad), b, h],
+                        mask=jnp.arange(P_pad) < P, other=-jnp.inf)
+  m = jnp.max(lse_p)
+  m = jnp.where(m > -jnp.inf, m, 0.0)
+  l = jnp.sum(jnp.exp(lse_p - m))
+  chunk = min(P_pad, max(1, _VALUES_TILE // width))
+
+  def pieces(i, merged):
+    valid = i * chunk + jnp.arange(chunk) < P
+    rows = pl.ds(i * chunk, chunk)
+    w = jnp.exp(pltriton.load(outs["lse_parts"].at[rows, b, h], mask=valid, other=-jnp.inf) - m)
+    o = pltriton.load(outs["o_parts"].at[rows, b, h, cols], mask=valid[:, None], other=0.0)
+    return merged + jnp.sum(w[:, None] * o, axis=0)
+
+  merged = jax.lax.fori_loop(0, pl.cdiv(P, chunk), pieces, jnp.zeros((width,), jnp.float32))
+  merged = _round(merged / jnp.where(l > 0, l, 1.0), dtype)
+  product = jnp.sum(merged[:, None] * _f32(ins["wv_b"][h, cols, :]), axis=0)          # [V]
+  outs["value_parts"][g, b, pl.ds(h * V, V)] = product
+
+
+def _output(shape: LayerShape, p, ins, outs):
+  dtype = jnp.dtype(shape.dtype)
+  parts = outs["value_parts"]
+
+  def heads(b, cols):  # the attention's heads [H·V] in dtype: merge_values' pieces summed
+    return _round(sum(parts[jnp.int32(g), jnp.int32(b), cols]
+                      for g in range(shape.value_splits)), dtype)
+
+  [(_, _, rows)] = _weight_runs(shape.programs, [shape.D])
+  first = p * rows
+  accs, mask, _ = _rows_times(ins["o_proj"], first, rows, heads, shape)
+  for b, acc in enumerate(accs):
+    cols = pl.ds(first, acc.shape[0])
+    y = jnp.where(ins["positions"][jnp.int32(b)] >= 0, _round(acc, dtype), 0.0)
+    x = _f32(pltriton.load(ins["x"].at[jnp.int32(b), cols], mask=mask, other=0.0))
+    pltriton.store(outs["x_out"].at[jnp.int32(b), cols], (x + y).astype(dtype), mask=mask)
+
+
+def _phases(shape: LayerShape):
+  def named(body):
+    def run(u, in_refs, out_refs):
+      body(shape, u, dict(zip(INPUTS, in_refs)), dict(zip(OUTPUTS, out_refs)))
+    return run
+
+  return [Phase("project", shape.programs, named(_project)),
+          Phase("latent", shape.H * (shape.C // _LATENT_BLOCK) + shape.B, named(_latent)),
+          Phase("attend", shape.B * shape.pieces, named(_attend)),
+          Phase("values", shape.B * shape.H * shape.value_splits, named(_values)),
+          Phase("output", shape.programs, named(_output))]
+
+
+def decode_layer(x, positions, weights: dict, cache: dict, shape: LayerShape, *,
+                 num_warps: int = 8, interpret: bool = False):
+  """One launch: (x_out [B, D], cache) for x [B, D] in shape.dtype and positions [B] int32 (-1:
+  padding). weights: input_norm [D], q_proj [H·(K+R), D], kv_a_proj [C+R, D], kv_norm [C],
+  inv_freq [R/2] float32, wk_b [H, K, C], wv_b [H, C, V], o_proj [D, H·V] (arrays).
+  cache: c_kv [B, S, C], k_rope [B, S, R], lengths [B] int32, overflow [B] int32, updated in
+  place under jit when donated."""
+  B, D, H, R, C, V, S = shape.B, shape.D, shape.H, shape.R, shape.C, shape.V, shape.S
+  dtype = jnp.dtype(shape.dtype)
+  operands = [x.astype(dtype), positions.astype(jnp.int32),
+              *(weights[n] for n in INPUTS[2:10]), *(cache[n] for n in _CACHE)]
+  scratch = [((B, shape.q_width + C + R), dtype), ((B, H, C), dtype), ((B, H, R), dtype),
+             ((shape.pieces, B, shape.heads_pad, C), jnp.float32),
+             ((shape.pieces, B, shape.heads_pad), jnp.float32),
+             ((shape.value_splits, B, H * V), jnp.float32)]
+  out_shape = [jax.ShapeDtypeStruct((B, D), dtype),
+               *(jax.ShapeDtypeStruct(cache[n].shape, cache[n].dtype) for n in _CACHE),
+               *(jax.ShapeDtypeStruct(s, d) for s, d in scratch)]
+  aliases = {INPUTS.index(n): OUTPUTS.index(n) for n in _CACHE}
+  outs = persistent_call(_phases(shape), operands, out_shape, aliases=aliases,
+                         programs=shape.programs, name="mla_decode_layer", num_warps=num_warps,
+                         num_stages=3, interpret=interpret)
+  return outs[0], dict(zip(_CACHE, outs[1:5]))
