@@ -171,10 +171,10 @@ def test_decode_loop_equals_single_steps(rng):
 def _phases_reading_neighbours(n):
   """Phase 1: unit u writes 2·x[u] to out[u]; phase 2: unit u copies out[(u + 1) % n] to
   out2[u], a row another unit wrote in the phase before."""
-  def double(u, ins, outs):
+  def double(u, ins, outs, fetched):
     outs[0][u, :] = ins[0][u, :] * 2.0
 
-  def neighbour(u, ins, outs):
+  def neighbour(u, ins, outs, fetched):
     outs[1][u, :] = outs[0][jax.lax.rem(u + 1, n), :]
 
   return [persistent.Phase("double", n, double), persistent.Phase("neighbour", n, neighbour)]

@@ -75,7 +75,9 @@ class LayerShape:
   programs: int      # P, one an SM
   pieces: int        # pieces of the cache in the attend phase
   value_splits: int  # pieces of C in the values phase
-  block_d: int       # weight columns a projection step reads
+  step_bytes: int = 16384  # weight bytes a projection step loads (num_stages - 1 in flight)
+  num_warps: int = 8
+  num_stages: int = 4      # Triton's pipelining depth of the phases' loops
 
   @property
   def q_width(self) -> int:
@@ -95,7 +97,7 @@ def unsupported(B, D, H, K, R, C, V) -> str | None:
   if C % _LATENT_BLOCK or H > 64:
     return f"C={C}, H={H}: expected C a multiple of {_LATENT_BLOCK}, H <= 64"
   if D % 128 or (H * V) % 128:
-    return f"D={D}, H·V={H * V}: expected multiples of 128"
+    return f"D={D}, H·V={H * V}: expected multiples of 128 (the projections' column blocks)"
   return None
 
 
@@ -109,9 +111,8 @@ def plan(B, D, H, K, R, C, V, S, *, programs: int, **numerics) -> LayerShape:
   splits = 1
   while splits < 8 and B * H * splits * 2 <= programs and C // (splits * 2) >= TRITON_MIN_DOT:
     splits *= 2
-  block_d = 256 if D % 256 == 0 and (H * V) % 256 == 0 else 128
   return LayerShape(B=B, D=D, H=H, K=K, R=R, C=C, V=V, S=S, programs=programs, pieces=pieces,
-                    value_splits=splits, block_d=block_d, **numerics)
+                    value_splits=splits, **numerics)
 
 
 def _f32(v):
@@ -138,35 +139,43 @@ def _weight_runs(programs: int, sizes) -> list[tuple[int, int, int]]:
 def _rows_times(w_ref, first, count: int, xs, shape: LayerShape, side=None):
   """For each row b, [Σ_d w[first + i, d]·xs(b, d) for i < n] float32 (n = count rounded up to
   a power of two; rows past count or past w are 0), the mask of the rows that exist, and for
-  each row b Σ side(b, cols) over the column blocks (side None: 0). xs(b, cols) gives row b's
-  columns `cols` (a pl.ds) as float32. The column blocks are a loop that Triton pipelines
-  (num_stages): the loads of the next blocks are in flight while one is summed."""
+  each row b Σ side(b, cols) over the column blocks (side None: 0). xs(b, cols) and side(b,
+  cols) give row b's columns `cols` (a pl.ds) as float32 [block].
+
+  The column blocks (step_bytes of w each) are a loop that Triton pipelines (num_stages): the
+  loads of the next blocks are in flight while one is used. Products accumulate elementwise in
+  a [n, block] tile, reduced once after the loop, so that no step waits on a reduction across
+  the program's warps."""
   n = next_pow2(count)
   mask = (jnp.arange(n) < count) & (first + jnp.arange(n) < w_ref.shape[0])
+  width = w_ref.shape[1]
+  block = max(128, min(next_pow2(width), shape.step_bytes // (n * w_ref.dtype.itemsize)))
+  while width % block:
+    block //= 2
 
   def step(i, carry):
     accs, sides = carry
-    cols = pl.ds(pl.multiple_of(i * shape.block_d, shape.block_d), shape.block_d)
+    cols = pl.ds(pl.multiple_of(i * block, block), block)
     w = _f32(pltriton.load(w_ref.at[pl.ds(first, n), cols], mask=mask[:, None], other=0.0))
-    accs = tuple(acc + jnp.sum(w * xs(b, cols)[None, :], axis=1) for b, acc in enumerate(accs))
+    accs = tuple(acc + w * xs(b, cols)[None, :] for b, acc in enumerate(accs))
     if side is not None:
       sides = tuple(total + side(b, cols) for b, total in enumerate(sides))
     return accs, sides
 
   zeros = lambda *shape_: tuple(jnp.zeros(shape_, jnp.float32) for _ in range(shape.B))
-  accs, sides = jax.lax.fori_loop(0, w_ref.shape[1] // shape.block_d, step, (zeros(n), zeros()))
-  return accs, mask, sides
+  accs, sides = jax.lax.fori_loop(0, width // block, step, (zeros(n, block), zeros(block)))
+  return [jnp.sum(acc, axis=1) for acc in accs], mask, [jnp.sum(t) for t in sides]
 
 
-def _project(shape: LayerShape, p, ins, outs):
+def _project(shape: LayerShape, p, ins, outs, fetched):
   dtype = jnp.dtype(shape.dtype)
   x_ref, g_ref = ins["x"], ins["input_norm"]
 
   def xs(b, cols):  # x·g in dtype, what the folded norm's projections read
     return _round(x_ref[jnp.int32(b), cols].astype(dtype) * g_ref[cols].astype(dtype), dtype)
 
-  def squares(b, cols):  # Σx² over the columns, for the norm's 1/rms(x)
-    return jnp.sum(_f32(x_ref[jnp.int32(b), cols]) ** 2)
+  def squares(b, cols):  # x², summed into Σx² for the norm's 1/rms(x)
+    return _f32(x_ref[jnp.int32(b), cols]) ** 2
 
   weights = (ins["q_proj"], ins["kv_a_proj"])
   runs = _weight_runs(shape.programs, [w.shape[0] for w in weights])
@@ -195,20 +204,30 @@ def _rope(v, pos, shape: LayerShape, freq_ref):
   return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(shape.R)
 
 
-def _latent(shape: LayerShape, u, ins, outs):
+def _latent(shape: LayerShape, u, ins, outs, wk):
   """Units 0..H·C/64-1: a (head, column block) of q_latent, and the head's q_rope in its first
-  block; units H·C/64 + b: row b's cache write, on programs of their own."""
+  block; units H·C/64 + b: row b's cache write, on programs of their own. wk: the unit's tile
+  of wk_b (_latent_weights) if prefetched."""
   blocks = shape.C // _LATENT_BLOCK
-  pl.when(u < shape.H * blocks)(lambda: _absorb(shape, u // blocks, u % blocks, ins, outs))
+  wk = _latent_weights(shape, u, ins) if wk is None else wk
+  pl.when(u < shape.H * blocks)(lambda: _absorb(shape, u // blocks, u % blocks, wk, ins, outs))
   pl.when(u >= shape.H * blocks)(lambda: _write_row(shape, u - shape.H * blocks, ins, outs))
 
 
-def _absorb(shape: LayerShape, h, j, ins, outs):
+def _latent_weights(shape: LayerShape, u, ins):
+  """wk_b[h, :, block j] [K, 64] of latent unit u = h·C/64 + j (the last one's past them)."""
+  blocks = shape.C // _LATENT_BLOCK
+  u = jnp.minimum(u, shape.H * blocks - 1)
+  cols = pl.ds(pl.multiple_of(u % blocks * _LATENT_BLOCK, _LATENT_BLOCK), _LATENT_BLOCK)
+  return ins["wk_b"][u // blocks, :, cols]
+
+
+def _absorb(shape: LayerShape, h, j, wk, ins, outs):
   dtype = jnp.dtype(shape.dtype)
   K, R = shape.K, shape.R
   qkv = outs["qkv"]
   cols = pl.ds(pl.multiple_of(j * _LATENT_BLOCK, _LATENT_BLOCK), _LATENT_BLOCK)
-  wk = _f32(ins["wk_b"][h, :, cols])                                          # [K, block]
+  wk = _f32(wk)                                                               # [K, block]
   for b in map(jnp.int32, range(shape.B)):
     q_nope = _f32(qkv[b, pl.ds(h * (K + R), K)])
     outs["q_latent"][b, h, cols] = jnp.sum(q_nope[:, None] * wk, axis=0).astype(dtype)
@@ -249,7 +268,7 @@ def _dot(a, b, contract_b):
                              preferred_element_type=jnp.float32)
 
 
-def _attend(shape: LayerShape, u, ins, outs):
+def _attend(shape: LayerShape, u, ins, outs, fetched):
   """ops/decode/triton.py's split kernel for one (row, piece), every head in one block."""
   Hp, S = shape.heads_pad, shape.S
   b, piece = u // shape.pieces, u % shape.pieces
@@ -290,12 +309,27 @@ def _attend(shape: LayerShape, u, ins, outs):
   outs["lse_parts"][piece, b] = jnp.where(nonempty, (m_i + jnp.log2(safe_l)) * LN2, -jnp.inf)
 
 
-def _values(shape: LayerShape, u, ins, outs):
-  """merge_triton.merge_values for one (row, head, piece of C)."""
+def _values_unit(shape: LayerShape, u):
+  """(b, h, g) of values unit u: row, head and piece of C."""
+  splits = shape.value_splits
+  return u // (shape.H * splits), (u // splits) % shape.H, u % splits
+
+
+def _value_weights(shape: LayerShape, u, ins):
+  """wv_b[h, piece g of C, :] of values unit u (the last unit's for u past them)."""
+  _, h, g = _values_unit(shape, jnp.minimum(u, shape.B * shape.H * shape.value_splits - 1))
+  width = shape.C // shape.value_splits
+  return ins["wv_b"][h, pl.ds(pl.multiple_of(g * width, width), width), :]
+
+
+def _values(shape: LayerShape, u, ins, outs, wv):
+  """merge_triton.merge_values for one (row, head, piece of C); wv: the unit's wv_b tile
+  (_value_weights) if prefetched."""
   dtype = jnp.dtype(shape.dtype)
-  splits, P, V = shape.value_splits, shape.pieces, shape.V
-  b, h, g = u // (shape.H * splits), (u // splits) % shape.H, u % splits
-  width = shape.C // splits
+  P, V = shape.pieces, shape.V
+  b, h, g = _values_unit(shape, u)
+  wv = _value_weights(shape, u, ins) if wv is None else wv
+  width = shape.C // shape.value_splits
   cols = pl.ds(pl.multiple_of(g * width, width), width)
   P_pad = next_pow2(P)
   lse_p = pltriton.load(outs["lse_parts"].at[pl.ds(0, P_pad), b, h],
@@ -314,11 +348,11 @@ def _values(shape: LayerShape, u, ins, outs):
 
   merged = jax.lax.fori_loop(0, pl.cdiv(P, chunk), pieces, jnp.zeros((width,), jnp.float32))
   merged = _round(merged / jnp.where(l > 0, l, 1.0), dtype)
-  product = jnp.sum(merged[:, None] * _f32(ins["wv_b"][h, cols, :]), axis=0)          # [V]
+  product = jnp.sum(merged[:, None] * _f32(wv), axis=0)                               # [V]
   outs["value_parts"][g, b, pl.ds(h * V, V)] = product
 
 
-def _output(shape: LayerShape, p, ins, outs):
+def _output(shape: LayerShape, p, ins, outs, fetched):
   dtype = jnp.dtype(shape.dtype)
   parts = outs["value_parts"]
 
@@ -337,20 +371,25 @@ def _output(shape: LayerShape, p, ins, outs):
 
 
 def _phases(shape: LayerShape):
-  def named(body):
-    def run(u, in_refs, out_refs):
-      body(shape, u, dict(zip(INPUTS, in_refs)), dict(zip(OUTPUTS, out_refs)))
+  def named(fn):  # a body: fn(shape, u, ins, outs, fetched), the refs by name
+    def run(u, in_refs, out_refs, fetched):
+      fn(shape, u, dict(zip(INPUTS, in_refs)), dict(zip(OUTPUTS, out_refs)), fetched)
     return run
 
+  def inputs(fn):  # a prefetch: fn(shape, u, ins)
+    return lambda u, in_refs: fn(shape, u, dict(zip(INPUTS, in_refs)))
+
   return [Phase("project", shape.programs, named(_project)),
-          Phase("latent", shape.H * (shape.C // _LATENT_BLOCK) + shape.B, named(_latent)),
+          Phase("latent", shape.H * (shape.C // _LATENT_BLOCK) + shape.B, named(_latent),
+                inputs(_latent_weights)),
           Phase("attend", shape.B * shape.pieces, named(_attend)),
-          Phase("values", shape.B * shape.H * shape.value_splits, named(_values)),
+          Phase("values", shape.B * shape.H * shape.value_splits, named(_values),
+                inputs(_value_weights)),
           Phase("output", shape.programs, named(_output))]
 
 
 def decode_layer(x, positions, weights: dict, cache: dict, shape: LayerShape, *,
-                 num_warps: int = 8, interpret: bool = False):
+                 interpret: bool = False):
   """One launch: (x_out [B, D], cache) for x [B, D] in shape.dtype and positions [B] int32 (-1:
   padding). weights: input_norm [D], q_proj [H·(K+R), D], kv_a_proj [C+R, D], kv_norm [C],
   inv_freq [R/2] float32, wk_b [H, K, C], wv_b [H, C, V], o_proj [D, H·V] (arrays).
@@ -369,6 +408,7 @@ def decode_layer(x, positions, weights: dict, cache: dict, shape: LayerShape, *,
                *(jax.ShapeDtypeStruct(s, d) for s, d in scratch)]
   aliases = {INPUTS.index(n): OUTPUTS.index(n) for n in _CACHE}
   outs = persistent_call(_phases(shape), operands, out_shape, aliases=aliases,
-                         programs=shape.programs, name="mla_decode_layer", num_warps=num_warps,
-                         num_stages=3, interpret=interpret)
+                         programs=shape.programs, name="mla_decode_layer",
+                         num_warps=shape.num_warps, num_stages=shape.num_stages,
+                         interpret=interpret)
   return outs[0], dict(zip(_CACHE, outs[1:5]))

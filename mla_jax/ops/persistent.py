@@ -36,12 +36,18 @@ from jax.experimental.pallas import triton as pltriton
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """`units` units, each run by `body(u, in_refs, out_refs)`; `name` names its launch in
-  interpret mode."""
+  """`units` units, each run by `body(u, in_refs, out_refs, fetched)`; `name` names its launch
+  in interpret mode. prefetch(u, in_refs), if given, loads what unit u reads from the inputs
+  alone (its weights): where the phase has no more units than programs, each program calls it
+  at the launch's start, so that those loads overlap the phases before, and passes its result
+  to body as `fetched` (None otherwise, and body loads them itself). u may then be past the
+  last unit (its program runs none): prefetch must load from valid addresses for any u <
+  programs."""
 
   name: str
   units: int
   body: Callable
+  prefetch: Callable | None = None
 
 
 def barrier(counter_ref, target):
@@ -56,15 +62,15 @@ def barrier(counter_ref, target):
   pltriton.debug_barrier()
 
 
-def _run_units(phase: Phase, p, programs: int, in_refs, out_refs):
+def _run_units(phase: Phase, p, programs: int, in_refs, out_refs, fetched):
   """Program p's units of the phase: p, p + programs, ..."""
   units = phase.units
   if units <= programs:
-    pl.when(p < units)(lambda: phase.body(p, in_refs, out_refs))
+    pl.when(p < units)(lambda: phase.body(p, in_refs, out_refs, fetched))
     return
 
   def step(i, carry):
-    phase.body(p + i * programs, in_refs, out_refs)
+    phase.body(p + i * programs, in_refs, out_refs, None)
     return carry
 
   jax.lax.fori_loop(0, pl.cdiv(units - p, programs), step, 0)
@@ -85,7 +91,9 @@ def persistent_call(phases, operands, out_shape, *, aliases: dict, programs: int
       outputs[o] = operands[i]
     for phase in phases:
       def kernel(*refs, phase=phase):
-        phase.body(pl.program_id(0), refs[:n_in], refs[n_in + n_out:])
+        u, in_refs = pl.program_id(0), refs[:n_in]
+        fetched = phase.prefetch(u, in_refs) if phase.prefetch else None
+        phase.body(u, in_refs, refs[n_in + n_out:], fetched)
 
       outputs = pl.pallas_call(
           kernel, grid=(phase.units,), out_shape=out_shape,
@@ -96,10 +104,12 @@ def persistent_call(phases, operands, out_shape, *, aliases: dict, programs: int
   def kernel(*refs):
     in_refs, out_refs, counter_ref = refs[:n_in], refs[n_in + 1:-1], refs[-1]
     p = pl.program_id(0)
+    fetched = [phase.prefetch(p, in_refs) if phase.prefetch and phase.units <= programs
+               else None for phase in phases]
     for k, phase in enumerate(phases):
       if k:
         barrier(counter_ref, k * programs)
-      _run_units(phase, p, programs, in_refs, out_refs)
+      _run_units(phase, p, programs, in_refs, out_refs, fetched[k])
 
   counter = jax.ShapeDtypeStruct((1,), jnp.int32)
   outputs = pl.pallas_call(
