@@ -188,8 +188,16 @@ def test_phases_see_what_earlier_phases_wrote(programs, rng):
   x = jnp.asarray(rng.standard_normal((n, 16)), jnp.float32)
   out = jax.ShapeDtypeStruct((n, 16), jnp.float32)
   _, got = persistent.persistent_call(
-      _phases_reading_neighbours(n), [x], [out, out], aliases={},
-      programs=min(programs, jax.devices()[0].core_count if jax.default_backend() == "gpu"
-                   else programs),
+      _phases_reading_neighbours(n), [x], [out, out], aliases={}, programs=programs,
       name="neighbours", interpret=jax.default_backend() != "gpu")
   np.testing.assert_array_equal(got, np.roll(2 * np.asarray(x), -1, axis=0))
+
+
+def test_more_programs_than_sms_is_refused(monkeypatch):
+  """A barrier over more programs than the GPU holds at once would never open."""
+  monkeypatch.setattr(persistent.device, "num_sms", lambda: 8)
+  x = jnp.zeros((16, 16), jnp.float32)
+  out = jax.ShapeDtypeStruct((16, 16), jnp.float32)
+  with pytest.raises(ValueError, match="programs=9"):
+    persistent.persistent_call(_phases_reading_neighbours(16), [x], [out, out], aliases={},
+                               programs=9, name="neighbours")

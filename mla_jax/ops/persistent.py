@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from mla_jax.ops import device
+
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
@@ -100,6 +102,10 @@ def persistent_call(phases, operands, out_shape, *, aliases: dict, programs: int
           input_output_aliases={n_in + o: o for o in range(n_out)}, interpret=True,
           name=f"{name}_{phase.name}")(*operands, *outputs)
     return list(outputs)
+
+  if not 1 <= programs <= device.num_sms():
+    raise ValueError(f"programs={programs}: expected 1 to the GPU's {device.num_sms()} SMs (a "
+                     "grid-wide barrier waits for every program, so all must be resident)")
 
   def kernel(*refs):
     in_refs, out_refs, counter_ref = refs[:n_in], refs[n_in + 1:-1], refs[-1]
