@@ -40,9 +40,9 @@ def stacks(dtype=jnp.float32, cfg=CFG, **options):
 
 def decode(model, caches, x, positions, steps):
   """`steps` decode steps from x [B,1,D]: each feeds its output back at positions + 1."""
-  outs = []
+  outs, step = [], jax.jit(model)
   for _ in range(steps):
-    x, caches = jax.jit(model)(x, positions, caches)
+    x, caches = step(x, positions, caches)
     outs.append(x)
     positions = jnp.where(positions >= 0, positions + 1, positions)
   return jnp.concatenate(outs, axis=1), caches
