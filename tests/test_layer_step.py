@@ -1,8 +1,8 @@
 """mla_jax/layer_step.py, ops/decode_layer.py and ops/persistent.py: a decode layer's attention
 half as one persistent kernel (layer_kernel=True) equals the module's own kernels (the same
 weights, layer_kernel=False) on ragged batches with padding, long caches (several pieces of the
-cache, C in pieces), a full row, float32 and bfloat16; where the kernel cannot take the layer,
-the module's path runs.
+cache, C in pieces), a full row, float32 and bfloat16; NaN and Inf past the lengths are never
+read; where the kernel cannot take the layer, the module's path runs.
 
 On a CPU the phases run interpreted, each as a launch of its own; on a GPU the same tests run
 the one launch with its grid-wide barriers.
@@ -93,6 +93,25 @@ def test_long_cache_runs_in_pieces(kernel_calls, rng):
   compare(fused, plain, caches, x, jnp.asarray([[390], [233]], jnp.int32), jnp.float32)
   shape = kernel_calls[0]
   assert shape.pieces > 1 and shape.value_splits > 1, shape
+
+
+def test_stale_slots_past_the_lengths_are_never_read(kernel_calls, rng):
+  """NaN and Inf in the slots past each row's length (FlashMLA's test convention) leave the
+  output as it is with zeros there."""
+  fused, _ = stacks()
+  lengths = [5, 11]
+  clean = filled(fused, 2, 40, lengths)
+  past = np.arange(40)[None, :, None] >= np.asarray(lengths)[:, None, None]
+  poison = lambda a: jnp.where(past, jnp.asarray([np.nan, np.inf])[np.arange(a.shape[-1]) % 2],
+                               a)
+  stale = [dataclasses.replace(c, c_kv=poison(c.c_kv), k_rope=poison(c.k_rope)) for c in clean]
+  x = jnp.asarray(rng.standard_normal((2, 1, CFG.hidden_size)), jnp.float32)
+  positions = jnp.asarray([lengths], jnp.int32).T
+  y_clean, _ = jax.jit(fused)(x, positions, clean)
+  y_stale, _ = jax.jit(fused)(x, positions, stale)
+  assert np.all(np.isfinite(y_stale))
+  np.testing.assert_array_equal(y_stale, y_clean)
+  assert kernel_calls
 
 
 def test_full_row_sets_overflow_and_keeps_its_entries(kernel_calls, rng):
