@@ -11,8 +11,9 @@ P programs (one an SM) in five phases, a grid-wide barrier between each two:
            contiguous rows of one of the two weights ([out, in], a row an output) after
            computing Σx² itself (x is a few KB), into the [B, H·(K+R) + C+R] buffer `qkv`;
   latent   latent_update.py's jobs: q_latent = q_nope·wk_b (DeepSeek-V2 §2.1.2), a unit per
-           (head, block of C); each head's q_rope rotated; the kv norm, k_rope's rotation and
-           the cache write, and lengths and overflow advanced (cache.advance's rule);
+           (head, block of C); each head's q_rope rotated; and a unit per row for the kv norm,
+           k_rope's rotation and the cache write, and lengths and overflow advanced
+           (cache.advance's rule);
   attend   split-KV attention (FlashDecoding, Dao et al. 2023) with FlashAttention-2's online
            softmax, a unit per (row, piece of the cache), every head at once on the tensor cores
            (the cache tile is both key and value); a partial (o_p, lse_p) per unit;
@@ -20,6 +21,9 @@ P programs (one an SM) in five phases, a grid-wide barrier between each two:
            (row, head, piece of C), each writing a float32 partial product;
   output   o_proj over the heads (the pieces of C summed, rounded to dtype) plus the residual,
            contiguous rows of the weight a program.
+
+The latent and values phases' weight tiles (wk_b, wv_b) are loaded at the launch's start
+(persistent.Phase.prefetch), so that they arrive while the projections run.
 
 The arithmetic rounds where the module's path does (absorbed_step.py): the projections to dtype
 before the division by rms(x), q_latent, q_rope and the normed kv to dtype, the merged heads to
@@ -240,9 +244,8 @@ def _absorb(shape: LayerShape, h, j, wk, ins, outs):
                                       ins["inv_freq"]).astype(dtype)
 
 
-def _write_row(shape: LayerShape, b: int, ins, outs):
+def _write_row(shape: LayerShape, b, ins, outs):
   """Row b's token into its cache slot, lengths[b], then lengths and overflow advanced."""
-  b = jnp.int32(b)
   dtype = jnp.dtype(shape.dtype)
   S, C, first = shape.S, shape.C, shape.q_width
   length, pos = outs["lengths"][b], ins["positions"][b]
