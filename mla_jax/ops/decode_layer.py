@@ -8,8 +8,8 @@ P programs (one an SM) in five phases, a grid-wide barrier between each two:
 
   project  q = q_proj(x·g)/rms(x) and kv = kv_a_proj_with_mqa(x·g)/rms(x), the input RMSNorm
            folded into the projections as in absorbed_step.py; each program reduces a run of
-           contiguous rows of one of the two weights ([out, in], a row an output) after
-           computing Σx² itself (x is a few KB), into the [B, H·(K+R) + C+R] buffer `qkv`;
+           contiguous rows of one of the two weights ([out, in], a row an output), summing
+           Σx² of x (a few KB) alongside, into the [B, H·(K+R) + C+R] buffer `qkv`;
   latent   latent_update.py's jobs: q_latent = q_nope·wk_b (DeepSeek-V2 §2.1.2), a unit per
            (head, block of C); each head's q_rope rotated; and a unit per row for the kv norm,
            k_rope's rotation and the cache write, and lengths and overflow advanced
@@ -79,9 +79,10 @@ class LayerShape:
   programs: int      # P, one an SM
   pieces: int        # pieces of the cache in the attend phase
   value_splits: int  # pieces of C in the values phase
-  step_bytes: int = 16384  # weight bytes a projection step loads (num_stages - 1 in flight)
+  # Launch settings, the best of six timed on an H100 (docs/decode_step.md):
+  step_bytes: int = 16384  # weight bytes a projection step loads
   num_warps: int = 8
-  num_stages: int = 4      # Triton's pipelining depth of the phases' loops
+  num_stages: int = 4      # Triton's software-pipelining depth (of the attention's tile loop)
 
   @property
   def q_width(self) -> int:
