@@ -12,9 +12,9 @@ output): at its k-th barrier each program adds 1 to it (one thread's atomic, acq
 GPU scope, between two thread barriers of the program), polls it with volatile loads until it
 reaches k·P, then with atomic reads until it does. The count only grows, so no program can miss a
 barrier's release, and the acquiring read orders the program's later loads after every
-program's earlier stores (the pattern of CUDA's cooperative grid sync). Measured on an H100 in
-a 27-layer V2-Lite step (docs/decode_step.md): polling with atomics alone made the arriving
-programs' atomics queue behind the polls; volatile polls alone gave wrong results, as no
+program's earlier stores (the pattern of CUDA's cooperative grid sync). Measured on an H100 with
+the layer kernel (docs/decode_step.md): polling with atomics alone was slow, the arriving
+programs' atomics queueing behind the polls; volatile polls alone gave wrong results, as no
 barrier at all did (the acquire is missing); the two in turn were right.
 
 Interpret mode runs a grid's programs one after another, where a barrier would never open; there
