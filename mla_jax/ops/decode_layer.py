@@ -42,6 +42,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from mla_jax.ops.common import LN2, LOG2E, TRITON_MIN_DOT, is_pow2, next_pow2
+from mla_jax.ops.decode.merge_triton import merged_columns, piece_weights
+from mla_jax.ops.decode.triton import dot, softmax_step
 from mla_jax.ops.persistent import Phase, persistent_call
 
 MAX_BATCH = 8
@@ -266,12 +268,6 @@ def _write_row(shape: LayerShape, b, ins, outs):
   outs["overflow"][b] = outs["overflow"][b] | (total > S).astype(jnp.int32)
 
 
-def _dot(a, b, contract_b):
-  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)
-
-
 def _attend(shape: LayerShape, u, ins, outs, fetched):
   """ops/decode/triton.py's split kernel for one (row, piece), every head in one block."""
   Hp, S = shape.heads_pad, shape.S
@@ -288,20 +284,13 @@ def _attend(shape: LayerShape, u, ins, outs, fetched):
   scale_log2 = shape.sm_scale * LOG2E  # softmax in base 2: exp(x·s) = 2^(x·s·log2 e)
 
   def step(t, carry):
-    acc, m_i, l_i = carry
     first = start + t * _BLOCK_S
     valid = first + jnp.arange(_BLOCK_S) < end
     rows = pl.ds(first, _BLOCK_S)
     c = pltriton.load(outs["c_kv"].at[b, rows, :], mask=valid[:, None], other=0.0)
     k = pltriton.load(outs["k_rope"].at[b, rows, :], mask=valid[:, None], other=0.0)
-    s = (_dot(q_latent, c, 1) + _dot(q_rope, k, 1)) * scale_log2
-    s = jnp.where(valid[None, :], s, -jnp.inf)
-    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))  # finite: every tile run has a valid row
-    alpha = jnp.exp2(m_i - m_new)
-    prob = jnp.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + jnp.sum(prob, axis=1)
-    acc = acc * alpha[:, None] + _dot(prob.astype(cache_dtype), c, 0)
-    return acc, m_new, l_i
+    s = (dot(q_latent, c, 1) + dot(q_rope, k, 1)) * scale_log2
+    return softmax_step(carry, jnp.where(valid[None, :], s, -jnp.inf), c, cache_dtype)
 
   carry = (jnp.zeros((Hp, shape.C), jnp.float32), jnp.full((Hp,), -jnp.inf, jnp.float32),
            jnp.zeros((Hp,), jnp.float32))
@@ -335,22 +324,9 @@ def _values(shape: LayerShape, u, ins, outs, wv):
   wv = _value_weights(shape, u, ins) if wv is None else wv
   width = shape.C // shape.value_splits
   cols = pl.ds(pl.multiple_of(g * width, width), width)
-  P_pad = next_pow2(P)
-  lse_p = pltriton.load(outs["lse_parts"].at[pl.ds(0, P_pad), b, h],
-                        mask=jnp.arange(P_pad) < P, other=-jnp.inf)
-  m = jnp.max(lse_p)
-  m = jnp.where(m > -jnp.inf, m, 0.0)
-  l = jnp.sum(jnp.exp(lse_p - m))
-  chunk = min(P_pad, max(1, _VALUES_TILE // width))
-
-  def pieces(i, merged):
-    valid = i * chunk + jnp.arange(chunk) < P
-    rows = pl.ds(i * chunk, chunk)
-    w = jnp.exp(pltriton.load(outs["lse_parts"].at[rows, b, h], mask=valid, other=-jnp.inf) - m)
-    o = pltriton.load(outs["o_parts"].at[rows, b, h, cols], mask=valid[:, None], other=0.0)
-    return merged + jnp.sum(w[:, None] * o, axis=0)
-
-  merged = jax.lax.fori_loop(0, pl.cdiv(P, chunk), pieces, jnp.zeros((width,), jnp.float32))
+  m, l = piece_weights(outs["lse_parts"], b, h, P)
+  merged = merged_columns(outs["lse_parts"], outs["o_parts"], b, h, cols, m, num_pieces=P,
+                          chunk=min(next_pow2(P), max(1, _VALUES_TILE // width)))
   merged = _round(merged / jnp.where(l > 0, l, 1.0), dtype)
   product = jnp.sum(merged[:, None] * _f32(wv), axis=0)                               # [V]
   outs["value_parts"][g, b, pl.ds(h * V, V)] = product

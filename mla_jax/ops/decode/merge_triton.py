@@ -117,6 +117,33 @@ def merge_heads(o_parts, lse_parts, H: int, out_dtype, *, merge: str, launch: Me
   return out[:, :H], lse[:, :H]
 
 
+def piece_weights(lse_parts_ref, b, h, num_pieces: int):
+  """(m, l) for merging (b, h) over the pieces' lse_p [P, B, N]: m = max_p lse_p (0 if every
+  piece is empty), l = Σ_p exp(lse_p − m) (0 then)."""
+  P_pad = next_pow2(num_pieces)
+  lse_p = pltriton.load(lse_parts_ref.at[pl.ds(0, P_pad), b, h],
+                        mask=jnp.arange(P_pad) < num_pieces, other=-jnp.inf)
+  m = jnp.max(lse_p)
+  m = jnp.where(m > -jnp.inf, m, 0.0)
+  return m, jnp.sum(jnp.exp(lse_p - m))
+
+
+def merged_columns(lse_parts_ref, o_parts_ref, b, h, cols, m, *, num_pieces: int, chunk: int):
+  """Σ_p exp(lse_p − m) · o_p[b, h, cols] in float32 (cols a pl.ds), over the pieces of
+  o_parts [P, B, N, C] in steps of `chunk` pieces; m from piece_weights."""
+
+  def pieces(i, merged):
+    valid = i * chunk + jnp.arange(chunk) < num_pieces
+    rows = pl.ds(i * chunk, chunk)
+    w = jnp.exp(pltriton.load(lse_parts_ref.at[rows, b, h], mask=valid, other=-jnp.inf) - m)
+    o = pltriton.load(o_parts_ref.at[rows, b, h, cols], mask=valid[:, None],
+                      other=0.0).astype(jnp.float32)                     # [chunk, columns]
+    return merged + jnp.sum(w[:, None] * o, axis=0)
+
+  return jax.lax.fori_loop(0, pl.cdiv(num_pieces, chunk), pieces,
+                           jnp.zeros((cols.size,), jnp.float32))
+
+
 def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
                          o_parts_ref,    # [P, B, N, C]
                          *refs,          # wv_b: wv_ref [H, C, V], or qs_ref and d_ref (wv_fmt);
@@ -130,27 +157,13 @@ def _merge_values_kernel(lse_parts_ref,  # [P, B, N]
   g, j = pl.program_id(2) // value_blocks, pl.program_id(2) % value_blocks  # piece of C, values
   piece = o_parts_ref.shape[-1] // splits
   values = pl.ds(pl.multiple_of(j * block_v, block_v), block_v)
-  P_pad = next_pow2(num_pieces)
-  lse_p = pltriton.load(lse_parts_ref.at[pl.ds(0, P_pad), b, h],
-                        mask=jnp.arange(P_pad) < num_pieces, other=-jnp.inf)
-  m = jnp.max(lse_p)
-  m = jnp.where(m > -jnp.inf, m, 0.0)
-  l = jnp.sum(jnp.exp(lse_p - m))
+  m, l = piece_weights(lse_parts_ref, b, h, num_pieces)
   safe_l = jnp.where(l > 0, l, 1.0)
 
   def column_block(k, acc):
     cols = pl.ds(pl.multiple_of(g * piece + k * block_c, block_c), block_c)
-
-    def pieces(i, merged):
-      valid = i * chunk + jnp.arange(chunk) < num_pieces
-      rows = pl.ds(i * chunk, chunk)
-      w = jnp.exp(pltriton.load(lse_parts_ref.at[rows, b, h], mask=valid, other=-jnp.inf) - m)
-      o = pltriton.load(o_parts_ref.at[rows, b, h, cols], mask=valid[:, None],
-                        other=0.0).astype(jnp.float32)                   # [chunk, block_c]
-      return merged + jnp.sum(w[:, None] * o, axis=0)
-
-    merged = jax.lax.fori_loop(0, pl.cdiv(num_pieces, chunk), pieces,
-                               jnp.zeros((block_c,), jnp.float32))
+    merged = merged_columns(lse_parts_ref, o_parts_ref, b, h, cols, m, num_pieces=num_pieces,
+                            chunk=chunk)
     # merge_heads' output rounding, then the product in float32 as ops.batched_gemv does
     merged = (merged / safe_l).astype(dtype).astype(jnp.float32)
     if wv_fmt is not None:

@@ -152,6 +152,26 @@ def _int8_to_f16(x, interpret: bool):
   return y
 
 
+def dot(a, b, contract_b):
+  """a [m, k] · b (contracting b's axis contract_b) in float32, exact for float32 operands."""
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def softmax_step(carry, s, values, dtype, value_scales=None):
+  """FlashAttention-2's online softmax over one tile: carry (acc [h, C], m [h], l [h]) float32,
+  s [h, n] base-2 scores with -inf where masked (every tile has a valid row, so m stays
+  finite), values [n, C] (times value_scales [n] if given), the dot's operands in dtype."""
+  acc, m_i, l_i = carry
+  m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+  alpha = jnp.exp2(m_i - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  l_i = l_i * alpha + jnp.sum(p, axis=1)
+  pv = p if value_scales is None else p * value_scales[None, :]
+  return acc * alpha[:, None] + dot(pv.astype(dtype), values, 0), m_new, l_i
+
+
 def _decode_kernel(lengths_ref,      # [B] int32
                    q_latent_ref,     # [block_h, C]
                    q_rope_ref,       # [block_h, R]
@@ -171,11 +191,6 @@ def _decode_kernel(lengths_ref,      # [B] int32
   piece_start = piece * (piece_tiles * block_s)
   piece_end = jnp.minimum(length, piece_start + piece_tiles * block_s)
   num_tiles = jnp.maximum(pl.cdiv(piece_end - piece_start, block_s), 0)
-
-  def dot(a, b, contract_b):
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
 
   scale_log2 = sm_scale * LOG2E  # softmax in base 2: exp(x·scale) = 2^(x·scale·log2 e)
   q_latent = q_latent_ref[...]
@@ -204,7 +219,6 @@ def _decode_kernel(lengths_ref,      # [B] int32
 
   def update(carry, tile, valid):
     """One FlashAttention-2 step over a tile; valid [block_s] masks rows past the length."""
-    acc, m_i, l_i = carry
     c_kv, k_rope = tile[0], tile[1].astype(rope_dtype)
     c_kv = (_int8_to_f16(c_kv, interpret) if c_kv.dtype == jnp.int8 and latent_dtype ==
             jnp.float16 else c_kv.astype(latent_dtype))
@@ -214,13 +228,7 @@ def _decode_kernel(lengths_ref,      # [B] int32
     s = s_latent * row_scale + dot(q_rope, k_rope, 1) * scale_log2
     if valid is not None:
       s = jnp.where(valid[None, :], s, -jnp.inf)
-    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))  # finite: every tile run has a valid row
-    alpha = jnp.exp2(m_i - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + jnp.sum(p, axis=1)
-    pv = p * tile[2][None, :] if quantized else p
-    acc = acc * alpha[:, None] + dot(pv.astype(latent_dtype), c_kv, 0)
-    return acc, m_new, l_i
+    return softmax_step(carry, s, c_kv, latent_dtype, tile[2] if quantized else None)
 
   carry = (jnp.zeros((block_h, C), jnp.float32), jnp.full((block_h,), -jnp.inf, jnp.float32),
            jnp.zeros((block_h,), jnp.float32))
