@@ -135,18 +135,12 @@ def table(results: dict, which: str = "tg") -> str:
 
 def markdown(results: dict) -> str:
   """The tg table, the pp table and footnotes."""
-  lines = [table(results, "tg"), ""]
-  # Runs before the generation loop timed each step as its own call, and had no dispatched table.
-  in_jit = any("tg_dispatch_tps_mean" in row for row in results["rows"])
-  if in_jit:
-    lines += ["Dispatched: each decode step its own jitted call.", "",
-              table(results, "dispatch"), ""]
-  lines += [table(results, "pp"), ""]
-  steps = ("inside one jit (mla_jax.decode_loop_fn); dispatched: the same steps as single-step "
-           "calls" if in_jit else "each its own jitted call")
+  lines = [table(results, "tg"), "", "Dispatched: each decode step its own jitted call.", "",
+           table(results, "dispatch"), "", table(results, "pp"), ""]
   lines.append(f"t/s = B·tokens / seconds; tg: mean ± sample std over "
                f"{results['config']['reps']} reps of {results['config']['n_gen']} decode steps "
-               f"{steps}; speedup: the median of the per-rep ratios where the two "
+               f"inside one jit (mla_jax.decode_loop_fn); dispatched: the same steps as "
+               f"single-step calls; speedup: the median of the per-rep ratios where the two "
                f"implementations' reps alternated (they share a prefill), else the ratio of the "
                f"means; pp: the prompt's prefill, compile excluded; sweep {results['status']}"
                + (f"; host load {results['loadavg_before']} before, "

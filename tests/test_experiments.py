@@ -756,12 +756,3 @@ def test_kernel_sweep_refuses_bad_configs(tmp_path, field, value, message):
   config[field] = value
   with pytest.raises(harness.ConfigError, match=message):
     kernel_sweep.run(config, str(tmp_path), name="sweep")
-
-
-def test_a_sweep_timed_before_the_generation_loop_says_so():
-  """The published GPU sweep's rows have no dispatched numbers: its page says that each step
-  was its own call, and has no dispatched table."""
-  results = publish.load(str(ROOT / "docs" / "results" / "tg_sweep_gpu.json"))
-  assert not any("tg_dispatch_tps_mean" in row for row in results["rows"])
-  text = report.markdown(results)
-  assert "decode steps each its own jitted call" in text and "Dispatched:" not in text
