@@ -226,10 +226,9 @@ class MLAttention(nnx.Module):
     module's call and an add."""
     self._check_inputs(x, positions, cache)
     if layer_step.supported(self, x, cache, input_norm):  # docs/decode_step.md
-      y, cache = layer_step.residual_step(self, x[:, 0].astype(self.dtype), positions[:, 0],
-                                          cache, input_norm)
+      y, cache = layer_step.residual_step(self, x[:, 0], positions[:, 0], cache, input_norm)
       _raise_if_overflow(cache)
-      return y[:, None].astype(x.dtype), cache
+      return y[:, None], cache
     y, cache = self(x, positions, cache, input_norm=input_norm)
     return x + y, cache
 
