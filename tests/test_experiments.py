@@ -112,7 +112,11 @@ def test_cli_end_to_end_writes_table_json_plot(tmp_path):
   for (n, std_cell, abs_cell, speedup), n_expected in zip([r[1:] for r in table], (8, 20)):
     mean = float(abs_cell.split("±")[0])
     assert mean == pytest.approx(cells[(n_expected, "absorbed/xla")]["tg_tps_mean"], rel=1e-2)
-    assert float(speedup) == pytest.approx(mean / float(std_cell.split("±")[0]), rel=2e-2)
+    # The two modes keep different caches, so they share no prefill and their reps do not
+    # alternate: the speedup is the ratio of the means, printed to two decimals.
+    a, b = cells[(n_expected, "absorbed/xla")], cells[(n_expected, "standard/xla")]
+    assert "standard/xla" not in a["alternated"]
+    assert float(speedup) == pytest.approx(np.mean(a["tg_tps"]) / np.mean(b["tg_tps"]), abs=5.1e-3)
 
   assert "Dispatched: each decode step its own jitted call." in text
 
