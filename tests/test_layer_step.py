@@ -2,7 +2,8 @@
 half as one persistent kernel (layer_kernel=True) equals the module's own kernels (the same
 weights, layer_kernel=False) on ragged batches with padding, long caches (several pieces of the
 cache, C in pieces), a full row, float32 and bfloat16; NaN and Inf past the lengths are never
-read; where the kernel cannot take the layer, the module's path runs.
+read; where the kernel cannot take the layer, the module's path runs. Compiled for an H200
+(aot), the kernel spills no registers at any batch it takes (ptxas's report, tests/ptxas.py).
 
 On a CPU the phases run interpreted, each as a launch of its own; on a GPU the same tests run
 the one launch with its grid-wide barriers.
@@ -20,7 +21,8 @@ import mla_jax
 from mla_jax import layer_step
 from mla_jax.stack import fill_caches
 from mla_jax.ops import decode_layer, persistent
-from helpers import rel_err
+import ptxas
+from helpers import compile_for_h200, rel_err
 
 # Powers of two where the kernel needs them, D and H·V multiples of 128, YaRN and K != V kept.
 CFG = dataclasses.replace(mla_jax.MLAConfig.deepseek_v2_lite(), hidden_size=128, num_heads=4,
@@ -173,6 +175,30 @@ def test_unsupported_names_the_sizes():
   assert "B=9" in decode_layer.unsupported(9, 128, 4, 32, 16, 64, 32)
   assert "D=96" in decode_layer.unsupported(1, 96, 4, 32, 16, 64, 32)
   assert decode_layer.unsupported(1, 128, 4, 32, 16, 64, 32) is None
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("B", [1, 2, 4, decode_layer.MAX_BATCH])
+def test_compiled_kernel_spills_no_registers(B):
+  """ptxas for the H200 keeps the kernel at V2-Lite's sizes in registers at every batch it
+  takes: the projections' accumulators do not grow past them with B (one [rows, block] float32
+  tile a row spilled 80 bytes at B=4 and 2352 at B=8)."""
+  cfg = mla_jax.MLAConfig.deepseek_v2_lite()
+  D, H, C, R = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+  K, V, S = cfg.qk_nope_head_dim, cfg.v_head_dim, 16384
+  shape = decode_layer.plan(B, D, H, K, R, C, V, S, programs=132, dtype="bfloat16",
+                            input_eps=1e-6, kv_eps=1e-6, rope_scale=1.0, sm_scale=0.1)
+  spec = lambda *dims, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(dims, dtype)
+  weights = dict(input_norm=spec(D), q_proj=spec(H * (K + R), D), kv_a_proj=spec(C + R, D),
+                 kv_norm=spec(C), inv_freq=spec(R // 2, dtype=jnp.float32),
+                 wk_b=spec(H, K, C), wv_b=spec(H, C, V), o_proj=spec(D, H * V))
+  cache = dict(c_kv=spec(B, S, C), k_rope=spec(B, S, R), lengths=spec(B, dtype=jnp.int32),
+               overflow=spec(B, dtype=jnp.int32))
+  layer = lambda x, p, w, c: decode_layer.decode_layer(x, p, w, c, shape)
+  usage = ptxas.usage(lambda options: compile_for_h200(
+      layer, spec(B, D), spec(B, dtype=jnp.int32), weights, cache, donate_argnums=(3,),
+      compiler_options=options))["mla_decode_layer"]
+  assert usage.spill_store_bytes == 0 and usage.spill_load_bytes == 0, usage
 
 
 def test_decode_loop_equals_single_steps(rng):

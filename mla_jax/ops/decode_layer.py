@@ -51,6 +51,7 @@ _LATENT_BLOCK = 64      # columns of q_latent a latent unit computes
 _VALUES_TILE = 16384    # partial values a values unit merges per step
 _BLOCK_S = 32           # cache rows per attention tile
 _MIN_PIECE_TILES = 1    # tiles in the shortest piece of the attend phase
+_MAX_FMA_ROWS = 2       # rows up to which the projections multiply elementwise (_rows_times)
 
 INPUTS = ("x", "positions", "input_norm", "q_proj", "kv_a_proj", "kv_norm", "inv_freq", "wk_b",
           "wv_b", "o_proj", "c_kv", "k_rope", "lengths", "overflow")
@@ -144,34 +145,63 @@ def _weight_runs(programs: int, sizes) -> list[tuple[int, int, int]]:
 
 
 def _rows_times(w_ref, first, count: int, xs, shape: LayerShape, side=None):
-  """For each row b, [Σ_d w[first + i, d]·xs(b, d) for i < n] float32 (n = count rounded up to
-  a power of two; rows past count or past w are 0), the mask of the rows that exist, and for
-  each row b Σ side(b, cols) over the column blocks (side None: 0). xs(b, cols) and side(b,
-  cols) give row b's columns `cols` (a pl.ds) as float32 [block].
-
-  The column blocks (step_bytes of w each) are a loop that Triton pipelines (num_stages): the
-  loads of the next blocks are in flight while one is used. Products accumulate elementwise in
-  a [n, block] tile, reduced once after the loop, so that no step waits on a reduction across
-  the program's warps."""
-  n = next_pow2(count)
+  """For each row b, [Σ_d w[first + i, d]·xs(b, d) for i < n] float32 (n: count rounded up to
+  a power of two, at least TRITON_MIN_DOT for the dot form; rows past count or past w are 0),
+  the mask of the rows that exist, and for each row b Σ side(b, cols) over the column blocks
+  (side None: 0). xs(b, cols) and side(b, cols) give row b's columns `cols` (a pl.ds) as
+  float32 [block]. The weight streams in column blocks of step_bytes, in one of two forms:
+  - up to _MAX_FMA_ROWS rows, elementwise products in one [n, block] float32 tile a row, reduced
+    once after the loop, so that no step waits on a reduction across the program's warps (at
+    B=1 the faster form: 757 against 927 µs a token on an H100, docs/decode_step.md);
+  - beyond, where those tiles no longer fit the registers (ptxas for sm_90a: 194 registers at
+    B=2, 80 bytes spilled at B=4, 2352 at B=8), the rows as one [16, block] tile against the
+    weight block on the tensor cores, whose [16, n] accumulator does not grow with B (B=8: 3381
+    against 5466 µs a token)."""
+  on_cores = shape.B > _MAX_FMA_ROWS
+  n = max(TRITON_MIN_DOT, next_pow2(count)) if on_cores else next_pow2(count)
   mask = (jnp.arange(n) < count) & (first + jnp.arange(n) < w_ref.shape[0])
   width = w_ref.shape[1]
   block = max(128, min(next_pow2(width), shape.step_bytes // (n * w_ref.dtype.itemsize)))
   while width % block:
     block //= 2
+  load = lambda cols: pltriton.load(w_ref.at[pl.ds(first, n), cols], mask=mask[:, None],
+                                    other=0.0)
+  products, init, finish = (_dot_form if on_cores else _fma_form)(shape.B, n, block)
 
   def step(i, carry):
     accs, sides = carry
     cols = pl.ds(pl.multiple_of(i * block, block), block)
-    w = _f32(pltriton.load(w_ref.at[pl.ds(first, n), cols], mask=mask[:, None], other=0.0))
-    accs = tuple(acc + w * xs(b, cols)[None, :] for b, acc in enumerate(accs))
+    accs = products(accs, load(cols), [xs(b, cols) for b in range(shape.B)])
     if side is not None:
       sides = tuple(total + side(b, cols) for b, total in enumerate(sides))
     return accs, sides
 
-  zeros = lambda *shape_: tuple(jnp.zeros(shape_, jnp.float32) for _ in range(shape.B))
-  accs, sides = jax.lax.fori_loop(0, width // block, step, (zeros(n, block), zeros(block)))
-  return [jnp.sum(acc, axis=1) for acc in accs], mask, [jnp.sum(t) for t in sides]
+  sides0 = tuple(jnp.zeros((block,), jnp.float32) for _ in range(shape.B))
+  accs, sides = jax.lax.fori_loop(0, width // block, step, (init, sides0))
+  return finish(accs), mask, [jnp.sum(t) for t in sides]
+
+
+def _fma_form(B: int, n: int, block: int):
+  """_rows_times' elementwise form: (products(accs, w, xs), initial accs, finish(accs) -> the
+  B rows' [n] products)."""
+  def products(accs, w, xs):
+    return tuple(acc + _f32(w) * x[None, :] for acc, x in zip(accs, xs))
+
+  init = tuple(jnp.zeros((n, block), jnp.float32) for _ in range(B))
+  return products, init, lambda accs: [jnp.sum(acc, axis=1) for acc in accs]
+
+
+def _dot_form(B: int, n: int, block: int):
+  """_rows_times' tensor-core form, as _fma_form: row b of a [16, block] tile is xs[b]."""
+  rows = jnp.arange(TRITON_MIN_DOT)[:, None]
+
+  def products(acc, w, xs):
+    x = sum(jnp.where(rows == b, x[None, :], 0.0) for b, x in enumerate(xs))
+    return acc + dot(x.astype(w.dtype), w, 1)
+
+  init = jnp.zeros((TRITON_MIN_DOT, n), jnp.float32)
+  return products, init, lambda acc: [jnp.sum(jnp.where(rows == b, acc, 0.0), axis=0)
+                                      for b in range(B)]
 
 
 def _project(shape: LayerShape, p, ins, outs, fetched):

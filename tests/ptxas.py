@@ -1,0 +1,72 @@
+"""What ptxas reports of each kernel XLA compiles for an H200: registers, stack and spills.
+
+XLA turns every kernel's PTX into machine code by running `ptxas` from its CUDA directory
+(the debug option xla_gpu_cuda_data_dir). Pointed at a directory whose bin/ptxas runs the real
+one with `-v` and keeps the report, a compilation leaves each entry function's resource usage
+behind: the register spills that a kernel's size choices cause are visible without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+import shutil
+import tempfile
+
+import pytest
+
+_WRAPPER = """#!/bin/sh
+out=$(mktemp "{reports}/XXXXXX")
+"{ptxas}" -v "$@" 2>"$out"
+status=$?
+cat "$out" >&2
+exit $status
+"""
+_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+  registers: int
+  stack_bytes: int
+  spill_store_bytes: int
+  spill_load_bytes: int
+
+
+def usage(compile_with) -> dict[str, Usage]:
+  """{entry function: Usage} of what compile_with(compiler_options) compiles (e.g. through
+  helpers.compile_for_h200). Skips the test where no ptxas is found on PATH or XLA ran none."""
+  ptxas = shutil.which("ptxas")
+  if ptxas is None:
+    pytest.skip("no ptxas on PATH to report the kernels' resource usage")
+  with tempfile.TemporaryDirectory() as root:
+    cuda, reports = pathlib.Path(root, "cuda"), pathlib.Path(root, "reports")
+    (cuda / "bin").mkdir(parents=True)
+    reports.mkdir()
+    wrapper = cuda / "bin" / "ptxas"
+    wrapper.write_text(_WRAPPER.format(reports=reports, ptxas=ptxas))
+    wrapper.chmod(0o755)
+    compile_with({"xla_gpu_cuda_data_dir": str(cuda)})
+    found = {}
+    for report in reports.iterdir():
+      found.update(_parse(report.read_text()))
+  if not found:
+    pytest.skip("XLA ran no ptxas (it may compile PTX in process)")
+  return found
+
+
+def _parse(text: str) -> dict[str, Usage]:
+  """ptxas -v's report: per entry function a stack-frame line, then a registers line."""
+  found, name, frame = {}, None, None
+  for line in text.splitlines():
+    if m := _ENTRY.search(line):
+      name = m.group(1)
+    elif (m := _FRAME.search(line)) and name:
+      frame = tuple(map(int, m.groups()))
+    elif (m := _REGISTERS.search(line)) and name and frame:
+      found[name] = Usage(int(m.group(1)), *frame)
+      name = frame = None
+  return found
