@@ -122,7 +122,8 @@ class MLAttention(nnx.Module):
     layer_kernel: whether `residual` (a decoder layer's x + attn(norm(x))) runs a decode step
       as one persistent kernel where it can (layer_step.py). Off by default: on an H100 it
       matched the module's kernels at B=1 with a short cache and was slower elsewhere, 1.15×
-      the time at B=1 with 16384 entries and 2.4× at B=8 (docs/decode_step.md).
+      the time at B=1 with 16384 entries and 1.5× at B=8 with its projections on the tensor
+      cores, as they run from B=3 on (docs/decode_step.md).
     rngs: initializer randomness.
   """
 
