@@ -13,7 +13,7 @@ P programs (one an SM) in five phases, a grid-wide barrier between each two:
   latent   latent_update.py's jobs: q_latent = q_nope·wk_b (DeepSeek-V2 §2.1.2), a unit per
            (head, block of C); each head's q_rope rotated; and a unit per row for the kv norm,
            k_rope's rotation and the cache write, and lengths and overflow advanced
-           (cache.advance's rule);
+           (cache.advance);
   attend   split-KV attention (FlashDecoding, Dao et al. 2023) with FlashAttention-2's online
            softmax, a unit per (row, piece of the cache), every head at once on the tensor cores
            (the cache tile is both key and value); a partial (o_p, lse_p) per unit;
@@ -41,6 +41,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from mla_jax.cache import advance
+from mla_jax.ops import latent_row
 from mla_jax.ops.common import LN2, LOG2E, TRITON_MIN_DOT, is_pow2, next_pow2
 from mla_jax.ops.decode.merge_triton import merged_columns, piece_weights
 from mla_jax.ops.decode.triton import dot, softmax_step
@@ -229,16 +231,14 @@ def _project(shape: LayerShape, p, ins, outs, fetched):
 
 
 def _rope(v, pos, shape: LayerShape, freq_ref):
-  """rope.apply_rope on v [R] float32, interleaved pairs, at integer position pos. The pairs
+  """latent_row.rotate on v [R] float32, interleaved pairs, at integer position pos. The pairs
   are split and joined in registers (a reshape, a masked sum over the pair axis and a stack):
   Pallas' interpret mode has no strided loads or stores."""
-  half = shape.R // 2
-  pairs = v.reshape(half, 2)
+  pairs = v.reshape(shape.R // 2, 2)
   even, odd = (jnp.sum(jnp.where(jnp.arange(2)[None, :] == i, pairs, 0.0), axis=1)
                for i in (0, 1))
-  angles = pos.astype(jnp.float32) * freq_ref[...]
-  cos, sin = jnp.cos(angles) * shape.rope_scale, jnp.sin(angles) * shape.rope_scale
-  return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(shape.R)
+  rotated = latent_row.rotate(even, odd, pos, freq_ref[...], shape.rope_scale)
+  return jnp.stack(rotated, axis=-1).reshape(shape.R)
 
 
 def _latent(shape: LayerShape, u, ins, outs, wk):
@@ -279,23 +279,17 @@ def _absorb(shape: LayerShape, h, j, wk, ins, outs):
 
 def _write_row(shape: LayerShape, b, ins, outs):
   """Row b's token into its cache slot, lengths[b], then lengths and overflow advanced."""
-  dtype = jnp.dtype(shape.dtype)
   S, C, first = shape.S, shape.C, shape.q_width
   length, pos = outs["lengths"][b], ins["positions"][b]
-  valid = (pos >= 0).astype(jnp.int32)
-  ok = (valid > 0) & (length < S)
-  at = jnp.minimum(length, S - 1)
+  valid, ok, at = latent_row.slot(length, pos, S)
   c = _f32(outs["qkv"][b, pl.ds(first, C)])
-  inv_rms = jax.lax.rsqrt(jnp.sum(c * c) / C + shape.kv_eps)
-  row = _round(_round(c * inv_rms, dtype) * _round(ins["kv_norm"][...], dtype), dtype)
+  row = latent_row.kv_norm(c, ins["kv_norm"][...], shape.kv_eps, jnp.dtype(shape.dtype))
   pltriton.store(outs["c_kv"].at[b, pl.ds(at, 1), :], row.astype(outs["c_kv"].dtype)[None, :],
                  mask=jnp.full((1, C), ok))
   k_rope = _rope(_f32(outs["qkv"][b, pl.ds(first + C, shape.R)]), pos, shape, ins["inv_freq"])
   pltriton.store(outs["k_rope"].at[b, pl.ds(at, 1), :], k_rope.astype(outs["k_rope"].dtype)[None],
                  mask=jnp.full((1, shape.R), ok))
-  total = length + valid  # cache.advance
-  outs["lengths"][b] = jnp.minimum(total, S)
-  outs["overflow"][b] = outs["overflow"][b] | (total > S).astype(jnp.int32)
+  outs["lengths"][b], outs["overflow"][b] = advance(length, outs["overflow"][b], valid, S)
 
 
 def _attend(shape: LayerShape, u, ins, outs, fetched):

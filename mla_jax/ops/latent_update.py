@@ -40,6 +40,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from mla_jax import quant
+from mla_jax.cache import advance
+from mla_jax.ops import latent_row
 from mla_jax.ops.common import (MAGIC, MAGIC_BITS, TRITON_MIN_DOT, check_field, is_pow2,
                                 next_pow2)
 from mla_jax.ops.gemv import triton as gemv_triton
@@ -136,10 +138,7 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
     return (v * row_inv_rms).astype(dtype).astype(jnp.float32)
 
   def rotate(even, odd, pos):
-    """rope.apply_rope on pairs (even, odd) [..., R/2] float32 at integer positions pos [...]."""
-    angles = pos.astype(jnp.float32)[..., None] * freq_ref[...]
-    cos, sin = jnp.cos(angles) * rope_scale, jnp.sin(angles) * rope_scale
-    return even * cos - odd * sin, even * sin + odd * cos
+    return latent_row.rotate(even, odd, pos, freq_ref[...], rope_scale)
 
   def q_nope(k0, width):  # [Bp, width] float32: columns k0.. of head h's q_nope
     mask = jnp.broadcast_to(row_ok[:, None], (Bp, width))
@@ -176,19 +175,12 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
 
   @pl.when(h == _writing_head(j, pl.num_programs(0)))
   def _write_cache():
-    def norm(c, g, inv_rms):  # layers.RMSNorm's rounding, given the row's 1/rms
-      return ((c * inv_rms).astype(dtype).astype(jnp.float32)
-              * g.astype(dtype).astype(jnp.float32)).astype(dtype).astype(jnp.float32)
-
     def write_row(n, carry):
       b = j + n * (C // block_c)
       length, pos = len_ref[b], pos_ref[b]
-      valid = (pos >= 0).astype(jnp.int32)
-      ok = (valid > 0) & (length < S)
-      at = jnp.minimum(length, S - 1)
+      valid, ok, at = latent_row.slot(length, pos, S)
       c_row = finish_kv(kv_ref[b, pl.ds(kv_at, C)].astype(jnp.float32), b)
-      inv_rms = jax.lax.rsqrt(jnp.sum(c_row * c_row) / C + eps)
-      row = norm(c_row, g_ref[...], inv_rms)
+      row = latent_row.kv_norm(c_row, g_ref[...], eps, dtype)
       if int8:  # quant.quantize_rows
         scale = jnp.max(jnp.abs(row)) / INT8_MAX
         inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
@@ -206,9 +198,7 @@ def _kernel(pos_ref, q_ref, qp_ref, kv_ref, kvp_ref, g_ref, freq_ref, *refs, B, 
         for i, part in enumerate(rotate(even, odd, pos)):
           kr_ref[b, at, :, i] = part.astype(dtype).astype(kr_ref.dtype)
 
-      total = length + valid  # cache.advance
-      len_ref[b] = jnp.minimum(total, S)
-      ovf_ref[b] = ovf_ref[b] | (total > S).astype(jnp.int32)
+      len_ref[b], ovf_ref[b] = advance(length, ovf_ref[b], valid, S)
       return carry
 
     jax.lax.fori_loop(0, pl.cdiv(B - j, C // block_c), write_row, 0)
