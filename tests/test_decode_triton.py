@@ -15,10 +15,12 @@ import pytest
 from flax import nnx
 
 import mla_jax
-from mla_jax import ops
+from mla_jax import ops, quant
 from mla_jax.ops import decode, reference
 from mla_jax.ops.decode import mosaic, triton
-from helpers import check_decode, decode_inputs, decode_tol, pallas_decode, rel_err
+import ptxas
+from helpers import (check_decode, compile_for_h200, decode_inputs, decode_tol, pallas_decode,
+                     rel_err)
 
 INTERPRET = jax.default_backend() != "gpu"
 FORMATS = ("bfloat16", "float16", "float32", "int8")
@@ -151,6 +153,24 @@ def test_choose_tuning_covers_the_cache_and_fills_the_gpu():
     assert (t.num_splits - 1) * t.piece_tiles(S) * t.block_s < S, "no piece wholly past S"
     if S >= 4096:
       assert B * head_blocks * t.num_splits >= 0.9 * 132, "one wave must fill the SMs"
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("B,H", [(1, 64), (1, 128), (64, 128)])
+def test_int8_cache_with_many_heads_spills_no_registers(B, H):
+  """Compiled for an H200 at its chosen tuning, the split kernel over an int8 cache with more
+  than 32 heads (which no Mosaic kernel takes) keeps its accumulator and its converted tile in
+  registers: at block_h 64 ptxas spilled 572-580 bytes a thread."""
+  C, R, S = 512, 64, 4096
+  spec = jax.ShapeDtypeStruct
+  cache = quant.Int8Rows(spec((B, S, C), jnp.int8), spec((B, S), jnp.float32))
+  run = lambda q, qr, c, kr, n: decode.mla_decode(q, qr, c, kr, n, sm_scale=0.07,
+                                                  impl="pallas", lowering="triton")
+  usage = ptxas.usage(lambda options: compile_for_h200(
+      run, spec((B, H, C), jnp.bfloat16), spec((B, H, R), jnp.bfloat16), cache,
+      spec((B, S, R), jnp.bfloat16), spec((B,), jnp.int32), compiler_options=options))
+  split = usage["mla_decode_split_kv"]
+  assert split.spill_store_bytes == 0 and split.spill_load_bytes == 0, split
 
 
 def test_bad_arguments_raise():

@@ -97,23 +97,27 @@ def choose_tuning(B: int, H: int, S: int, *, num_sms: int, cache_itemsize: int =
   """The split heuristic (FlashDecoding): one wave of programs that fills every SM.
 
   block_h: heads in as few blocks as the registers allow (acc [block_h, C] float32 lives in
-  registers): next power of two >= max(H, 16), at most 64. Tiles (measured on an H200,
-  docs/decode_gpu.md): with 16 heads, block_s = 32 rows in 3 pipeline stages (bf16: ~93 KiB of
-  shared memory and ~190 registers a thread, so 2 programs per SM), 4 stages for int8 and 16 rows
-  for float32; with more heads, 64 rows in 2 stages (32 for int8). P is chosen so that
+  registers): next power of two >= max(H, 16), at most 64, and at most 32 for an int8 cache,
+  whose converted tile also takes registers: at block_h 64 ptxas for sm_90a spilled 580 bytes
+  and the tile loop had 86 barriers, at 32 (8 warps) none and 11 (docs/decode_gpu.md; not yet
+  timed). Tiles (measured on an H200, docs/decode_gpu.md): with 16 heads, block_s = 32 rows in
+  3 pipeline stages (bf16: ~93 KiB of shared memory and ~190 registers a thread, so 2 programs
+  per SM), 4 stages for int8 and 16 rows for float32; with more heads, 64 rows in 2 stages (32
+  for int8). P is chosen so that
   B·head_blocks·P is about one wave of programs (a second, partial wave would leave most SMs
   idle while it runs), rounded so that pieces are whole tiles and at least _MIN_TILES_PER_PIECE
   long; P = 1 once B·head_blocks fills a wave by itself. Partials are stored in bfloat16 when
   the output is bfloat16 (it is rounded to that anyway): at B=1,S=131072 the float32 partials
   are 8 MB, 5% of the cache bytes, and halving them saved 2 µs of 48.
   """
-  block_h = min(max(next_pow2(H), TRITON_MIN_DOT), 64)
+  int8 = cache_itemsize == 1
+  block_h = min(max(next_pow2(H), TRITON_MIN_DOT), 32 if int8 else 64)
   if cache_itemsize >= 4:
     block_s, num_stages = 16, 3 if block_h <= 16 else 2
   elif block_h > 16:  # int8 needs room for the converted tile: 64 rows exceed shared memory
-    block_s, num_stages = 32 if cache_itemsize == 1 else 64, 2
+    block_s, num_stages = 32 if int8 else 64, 2
   else:
-    block_s, num_stages = 32, 4 if cache_itemsize == 1 else 3
+    block_s, num_stages = 32, 4 if int8 else 3
   row_bytes = C * cache_itemsize + R * max(cache_itemsize, 2)
   wave = num_sms * programs_per_sm(block_s, num_stages, row_bytes)
   head_blocks = pl.cdiv(H, block_h)
@@ -121,9 +125,9 @@ def choose_tuning(B: int, H: int, S: int, *, num_sms: int, cache_itemsize: int =
   num_splits = max(1, min(round(wave / (B * head_blocks)), tiles // _MIN_TILES_PER_PIECE))
   num_splits = pl.cdiv(tiles, pl.cdiv(tiles, num_splits))  # no empty trailing piece
   partials = "bfloat16" if jnp.dtype(out_dtype) == jnp.bfloat16 else "float32"
+  num_warps = 8 if block_h >= 64 or (int8 and block_h > 16) else 4
   return TritonTuning(block_h=block_h, block_s=block_s, num_splits=num_splits,
-                      num_warps=8 if block_h >= 64 else 4, num_stages=num_stages,
-                      partials=partials)
+                      num_warps=num_warps, num_stages=num_stages, partials=partials)
 
 
 def unsupported(q_latent, c_kv, k_rope) -> str | None:
