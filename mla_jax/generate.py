@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax.cache import round_slots
+from mla_jax.model import check_tokens
 
 
 def decode_loop_fn(module: nnx.Module, num_steps: int, *,
@@ -119,8 +120,7 @@ def generate_fn(model: nnx.Module, max_new_tokens: int, *, temperature: float = 
     if positions is None:
       positions = cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
-    if positions.shape != input_ids.shape:
-      raise ValueError(f"positions.shape={tuple(positions.shape)}; expected [B,T]={(B, T)}")
+    check_tokens(input_ids, positions, model.cfg.vocab_size)
     if sampler.temperature > 0 and rng is None:
       raise ValueError(f"temperature={sampler.temperature} samples: pass rng (a jax.random key)")
     rng = jax.random.key(0) if rng is None else rng  # unused by greedy decoding

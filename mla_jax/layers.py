@@ -233,8 +233,11 @@ class Embedding(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, ids):
-    """ids [...] int in [0, vocab_size) -> [..., dim] in self.dtype."""
-    return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+    """ids [...] int in [0, vocab_size) -> [..., dim] in self.dtype; NaN rows for ids outside
+    it, negative ones too (which indexing would take from the table's end)."""
+    table = self.weight[...]
+    ids = jnp.where(ids < 0, table.shape[0], ids)
+    return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan).astype(self.dtype)
 
 
 class MLP(nnx.Module):

@@ -10,12 +10,18 @@ Each layer is pre-norm with residuals (DeepSeek-V2 §2, as LLaMA):
 
 Calling convention, as MLAttention's: `logits, cache = model(input_ids, positions, cache)` with
 input_ids and positions [B,T] int32; a position of -1 marks padding, anywhere in a row. Padding
-is not cached and its logits are 0. The cache is a list of one attention cache per layer.
+is not cached and its logits are 0, and its id may be anything. A real token's id must be in
+[0, vocab_size): outside jit the call raises ValueError otherwise; under jit, where values
+cannot be checked, the token's embedding is NaN, which makes its row's logits NaN (from that
+token on, and those before it in the same call may be too), never another token's. The cache is
+a list of one attention cache per layer.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mla_jax.attention import KVUpProjection, MLAttention
@@ -127,17 +133,30 @@ class CausalLM(nnx.Module):
 
   def __call__(self, input_ids, positions, cache: list):
     """input_ids, positions [B,T] int (-1 = padding), cache [L] -> (logits [B,T,vocab_size] in
-    dtype, 0 at padding; cache)."""
-    _check_tokens(input_ids, positions)
+    dtype, 0 at padding; cache). A real token's id outside [0, vocab_size) raises ValueError
+    outside jit (check_tokens); under jit it makes its row's logits NaN (module docstring)."""
+    check_tokens(input_ids, positions, self.cfg.vocab_size)
     hidden, cache = self.model(input_ids, positions, cache)
     logits = self.lm_head(hidden)
     return jnp.where(positions[..., None] >= 0, logits, 0).astype(self.dtype), cache
 
 
-def _check_tokens(input_ids, positions):
+def check_tokens(input_ids, positions, vocab_size: int):
+  """Raises ValueError unless input_ids and positions are [B,T] integers and, where both are
+  concrete (outside jit), every real token's id (position >= 0) is in [0, vocab_size). A padding
+  token's id may be anything."""
   if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
     raise ValueError(f"input_ids.shape={tuple(input_ids.shape)} dtype={input_ids.dtype}; "
                      "expected [B,T] integer")
   if positions.shape != input_ids.shape or not jnp.issubdtype(positions.dtype, jnp.integer):
     raise ValueError(f"positions.shape={tuple(positions.shape)} dtype={positions.dtype}; "
                      f"expected [B,T]={tuple(input_ids.shape)} integer")
+  if isinstance(input_ids, jax.core.Tracer) or isinstance(positions, jax.core.Tracer):
+    return
+  ids, real = np.asarray(input_ids), np.asarray(positions) >= 0
+  bad = real & ((ids < 0) | (ids >= vocab_size))
+  if bad.any():
+    rows, cols = np.nonzero(bad)
+    raise ValueError(f"input_ids[{rows[0]}, {cols[0]}]={ids[rows[0], cols[0]]}: token ids must "
+                     f"be in [0, vocab_size={vocab_size}) ({bad.sum()} are not, in rows "
+                     f"{sorted(set(rows.tolist()))})")

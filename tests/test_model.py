@@ -301,6 +301,28 @@ def test_bad_inputs_are_named():
     mla_jax.generate(model, ids, 1, cache=model.init_cache(1, 2, jnp.float32))
 
 
+@pytest.mark.parametrize("bad_id", [-1, "vocab_size"])
+def test_token_ids_outside_the_vocabulary(bad_id):
+  """A real token's id outside [0, vocab_size) raises outside jit (in the call and in generate),
+  and under jit makes its row's logits NaN from there on, never another token's (-1 would index
+  the table's last row); the other row is untouched. A padding token's id is not checked."""
+  model, forward = _golden_model("absorbed")
+  vocab = model.cfg.vocab_size
+  bad = vocab if bad_id == "vocab_size" else bad_id
+  ids = jnp.asarray([[1, 2, 3], [4, bad, 5]], jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (2, 3))
+  cache = lambda: model.init_cache(2, 8, jnp.float32)
+  with pytest.raises(ValueError, match=rf"input_ids\[1, 1\]={bad}.*vocab_size={vocab}"):
+    model(ids, positions, cache())
+  with pytest.raises(ValueError, match=rf"input_ids\[1, 1\]={bad}"):
+    mla_jax.generate(model, ids, 1)
+  logits, _ = forward(ids, positions, cache())
+  assert np.all(np.isfinite(logits[0])) and np.all(np.isnan(logits[1, 1:]))
+  padded = positions.at[1, 1].set(-1)
+  logits, _ = model(ids, padded, cache())
+  assert np.all(np.isfinite(logits))
+
+
 # Contraction axes that are multiples of 32, as GGML blocks need (the golden model's K is 16).
 QUANT_CFG = dataclasses.replace(mla_jax.ModelConfig.deepseek_v2_lite(), hidden_size=64,
                                 num_heads=2, kv_lora_rank=32, qk_nope_head_dim=32,
