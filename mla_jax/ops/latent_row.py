@@ -12,7 +12,7 @@ import jax.numpy as jnp
 def slot(length, position, max_len: int):
   """(valid, ok, at) for a row of `length` tokens getting a token at `position`: valid (int32
   1 or 0) unless the position is padding (-1); ok where it is written, valid and not full; at,
-  its slot (lengths[b], kept in bounds where the row is full)."""
+  its slot (`length`, kept in bounds where the row is full)."""
   valid = (position >= 0).astype(jnp.int32)
   return valid, (valid > 0) & (length < max_len), jnp.minimum(length, max_len - 1)
 
