@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mla_jax.cache import round_slots
@@ -117,6 +119,9 @@ def generate_fn(model: nnx.Module, max_new_tokens: int, *, temperature: float = 
     B, T = input_ids.shape
     if cache is None:
       cache = model.init_cache(B, round_slots(T + max_new_tokens), dtype=model.dtype)
+    if cache[0].batch_size != B:
+      raise ValueError(f"cache holds {cache[0].batch_size} rows; input_ids.shape="
+                       f"{tuple(input_ids.shape)} has B={B}")
     if positions is None:
       positions = cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
@@ -146,8 +151,8 @@ class Sampler:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature={self.temperature}; expected >= 0")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN compares False
+      raise ValueError(f"temperature={self.temperature}; expected a finite number >= 0")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p={self.top_p}; expected in (0, 1]")
 
@@ -172,8 +177,8 @@ def _nucleus(logits, top_p):
 
 
 def _check_num_steps(num_steps: int, name: str = "num_steps"):
-  if num_steps < 1:
-    raise ValueError(f"{name}={num_steps}; expected >= 1")
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"{name}={num_steps!r}; expected an integer >= 1")
 
 
 def _identity(y):
