@@ -204,7 +204,7 @@ def test_sampler_nucleus_and_temperature(rng):
   assert not np.array_equal(mla_jax.Sampler(1.5)(logits, key), greedy)
   with pytest.raises(ValueError, match="top_p"):
     mla_jax.Sampler(1.0, 0.0)
-  for temperature in (-1.0, float("nan"), float("inf")):  # NaN passed a `< 0` check
+  for temperature in (-1.0, float("nan"), float("inf")):  # NaN fails every comparison
     with pytest.raises(ValueError, match="temperature"):
       mla_jax.Sampler(temperature)
   with pytest.raises(ValueError, match="top_p"):
@@ -296,10 +296,10 @@ def test_bad_inputs_are_named():
     model(ids[0], ids[0], cache)
   with pytest.raises(ValueError, match=r"len\(cache\)"):
     model(ids, ids, cache[:1])
-  for steps in (0, 2.0, True):  # 2.0 reached init_cache as a float max_len
+  for steps in (0, 2.0, True):  # named as max_new_tokens, not as a cache size
     with pytest.raises(ValueError, match="max_new_tokens"):
       mla_jax.generate(model, ids, steps)
-  with pytest.raises(ValueError, match="cache holds 2 rows"):  # was blamed on positions
+  with pytest.raises(ValueError, match="cache holds 2 rows"):  # named as the cache's batch
     mla_jax.generate(model, ids, 1, cache=model.init_cache(2, 8, jnp.float32))
   with pytest.raises(ValueError, match="prefill_chunk"):
     mla_jax.generate(model, ids, 1, prefill_chunk=0)
