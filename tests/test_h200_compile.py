@@ -19,6 +19,7 @@ from flax import nnx
 import mla_jax
 from experiments import decode_step
 from mla_jax import quant
+import ptxas
 from helpers import compile_for_h200
 
 ON_GPU = jax.default_backend() == "gpu"  # an attached GPU, not the compile-only one
@@ -69,6 +70,20 @@ def test_v2_lite_absorbed_step_kernels_per_layer(cache_dtype, S, B, per_layer):
   two = step_kernels(2, backend="pallas", cache_dtype=cache_dtype, S=S, B=B)
   assert sum(two.values()) - sum(one.values()) <= per_layer, (one, two)
   assert two["custom-call"] - one["custom-call"] == 3, (one, two)
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.int8], ids=["bf16", "int8"])
+@pytest.mark.parametrize("B", [1, 8, 64])
+def test_v2_lite_absorbed_step_spills_no_registers(B, cache_dtype):
+  """ptxas for the H200 keeps every kernel that XLA compiles for the absorbed/pallas step (its
+  fusions, the Triton latent kernel and merge) in registers, but for one 4-byte word (at B=1
+  with the int8 cache, the latent kernel saves a predicate at its start and reloads it once,
+  outside any loop: its SASS): a tile grown past the registers shows here. The Mosaic split is
+  compiled apart, so not reported."""
+  usage = ptxas.usage(lambda options: compile_step(1, backend="pallas", cache_dtype=cache_dtype,
+                                                    S=4096, B=B, compiler_options=options)[0])
+  spilled = {name: u for name, u in usage.items() if u.spill_store_bytes > 4}
+  assert "mla_latent_update" in usage and not spilled, spilled
 
 
 @pytest.mark.parametrize("decode_lowering,split_target", [(None, "mosaic_gpu_v2"),
