@@ -103,12 +103,12 @@ def choose_tuning(B: int, H: int, S: int, *, num_sms: int, cache_itemsize: int =
   timed). Tiles (measured on an H200, docs/decode_gpu.md): with 16 heads, block_s = 32 rows in
   3 pipeline stages (bf16: ~93 KiB of shared memory and ~190 registers a thread, so 2 programs
   per SM), 4 stages for int8 and 16 rows for float32; with more heads, 64 rows in 2 stages (32
-  for int8). P is chosen so that
-  B·head_blocks·P is about one wave of programs (a second, partial wave would leave most SMs
-  idle while it runs), rounded so that pieces are whole tiles and at least _MIN_TILES_PER_PIECE
-  long; P = 1 once B·head_blocks fills a wave by itself. Partials are stored in bfloat16 when
-  the output is bfloat16 (it is rounded to that anyway): at B=1,S=131072 the float32 partials
-  are 8 MB, 5% of the cache bytes, and halving them saved 2 µs of 48.
+  for int8). P is chosen so that B·head_blocks·P is about one wave of programs (a second,
+  partial wave would leave most SMs idle while it runs), rounded so that pieces are whole tiles
+  and at least _MIN_TILES_PER_PIECE long; P = 1 once B·head_blocks fills a wave by itself.
+  Partials are stored in bfloat16 when the output is bfloat16 (it is rounded to that anyway): at
+  B=1,S=131072 the float32 partials are 8 MB, 5% of the cache bytes, and halving them saved 2 µs
+  of 48.
   """
   int8 = cache_itemsize == 1
   block_h = min(max(next_pow2(H), TRITON_MIN_DOT), 32 if int8 else 64)
