@@ -11,8 +11,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from mla_jax.ops import device
 from mla_jax.ops.common import TMA_SLOTS, cache_dtype, next_pow2
 from mla_jax.ops.decode.merge_triton import MergeLaunch, merge_heads, merge_values
+from mla_jax.ops.mosaic import l2_prefetch
 from mla_jax.ops.mosaic.common import interpret_params
 
 TILE = 64  # cache rows per tile: the wgmma M
@@ -123,17 +125,24 @@ def store_transposed(x, ref):
   plgpu.commit_smem()
 
 
-def call(kernel, q_latent, num_splits, operands, scratch, kernel_name, interpret, **kernel_args):
+def call(kernel, q_latent, num_splits, operands, scratch, kernel_name, interpret, *,
+         prefetch=(), **kernel_args):
   """The split kernel over the grid (pieces P, batch B): partials o_p [P, B, N, C] in the
   query's dtype and lse_p [P, B, N]. kernel(*operand refs, o_ref, lse_ref, *, scratch) gets
   `scratch` (a NamedTuple of buffer types, allocated in field order) as the same NamedTuple of
-  refs."""
+  refs. prefetch: arrays (a pytree) that the kernels after this one read; the programs bring them
+  into L2 before they start (l2_prefetch.py)."""
   B, N, C = q_latent.shape
+  grid, views = (num_splits, B), l2_prefetch.views(prefetch)
+  if views:
+    grid = l2_prefetch.widened(grid, 0, device.num_sms())
+    kernel = l2_prefetch.first(kernel, len(operands), len(views), grid, ("p", "b"), axis=0,
+                               size=num_splits, thread_name=kernel_args.get("thread_name"))
   return plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((num_splits, B, N, C), q_latent.dtype),
                 jax.ShapeDtypeStruct((num_splits, B, N), jnp.float32)],
-      grid=(num_splits, B),
+      grid=grid,
       grid_names=("p", "b"),
       scratch_types={"scratch": scratch},
       compiler_params=plgpu.CompilerParams(approx_math=True,
@@ -141,7 +150,7 @@ def call(kernel, q_latent, num_splits, operands, scratch, kernel_name, interpret
       kernel_name=kernel_name,
       interpret=interpret_params(interpret),
       **kernel_args,
-  )(*operands)
+  )(*operands, *views)
 
 
 def padded_decode(split_kv, q_latent, q_rope, c_kv, k_rope, lengths, wv_b, *, N: int, merge: str,
