@@ -77,9 +77,9 @@ def first(kernel, num_operands: int, num_views: int, grid, grid_names, *, axis: 
   num_operands operands, launched on `grid` (axes `grid_names`) whose axis `axis` may be longer
   than the kernel's `size` (widened): every program issues its share of the prefetches (issue),
   from one warpgroup if the kernel has several (thread_name), then the programs below `size`
-  on that axis run kernel without the views' refs. A short cache's split has few programs (2 at
-  128 entries), each of which would issue about a hundred boxes of a layer's weights through its
-  SM's one TMA unit; widened to a program an SM, each issues one or two."""
+  on that axis run kernel without the views' refs. A short cache's split has few programs (3 for
+  192 slots), each of which would issue about 70 boxes of a layer's weights through its SM's one
+  TMA unit; widened to a program an SM, each issues one or two."""
   def prefetching(*refs, **kwargs):
     program = lax.axis_index(grid_names[0])
     for length, name in zip(grid[1:], grid_names[1:]):
