@@ -11,7 +11,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from mla_jax.ops import device
 from mla_jax.ops.common import TMA_SLOTS, cache_dtype, next_pow2
 from mla_jax.ops.decode.merge_triton import MergeLaunch, merge_heads, merge_values
 from mla_jax.ops.mosaic import l2_prefetch
@@ -133,11 +132,9 @@ def call(kernel, q_latent, num_splits, operands, scratch, kernel_name, interpret
   refs. prefetch: arrays (a pytree) that the kernels after this one read; the programs bring them
   into L2 before they start (l2_prefetch.py)."""
   B, N, C = q_latent.shape
-  grid, views = (num_splits, B), l2_prefetch.views(prefetch)
-  if views:
-    grid = l2_prefetch.widened(grid, 0, device.num_sms())
-    kernel = l2_prefetch.first(kernel, len(operands), len(views), grid, ("p", "b"), axis=0,
-                               size=num_splits, thread_name=kernel_args.get("thread_name"))
+  kernel, grid, operands = l2_prefetch.launched(kernel, operands, prefetch, (num_splits, B),
+                                                ("p", "b"), axis=0,
+                                                thread_name=kernel_args.get("thread_name"))
   return plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((num_splits, B, N, C), q_latent.dtype),
@@ -150,7 +147,7 @@ def call(kernel, q_latent, num_splits, operands, scratch, kernel_name, interpret
       kernel_name=kernel_name,
       interpret=interpret_params(interpret),
       **kernel_args,
-  )(*operands, *views)
+  )(*operands)
 
 
 def padded_decode(split_kv, q_latent, q_rope, c_kv, k_rope, lengths, wv_b, *, N: int, merge: str,

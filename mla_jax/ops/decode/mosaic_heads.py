@@ -40,7 +40,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from mla_jax.ops import device
 from mla_jax.ops.common import LN2, LOG2E, cache_dtype, check_field, is_positive_int
 from mla_jax.ops.decode import mosaic_common as mc
 from mla_jax.ops.decode.merge_triton import MERGES
@@ -237,13 +236,10 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
       # one arrival from each value warpgroup once its half is done with the slot
       free_bars=plgpu.Barrier(num_arrivals=2, num_barriers=_STAGES),
       l_bar=plgpu.Barrier(num_arrivals=1))  # warpgroup 0's, once l is written
-  operands = (lengths, q_latent, q_rope, c_kv, k_rope)
-  grid, grid_names = (H // HEADS, num_splits, B), ("g", "p", "b")
-  views = l2_prefetch.views(prefetch)
-  if views:
-    grid = l2_prefetch.widened(grid, 1, device.num_sms())
-    kernel = l2_prefetch.first(kernel, len(operands), len(views), grid, grid_names, axis=1,
-                               size=num_splits, thread_name="wg")
+  grid_names = ("g", "p", "b")
+  kernel, grid, operands = l2_prefetch.launched(kernel, (lengths, q_latent, q_rope, c_kv, k_rope),
+                                                prefetch, (H // HEADS, num_splits, B), grid_names,
+                                                axis=1, thread_name="wg")
   return plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((num_splits, B, H, C), dtype),
@@ -257,7 +253,7 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
                                           lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=interpret_params(interpret),
       kernel_name="mla_decode_split_kv_mgpu_heads",
-  )(*operands, *views)
+  )(*operands)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "tuning", "interpret"))

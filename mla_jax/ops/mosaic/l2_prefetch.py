@@ -7,7 +7,7 @@ read HBM at a fraction of its bandwidth: XLA's row reductions over a projection'
 Its programs can use that time to issue TMA prefetches (`cp.async.bulk.prefetch.tensor.L2`,
 `plgpu.async_prefetch`) of the weights that the next kernels read, so that those read them from
 L2. Issued by the split's own programs it did not shorten a 27-layer V2-Lite token on an H100
-(docs/decode_step.md); the split now gives the issue a program an SM (widened), not timed yet.
+(docs/decode_step.md); the launch with a program an SM (launched) is not timed.
 
 A prefetch is only a hint: it writes nothing and returns nothing, and L2 is the GPU's point of
 coherence, so it needs no ordering with the kernels around it and changes no value; the kernel
@@ -22,6 +22,8 @@ import jax
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from mla_jax.ops import device
 
 BOX = 256  # a TMA box holds at most 256 elements along each axis
 _WIDTHS = (256, 128, 64, 32, 16)
@@ -71,26 +73,31 @@ def widened(grid, axis: int, programs: int) -> tuple[int, ...]:
   return (*grid[:axis], max(grid[axis], programs // others), *grid[axis + 1:])
 
 
-def first(kernel, num_operands: int, num_views: int, grid, grid_names, *, axis: int,
-          size: int, thread_name=None):
-  """kernel, called as plgpu.kernel calls it but with the refs of num_views views() after its
-  num_operands operands, launched on `grid` (axes `grid_names`) whose axis `axis` may be longer
-  than the kernel's `size` (widened): every program issues its share of the prefetches (issue),
-  from one warpgroup if the kernel has several (thread_name), then the programs below `size`
-  on that axis run kernel without the views' refs. A short cache's split has few programs (3 for
-  192 slots), each of which would issue about 70 boxes of a layer's weights through its SM's one
-  TMA unit; widened to a program an SM, each issues one or two."""
+def launched(kernel, operands: tuple, prefetch, grid, grid_names, *, axis: int,
+             thread_name=None):
+  """(kernel, grid, operands) for plgpu.kernel, so that its programs prefetch `prefetch` (a
+  pytree of arrays) into L2 before they run kernel: unchanged when there is nothing to prefetch.
+  Otherwise the views() follow the operands, axis `axis` of the grid (axes `grid_names`) is
+  widened to a program an SM (the programs past its length only prefetch), and every program
+  issues its share (issue), from one warpgroup if the kernel has several (thread_name). A short
+  cache's split has few programs (3 for 192 slots), each of which would issue about 70 boxes of
+  a layer's weights through its SM's one TMA unit; widened, each issues one or two."""
+  extra = views(prefetch)
+  if not extra:
+    return kernel, grid, operands
+  wide = widened(grid, axis, device.num_sms())
+  n = len(operands)
+
   def prefetching(*refs, **kwargs):
     program = lax.axis_index(grid_names[0])
-    for length, name in zip(grid[1:], grid_names[1:]):
+    for length, name in zip(wide[1:], grid_names[1:]):
       program = program * length + lax.axis_index(name)
-    views = refs[num_operands:num_operands + num_views]
-    start = lambda: issue(views, program, math.prod(grid))
+    start = lambda: issue(refs[n:n + len(extra)], program, math.prod(wide))
     if thread_name is None:
       start()
     else:
       pl.when(lax.axis_index(thread_name) == 0)(start)
-    run = lambda: kernel(*refs[:num_operands], *refs[num_operands + num_views:], **kwargs)
-    pl.when(lax.axis_index(grid_names[axis]) < size)(run)
+    run = lambda: kernel(*refs[:n], *refs[n + len(extra):], **kwargs)
+    pl.when(lax.axis_index(grid_names[axis]) < grid[axis])(run)
 
-  return prefetching
+  return prefetching, wide, (*operands, *extra)
