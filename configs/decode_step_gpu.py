@@ -20,11 +20,10 @@ def get_config():
   config.mla_overrides = ""  # other MLAConfig fields, "name=value,..." (e.g. "num_heads=8")
   # Implementations "layer/backend[:cache=dtype][:option=value]" (experiments/model.py).
   # decode_lowering=triton: the split on Triton instead of Mosaic (docs/decode_step.md);
-  # layer_kernel=True: each layer's attention half as one persistent kernel (layer_step.py);
-  # l2_prefetch=True: the split brings the next kernels' weights into L2 (ops/mosaic/l2_prefetch).
+  # layer_kernel=True: each layer's attention half as one persistent kernel (layer_step.py).
   config.impls = ("standard/xla,absorbed/xla,absorbed/pallas,absorbed/pallas:cache=int8,"
                   "absorbed/pallas:decode_lowering=triton,absorbed/pallas:gemv_lowering=mosaic,"
-                  "absorbed/pallas:layer_kernel=True,absorbed/pallas:l2_prefetch=True")
+                  "absorbed/pallas:layer_kernel=True")
   config.batch_sizes = (1, 8)  # B: sequences decoded together (the gate runs at the first)
   config.prompt_lengths = (128, 2048, 16384, 65536)  # S: valid cache entries a row holds
   # (B, S) pairs to time instead of every batch × prompt length, e.g. ((1, 128), (8, 16384)).

@@ -16,9 +16,7 @@ the length bookkeeping and the absorption of wk_b as some ten small fusions. Her
                the query, rope of q and k, the kv norm, the cache write and the lengths and
                overflow flags, in place
   attention    ops.mla_decode's split-KV kernel, then one kernel that merges its pieces and
-               applies wv_b (ops.mla_decode's wv_b); with l2_prefetch, the split brings the
-               weights of the kernels after it (wv_b, o_proj, and what the caller names: the
-               next layer's) into L2
+               applies wv_b (ops.mla_decode's wv_b)
   projection   o_proj on XLA
 
 With gemv_lowering="mosaic", the absorption of wk_b and the product with wv_b run on
@@ -87,10 +85,9 @@ def _fold_input_norm(module, x, input_norm, q_in_kernel: bool):
   return q, kv, norm_args
 
 
-def decode_step(module, x, positions, cache, input_norm=None, prefetch=()):
+def decode_step(module, x, positions, cache, input_norm=None):
   """x [B,D] in the module's dtype, positions [B], input_norm an RMSNorm or None (x is read
-  through it) -> (heads [B,H,V], cache). With module.l2_prefetch the split brings o_proj's and
-  wv_b's weights, and the arrays `prefetch`, into L2 while it runs (ops.mla_decode's prefetch)."""
+  through it) -> (heads [B,H,V], cache)."""
   cfg = module.cfg
   B, H = x.shape[0], cfg.num_heads
   wk_b, wv_b = module.kv_b_proj.weights()
@@ -111,11 +108,9 @@ def decode_step(module, x, positions, cache, input_norm=None, prefetch=()):
     q_latent = module._gemv(q.reshape(B, H, cfg.qk_head_dim), wk_b)
   cache = dataclasses.replace(cache, c_kv=quant.Int8Rows(values, scales) if int8 else values,
                               k_rope=k_rope, lengths=lengths, overflow=overflow)
-  hint = (module.o_proj.weight.get_value(), wv_b, prefetch) if module.l2_prefetch else ()
   decode = functools.partial(ops.mla_decode, q_latent, q_rope.astype(q_latent.dtype), cache.c_kv,
                              cache.k_rope, cache.lengths, sm_scale=cfg.softmax_scale,
                              impl=module._decode_impl,
-                             prefetch=hint,
                              **module._decode_options)
   if gemv_projects:
     o_latent, _ = decode()

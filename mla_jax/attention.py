@@ -124,11 +124,6 @@ class MLAttention(nnx.Module):
       matched the module's kernels at B=1 with a short cache and was slower elsewhere, 1.15×
       the time at B=1 with 16384 entries and 1.5× at B=8 with its projections on the tensor
       cores, as they run from B=3 on (docs/decode_step.md).
-    l2_prefetch: whether the absorbed decode step's Mosaic split-KV kernel brings the weights
-      of the kernels after it (wv_b, o_proj, and the arrays `prefetch` that __call__ is given:
-      the next layer's first weights) into the GPU's L2 while it runs (ops/mosaic/
-      l2_prefetch.py). Off by default: prefetched from the split's own programs it did not
-      change a 27-layer V2-Lite token on an H100 (docs/decode_step.md).
     rngs: initializer randomness.
   """
 
@@ -137,7 +132,7 @@ class MLAttention(nnx.Module):
   def __init__(self, cfg: MLAConfig, *, mode: str = "absorbed", backend: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32, weight_format: str | None = None,
                gemv_lowering: str = "triton", decode_lowering: str | None = None, mesh=None,
-               mesh_axis: str = "kv", layer_kernel: bool = False, l2_prefetch: bool = False,
+               mesh_axis: str = "kv", layer_kernel: bool = False,
                rngs: nnx.Rngs):
     if mode not in MODES:
       raise ValueError(f"mode={mode!r}; expected one of {MODES}")
@@ -153,7 +148,7 @@ class MLAttention(nnx.Module):
     self.gemv_lowering = gemv_lowering
     self.decode_lowering = decode_lowering
     self.mesh, self.mesh_axis = mesh, mesh_axis
-    self.layer_kernel, self.l2_prefetch = layer_kernel, l2_prefetch
+    self.layer_kernel = layer_kernel
     D, H = cfg.hidden_size, cfg.num_heads
     # Projections in transformers' [out, in] layout: a row reduction at decode (layers.Linear).
     linear = functools.partial(Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -200,7 +195,7 @@ class MLAttention(nnx.Module):
     return ops.decode.plan(query(self.cfg.kv_lora_rank), query(R), *resized, cache.lengths,
                            impl="pallas", **self._decode_options).kernel
 
-  def __call__(self, x, positions, cache, *, input_norm: RMSNorm | None = None, prefetch=()):
+  def __call__(self, x, positions, cache, *, input_norm: RMSNorm | None = None):
     """x [B,T,D], positions [B,T] int (-1 = padding), cache -> (y [B,T,D], updated cache).
 
     The cache is the LatentCache (absorbed) or KVCache (standard) of init_cache; row b's real
@@ -211,17 +206,12 @@ class MLAttention(nnx.Module):
     input_layernorm: the result is that of calling the module on input_norm(x). Given here, the
     absorbed decode step on the Pallas backend folds it into the projections and the latent
     kernel, a launch fewer a layer (absorbed_step.py); elsewhere it runs first.
-
-    prefetch: arrays (a pytree) that the model reads after this layer, such as the next layer's
-    `first_weights()`. With l2_prefetch, the absorbed decode step on the Pallas backend has its
-    Mosaic split-KV kernel bring them into the GPU's L2, with this layer's o_proj and wv_b, while
-    it runs (ops/mosaic/l2_prefetch.py): a hint, which changes no value; else it is not used.
     """
     self._check_inputs(x, positions, cache)
     B, T, _ = x.shape
     if absorbed_step.supported(self, x):  # docs/decode_step.md
       heads, cache = absorbed_step.decode_step(self, x[:, 0].astype(self.dtype), positions[:, 0],
-                                               cache, input_norm, prefetch)
+                                               cache, input_norm)
       heads = heads[:, None]
     else:
       x = (x if input_norm is None else input_norm(x)).astype(self.dtype)
@@ -230,25 +220,18 @@ class MLAttention(nnx.Module):
     _raise_if_overflow(cache)
     return jnp.where(positions[..., None] >= 0, y, 0).astype(self.dtype), cache
 
-  def residual(self, x, positions, cache, *, input_norm: RMSNorm, prefetch=()):
-    """(x + self(x, positions, cache, input_norm=input_norm, prefetch=prefetch)[0], cache): a
-    decoder layer's attention half with its residual. One token a row in absorbed mode on the
-    Pallas backend runs as one kernel where layer_step.supported says it can (layer_step.py),
-    else as the module's call and an add."""
+  def residual(self, x, positions, cache, *, input_norm: RMSNorm):
+    """(x + self(x, positions, cache, input_norm=input_norm)[0], cache): a decoder layer's
+    attention half with its residual. One token a row in absorbed mode on the Pallas backend
+    runs as one kernel where layer_step.supported says it can (layer_step.py), else as the
+    module's call and an add."""
     self._check_inputs(x, positions, cache)
     if layer_step.supported(self, x, cache, input_norm):  # docs/decode_step.md
       y, cache = layer_step.residual_step(self, x[:, 0], positions[:, 0], cache, input_norm)
       _raise_if_overflow(cache)
       return y[:, None], cache
-    y, cache = self(x, positions, cache, input_norm=input_norm, prefetch=prefetch)
+    y, cache = self(x, positions, cache, input_norm=input_norm)
     return x + y, cache
-
-  def first_weights(self) -> tuple:
-    """The weights that a decode step reads first: the query's first projection (q_proj or
-    q_a_proj), kv_a_proj_with_mqa and wk_b; the layer before may prefetch them (__call__)."""
-    q = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
-    return (q.weight.get_value(), self.kv_a_proj_with_mqa.weight.get_value(),
-            self.kv_b_proj.weights()[0])
 
   def _attend(self, q, kv, positions, cache):
     """The attention between the projections: q [B,T,H·(K+R)] and kv [B,T,C+R] (their outputs)

@@ -49,9 +49,8 @@ class AttentionStack(nnx.Module):
     if len(caches) != len(self.layers):
       raise ValueError(f"len(caches)={len(caches)}; expected one per layer ({len(self.layers)})")
     new_caches = []
-    for i, (norm, layer, cache) in enumerate(zip(self.input_layernorms, self.layers, caches)):
-      following = self.layers[i + 1].first_weights() if i + 1 < len(self.layers) else ()
-      x, cache = layer.residual(x, positions, cache, input_norm=norm, prefetch=following)
+    for norm, layer, cache in zip(self.input_layernorms, self.layers, caches):
+      x, cache = layer.residual(x, positions, cache, input_norm=norm)
       new_caches.append(cache)
     return jnp.where(positions[..., None] >= 0, x, 0).astype(x.dtype), new_caches
 

@@ -456,7 +456,7 @@ def test_signature_shows_the_constructor_arguments():
   assert params["mode"].kind == params["backend"].kind == inspect.Parameter.KEYWORD_ONLY
   assert params["mode"].default == "absorbed" and params["backend"].default == "auto"
   assert list(inspect.signature(make()).parameters) == ["x", "positions", "cache",  # __call__
-                                                       "input_norm", "prefetch"]
+                                                       "input_norm"]
   load_params = inspect.signature(mla_jax.load_hf_attention).parameters
   assert all(load_params[name].kind == inspect.Parameter.KEYWORD_ONLY
              for name in ("mode", "dtype", "backend", "weight_format", "gemv_lowering"))

@@ -119,23 +119,6 @@ def test_v2_lite_absorbed_step_aliases_the_whole_cache(cache_dtype):
   assert "copy" not in decode_step.kernels(compiled.as_text())
 
 
-@pytest.mark.parametrize("cache_dtype,l2_prefetch", [(jnp.bfloat16, True), (jnp.int8, True),
-                                                     (jnp.bfloat16, False)])
-def test_v2_lite_split_prefetches_the_weights_that_follow_it(cache_dtype, l2_prefetch):
-  """With l2_prefetch, each layer's Mosaic split takes the weights of the kernels after it, as
-  [rows, 256] views to bring into L2 (ops/mosaic/l2_prefetch.py): its layer's o_proj
-  [2048, 2048] and wv_b [16, 512, 128], then the next layer's q_proj [3072, 2048],
-  kv_a_proj_with_mqa [576, 2048] and wk_b [16, 128, 512]; the last layer's split only its own
-  two. Without it (the default), none."""
-  compiled, _ = compile_step(2, backend="pallas", cache_dtype=cache_dtype, S=128,
-                             l2_prefetch=l2_prefetch)
-  splits = [line for line in compiled.as_text().splitlines()
-            if 'custom_call_target="mosaic_gpu_v2"' in line]
-  views = [[int(rows) for rows in re.findall(r"bf16\[(\d+),256\]", line)] for line in splits]
-  want = [[16384, 4096], [16384, 4096, 24576, 4608, 4096]] if l2_prefetch else [[], []]
-  assert sorted(views) == want, views
-
-
 @pytest.mark.parametrize("mode,backend", [("absorbed", "pallas"), ("absorbed", "xla"),
                                           ("standard", "xla")])
 def test_v2_lite_step_reads_q_and_kv_a_in_one_reduction(mode, backend):

@@ -26,9 +26,8 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, impl
 
   c_kv is a [B,S,C] array or a quant.Int8Rows; valid entries of row b are [0, lengths[b]).
   wv_b [H,C,V]: out is the heads out · wv_b[h] [B,H,V] instead (merged and projected in one
-  kernel on the Pallas path). kernel_options are decode.mla_decode's: lowering=, tuning=,
-  interpret=True (impl="pallas" on a CPU) and prefetch= (arrays for the Mosaic split to bring
-  into L2); decode.plan(...) says what runs.
+  kernel on the Pallas path). kernel_options are decode.mla_decode's: lowering=, tuning= and
+  interpret=True (impl="pallas" on a CPU); decode.plan(...) says what runs.
   """
   return decode.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale, impl=impl,
                            wv_b=wv_b, **kernel_options)

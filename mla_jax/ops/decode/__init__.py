@@ -114,8 +114,7 @@ def _xla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale):
 
 
 def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, impl: str = "auto",
-               lowering: str | None = None, tuning=None, interpret: bool = False, wv_b=None,
-               prefetch=()):
+               lowering: str | None = None, tuning=None, interpret: bool = False, wv_b=None):
   """Absorbed MLA decode: out [B,H,C] (float32 for impl "reference", else q_latent.dtype), lse
   [B,H] float32 (natural log). q_latent [B,H,C], q_rope [B,H,R], c_kv [B,S,C] or a
   quant.Int8Rows, k_rope [B,S,R], lengths [B] (valid entries of row b are [0, lengths[b])).
@@ -125,10 +124,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, impl
   wv_b [H,C,V] (kv_b_proj's value half; an array or a q8_0/iq4_nl quant.QuantizedTensor, which
   the Pallas path decodes in its merge): out is then out [B,H,C] (rounded to its dtype) · wv_b[h],
   [B,H,V] in the same dtype, accumulated in float32; the Pallas path merges the split's partials
-  and projects them in one kernel (merge_triton.merge_values).
-  prefetch: arrays (a pytree; arrays or quant.QuantizedTensor) that the kernels after this one
-  will read, such as the next projections' weights: the Mosaic splits bring them into L2 while
-  they run (ops/mosaic/l2_prefetch.py), a hint that changes no value; other kernels ignore it."""
+  and projects them in one kernel (merge_triton.merge_values)."""
   if not isinstance(lengths, jax.Array):
     lengths = _as_lengths(lengths)
   p = plan(q_latent, q_rope, c_kv, k_rope, lengths, impl=impl, lowering=lowering, tuning=tuning,
@@ -138,10 +134,9 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, impl
   if p.kernel in ("reference", "xla", "cpu"):
     out, lse = _unfused_decode(p, q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale)
     return (out, lse) if wv_b is None else (project_values(out, wv_b, out.dtype), lse)
-  hint = dict(prefetch=prefetch) if p.kernel.startswith("mosaic") else {}
   return _KERNELS[p.kernel][0].mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, wv_b,
                                           sm_scale=float(sm_scale), tuning=p.tuning,
-                                          interpret=interpret, **hint)
+                                          interpret=interpret)
 
 
 def _unfused_decode(p: Plan, q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale):

@@ -116,14 +116,13 @@ class _Scratch(NamedTuple):
 
 
 def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_splits: int,
-             stages: int = STAGES, interpret: bool = False, prefetch=()):
+             stages: int = STAGES, interpret: bool = False):
   """Per-piece partials o_p [P, B, N, C] (normalised within the piece, in the query's dtype)
   and lse_p [P, B, N]: one warpgroup per program, TMA prefetching `stages` tiles ahead.
 
   q_latent [B, N, C] and q_rope [B, N, R] are already padded to N heads (16 or 32); c_kv
   [B, S, C] and k_rope [B, S, R] are bfloat16 or float16 like the query (see unsupported()).
-  interpret: run in Mosaic GPU's interpret mode (on a CPU). prefetch: arrays that the kernels
-  after this one read, brought into L2 (mosaic_common.call).
+  interpret: run in Mosaic GPU's interpret mode (on a CPU).
   """
   B, N, C = q_latent.shape
   S, R = k_rope.shape[1:]
@@ -187,16 +186,16 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
       q_bar=plgpu.Barrier(num_arrivals=2),  # the copies of q_latent and q_rope
       tile_bars=plgpu.Barrier(num_arrivals=2, num_barriers=stages))  # c_kv's and k_rope's tiles
   return mc.call(kernel, q_latent, num_splits, (lengths, q_latent, q_rope, c_kv, k_rope),
-                 scratch, "mla_decode_split_kv_mgpu", interpret, prefetch=prefetch)
+                 scratch, "mla_decode_split_kv_mgpu", interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "tuning", "interpret"))
-def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, wv_b=None, prefetch=(), *,
-               sm_scale: float, tuning: MosaicTuning, interpret: bool = False):
+def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, wv_b=None, *, sm_scale: float,
+               tuning: MosaicTuning, interpret: bool = False):
   """out [B,H,C] (or [B,H,V] with wv_b) in q_latent.dtype, lse [B,H]; arguments as
   ops.mla_decode (see unsupported()). Heads are padded to 16 or 32."""
   split = functools.partial(split_kv, sm_scale=sm_scale, num_splits=tuning.num_splits,
-                            stages=tuning.stages, interpret=interpret, prefetch=prefetch)
+                            stages=tuning.stages, interpret=interpret)
   return mc.padded_decode(split, q_latent, q_rope, c_kv, k_rope, lengths, wv_b,
                           N=mc.padded_heads(q_latent.shape[1]), merge=tuning.merge,
                           interpret=interpret)

@@ -13,7 +13,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mla_jax.ops.common import TMA_SLOTS, cache_dtype, next_pow2
 from mla_jax.ops.decode.merge_triton import MergeLaunch, merge_heads, merge_values
-from mla_jax.ops.mosaic import l2_prefetch
 from mla_jax.ops.mosaic.common import interpret_params
 
 TILE = 64  # cache rows per tile: the wgmma M
@@ -124,22 +123,17 @@ def store_transposed(x, ref):
   plgpu.commit_smem()
 
 
-def call(kernel, q_latent, num_splits, operands, scratch, kernel_name, interpret, *,
-         prefetch=(), **kernel_args):
+def call(kernel, q_latent, num_splits, operands, scratch, kernel_name, interpret, **kernel_args):
   """The split kernel over the grid (pieces P, batch B): partials o_p [P, B, N, C] in the
   query's dtype and lse_p [P, B, N]. kernel(*operand refs, o_ref, lse_ref, *, scratch) gets
   `scratch` (a NamedTuple of buffer types, allocated in field order) as the same NamedTuple of
-  refs. prefetch: arrays (a pytree) that the kernels after this one read; the programs bring them
-  into L2 before they start (l2_prefetch.py)."""
+  refs."""
   B, N, C = q_latent.shape
-  kernel, grid, operands = l2_prefetch.launched(kernel, operands, prefetch, (num_splits, B),
-                                                ("p", "b"), axis=0,
-                                                thread_name=kernel_args.get("thread_name"))
   return plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((num_splits, B, N, C), q_latent.dtype),
                 jax.ShapeDtypeStruct((num_splits, B, N), jnp.float32)],
-      grid=grid,
+      grid=(num_splits, B),
       grid_names=("p", "b"),
       scratch_types={"scratch": scratch},
       compiler_params=plgpu.CompilerParams(approx_math=True,

@@ -43,7 +43,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from mla_jax.ops.common import LN2, LOG2E, cache_dtype, check_field, is_positive_int
 from mla_jax.ops.decode import mosaic_common as mc
 from mla_jax.ops.decode.merge_triton import MERGES
-from mla_jax.ops.mosaic import l2_prefetch
 from mla_jax.ops.mosaic.common import accumulate, interpret_params, smem, wait_for_inputs
 
 HEADS = 64      # heads a program: wgmma's M
@@ -107,10 +106,9 @@ class _Scratch(NamedTuple):
 
 
 def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_splits: int,
-             interpret: bool = False, prefetch=()):
+             interpret: bool = False):
   """Partials o [P, B, H, C] (q_latent.dtype) and lse [P, B, H] of P = num_splits pieces; H a
-  multiple of HEADS (see unsupported() for the rest). prefetch: arrays that the kernels after
-  this one read, brought into L2 (ops/mosaic/l2_prefetch.py)."""
+  multiple of HEADS (see unsupported() for the rest)."""
   B, H, C = q_latent.shape
   S, R = k_rope.shape[1:]
   dtype, T, Cv = q_latent.dtype, mc.TILE, C // 2
@@ -236,16 +234,12 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
       # one arrival from each value warpgroup once its half is done with the slot
       free_bars=plgpu.Barrier(num_arrivals=2, num_barriers=_STAGES),
       l_bar=plgpu.Barrier(num_arrivals=1))  # warpgroup 0's, once l is written
-  grid_names = ("g", "p", "b")
-  kernel, grid, operands = l2_prefetch.launched(kernel, (lengths, q_latent, q_rope, c_kv, k_rope),
-                                                prefetch, (H // HEADS, num_splits, B), grid_names,
-                                                axis=1, thread_name="wg")
   return plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((num_splits, B, H, C), dtype),
                 jax.ShapeDtypeStruct((num_splits, B, H), jnp.float32)],
-      grid=grid,
-      grid_names=grid_names,
+      grid=(H // HEADS, num_splits, B),
+      grid_names=("g", "p", "b"),
       num_threads=3,
       thread_name="wg",
       scratch_types={"scratch": scratch},
@@ -253,16 +247,16 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
                                           lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=interpret_params(interpret),
       kernel_name="mla_decode_split_kv_mgpu_heads",
-  )(*operands)
+  )(lengths, q_latent, q_rope, c_kv, k_rope)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "tuning", "interpret"))
-def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, wv_b=None, prefetch=(), *,
-               sm_scale: float, tuning: HeadsTuning, interpret: bool = False):
+def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, wv_b=None, *, sm_scale: float,
+               tuning: HeadsTuning, interpret: bool = False):
   """out [B,H,C] (or [B,H,V] with wv_b) in q_latent.dtype, lse [B,H]; arguments as
   ops.mla_decode (see unsupported()). Heads are padded to a multiple of HEADS."""
   split = functools.partial(split_kv, sm_scale=sm_scale, num_splits=tuning.num_splits,
-                            interpret=interpret, prefetch=prefetch)
+                            interpret=interpret)
   return mc.padded_decode(split, q_latent, q_rope, c_kv, k_rope, lengths, wv_b,
                           N=pl.cdiv(q_latent.shape[1], HEADS) * HEADS, merge=tuning.merge,
                           interpret=interpret)

@@ -159,12 +159,11 @@ class _Scratch(NamedTuple):
 
 
 def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_splits: int,
-             stages: int, interpret: bool = False, prefetch=()):
+             stages: int, interpret: bool = False):
   """Per-piece partials o_p [P, B, N, C] (in the query's dtype) and lse_p [P, B, N] over the
   quant.Int8Rows cache c_kv; q_latent [B, N, C] and q_rope [B, N, R] are padded to N heads (16 or
   32), R = 64 (pᵀ takes the k_rope tile), C a multiple of 128. `stages`: tiles in flight.
-  interpret: run in Mosaic GPU's interpret mode (on a CPU). prefetch: arrays that the kernels
-  after this one read, brought into L2 (mosaic_common.call)."""
+  interpret: run in Mosaic GPU's interpret mode (on a CPU)."""
   B, N, C = q_latent.shape
   S, R = k_rope.shape[1:]
   dtype, T = q_latent.dtype, mc.TILE
@@ -282,17 +281,16 @@ def split_kv(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float, num_sp
       values_staging=smem((part, T), dtype) if interpret else None)
   operands = (lengths, q_latent, q_rope, c_kv.values, k_rope, c_kv.scales.astype(jnp.float32))
   return mc.call(kernel, q_latent, num_splits, operands, scratch,
-                 "mla_decode_split_kv_mgpu_int8", interpret, prefetch=prefetch, num_threads=2,
-                 thread_name="wg")
+                 "mla_decode_split_kv_mgpu_int8", interpret, num_threads=2, thread_name="wg")
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "tuning", "interpret"))
-def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, wv_b=None, prefetch=(), *,
-               sm_scale: float, tuning: MosaicInt8Tuning, interpret: bool = False):
+def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, wv_b=None, *, sm_scale: float,
+               tuning: MosaicInt8Tuning, interpret: bool = False):
   """out [B,H,C] (or [B,H,V] with wv_b) in q_latent.dtype, lse [B,H]; arguments as
   ops.mla_decode, c_kv a quant.Int8Rows (see unsupported()). Heads are padded to 16 or 32."""
   split = functools.partial(split_kv, sm_scale=sm_scale, num_splits=tuning.num_splits,
-                            stages=tuning.stages, interpret=interpret, prefetch=prefetch)
+                            stages=tuning.stages, interpret=interpret)
   return mc.padded_decode(split, q_latent, q_rope, c_kv, k_rope, lengths, wv_b,
                           N=mc.padded_heads(q_latent.shape[1]), merge=tuning.merge,
                           interpret=interpret)
