@@ -24,9 +24,15 @@ if [ -n "${IDS:-}" ]; then
 else
   python3 -m pytest --collect-only -q -p no:cacheprovider "${@:-tests}" 2>/dev/null | grep '::'
 fi | awk -v k="$k" -v n="$n" '(NR - k) % n == 0' > "$work/ids"
+if [ ! -s "$work/ids" ]; then  # pytest given no ids would run all of tests/ in every shard
+  echo "no tests collected from: ${IDS:-${*:-tests}} (a missing path or a collection error?)" >&2
+  python3 -m pytest --collect-only -q -p no:cacheprovider "${@:-tests}" 2>&1 | tail -5 >&2
+  exit 2
+fi
 echo "part $PART: $(wc -l < "$work/ids") tests in $SHARDS shards, $LIMIT s"
 for i in $(seq 0 $((SHARDS - 1))); do
   awk -v i="$i" -v s="$SHARDS" '(NR - 1) % s == i' "$work/ids" > "$work/shard_$i.ids"
+  [ -s "$work/shard_$i.ids" ] || continue  # more shards than tests
   (mapfile -t ids < "$work/shard_$i.ids"  # one id a line: ids may hold spaces
    timeout "$LIMIT" python3 -m pytest -v -p no:cacheprovider --no-header -rfE --durations=20 \
      "${ids[@]}" > "$work/shard_$i.log" 2>&1
