@@ -20,13 +20,14 @@ work=$(mktemp -d)
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / $SHARDS, 3))")
 if [ -n "${IDS:-}" ]; then
-  cat "$IDS"
+  cp "$IDS" "$work/collected"
 else
-  python3 -m pytest --collect-only -q -p no:cacheprovider "${@:-tests}" 2>/dev/null | grep '::'
-fi | awk -v k="$k" -v n="$n" '(NR - k) % n == 0' > "$work/ids"
+  python3 -m pytest --collect-only -q -p no:cacheprovider "${@:-tests}" > "$work/collected" 2>&1
+fi
+grep '::' "$work/collected" | awk -v k="$k" -v n="$n" '(NR - k) % n == 0' > "$work/ids"
 if [ ! -s "$work/ids" ]; then  # pytest given no ids would run all of tests/ in every shard
-  echo "no tests collected from: ${IDS:-${*:-tests}} (a missing path or a collection error?)" >&2
-  python3 -m pytest --collect-only -q -p no:cacheprovider "${@:-tests}" 2>&1 | tail -5 >&2
+  echo "part $PART of ${IDS:-${*:-tests}} holds no test; its collection ends:" >&2
+  tail -5 "$work/collected" >&2
   exit 2
 fi
 echo "part $PART: $(wc -l < "$work/ids") tests in $SHARDS shards, $LIMIT s"
