@@ -1,14 +1,18 @@
-"""What ptxas reports of each kernel XLA compiles for an H200: registers, stack and spills.
+"""What ptxas reports of each kernel compiled for an H200: registers, stack and spills.
 
 XLA turns every kernel's PTX into machine code by running `ptxas` from its CUDA directory
 (the debug option xla_gpu_cuda_data_dir). Pointed at a directory whose bin/ptxas runs the real
 one with `-v` and keeps the report, a compilation leaves each entry function's resource usage
 behind: the register spills that a kernel's size choices cause are visible without a GPU.
+Mosaic GPU compiles its kernels itself; with MOSAIC_GPU_DUMP_PTXAS set it writes the same
+report of each into MOSAIC_GPU_DUMP_TO (a `.ptxas` file a kernel), read here too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import pathlib
 import re
 import shutil
@@ -49,13 +53,30 @@ def usage(compile_with) -> dict[str, Usage]:
     wrapper = cuda / "bin" / "ptxas"
     wrapper.write_text(_WRAPPER.format(reports=reports, ptxas=ptxas))
     wrapper.chmod(0o755)
-    compile_with({"xla_gpu_cuda_data_dir": str(cuda)})
+    with _environment(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=str(reports)):
+      compile_with({"xla_gpu_cuda_data_dir": str(cuda)})
     found = {}
     for report in reports.iterdir():
-      found.update(_parse(report.read_text()))
+      if report.suffix in ("", ".ptxas"):  # the wrapper's reports, Mosaic GPU's
+        found.update(_parse(report.read_text()))
   if not found:
     pytest.skip("XLA ran no ptxas (it may compile PTX in process)")
   return found
+
+
+@contextlib.contextmanager
+def _environment(**variables):
+  """These environment variables set for the block, as they were after it."""
+  before = {name: os.environ.get(name) for name in variables}
+  os.environ.update(variables)
+  try:
+    yield
+  finally:
+    for name, value in before.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
 
 
 def _parse(text: str) -> dict[str, Usage]:
