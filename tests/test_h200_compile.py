@@ -173,7 +173,7 @@ def test_decode_kernels_compile_for_h200(lowering, B, H, S, cache, values):
   assert "custom-call" in _decode_kernels(lowering, B, H, S, cache, V=128 if values else None)
 
 
-def _compiled_gemv(lowering, fmt, B, H):
+def _compiled_gemv(lowering, fmt, B, H, compiler_options=None):
   """ops.batched_gemv (impl "pallas") compiled for the H200 at wk_b's shape [H, 128, 512], in
   bf16 or quantized to fmt, reading x from the whole query [B, H, 128 + 64]."""
   K, N = 128, 512
@@ -182,7 +182,7 @@ def _compiled_gemv(lowering, fmt, B, H):
     w = jax.eval_shape(lambda w: mla_jax.quant.quantize(w, fmt), w)
   return compile_for_h200(
       lambda x, w: mla_jax.ops.batched_gemv(x, w, impl="pallas", lowering=lowering),
-      jax.ShapeDtypeStruct((B, H, K + 64), jnp.bfloat16), w)
+      jax.ShapeDtypeStruct((B, H, K + 64), jnp.bfloat16), w, compiler_options=compiler_options)
 
 
 def _mosaic_calls(compiled) -> list[str]:
@@ -222,6 +222,18 @@ def test_merge_with_values_compiles_for_h200_at_any_value_width(V):
 def test_gemv_kernels_compile_for_h200(lowering, fmt, B, H):
   """ops.batched_gemv's kernels compile to the H200 for wk_b's shape [H, 128, 512]."""
   assert "custom-call" in decode_step.kernels(_compiled_gemv(lowering, fmt, B, H).as_text())
+
+
+@pytest.mark.parametrize("lowering", ["triton", "mosaic"])
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "iq4_nl"])
+@pytest.mark.parametrize("B,H", [(1, 16), (64, 128)])
+def test_gemv_kernels_spill_no_registers(lowering, fmt, B, H):
+  """ptxas for the H200 keeps each GEMV kernel in registers without spills, the Mosaic ones
+  whose quantized blocks are decoded in registers included (tests/ptxas.py)."""
+  usage = ptxas.usage(lambda options: _compiled_gemv(lowering, fmt, B, H, options))
+  kernel = "mla_batched_gemv" + ("_mgpu_mosaic_gpu_kernel" if lowering == "mosaic" else "")
+  assert kernel in usage, sorted(usage)
+  assert not {name: u for name, u in usage.items() if u.spill_store_bytes}, usage
 
 
 @pytest.mark.parametrize("weight_format", ["bf16", "q8_0", "iq4_nl"])
