@@ -69,7 +69,7 @@ def usage(compile_with) -> dict[str, Usage]:
 
 @contextlib.contextmanager
 def _environment(**variables):
-  """These environment variables set for the block, as they were after it."""
+  """These environment variables set for the block, and restored as they were after it."""
   before = {name: os.environ.get(name) for name in variables}
   os.environ.update(variables)
   try:
