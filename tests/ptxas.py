@@ -10,13 +10,13 @@ report of each into MOSAIC_GPU_DUMP_TO (a `.ptxas` file a kernel), read here too
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import pathlib
 import re
 import shutil
 import tempfile
+from unittest import mock
 
 import pytest
 
@@ -55,7 +55,7 @@ def usage(compile_with) -> dict[str, Usage]:
     wrapper = cuda / "bin" / "ptxas"
     wrapper.write_text(_WRAPPER.format(reports=reports, ptxas=ptxas))
     wrapper.chmod(0o755)
-    with _environment(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=str(reports)):
+    with mock.patch.dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=str(reports)):
       compile_with({"xla_gpu_cuda_data_dir": str(cuda)})
     found = {}
     for report in reports.iterdir():
@@ -65,21 +65,6 @@ def usage(compile_with) -> dict[str, Usage]:
   if not found:
     pytest.skip("XLA ran no ptxas (it may compile PTX in process)")
   return found
-
-
-@contextlib.contextmanager
-def _environment(**variables):
-  """These environment variables set for the block, and restored as they were after it."""
-  before = {name: os.environ.get(name) for name in variables}
-  os.environ.update(variables)
-  try:
-    yield
-  finally:
-    for name, value in before.items():
-      if value is None:
-        os.environ.pop(name, None)
-      else:
-        os.environ[name] = value
 
 
 def _parse(text: str) -> dict[str, Usage]:
